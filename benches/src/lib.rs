@@ -1,0 +1,1 @@
+//! Benchmarks and the `twinsan bench` load generator.

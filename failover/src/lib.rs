@@ -1,0 +1,1 @@
+//! Failover controller. Filled in by the failover issue.

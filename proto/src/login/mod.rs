@@ -1,0 +1,1 @@
+//! Login: text keys, operational negotiation, CHAP, and the target login state machine.

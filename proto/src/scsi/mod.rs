@@ -1,0 +1,1 @@
+//! SCSI: CDB decoding, sense data, INQUIRY/VPD/mode page builders.

@@ -1,0 +1,1 @@
+//! Peer replication (protocol C). Filled in by the replication issue.
