@@ -1,1 +1,13 @@
-//! Engine.
+//! The data path: thread-per-core io_uring reactors, iSCSI connections, and SCSI execution
+//! on sparse files.
+
+pub mod bufpool;
+pub mod config;
+pub mod conn;
+pub mod login;
+pub mod lun;
+pub mod reactor;
+pub mod registry;
+pub mod scsi;
+pub mod server;
+pub mod ua;

@@ -1,0 +1,231 @@
+//! Glue between a connection and `proto`'s login state machine: the registry's targets
+//! and access rules become a `LoginConfig`, and each Login Request becomes a framed Login
+//! Response with the right sequence numbers and TSIH.
+
+use std::net::SocketAddr;
+
+use proto::login::chap::CHALLENGE_LEN_BYTES;
+use proto::login::target::target_address;
+use proto::login::{
+    answer_text_request, Auth, ChapEntropy, DiscoveryTarget, LoginConfig, LoginOutcome, LoginRequest, SessionParams, SessionType, Stage, TargetConfig,
+    TargetLimits, TargetLogin,
+};
+use proto::pdu::{self, Digests, LoginStage, TargetPdu, TargetSns};
+use rand::RngCore;
+
+use crate::config::{ChapConfig, Config};
+use crate::registry::Registry;
+
+/// Portal group tag of our single portal group (SendTargets and VPD 0x83 agree on it).
+pub const PORTAL_GROUP_TAG: u16 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    Normal,
+    Discovery,
+}
+
+#[derive(Debug)]
+pub struct LoginResult {
+    pub kind: SessionKind,
+    /// Registry index of the target (normal sessions).
+    pub target: usize,
+    pub target_name: String,
+    pub initiator_name: String,
+    pub params: SessionParams,
+    /// The CmdSN the first full-feature command will carry.
+    pub exp_cmd_sn: u32,
+}
+
+pub enum LoginDone {
+    Success(Box<LoginResult>),
+    Failed,
+}
+
+pub struct LoginStepOut {
+    /// The framed Login Response.
+    pub bytes: Vec<u8>,
+    pub done: Option<LoginDone>,
+}
+
+fn auth(c: &Option<ChapConfig>) -> Auth {
+    match c {
+        None => Auth::None,
+        Some(c) => Auth::Chap {
+            user: c.user.clone(),
+            secret: c.secret.clone().into_bytes(),
+            mutual: c.mutual.as_ref().map(|(u, s)| (u.clone(), s.clone().into_bytes())),
+        },
+    }
+}
+
+/// What we offer in negotiation. 256 KiB segments and 1 MiB bursts keep large writes to a
+/// few PDUs; InitialR2T=No with 64 KiB first bursts saves a round trip for small writes.
+pub fn limits() -> TargetLimits {
+    TargetLimits::default()
+}
+
+/// The login view of the configuration (built once, shared by every connection).
+pub fn login_config(cfg: &Config) -> LoginConfig {
+    LoginConfig {
+        targets: cfg
+            .targets
+            .iter()
+            .map(|t| TargetConfig { name: t.name.clone(), alias: t.alias.clone(), auth: auth(&t.chap), allowed_initiators: t.allowed_initiators.clone() })
+            .collect(),
+        discovery_auth: auth(&cfg.discovery_chap),
+        portal_group_tag: PORTAL_GROUP_TAG,
+        limits: limits(),
+    }
+}
+
+/// The login phase of one connection.
+pub struct LoginPhase {
+    machine: TargetLogin,
+    peer: SocketAddr,
+    /// CmdSN of the login (login requests are immediate: it does not advance).
+    exp_cmd_sn: u32,
+    window: u32,
+}
+
+impl LoginPhase {
+    pub fn new(reg: &Registry, peer: SocketAddr) -> Self {
+        let mut rng = rand::rngs::OsRng;
+        let mut challenge = [0u8; CHALLENGE_LEN_BYTES];
+        rng.fill_bytes(&mut challenge);
+        let id = (rng.next_u32() & 0xff) as u8;
+        LoginPhase { machine: TargetLogin::new(ChapEntropy { id, challenge }), peer, exp_cmd_sn: 0, window: reg.config.queue_depth }
+    }
+
+    pub fn exp_cmd_sn(&self) -> u32 {
+        self.exp_cmd_sn
+    }
+
+    pub fn on_request(&mut self, req: &pdu::LoginRequest, data: &[u8], reg: &Registry, stat_sn: &mut u32) -> LoginStepOut {
+        self.exp_cmd_sn = req.cmd_sn;
+        let stage = |s: LoginStage| match s {
+            LoginStage::Security => Stage::Security,
+            LoginStage::Operational => Stage::Operational,
+            LoginStage::FullFeature => Stage::FullFeature,
+        };
+        let peer_ip = self.peer.ip();
+        let may_reach = |name: &str| reg.target(name).is_some_and(|(_, t)| t.cfg.address_allowed(peer_ip));
+        let preq = LoginRequest {
+            transit: req.transit,
+            cont: req.cont,
+            csg: stage(req.csg),
+            nsg: stage(req.nsg),
+            isid: req.isid,
+            tsih: req.tsih,
+            itt: req.itt,
+            cid: req.cid,
+            cmd_sn: req.cmd_sn,
+            exp_stat_sn: req.exp_stat_sn,
+            version_max: req.version_max,
+            version_min: req.version_min,
+            data,
+        };
+        let step = self.machine.step(&reg.login, &may_reach, &preq);
+        let mut tsih = 0;
+        let done = match step.outcome {
+            LoginOutcome::Continue => None,
+            LoginOutcome::Failed => {
+                let (c, d) = (step.response.status_class, step.response.status_detail);
+                tracing::warn!(peer = %self.peer, status = format!("{c:02x}{d:02x}"), "login refused");
+                Some(LoginDone::Failed)
+            }
+            LoginOutcome::Complete(r) => {
+                tsih = reg.new_tsih();
+                let (kind, target, target_name) = match r.session_type {
+                    SessionType::Discovery => (SessionKind::Discovery, usize::MAX, String::new()),
+                    SessionType::Normal => {
+                        let name = r.target_name.clone().unwrap_or_default();
+                        match reg.target(&name) {
+                            Some((i, t)) => (SessionKind::Normal, i, t.cfg.name.clone()),
+                            // The state machine only completes for configured targets.
+                            None => return self.fail(req, stat_sn),
+                        }
+                    }
+                };
+                Some(LoginDone::Success(Box::new(LoginResult {
+                    kind,
+                    target,
+                    target_name,
+                    initiator_name: r.initiator_name,
+                    params: r.params,
+                    exp_cmd_sn: req.cmd_sn,
+                })))
+            }
+        };
+        let resp = step.response;
+        let back = |s: Stage| match s {
+            Stage::Security => LoginStage::Security,
+            Stage::Operational => LoginStage::Operational,
+            Stage::FullFeature => LoginStage::FullFeature,
+        };
+        let sns = TargetSns { stat_sn: *stat_sn, exp_cmd_sn: req.cmd_sn, max_cmd_sn: req.cmd_sn.wrapping_add(self.window - 1) };
+        // RFC 7143 section 11.13.4: every Login Response advances StatSN.
+        *stat_sn = stat_sn.wrapping_add(1);
+        let bhs = TargetPdu::LoginResponse {
+            transit: resp.transit,
+            cont: resp.cont,
+            csg: back(resp.csg),
+            nsg: back(resp.nsg),
+            version_max: resp.version_max,
+            version_active: resp.version_active,
+            isid: req.isid,
+            tsih,
+            itt: req.itt,
+            status_class: resp.status_class,
+            status_detail: resp.status_detail,
+            sns,
+            data_len: resp.data.len() as u32,
+        }
+        .encode_bhs();
+        let mut bytes = Vec::with_capacity(48 + resp.data.len() + 4);
+        pdu::write_pdu(&mut bytes, &bhs, &resp.data, Digests::default());
+        LoginStepOut { bytes, done }
+    }
+
+    fn fail(&self, req: &pdu::LoginRequest, stat_sn: &mut u32) -> LoginStepOut {
+        let sns = TargetSns { stat_sn: *stat_sn, exp_cmd_sn: req.cmd_sn, max_cmd_sn: req.cmd_sn };
+        *stat_sn = stat_sn.wrapping_add(1);
+        let bhs = TargetPdu::LoginResponse {
+            transit: false,
+            cont: false,
+            csg: req.csg,
+            nsg: req.csg,
+            version_max: 0,
+            version_active: 0,
+            isid: req.isid,
+            tsih: 0,
+            itt: req.itt,
+            status_class: 0x03,
+            status_detail: 0x00,
+            sns,
+            data_len: 0,
+        }
+        .encode_bhs();
+        let mut bytes = Vec::new();
+        pdu::write_pdu(&mut bytes, &bhs, &[], Digests::default());
+        LoginStepOut { bytes, done: Some(LoginDone::Failed) }
+    }
+}
+
+/// Answers a full-feature Text request (SendTargets and text negotiation). `Err` means the
+/// request was malformed and deserves a Reject.
+pub fn text_reply(reg: &Registry, peer: SocketAddr, kind: SessionKind, params: &mut SessionParams, session_target: Option<&str>, data: &[u8]) -> Result<Vec<u8>, ()> {
+    let addr = target_address(reg.portal, PORTAL_GROUP_TAG);
+    let visible: Vec<DiscoveryTarget> = reg.visible_to(peer.ip()).map(|t| DiscoveryTarget { name: t.cfg.name.clone(), addresses: vec![addr.clone()] }).collect();
+    let st = match kind {
+        SessionKind::Normal => SessionType::Normal,
+        SessionKind::Discovery => SessionType::Discovery,
+    };
+    match answer_text_request(&limits(), st, params, session_target, &visible, data) {
+        Ok(r) => Ok(r.data),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "malformed text request");
+            Err(())
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! A logical unit: its backing sparse file, identity, and the state every core shares
+//! (mode parameters, unit attentions). Each core opens its own fd for the file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+use crate::config::{derive_naa_id, CacheMode, LunConfig};
+use crate::ua::UaLog;
+use proto::scsi::mode::ModeState;
+
+#[derive(Debug, Error)]
+pub enum LunError {
+    #[error("{path}: {what}: {source}")]
+    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    #[error("{path}: the file is {actual} bytes, but the configured size is {configured}: refusing to shrink a LUN (data would be lost)")]
+    WouldShrink { path: PathBuf, actual: u64, configured: u64 },
+    #[error("{path}: no size is configured and the file does not exist")]
+    NoSize { path: PathBuf },
+    #[error("{path}: the file size {size} is not a multiple of the block size {block_size}")]
+    Misaligned { path: PathBuf, size: u64, block_size: u32 },
+}
+
+/// One LUN, shared by every core thread.
+pub struct Lun {
+    pub target_name: String,
+    pub id: u64,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    pub thin: bool,
+    pub serial: String,
+    pub naa_id: u64,
+    /// Mode parameters are per logical unit (SPC-4 allows per I_T nexus; one shared copy is
+    /// what initiators expect from a disk): a MODE SELECT on any core changes them for all.
+    pub mode: Mutex<ModeState>,
+    pub ua: UaLog,
+}
+
+impl Lun {
+    /// Creates the sparse backing file if missing (or grows it), and returns the LUN.
+    pub fn create_or_open(target_name: &str, cfg: &LunConfig) -> Result<Self, LunError> {
+        let io = |what: &'static str| {
+            let path = cfg.path.clone();
+            move |source| LunError::Io { path, what, source }
+        };
+        if let Some(dir) = cfg.path.parent() {
+            std::fs::create_dir_all(dir).map_err(io("creating the data directory"))?;
+        }
+        let existing = match std::fs::metadata(&cfg.path) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("reading metadata")(e)),
+        };
+        let size_bytes = match (existing, cfg.size_bytes) {
+            (None, 0) => return Err(LunError::NoSize { path: cfg.path.clone() }),
+            (Some(actual), 0) => actual,
+            (Some(actual), configured) if actual > configured => {
+                return Err(LunError::WouldShrink { path: cfg.path.clone(), actual, configured })
+            }
+            (_, configured) => configured,
+        };
+        if size_bytes == 0 || size_bytes % cfg.block_size as u64 != 0 {
+            return Err(LunError::Misaligned { path: cfg.path.clone(), size: size_bytes, block_size: cfg.block_size });
+        }
+        if existing != Some(size_bytes) {
+            // set_len on a new or shorter file creates a hole: thin by construction.
+            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&cfg.path).map_err(io("creating the backing file"))?;
+            f.set_len(size_bytes).map_err(io("sizing the backing file"))?;
+            f.sync_all().map_err(io("syncing the new backing file"))?;
+            tracing::info!(path = %cfg.path.display(), size_bytes, "created sparse backing file");
+        }
+        Ok(Lun {
+            target_name: target_name.to_string(),
+            id: cfg.id,
+            path: cfg.path.clone(),
+            size_bytes,
+            block_size: cfg.block_size,
+            read_only: cfg.read_only,
+            cache: cfg.cache,
+            thin: cfg.thin,
+            serial: cfg.serial.clone(),
+            naa_id: derive_naa_id(target_name, cfg.id),
+            mode: Mutex::new(ModeState::default()),
+            ua: UaLog::default(),
+        })
+    }
+
+    pub fn num_blocks(&self) -> u64 {
+        self.size_bytes / self.block_size as u64
+    }
+
+    /// Opens a new fd on the backing file for one core (each core owns its fds).
+    pub fn open_fd(&self) -> Result<File, LunError> {
+        open_backing(&self.path, self.cache, self.read_only)
+    }
+
+    /// A snapshot of the mode parameters (poisoning is harmless: the state is plain data).
+    pub fn mode_state(&self) -> ModeState {
+        self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn open_backing(path: &Path, cache: CacheMode, read_only: bool) -> Result<File, LunError> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!read_only);
+    if cache == CacheMode::Direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path).map_err(|source| LunError::Io { path: path.to_path_buf(), what: "opening the backing file", source })
+}

@@ -1,0 +1,427 @@
+//! One core's event loop: one io_uring that carries this core's accepts, socket reads and
+//! writes, and file I/O on registered fds. Connections never leave the core that accepted
+//! them, so nothing on the data path is shared or locked.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::bufpool::BufPool;
+use crate::conn::{Conn, Out};
+use crate::registry::Registry;
+use crate::scsi::IoOp;
+
+/// Submission queue entries per ring: enough for every connection's recv + send plus a
+/// full queue of disk I/O; overflow is handled by submitting early.
+const RING_ENTRIES: u32 = 1024;
+/// Receive buffer per connection. Large enough that one recv usually carries many small
+/// PDUs or a whole 256 KiB write burst.
+const RECV_BUF_BYTES: usize = 512 << 10;
+/// Connections per core, a hard bound (slot ids must fit the 24 bits of user_data).
+const MAX_CONNS_PER_CORE: usize = 4096;
+/// Tick period for timers (NOP-In pings, login timeouts, shutdown checks).
+const TICK_MS: u64 = 250;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+enum Kind {
+    Accept = 1,
+    Recv = 2,
+    Send = 3,
+    Disk = 4,
+    Tick = 5,
+}
+
+fn user_data(kind: Kind, slot: usize, task: u32) -> u64 {
+    (kind as u64) << 56 | (slot as u64) << 32 | task as u64
+}
+
+fn split_user_data(ud: u64) -> (u8, usize, u32) {
+    ((ud >> 56) as u8, ((ud >> 32) & 0xff_ffff) as usize, ud as u32)
+}
+
+struct Slot {
+    stream: TcpStream,
+    conn: Conn,
+    rbuf: Vec<u8>,
+    rlen: usize,
+    recv_posted: bool,
+    sending: Vec<u8>,
+    sent: usize,
+    send_posted: bool,
+    queued: Vec<u8>,
+    close_after_send: bool,
+    /// The socket is shut down; the slot is freed when no operation references it.
+    dead: bool,
+    /// SQEs in flight that reference this slot (recv, send, disk).
+    ops: u32,
+}
+
+pub struct Reactor {
+    core: usize,
+    ring: IoUring,
+    listener: TcpListener,
+    reg: Arc<Registry>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    pool: BufPool,
+    /// The fd per LUN, in registry order; registered as fixed files at the same indexes.
+    _files: Vec<std::fs::File>,
+    tick_ts: Box<types::Timespec>,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+    accept_posted: bool,
+}
+
+impl Reactor {
+    pub fn new(core: usize, listener: TcpListener, reg: Arc<Registry>, stop: Arc<AtomicBool>) -> std::io::Result<Self> {
+        let ring = IoUring::builder().build(RING_ENTRIES)?;
+        let mut files = Vec::new();
+        for lun in &reg.luns {
+            files.push(lun.open_fd().map_err(|e| std::io::Error::other(e.to_string()))?);
+        }
+        if !files.is_empty() {
+            let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+            ring.submitter().register_files(&fds)?;
+        }
+        Ok(Reactor {
+            core,
+            ring,
+            listener,
+            reg,
+            slots: Vec::new(),
+            free: Vec::new(),
+            pool: BufPool::new(),
+            _files: files,
+            tick_ts: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
+            epoch: Instant::now(),
+            stop,
+            accept_posted: false,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        // SAFETY: every buffer an SQE points to outlives the operation: socket buffers live
+        // in the slot, which is not freed while `ops > 0`; disk buffers live in the task,
+        // which conn.rs keeps while `io_inflight > 0`; the timespec is boxed in self.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(core = self.core, error = %e, "io_uring submit failed");
+            }
+        }
+    }
+
+    fn post_accept(&mut self) {
+        if self.accept_posted || self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let sqe = opcode::Accept::new(types::Fd(self.listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(Kind::Accept, 0, 0));
+        self.push(sqe);
+        self.accept_posted = true;
+    }
+
+    fn post_tick(&mut self) {
+        let sqe = opcode::Timeout::new(&*self.tick_ts as *const types::Timespec).build().user_data(user_data(Kind::Tick, 0, 0));
+        self.push(sqe);
+    }
+
+    /// Runs until the stop flag is set and every connection has drained.
+    pub fn run(&mut self) {
+        self.post_accept();
+        self.post_tick();
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
+        loop {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!(core = self.core, error = %e, "io_uring wait failed");
+                }
+            }
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &cqes {
+                self.on_cqe(ud, res);
+            }
+            if self.stop.load(Ordering::Relaxed) && self.slots.iter().all(|s| s.is_none()) {
+                return;
+            }
+        }
+    }
+
+    fn on_cqe(&mut self, ud: u64, res: i32) {
+        let (kind, slot, task) = split_user_data(ud);
+        match kind {
+            k if k == Kind::Accept as u8 => {
+                self.accept_posted = false;
+                if res >= 0 {
+                    // SAFETY: a successful accept returns a new fd that nothing else owns.
+                    let stream = unsafe { TcpStream::from_raw_fd(res) };
+                    self.add_conn(stream);
+                } else if res != -libc::ECANCELED {
+                    tracing::warn!(core = self.core, errno = -res, "accept failed");
+                }
+                self.post_accept();
+            }
+            k if k == Kind::Recv as u8 => self.on_recv(slot, res),
+            k if k == Kind::Send as u8 => self.on_send(slot, res),
+            k if k == Kind::Disk as u8 => self.on_disk(slot, task, res),
+            k if k == Kind::Tick as u8 => self.on_tick(),
+            _ => debug_assert!(false, "unknown completion kind {kind}"),
+        }
+    }
+
+    fn add_conn(&mut self, stream: TcpStream) {
+        let peer: SocketAddr = match stream.peer_addr() {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let live = self.slots.len() - self.free.len();
+        if live >= MAX_CONNS_PER_CORE {
+            tracing::warn!(core = self.core, %peer, "connection limit reached; refusing");
+            return;
+        }
+        // Latency matters more than segment efficiency for SCSI responses.
+        let _ = stream.set_nodelay(true);
+        tracing::debug!(core = self.core, %peer, "connection accepted");
+        let conn = Conn::new(&self.reg, peer, self.now_ms());
+        let slot = Slot {
+            stream,
+            conn,
+            rbuf: vec![0u8; RECV_BUF_BYTES],
+            rlen: 0,
+            recv_posted: false,
+            sending: Vec::new(),
+            sent: 0,
+            send_posted: false,
+            queued: Vec::new(),
+            close_after_send: false,
+            dead: false,
+            ops: 0,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.post_recv(idx);
+    }
+
+    fn post_recv(&mut self, idx: usize) {
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        if s.recv_posted || s.dead || s.conn.closing {
+            return;
+        }
+        let need = s.conn.max_pdu_bytes();
+        if s.rbuf.len() < need {
+            s.rbuf.resize(need, 0);
+        }
+        if s.rlen == s.rbuf.len() {
+            // Cannot happen: the buffer holds a maximal PDU, and on_recv consumes every
+            // complete PDU. Treat it as a broken stream rather than spin.
+            debug_assert!(false, "receive buffer full");
+            self.kill(idx);
+            return;
+        }
+        let fd = s.stream.as_raw_fd();
+        let ptr = s.rbuf[s.rlen..].as_mut_ptr();
+        let len = (s.rbuf.len() - s.rlen) as u32;
+        s.recv_posted = true;
+        s.ops += 1;
+        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(user_data(Kind::Recv, idx, 0));
+        self.push(sqe);
+    }
+
+    fn on_recv(&mut self, idx: usize, res: i32) {
+        let now = self.now_ms();
+        let reg = Arc::clone(&self.reg);
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        s.ops -= 1;
+        s.recv_posted = false;
+        if res <= 0 {
+            if res < 0 && res != -libc::ECONNRESET && res != -libc::ECANCELED {
+                tracing::debug!(core = self.core, errno = -res, "recv failed");
+            }
+            self.kill(idx);
+            self.maybe_free(idx);
+            return;
+        }
+        s.rlen += res as usize;
+        let mut out = Out::default();
+        let used = s.conn.on_recv(&s.rbuf[..s.rlen], &reg, &mut self.pool, now, &mut out);
+        s.rbuf.copy_within(used..s.rlen, 0);
+        s.rlen -= used;
+        self.apply(idx, out);
+        self.post_recv(idx);
+        self.maybe_free(idx);
+    }
+
+    /// Carries out what a connection asked for.
+    fn apply(&mut self, idx: usize, out: Out) {
+        let mut pending = vec![out];
+        let mut sqes: Vec<squeue::Entry> = Vec::new();
+        let mut close_now = false;
+        while let Some(out) = pending.pop() {
+            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+            if !out.send.is_empty() {
+                if s.queued.is_empty() {
+                    s.queued = out.send;
+                } else {
+                    s.queued.extend_from_slice(&out.send);
+                }
+            }
+            s.close_after_send |= out.close_after_send;
+            close_now |= out.close_now;
+            for req in out.io {
+                let file = types::Fixed(req.lun as u32);
+                let sqe = match req.op {
+                    IoOp::Flush => opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build(),
+                    IoOp::Read { offset, buf_off, len } | IoOp::Write { offset, buf_off, len, .. } => {
+                        let Some((base, cap)) = s.conn.task_buf_ptr(req.task) else {
+                            debug_assert!(false, "disk I/O without a buffer");
+                            let mut o = Out::default();
+                            s.conn.on_io_done(req.task, -libc::EIO, &self.reg, &mut self.pool, &mut o);
+                            pending.push(o);
+                            continue;
+                        };
+                        assert!(buf_off as usize + len as usize <= cap, "disk I/O beyond its buffer");
+                        // SAFETY: buf_off + len <= cap (asserted), so the pointer stays inside
+                        // the task's buffer.
+                        let ptr = unsafe { base.add(buf_off as usize) };
+                        match req.op {
+                            IoOp::Write { fua, .. } => {
+                                // FUA: durable before GOOD (RWF_DSYNC = a per-write fdatasync).
+                                let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                                opcode::Write::new(file, ptr, len).offset(offset).rw_flags(flags).build()
+                            }
+                            _ => opcode::Read::new(file, ptr, len).offset(offset).build(),
+                        }
+                    }
+                };
+                s.ops += 1;
+                sqes.push(sqe.user_data(user_data(Kind::Disk, idx, req.task)));
+            }
+        }
+        for sqe in sqes {
+            self.push(sqe);
+        }
+        if close_now {
+            self.kill(idx);
+        }
+        self.flush_send(idx);
+    }
+
+    fn flush_send(&mut self, idx: usize) {
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        if s.send_posted || s.dead {
+            return;
+        }
+        if s.sent == s.sending.len() {
+            if s.queued.is_empty() {
+                if s.close_after_send {
+                    self.kill(idx);
+                }
+                return;
+            }
+            std::mem::swap(&mut s.sending, &mut s.queued);
+            s.queued.clear();
+            s.sent = 0;
+        }
+        let fd = s.stream.as_raw_fd();
+        let ptr = s.sending[s.sent..].as_ptr();
+        let len = (s.sending.len() - s.sent) as u32;
+        s.send_posted = true;
+        s.ops += 1;
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, len).flags(libc::MSG_NOSIGNAL).build().user_data(user_data(Kind::Send, idx, 0));
+        self.push(sqe);
+    }
+
+    fn on_send(&mut self, idx: usize, res: i32) {
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        s.ops -= 1;
+        s.send_posted = false;
+        if res < 0 {
+            self.kill(idx);
+        } else {
+            s.sent += res as usize;
+            if s.sent == s.sending.len() {
+                s.sending.clear();
+                s.sent = 0;
+            }
+            self.flush_send(idx);
+        }
+        self.maybe_free(idx);
+    }
+
+    fn on_disk(&mut self, idx: usize, task: u32, res: i32) {
+        let reg = Arc::clone(&self.reg);
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            debug_assert!(false, "disk completion for a free slot");
+            return;
+        };
+        s.ops -= 1;
+        let mut out = Out::default();
+        s.conn.on_io_done(task, res, &reg, &mut self.pool, &mut out);
+        if s.dead {
+            // Nobody to answer; just let the task go.
+            self.maybe_free(idx);
+            return;
+        }
+        self.apply(idx, out);
+        self.maybe_free(idx);
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now_ms();
+        let reg = Arc::clone(&self.reg);
+        let stopping = self.stop.load(Ordering::Relaxed);
+        for idx in 0..self.slots.len() {
+            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { continue };
+            if stopping {
+                self.kill(idx);
+                self.maybe_free(idx);
+                continue;
+            }
+            let mut out = Out::default();
+            s.conn.on_tick(&reg, now, &mut out);
+            self.apply(idx, out);
+            self.maybe_free(idx);
+        }
+        if !(stopping && self.slots.iter().all(|s| s.is_none())) {
+            self.post_tick();
+        }
+    }
+
+    /// Shuts the socket down: pending recv/send complete, after which the slot is freed.
+    fn kill(&mut self, idx: usize) {
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        if !s.dead {
+            s.dead = true;
+            let _ = s.stream.shutdown(std::net::Shutdown::Both);
+            s.conn.shutdown(&mut self.pool);
+        }
+    }
+
+    fn maybe_free(&mut self, idx: usize) {
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        if s.dead && s.ops == 0 && !s.conn.io_inflight() {
+            tracing::debug!(core = self.core, "connection closed");
+            self.slots[idx] = None;
+            self.free.push(idx);
+        }
+    }
+}

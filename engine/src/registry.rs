@@ -1,0 +1,79 @@
+//! What this node serves: targets, their LUNs and access rules, built once at start-up from
+//! the validated configuration and shared read-only by every core thread.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::{Config, TargetConfig};
+use crate::lun::{Lun, LunError};
+
+pub struct TargetEntry {
+    pub cfg: TargetConfig,
+    /// (LUN id, index into [`Registry::luns`]), sorted by LUN id.
+    pub luns: Vec<(u64, usize)>,
+}
+
+impl TargetEntry {
+    /// The global LUN index for a LUN id, if this target has it.
+    pub fn lun(&self, id: u64) -> Option<usize> {
+        self.luns.iter().find(|(l, _)| *l == id).map(|&(_, i)| i)
+    }
+}
+
+pub struct Registry {
+    pub config: Config,
+    pub targets: Vec<TargetEntry>,
+    /// Every LUN of every target; cores open and register one fd per entry, in this order.
+    pub luns: Vec<Arc<Lun>>,
+    /// The address initiators reach us on, for SendTargets answers.
+    pub portal: SocketAddr,
+    /// The login view of the targets (names, CHAP, initiator ACLs, negotiation limits).
+    pub login: proto::login::LoginConfig,
+    next_tsih: AtomicU16,
+    next_session_id: AtomicU64,
+}
+
+impl Registry {
+    /// Creates or opens every backing file. Fails (and the daemon does not start) on the
+    /// first LUN that cannot be served.
+    pub fn build(config: Config, portal: SocketAddr) -> Result<Self, LunError> {
+        let mut luns = Vec::new();
+        let mut targets = Vec::new();
+        for t in &config.targets {
+            let mut ids = Vec::new();
+            for l in &t.luns {
+                ids.push((l.id, luns.len()));
+                luns.push(Arc::new(Lun::create_or_open(&t.name, l)?));
+            }
+            ids.sort_unstable();
+            targets.push(TargetEntry { cfg: t.clone(), luns: ids });
+        }
+        let login = crate::login::login_config(&config);
+        Ok(Registry { config, targets, luns, portal, login, next_tsih: AtomicU16::new(1), next_session_id: AtomicU64::new(1) })
+    }
+
+    pub fn target(&self, name: &str) -> Option<(usize, &TargetEntry)> {
+        self.targets.iter().enumerate().find(|(_, t)| t.cfg.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Targets a connection from `peer` may discover and log in to.
+    pub fn visible_to(&self, peer: IpAddr) -> impl Iterator<Item = &TargetEntry> {
+        self.targets.iter().filter(move |t| t.cfg.address_allowed(peer))
+    }
+
+    /// A new non-zero TSIH (RFC 7143 section 11.12.6: zero is reserved).
+    pub fn new_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+
+    /// A node-unique session id (unit attentions are keyed by it; 0 is reserved).
+    pub fn new_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,105 @@
+//! Starting and stopping the daemon's core threads.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::lun::LunError;
+use crate::reactor::Reactor;
+use crate::registry::Registry;
+
+/// Pending connections per listener before the kernel refuses more.
+const LISTEN_BACKLOG: i32 = 1024;
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Lun(#[from] LunError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("core {core}: cannot set up io_uring: {source}")]
+    Ring { core: usize, source: std::io::Error },
+}
+
+/// A running daemon.
+pub struct Server {
+    pub local_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    // One listener per core on the same port: the kernel spreads connections across them,
+    // so each connection lands on one core and stays there.
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(LISTEN_BACKLOG)?;
+    Ok(s.into())
+}
+
+impl Server {
+    /// Opens every LUN, binds the listeners and starts one pinned thread per core.
+    pub fn start(config: Config) -> Result<Server, ServeError> {
+        let want = config.listen;
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let n = match config.cores {
+            0 => cores.len().max(1),
+            n => n,
+        };
+        let first = listener(want).map_err(|source| ServeError::Listen { addr: want, source })?;
+        let local_addr = first.local_addr().map_err(|source| ServeError::Listen { addr: want, source })?;
+        let registry = Arc::new(Registry::build(config, local_addr)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut listeners = vec![first];
+        for _ in 1..n {
+            listeners.push(listener(local_addr).map_err(|source| ServeError::Listen { addr: local_addr, source })?);
+        }
+        // Build every ring before starting any thread, so a failure leaves nothing running.
+        let mut reactors = Vec::new();
+        for (core, l) in listeners.into_iter().enumerate() {
+            let r = Reactor::new(core, l, Arc::clone(&registry), Arc::clone(&stop)).map_err(|source| ServeError::Ring { core, source })?;
+            reactors.push(r);
+        }
+        let mut threads = Vec::new();
+        for (core, mut r) in reactors.into_iter().enumerate() {
+            let pin = cores.get(core % cores.len().max(1)).copied();
+            let t = std::thread::Builder::new()
+                .name(format!("twinsan-core{core}"))
+                .spawn(move || {
+                    if let Some(id) = pin {
+                        core_affinity::set_for_current(id);
+                    }
+                    r.run();
+                })
+                .map_err(|source| ServeError::Ring { core, source })?;
+            threads.push(t);
+        }
+        tracing::info!(%local_addr, cores = n, luns = registry.luns.len(), "serving");
+        Ok(Server { local_addr, registry, stop, threads })
+    }
+
+    /// Asks every core to stop.
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.stop)
+    }
+
+    /// Waits for every core thread to finish (after a stop).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    pub fn shutdown(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.join();
+    }
+}

@@ -1,0 +1,96 @@
+//! A daemon under test: its own data directory, an ephemeral loopback port, killed on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub const TARGET: &str = "iqn.2026-11.io.twinsan:test";
+
+pub struct Daemon {
+    child: Child,
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+/// A fresh scratch directory under the target dir (kept small: LUNs are sparse).
+pub fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+impl Daemon {
+    /// Starts `twinsan serve --config <dir>/twinsan.toml` with `toml` as the file.
+    pub fn start(name: &str, toml: &str) -> Daemon {
+        let dir = scratch(name);
+        std::fs::write(dir.join("twinsan.toml"), toml).expect("write config");
+        Self::start_in(dir)
+    }
+
+    pub fn start_in(dir: PathBuf) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+            .args(["serve", "--config"])
+            .arg(dir.join("twinsan.toml"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn twinsan");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read daemon stdout");
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("daemon did not start: {line:?}")).to_string();
+        Daemon { child, addr, dir }
+    }
+
+    /// The common single-LUN configuration, with `extra` appended to the [[target]] table.
+    pub fn simple(name: &str, size: &str, extra: &str) -> Daemon {
+        Self::start(name, &format!("[[target]]\nname = \"{TARGET}\"\n{extra}\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{size}\"\n"))
+    }
+
+    pub fn url(&self, lun: u32) -> String {
+        format!("iscsi://{}/{TARGET}/{lun}", self.addr)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a libiscsi tool with a timeout so a hung target fails the test instead of CI.
+pub fn tool(prog: &str, args: &[&str]) -> Output {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog} (install libiscsi-bin): {e}"));
+    out
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+pub fn allocated_bytes(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+pub fn wait_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}

@@ -1,0 +1,103 @@
+//! Conformance: libiscsi's `iscsi-test-cu` against a scratch LUN. Every test named in
+//! `tests/conformance/expected-pass.txt` must pass (a skip counts as not passing unless the
+//! line ends in `skip`, for tests that skip by the nature of a non-removable disk).
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{text, Daemon};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Passed,
+    Skipped,
+    Failed,
+}
+
+/// Parses `iscsi-test-cu -v` output into per-test outcomes (the same rules as
+/// ../shared/tools/cu-score: "[SKIPPED]" inside a passed test is a skip).
+fn parse(out: &str) -> BTreeMap<String, Outcome> {
+    let mut res = BTreeMap::new();
+    let mut suite = String::new();
+    let mut cur: Option<(String, String)> = None;
+    let mut close = |cur: &mut Option<(String, String)>, res: &mut BTreeMap<String, Outcome>| {
+        if let Some((name, buf)) = cur.take() {
+            let failed = buf.contains("FAILED");
+            let passed = buf.contains("passed");
+            let o = if failed || !passed {
+                Outcome::Failed
+            } else if buf.contains("[SKIPPED]") {
+                Outcome::Skipped
+            } else {
+                Outcome::Passed
+            };
+            res.insert(name, o);
+        }
+    };
+    for line in out.lines() {
+        if let Some(s) = line.strip_prefix("Suite: ") {
+            close(&mut cur, &mut res);
+            suite = s.split_whitespace().next().unwrap_or("").to_string();
+        } else if let Some(rest) = line.strip_prefix("  Test: ") {
+            close(&mut cur, &mut res);
+            let (name, tail) = rest.split_once(" ...").unwrap_or((rest, ""));
+            cur = Some((format!("{suite}.{}", name.trim()), tail.to_string()));
+        } else if line.starts_with("Run Summary") {
+            close(&mut cur, &mut res);
+        } else if let Some((_, buf)) = cur.as_mut() {
+            buf.push('\n');
+            buf.push_str(line);
+        }
+    }
+    close(&mut cur, &mut res);
+    res
+}
+
+#[test]
+fn parser_classifies_like_cu_score() {
+    let sample = "Suite: Read10\n  Test: Simple ...passed\n  Test: Odd ...\n    [SKIPPED] not implemented\npassed\n  Test: Bad ...FAILED\n    1. x\nRun Summary: ...\n";
+    let r = parse(sample);
+    assert_eq!(r["Read10.Simple"], Outcome::Passed);
+    assert_eq!(r["Read10.Odd"], Outcome::Skipped);
+    assert_eq!(r["Read10.Bad"], Outcome::Failed);
+}
+
+#[test]
+fn iscsi_test_cu_expected_tests_pass() {
+    let list = include_str!("conformance/expected-pass.txt");
+    let mut want: Vec<(String, bool)> = Vec::new();
+    for l in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let mut it = l.split_whitespace();
+        let name = it.next().unwrap_or_default().to_string();
+        want.push((name, it.next() == Some("skip")));
+    }
+    // A 1 GiB thin LUN: the Async tests need 8000 blocks, Verify.Mismatch 256 at each end.
+    let d = Daemon::simple("conformance", "1GiB", "");
+    let suites: Vec<String> = want.iter().map(|(n, _)| format!("ALL.{n}")).collect();
+    let out = std::process::Command::new("timeout")
+        .arg("900")
+        .arg("iscsi-test-cu")
+        .args(["-d", "-S", "-v", "-t", &suites.join(","), &d.url(0), &d.url(0)])
+        .output()
+        .expect("run iscsi-test-cu (install libiscsi-bin)");
+    let got = parse(&text(&out));
+    let mut bad = Vec::new();
+    for (name, may_skip) in &want {
+        match got.get(name) {
+            Some(Outcome::Passed) => {}
+            Some(Outcome::Skipped) if *may_skip => {}
+            other => bad.push(format!("{name}: {other:?}")),
+        }
+    }
+    let (p, s, f) = got.values().fold((0, 0, 0), |(p, s, f), o| match o {
+        Outcome::Passed => (p + 1, s, f),
+        Outcome::Skipped => (p, s + 1, f),
+        Outcome::Failed => (p, s, f + 1),
+    });
+    eprintln!("iscsi-test-cu: {p} passed, {s} skipped, {f} failed of {}", got.len());
+    assert!(bad.is_empty(), "conformance regressions:\n{}\n--- output tail ---\n{}", bad.join("\n"), {
+        let t = text(&out);
+        t[t.len().saturating_sub(4000)..].to_string()
+    });
+}
