@@ -115,7 +115,7 @@ struct Session {
 struct LunView {
     id: u64,
     index: usize,
-    ua_seen: u64,
+    ua_seen: crate::ua::Seen,
     pending_ua: Vec<Asc>,
 }
 
@@ -383,7 +383,7 @@ impl Conn {
             Some(t) if res.kind == SessionKind::Normal => t
                 .luns
                 .iter()
-                .map(|&(id, index)| LunView { id, index, ua_seen: reg.luns[index].ua.epoch(), pending_ua: Vec::new() })
+                .map(|&(id, index)| LunView { id, index, ua_seen: reg.luns[index].ua.start(reg.luns[index].mode_tag()), pending_ua: Vec::new() })
                 .collect(),
             _ => Vec::new(),
         };
@@ -821,6 +821,7 @@ impl Conn {
                     if t.function == LogicalUnitReset {
                         let lun = &reg.luns[index];
                         *lun.mode.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+                        lun.ua.raise_state_change(self.session_id, Asc::MODE_PARAMETERS_CHANGED, lun.mode_tag());
                         lun.ua.raise(self.session_id, Asc::BUS_DEVICE_RESET);
                         self.held.clear();
                     }

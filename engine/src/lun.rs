@@ -100,6 +100,12 @@ impl Lun {
         open_backing(&self.path, self.cache, self.read_only)
     }
 
+    /// A tag of the mode parameters, for coalescing MODE PARAMETERS CHANGED attentions.
+    pub fn mode_tag(&self) -> u64 {
+        let m = self.mode_state();
+        m.d_sense as u64 | (m.swp as u64) << 1 | (m.wce as u64) << 2
+    }
+
     /// A snapshot of the mode parameters (poisoning is harmless: the state is plain data).
     pub fn mode_state(&self) -> ModeState {
         self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()

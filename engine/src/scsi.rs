@@ -321,6 +321,15 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.stage = Stage::Flushing { transfer: 0 };
             Step::Io(IoOp::Flush)
         }
+        Command::PersistentReserveIn { action, alloc_len } => {
+            // No registrations can exist until PERSISTENT RESERVE OUT is implemented: the
+            // truthful answer is an empty key list and no reservation, generation 0.
+            use proto::scsi::cdb::PrInAction;
+            match action {
+                PrInAction::ReadKeys | PrInAction::ReadReservation => Step::Done(Reply::data(vec![0u8; 8], alloc_len as usize)),
+                _ => return Err(Sense::invalid_field_in_cdb(1, Some(4))),
+            }
+        }
         Command::PreFetch { lba, blocks, .. } => {
             check_range(lun, lba, blocks as u64)?;
             Step::Done(Reply::good())
@@ -338,6 +347,7 @@ pub fn implemented(opcode: u8, service_action: Option<u16>) -> bool {
         | WRITE_VERIFY_10 | VERIFY_10 | PRE_FETCH_10 | SYNC_CACHE_10 | MODE_SELECT_10 | MODE_SENSE_10 | READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16
         | PRE_FETCH_16 | SYNC_CACHE_16 | REPORT_LUNS | READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 => true,
         SERVICE_ACTION_IN_16 => service_action == Some(0x10),
+        PR_IN => matches!(service_action, Some(0) | Some(1)),
         MAINTENANCE_IN => service_action == Some(0x0c),
         _ => false,
     }
@@ -390,8 +400,9 @@ pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
             match proto::scsi::mode::mode_select(&lun_info(lun), &mut state, pf, sp, params, ten_byte) {
                 Ok(()) => {
                     if *state != before {
-                        // SPC-4 section 7.5.1: other nexuses learn of the change by UA.
-                        lun.ua.raise(ctx.session_id, Asc::MODE_PARAMETERS_CHANGED);
+                        drop(state);
+                        // SPC-4 section 6.11: other nexuses learn of the change by UA.
+                        lun.ua.raise_state_change(ctx.session_id, Asc::MODE_PARAMETERS_CHANGED, lun.mode_tag());
                     }
                     Step::Done(Reply::good())
                 }

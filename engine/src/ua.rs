@@ -20,9 +20,20 @@ const LOG_LEN: usize = 16;
 #[derive(Debug, Clone, Copy)]
 struct Event {
     epoch: u64,
-    /// The session id that caused it; `0` means "everyone, including the cause".
+    /// The session id that caused it.
     origin: u64,
     asc: Asc,
+    /// For state changes (mode parameters): a tag of the state after the change. Such
+    /// events coalesce: a nexus is told only if the state now differs from the one it knew,
+    /// so a parameter set and reset while it was idle raises nothing.
+    state: Option<u64>,
+}
+
+/// What one session has seen of one LUN's events.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen {
+    epoch: u64,
+    state: u64,
 }
 
 #[derive(Debug, Default)]
@@ -32,34 +43,58 @@ pub struct UaLog {
 }
 
 impl UaLog {
-    /// Records an event for every session except `origin` (0: for all sessions).
+    /// Records an event for every session except `origin`.
     pub fn raise(&self, origin: u64, asc: Asc) {
+        self.push(origin, asc, None);
+    }
+
+    /// Records a state change (the state after it is tagged `state`).
+    pub fn raise_state_change(&self, origin: u64, asc: Asc, state: u64) {
+        self.push(origin, asc, Some(state));
+    }
+
+    fn push(&self, origin: u64, asc: Asc, state: Option<u64>) {
         let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
         let epoch = self.latest.load(Ordering::Acquire) + 1;
         if ev.len() == LOG_LEN {
             ev.pop_front();
         }
-        ev.push_back(Event { epoch, origin, asc });
+        ev.push_back(Event { epoch, origin, asc, state });
         self.latest.store(epoch, Ordering::Release);
     }
 
-    /// The current epoch: a new session starts here, seeing nothing that happened before.
-    pub fn epoch(&self) -> u64 {
-        self.latest.load(Ordering::Acquire)
+    /// Where a new session starts: it sees nothing that happened before, and knows the
+    /// state tagged `state`.
+    pub fn start(&self, state: u64) -> Seen {
+        Seen { epoch: self.latest.load(Ordering::Acquire), state }
     }
 
-    /// Appends to `out` the events after `*seen` not caused by `session`, and advances `*seen`.
-    pub fn collect(&self, session: u64, seen: &mut u64, out: &mut Vec<Asc>) {
-        if self.latest.load(Ordering::Acquire) == *seen {
+    /// Appends to `out` what `session` has not seen and did not cause, and advances `seen`.
+    pub fn collect(&self, session: u64, seen: &mut Seen, out: &mut Vec<Asc>) {
+        if self.latest.load(Ordering::Acquire) == seen.epoch {
             return;
         }
         let ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        let from = *seen;
+        let from = seen.epoch;
+        // The last state change made by someone else, not superseded by one of ours.
+        let mut foreign: Option<(u64, Asc)> = None;
         for e in ev.iter().filter(|e| e.epoch > from) {
-            if e.origin != session && !out.contains(&e.asc) {
-                out.push(e.asc);
+            seen.epoch = e.epoch;
+            match e.state {
+                Some(st) if e.origin == session => {
+                    seen.state = st;
+                    foreign = None;
+                }
+                Some(st) => foreign = Some((st, e.asc)),
+                None if e.origin != session && !out.contains(&e.asc) => out.push(e.asc),
+                None => {}
             }
-            *seen = e.epoch;
+        }
+        if let Some((st, asc)) = foreign {
+            if st != seen.state && !out.contains(&asc) {
+                out.push(asc);
+            }
+            seen.state = st;
         }
     }
 }
@@ -69,9 +104,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_change_undone_while_idle_raises_nothing_but_a_real_change_does() {
+        let log = UaLog::default();
+        let (mut a, mut b) = (log.start(0), log.start(0));
+        log.raise_state_change(1, Asc::MODE_PARAMETERS_CHANGED, 5);
+        log.raise_state_change(1, Asc::MODE_PARAMETERS_CHANGED, 0);
+        let mut out = Vec::new();
+        log.collect(2, &mut b, &mut out);
+        assert!(out.is_empty(), "net state unchanged: no UA");
+        log.raise_state_change(1, Asc::MODE_PARAMETERS_CHANGED, 7);
+        log.collect(2, &mut b, &mut out);
+        assert_eq!(out, vec![Asc::MODE_PARAMETERS_CHANGED]);
+        out.clear();
+        log.collect(1, &mut a, &mut out);
+        assert!(out.is_empty(), "the cause is not told");
+        // B changes it back: A, which last set 7, must hear about it.
+        log.raise_state_change(2, Asc::MODE_PARAMETERS_CHANGED, 0);
+        log.collect(1, &mut a, &mut out);
+        assert_eq!(out, vec![Asc::MODE_PARAMETERS_CHANGED]);
+    }
+
+    #[test]
     fn others_see_it_once_and_the_cause_does_not() {
         let log = UaLog::default();
-        let (mut seen_a, mut seen_b) = (log.epoch(), log.epoch());
+        let (mut seen_a, mut seen_b) = (log.start(0), log.start(0));
         log.raise(1, Asc::MODE_PARAMETERS_CHANGED);
         let mut out = Vec::new();
         log.collect(1, &mut seen_a, &mut out);
