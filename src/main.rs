@@ -89,10 +89,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            // Tests and scripts read the bound address (useful with port 0) from stdout.
-            println!("listening on {}", server.local_addr);
-            for t in &server.registry.targets {
-                println!("target {} luns {:?}", t.cfg.name, t.luns.iter().map(|l| l.0).collect::<Vec<_>>());
+            // Tests and scripts read the bound address (useful with port 0) from stdout. A
+            // closed stdout must not stop a storage daemon: write errors are ignored.
+            {
+                use std::io::Write;
+                let mut o = std::io::stdout().lock();
+                let _ = writeln!(o, "listening on {}", server.local_addr);
+                for t in &server.registry.targets {
+                    let _ = writeln!(o, "target {} luns {:?}", t.cfg.name, t.luns.iter().map(|l| l.0).collect::<Vec<_>>());
+                }
+                let _ = o.flush();
             }
             let sig = wait_for_signal(&signals);
             tracing::info!(signal = sig, "stopping");

@@ -22,17 +22,17 @@ fn discovery_lists_the_target_and_inquiry_answers() {
     assert!(t.contains("TWINSAN"), "vendor missing: {t}");
 
     // VPD 0x80 and 0x83 carry the serial and the NAA designator.
-    let out = tool("iscsi-inq", &["-e", "1", "-c", "0x83", &d.url(0)]);
+    let out = tool("iscsi-inq", &["-e", "1", "-c", "131", &d.url(0)]);
     assert!(out.status.success(), "VPD 83 failed: {}", text(&out));
-    assert!(text(&out).to_ascii_lowercase().contains("naa"), "no NAA designator: {}", text(&out));
+    assert!(text(&out).contains("Designator Type:(3) NAA"), "no NAA designator: {}", text(&out));
 }
 
 #[test]
 fn identity_is_stable_across_restarts() {
     let inq = |d: &Daemon| {
-        let o = tool("iscsi-inq", &["-e", "1", "-c", "0x83", &d.url(0)]);
+        let o = tool("iscsi-inq", &["-e", "1", "-c", "131", &d.url(0)]);
         assert!(o.status.success(), "{}", text(&o));
-        let s = tool("iscsi-inq", &["-e", "1", "-c", "0x80", &d.url(0)]);
+        let s = tool("iscsi-inq", &["-e", "1", "-c", "128", &d.url(0)]);
         assert!(s.status.success(), "{}", text(&s));
         (text(&o), text(&s))
     };
