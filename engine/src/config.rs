@@ -21,6 +21,9 @@ pub const DEFAULT_LUN_SIZE_BYTES: u64 = 10 << 30;
 pub const MAX_LUN_SIZE_BYTES: u64 = 256 << 40;
 /// RFC 7143 section 4.2.7.2: iSCSI names are at most 223 bytes.
 pub const MAX_ISCSI_NAME_LEN: usize = 223;
+/// Default soft threshold for thin LUNs: warn initiators (ESXi shows it as an out-of-space
+/// warning) while a tenth of the pool is still free.
+pub const DEFAULT_SOFT_THRESHOLD_PERCENT: u8 = 90;
 /// A bound on configuration fan-out; far above any real deployment of one node.
 pub const MAX_TARGETS: usize = 256;
 pub const MAX_LUNS_PER_TARGET: usize = 256;
@@ -111,6 +114,7 @@ struct RawLun {
     cache: Option<CacheMode>,
     serial: Option<String>,
     thin: Option<bool>,
+    soft_threshold_percent: Option<u8>,
 }
 
 /// CHAP credentials for one direction or both.
@@ -176,6 +180,9 @@ pub struct LunConfig {
     /// Unit serial number (VPD 0x80). Derived from the target name and LUN id unless set,
     /// so it is identical on both nodes of a pair and across restarts.
     pub serial: String,
+    /// Percent of the backing file system in use above which initiators get the THIN
+    /// PROVISIONING SOFT THRESHOLD REACHED unit attention (thin LUNs only).
+    pub soft_threshold_percent: Option<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -340,6 +347,12 @@ impl Config {
                     cache: l.cache.unwrap_or(default_cache),
                     thin: l.thin.unwrap_or(true),
                     serial,
+                    soft_threshold_percent: match l.soft_threshold_percent {
+                        Some(p) if !(1..=99).contains(&p) => return Err(bad(&format!("{lk}.soft_threshold_percent"), format!("{p} is outside 1..=99"))),
+                        Some(p) => Some(p),
+                        None if l.thin.unwrap_or(true) => Some(DEFAULT_SOFT_THRESHOLD_PERCENT),
+                        None => None,
+                    },
                 });
             }
             targets.push(TargetConfig { name: t.name, alias: t.alias, allowed_initiators: t.allowed_initiators, allowed_addresses, chap: chap_cfg, luns });

@@ -134,6 +134,8 @@ pub struct Conn {
     free_tasks: Vec<u32>,
     held: Vec<Held>,
     next_ttt: u32,
+    /// Tasks parked on a range lock, retried by the reactor (FIFO).
+    waiting: Vec<u32>,
     /// TMF responses that wait for aborted tasks' in-flight I/O to finish.
     deferred_tmf: Vec<(u32, u8)>,
     last_rx_ms: u64,
@@ -156,6 +158,7 @@ impl Conn {
             held: Vec::new(),
             next_ttt: 1,
             deferred_tmf: Vec::new(),
+            waiting: Vec::new(),
             last_rx_ms: now_ms,
             ping: None,
             started_ms: now_ms,
@@ -663,6 +666,13 @@ impl Conn {
                     out.io.push(IoReq { task: idx, lun: t.lun, op });
                 }
             }
+            Step::IoAt(lun, op) => {
+                if let Some(Some(t)) = self.tasks.get_mut(idx as usize) {
+                    t.io_inflight += 1;
+                    out.io.push(IoReq { task: idx, lun, op });
+                }
+            }
+            Step::Wait => self.waiting.push(idx),
             Step::NeedData(_) => {
                 // Only `start` may ask for data; a later request is an executor bug.
                 debug_assert!(false, "NeedData after start");
@@ -858,6 +868,7 @@ impl Conn {
     }
 
     fn abort(&mut self, idx: u32, pool: &mut BufPool) {
+        self.waiting.retain(|&w| w != idx);
         let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { return };
         if t.io_inflight > 0 {
             // The buffer stays with the task until the kernel is done with it.
@@ -904,6 +915,29 @@ impl Conn {
                     self.send_plain_pdu(out, |sns| TargetPdu::NopIn { lun: 0, itt: RESERVED_TAG, ttt, sns, data_len: 0 }, &[]);
                 }
             }
+        }
+    }
+
+    /// Whether tasks wait for a range lock (the reactor then polls instead of sleeping).
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Retries parked tasks, oldest first.
+    pub fn retry_waiting(&mut self, reg: &Registry, pool: &mut BufPool, out: &mut Out) {
+        let parked = std::mem::take(&mut self.waiting);
+        for idx in parked {
+            let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { continue };
+            if t.aborted {
+                continue;
+            }
+            let lun_id = t.lun_id;
+            let lun = (t.lun != usize::MAX).then_some(t.lun);
+            let Phase::Full(s) = &self.phase else { return };
+            let target = &reg.targets[s.target];
+            let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id };
+            let step = scsi::retry(&mut t.scsi, &mut ctx);
+            self.apply_step(idx, step, reg, pool, out);
         }
     }
 

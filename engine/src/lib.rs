@@ -6,6 +6,7 @@ pub mod config;
 pub mod conn;
 pub mod login;
 pub mod lun;
+pub mod range_lock;
 pub mod reactor;
 pub mod registry;
 pub mod scsi;

@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use crate::config::{derive_naa_id, CacheMode, LunConfig};
+use crate::range_lock::RangeLock;
 use crate::ua::UaLog;
+use std::sync::Arc;
 use proto::scsi::mode::ModeState;
 
 #[derive(Debug, Error)]
@@ -40,6 +42,14 @@ pub struct Lun {
     /// what initiators expect from a disk): a MODE SELECT on any core changes them for all.
     pub mode: Mutex<ModeState>,
     pub ua: UaLog,
+    /// Block ranges under modification (see range_lock.rs).
+    pub ranges: Arc<RangeLock>,
+    /// An fd for metadata queries from any core (SEEK_DATA/SEEK_HOLE, fstat): these use
+    /// no file position, so sharing it is safe.
+    pub meta_fd: File,
+    /// Raise THIN PROVISIONING SOFT THRESHOLD REACHED when the backing file system is
+    /// fuller than this (percent), `None` to never.
+    pub soft_threshold_percent: Option<u8>,
 }
 
 impl Lun {
@@ -75,7 +85,11 @@ impl Lun {
             f.sync_all().map_err(io("syncing the new backing file"))?;
             tracing::info!(path = %cfg.path.display(), size_bytes, "created sparse backing file");
         }
+        let meta_fd = File::open(&cfg.path).map_err(io("opening the backing file"))?;
         Ok(Lun {
+            ranges: Arc::new(RangeLock::default()),
+            meta_fd,
+            soft_threshold_percent: cfg.soft_threshold_percent,
             target_name: target_name.to_string(),
             id: cfg.id,
             path: cfg.path.clone(),
@@ -93,6 +107,36 @@ impl Lun {
 
     pub fn num_blocks(&self) -> u64 {
         self.size_bytes / self.block_size as u64
+    }
+
+    /// Bytes the backing file occupies on disk.
+    pub fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.meta_fd.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// Percent of the backing file system's space in use.
+    pub fn pool_used_percent(&self) -> Option<u8> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: statvfs is plain data written by fstatvfs; the fd is valid for self's life.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; fstatvfs only writes into `st`.
+        if unsafe { libc::fstatvfs(self.meta_fd.as_raw_fd(), &mut st) } != 0 || st.f_blocks == 0 {
+            return None;
+        }
+        let used = st.f_blocks.saturating_sub(st.f_bavail);
+        Some((used as u128 * 100 / st.f_blocks as u128).min(100) as u8)
+    }
+
+    /// The next offset at or after `offset` in a data (`data = true`) or hole region, or
+    /// `None` past the end: SEEK_DATA / SEEK_HOLE.
+    pub fn seek(&self, offset: u64, data: bool) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+        // SAFETY: lseek on a valid fd; the returned offset is all we use (no read/write
+        // relies on this description's position).
+        let r = unsafe { libc::lseek(self.meta_fd.as_raw_fd(), offset as libc::off_t, whence) };
+        (r >= 0).then_some(r as u64)
     }
 
     /// Opens a new fd on the backing file for one core (each core owns its fds).

@@ -23,6 +23,8 @@ const RING_ENTRIES: u32 = 1024;
 const RECV_BUF_BYTES: usize = 512 << 10;
 /// Connections per core, a hard bound (slot ids must fit the 24 bits of user_data).
 const MAX_CONNS_PER_CORE: usize = 4096;
+/// How often tasks parked on a range lock retry (50 µs: a lock is held for one disk I/O).
+const WAIT_POLL_NS: u32 = 50_000;
 /// Tick period for timers (NOP-In pings, login timeouts, shutdown checks).
 const TICK_MS: u64 = 250;
 
@@ -141,9 +143,21 @@ impl Reactor {
         self.post_accept();
         self.post_tick();
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
+        // Parked tasks wait for a lock that another core may release: poll them at this
+        // period instead of sleeping until the next completion.
+        let poll_ts = types::Timespec::new().nsec(WAIT_POLL_NS);
         loop {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() != Some(libc::EINTR) {
+            let waiting = self.slots.iter().flatten().any(|s| s.conn.has_waiting());
+            let r = if waiting {
+                let args = types::SubmitArgs::new().timespec(&poll_ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            if let Err(e) = r {
+                if e.raw_os_error() == Some(libc::ETIME) || e.raw_os_error() == Some(libc::EINTR) {
+                    // A poll period passed: fall through to retry parked tasks.
+                } else {
                     tracing::error!(core = self.core, error = %e, "io_uring wait failed");
                 }
             }
@@ -151,6 +165,9 @@ impl Reactor {
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             for &(ud, res) in &cqes {
                 self.on_cqe(ud, res);
+            }
+            if waiting {
+                self.retry_parked();
             }
             if self.stop.load(Ordering::Relaxed) && self.slots.iter().all(|s| s.is_none()) {
                 return;
@@ -177,6 +194,19 @@ impl Reactor {
             k if k == Kind::Disk as u8 => self.on_disk(slot, task, res),
             k if k == Kind::Tick as u8 => self.on_tick(),
             _ => debug_assert!(false, "unknown completion kind {kind}"),
+        }
+    }
+
+    fn retry_parked(&mut self) {
+        let reg = Arc::clone(&self.reg);
+        for idx in 0..self.slots.len() {
+            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { continue };
+            if s.dead || !s.conn.has_waiting() {
+                continue;
+            }
+            let mut out = Out::default();
+            s.conn.retry_waiting(&reg, &mut self.pool, &mut out);
+            self.apply(idx, out);
         }
     }
 
@@ -290,6 +320,7 @@ impl Reactor {
                 let file = types::Fixed(req.lun as u32);
                 let sqe = match req.op {
                     IoOp::Flush => opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build(),
+                    IoOp::Fallocate { offset, len, mode } => opcode::Fallocate::new(file, len).offset(offset).mode(mode).build(),
                     IoOp::Read { offset, buf_off, len } | IoOp::Write { offset, buf_off, len, .. } => {
                         let Some((base, cap)) = s.conn.task_buf_ptr(req.task) else {
                             debug_assert!(false, "disk I/O without a buffer");

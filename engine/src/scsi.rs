@@ -20,7 +20,13 @@ pub enum IoOp {
     Write { offset: u64, buf_off: u32, len: u32, fua: bool },
     /// fdatasync: SYNCHRONIZE CACHE, and the durability point of WRITE AND VERIFY.
     Flush,
+    /// fallocate(mode) over a byte range: PUNCH_HOLE for UNMAP, ZERO_RANGE for zeroing.
+    Fallocate { offset: u64, len: u64, mode: i32 },
 }
+
+/// fallocate modes we use (linux/falloc.h).
+pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+pub const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 /// Where the data of a reply lives.
 pub enum ReplyData {
@@ -64,6 +70,10 @@ pub enum Step {
     /// Collect this many bytes of Data-Out into the task's buffer, then call [`data_ready`].
     NeedData(u32),
     Io(IoOp),
+    /// A disk operation on another LUN (registry index): EXTENDED COPY sources.
+    IoAt(usize, IoOp),
+    /// The blocks are locked by another command: call [`retry`] later.
+    Wait,
 }
 
 /// What a command still has to do.
@@ -82,6 +92,24 @@ enum Stage {
     VerifyData { offset: u64, len: u32, one_block: bool },
     VerifyRead { offset: u64, len: u32, done: u32, one_block: bool },
     ModeSelect { ten_byte: bool, pf: bool, sp: bool, len: u32 },
+    /// Waiting for blocks `[lba, lba + blocks)` to be free, then going on with `then`.
+    Lock { lba: u64, blocks: u64, then: Box<Stage> },
+    /// COMPARE AND WRITE: data is [verify n | write n]; the medium is read into [2n..3n].
+    CawData { lba: u64, n: u32, fua: bool },
+    CawRead { offset: u64, n: u32, done: u32, fua: bool },
+    /// ORWRITE: data in [0..n]; the medium is read into [n..2n], ORed, written back.
+    OrData { lba: u64, n: u32, fua: bool },
+    OrRead { offset: u64, n: u32, done: u32, fua: bool },
+    /// WRITE SAME: one block of pattern (or none for NDOB) then a punch, a zeroing or
+    /// chunked writes of the repeated pattern.
+    WsData { lba: u64, blocks: u64, unmap: bool },
+    WsFill { offset: u64, remaining: u64, chunk: u32, fua: bool },
+    Falloc { offset: u64, len: u64, mode: i32 },
+    /// UNMAP: the parameter list arrives, then one punch per descriptor.
+    UnmapData { len: u32 },
+    Unmapping { ranges: Vec<(u64, u64)>, next: usize },
+    /// SANITIZE: parameter list (overwrite) then the whole medium.
+    SanitizeData { len: u32 },
 }
 
 /// Per-command state owned by the transport's task.
@@ -90,6 +118,10 @@ pub struct ScsiTask {
     pub buf: Option<AlignedBuf>,
     stage: Stage,
     sense_format: Option<SenseFormat>,
+    /// Blocks this command is modifying (released when the task is dropped).
+    guard: Option<crate::range_lock::RangeGuard>,
+    /// Bytes the CDB transfers, for the residual.
+    transfer: u32,
 }
 
 impl ScsiTask {
@@ -121,6 +153,14 @@ pub fn lun_info(lun: &Lun) -> LunInfo {
     i.lbprz = lun.thin;
     i.read_only = lun.read_only;
     i.max_xfer_blocks = (MAX_XFER_BYTES / lun.block_size as usize) as u32;
+    // Unmap in file-system blocks (4 KiB divides 1 MiB): smaller punches only zero.
+    i.unmap_granularity_blocks = (4096 / lun.block_size).max(1);
+    // WSNZ: a zero-length WRITE SAME is refused rather than meaning "to the end".
+    i.write_same_no_zero = true;
+    let page_blocks = (MAX_ATOMIC_BYTES / lun.block_size).max(1);
+    i.max_atomic_blocks = page_blocks;
+    i.atomic_alignment_blocks = page_blocks;
+    i.atomic_granularity_blocks = page_blocks;
     i
 }
 
@@ -208,6 +248,7 @@ fn with_format(step: Step, fmt: SenseFormat) -> Step {
 fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecCtx) -> Result<Step, Sense> {
     let bs = lun.block_size;
     let info = || lun_info(lun);
+    let wce = lun.mode_state().wce;
     Ok(match *cmd {
         Command::TestUnitReady => Step::Done(Reply::good()),
         Command::RequestSense { desc, alloc_len } => {
@@ -252,8 +293,15 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             }
             Step::Done(Reply::good())
         }
+        Command::PreventAllowMediumRemoval { prevent } => {
+            // A non-removable disk has nothing to lock (SPC-4 section 6.13).
+            if prevent != 0 {
+                return Err(Sense::invalid_field_in_cdb(4, Some(0)));
+            }
+            Step::Done(Reply::good())
+        }
         Command::Read { rw, .. } => {
-            check_rw_fields(&rw, true)?;
+            check_rw_fields(&rw)?;
             check_range(lun, rw.lba, rw.blocks as u64)?;
             let transfer = rw.blocks.saturating_mul(bs);
             let want = transfer.min(edtl);
@@ -267,7 +315,7 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.stage = Stage::Read { offset, len, done: 0, transfer };
             Step::Io(IoOp::Read { offset, buf_off: 0, len })
         }
-        Command::Write { rw, .. } | Command::WriteAndVerify { rw, .. } => {
+        Command::Write { rw, .. } | Command::WriteAndVerify { rw, .. } | Command::WriteAtomic { rw, .. } => {
             let bytchk = match *cmd {
                 Command::WriteAndVerify { bytchk, .. } => bytchk,
                 _ => 0,
@@ -275,15 +323,16 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             if bytchk > 1 {
                 return Err(Sense::invalid_field_in_cdb(1, Some(2)));
             }
-            check_rw_fields(&rw, true)?;
-            check_range(lun, rw.lba, rw.blocks as u64)?;
-            if write_protected(lun) {
-                return Err(Sense::write_protected());
+            check_rw_fields(&rw)?;
+            if let Command::WriteAtomic { atomic_boundary, .. } = *cmd {
+                check_atomic(lun, &rw, atomic_boundary)?;
             }
+            check_range(lun, rw.lba, rw.blocks as u64)?;
+            check_writable(lun)?;
             let transfer = rw.blocks.saturating_mul(bs);
             if edtl < transfer && edtl % bs != 0 {
-                // A partial block cannot be written atomically from what the initiator
-                // will send: refuse without writing (libiscsi accepts 0E/03 here).
+                // A partial block cannot be written from what the initiator will send:
+                // refuse without writing (SAM-5 / libiscsi accept 0E/03 here).
                 return Ok(Step::Done(Reply::check(Sense::illegal_request(Asc(0x0e, 0x03))).transfer(transfer)));
             }
             let len = transfer.min(edtl);
@@ -291,13 +340,93 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 return Ok(Step::Done(Reply::good().transfer(transfer)));
             }
             task.buf = Some(ctx.pool.get(len as usize));
+            task.transfer = transfer;
             // WRITE AND VERIFY: the data must be on the medium before it is "verified".
             let flush_after = matches!(cmd, Command::WriteAndVerify { .. });
-            task.stage = Stage::WriteData { offset: byte_offset(lun, rw.lba), len, fua: rw.fua, flush_after, transfer };
+            task.stage = Stage::WriteData { offset: byte_offset(lun, rw.lba), len, fua: rw.fua || !wce, flush_after, transfer };
             Step::NeedData(len)
         }
+        Command::CompareAndWrite(rw) => {
+            check_rw_fields(&rw)?;
+            if rw.blocks > info().max_compare_write_blocks as u32 {
+                return Err(Sense::invalid_field_in_cdb(13, None));
+            }
+            check_range(lun, rw.lba, rw.blocks as u64)?;
+            check_writable(lun)?;
+            let n = rw.blocks * bs;
+            if n == 0 {
+                return Ok(Step::Done(Reply::good()));
+            }
+            if edtl != 2 * n {
+                // SBC-3 section 5.3: the Data-Out buffer is exactly verify + write data.
+                return Ok(Step::Done(Reply::check(Sense::illegal_request(Asc(0x0e, 0x03)))));
+            }
+            task.buf = Some(ctx.pool.get(3 * n as usize));
+            task.stage = Stage::CawData { lba: rw.lba, n, fua: rw.fua || !wce };
+            Step::NeedData(2 * n)
+        }
+        Command::OrWrite(rw) => {
+            check_rw_fields(&rw)?;
+            check_range(lun, rw.lba, rw.blocks as u64)?;
+            check_writable(lun)?;
+            let n = rw.blocks.saturating_mul(bs);
+            if n == 0 {
+                return Ok(Step::Done(Reply::good()));
+            }
+            task.buf = Some(ctx.pool.get(2 * n as usize));
+            task.stage = Stage::OrData { lba: rw.lba, n, fua: rw.fua || !wce };
+            Step::NeedData(n)
+        }
+        Command::WriteSame { rw, anchor, unmap, ndob, .. } => {
+            if rw.protect != 0 {
+                return Err(Sense::invalid_field_in_cdb(1, Some(7)));
+            }
+            if anchor {
+                // ANC_SUP = 0 in VPD B2: anchored blocks are not supported.
+                return Err(Sense::invalid_field_in_cdb(1, Some(4)));
+            }
+            let i = info();
+            if rw.blocks == 0 {
+                // WSNZ = 1 in VPD B0: "to the end of the medium" is not offered.
+                return Err(Sense::invalid_field_in_cdb(7, None));
+            }
+            if rw.blocks as u64 > i.max_write_same_blocks {
+                return Err(Sense::invalid_field_in_cdb(7, None));
+            }
+            check_range(lun, rw.lba, rw.blocks as u64)?;
+            check_writable(lun)?;
+            if ndob {
+                // No Data-Out buffer: the pattern is zeros.
+                task.stage = Stage::WsData { lba: rw.lba, blocks: rw.blocks as u64, unmap };
+                return Ok(data_ready(task, ctx));
+            }
+            task.buf = Some(ctx.pool.get(bs as usize));
+            task.stage = Stage::WsData { lba: rw.lba, blocks: rw.blocks as u64, unmap };
+            Step::NeedData(bs)
+        }
+        Command::Unmap { anchor, param_len, .. } => {
+            if anchor {
+                return Err(Sense::invalid_field_in_cdb(1, Some(0)));
+            }
+            check_writable(lun)?;
+            if param_len == 0 {
+                return Ok(Step::Done(Reply::good()));
+            }
+            if param_len < 8 {
+                return Err(Sense::parameter_list_length_error());
+            }
+            task.buf = Some(ctx.pool.get(param_len as usize));
+            task.stage = Stage::UnmapData { len: param_len as u32 };
+            Step::NeedData(param_len as u32)
+        }
+        Command::GetLbaStatus { lba, alloc_len } => {
+            if lba >= lun.num_blocks() {
+                return Err(Sense::lba_out_of_range());
+            }
+            Step::Done(Reply::data(lba_status(lun, lba, alloc_len), alloc_len as usize))
+        }
         Command::Verify { rw, bytchk, .. } => {
-            check_rw_fields(&rw, false)?;
+            check_rw_fields(&rw)?;
             if bytchk == 2 {
                 return Err(Sense::invalid_field_in_cdb(1, Some(1)));
             }
@@ -321,6 +450,16 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.stage = Stage::Flushing { transfer: 0 };
             Step::Io(IoOp::Flush)
         }
+        Command::PreFetch { lba, blocks, .. } => {
+            check_range(lun, lba, blocks as u64)?;
+            Step::Done(Reply::good())
+        }
+        Command::ReadDefectData { size, req_plist, req_glist, format, alloc_len } => {
+            // A file has no defects: an empty list in the format asked for (SBC-3 5.12).
+            let flags = (req_plist as u8) << 4 | (req_glist as u8) << 3 | (format & 0x07);
+            let v = if size == proto::scsi::cdb::CdbSize::Ten { vec![0, flags, 0, 0] } else { vec![0, flags, 0, 0, 0, 0, 0, 0] };
+            Step::Done(Reply::data(v, alloc_len as usize))
+        }
         Command::PersistentReserveIn { action, alloc_len } => {
             // No registrations can exist until PERSISTENT RESERVE OUT is implemented: the
             // truthful answer is an empty key list and no reservation, generation 0.
@@ -330,12 +469,69 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 _ => return Err(Sense::invalid_field_in_cdb(1, Some(4))),
             }
         }
-        Command::PreFetch { lba, blocks, .. } => {
-            check_range(lun, lba, blocks as u64)?;
-            Step::Done(Reply::good())
-        }
         _ => return Err(Sense::invalid_opcode()),
     })
+}
+
+fn check_writable(lun: &Lun) -> Result<(), Sense> {
+    if write_protected(lun) {
+        Err(Sense::write_protected())
+    } else {
+        Ok(())
+    }
+}
+
+/// Largest WRITE ATOMIC: one 4 KiB page, which the page cache and 4Kn media write whole.
+pub const MAX_ATOMIC_BYTES: u32 = 4096;
+
+fn check_atomic(lun: &Lun, rw: &Rw, boundary: u16) -> Result<(), Sense> {
+    let i = lun_info(lun);
+    if boundary != 0 {
+        // No atomic boundary support (MAXIMUM ATOMIC BOUNDARY SIZE = 0).
+        return Err(Sense::invalid_field_in_cdb(10, None));
+    }
+    let align = i.atomic_alignment_blocks.max(1) as u64;
+    let gran = i.atomic_granularity_blocks.max(1);
+    if rw.blocks > i.max_atomic_blocks || rw.lba % align != 0 || rw.blocks % gran != 0 {
+        return Err(Sense::invalid_field_in_cdb(2, None));
+    }
+    Ok(())
+}
+
+/// GET LBA STATUS descriptors from SEEK_DATA / SEEK_HOLE, starting at `lba`.
+fn lba_status(lun: &Lun, lba: u64, alloc_len: u32) -> Vec<u8> {
+    const MAX_DESCRIPTORS: usize = 64;
+    let bs = lun.block_size as u64;
+    let size = lun.size_bytes;
+    let room = ((alloc_len as usize).saturating_sub(8) / 16).clamp(1, MAX_DESCRIPTORS);
+    let mut descs: Vec<(u64, u64, u8)> = Vec::new();
+    let mut pos = lba * bs;
+    while pos < size && descs.len() < room {
+        let data_at = lun.seek(pos, true).unwrap_or(size).min(size);
+        let (end, status) = if data_at <= pos {
+            (lun.seek(pos, false).unwrap_or(size).min(size), 0u8)
+        } else {
+            (data_at, 1u8)
+        };
+        // Round to whole blocks: a block partly in data counts as mapped.
+        let start_lba = pos / bs;
+        let mut end_lba = if status == 0 { end.div_ceil(bs) } else { end / bs };
+        if end_lba <= start_lba {
+            end_lba = start_lba + 1;
+        }
+        descs.push((start_lba, end_lba - start_lba, status));
+        pos = end_lba * bs;
+    }
+    let mut v = vec![0u8; 8];
+    v[0..4].copy_from_slice(&((4 + 16 * descs.len()) as u32).to_be_bytes());
+    for (l, n, st) in descs {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&l.to_be_bytes());
+        d[8..12].copy_from_slice(&(n.min(u32::MAX as u64) as u32).to_be_bytes());
+        d[12] = st;
+        v.extend_from_slice(&d);
+    }
+    v
 }
 
 /// Whether the engine implements an opcode / service action (for REPORT SUPPORTED
@@ -345,8 +541,9 @@ pub fn implemented(opcode: u8, service_action: Option<u16>) -> bool {
     match opcode {
         TEST_UNIT_READY | REQUEST_SENSE | READ_6 | WRITE_6 | INQUIRY | MODE_SELECT_6 | MODE_SENSE_6 | START_STOP_UNIT | READ_CAPACITY_10 | READ_10 | WRITE_10
         | WRITE_VERIFY_10 | VERIFY_10 | PRE_FETCH_10 | SYNC_CACHE_10 | MODE_SELECT_10 | MODE_SENSE_10 | READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16
-        | PRE_FETCH_16 | SYNC_CACHE_16 | REPORT_LUNS | READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 => true,
-        SERVICE_ACTION_IN_16 => service_action == Some(0x10),
+        | PRE_FETCH_16 | SYNC_CACHE_16 | REPORT_LUNS | READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 | PREVENT_ALLOW | WRITE_SAME_10 | WRITE_SAME_16
+        | UNMAP | COMPARE_AND_WRITE | ORWRITE_16 | WRITE_ATOMIC_16 | READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12 => true,
+        SERVICE_ACTION_IN_16 => matches!(service_action, Some(0x10) | Some(0x12)),
         PR_IN => matches!(service_action, Some(0) | Some(1)),
         MAINTENANCE_IN => service_action == Some(0x0c),
         _ => false,
@@ -355,7 +552,7 @@ pub fn implemented(opcode: u8, service_action: Option<u16>) -> bool {
 
 /// RD/WR/VRPROTECT must be zero on a LUN without protection information (SBC-3 section
 /// 4.22); DPO and FUA are honoured (MODE SENSE reports DPOFUA).
-fn check_rw_fields(rw: &Rw, _write: bool) -> Result<(), Sense> {
+fn check_rw_fields(rw: &Rw) -> Result<(), Sense> {
     if rw.protect != 0 {
         return Err(Sense::invalid_field_in_cdb(1, Some(7)));
     }
@@ -378,22 +575,111 @@ fn report_luns(ctx: &ExecCtx, select_report: u8, alloc_len: u32) -> Reply {
     Reply::data(proto::scsi::report_luns::report_luns(&ids), alloc_len as usize)
 }
 
+/// The LUN a context addresses (commands past `start` always have one).
+fn ctx_lun<'a>(ctx: &ExecCtx<'a>) -> Option<&'a std::sync::Arc<Lun>> {
+    ctx.lun.map(|i| &ctx.reg.luns[i])
+}
+
+/// Takes the range lock for `then`, or parks the task until it is free.
+fn lock_then(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, then: Stage) -> Step {
+    let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
+    match lun.ranges.try_lock(lba, lba + blocks.max(1)) {
+        Some(g) => {
+            task.guard = Some(g);
+            task.stage = then;
+            begin(task)
+        }
+        None => {
+            task.stage = Stage::Lock { lba, blocks, then: Box::new(then) };
+            Step::Wait
+        }
+    }
+}
+
+/// A parked task tries again.
+pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
+    let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
+    match std::mem::take(&mut task.stage) {
+        Stage::Lock { lba, blocks, then } => with_format(lock_then(task, ctx, lba, blocks, *then), fmt),
+        other => {
+            task.stage = other;
+            Step::Wait
+        }
+    }
+}
+
+/// The first operation of a (locked) stage.
+fn begin(task: &mut ScsiTask) -> Step {
+    match task.stage {
+        Stage::Writing { offset, len, fua, .. } => Step::Io(IoOp::Write { offset, buf_off: 0, len, fua }),
+        Stage::CawRead { offset, n, .. } => Step::Io(IoOp::Read { offset, buf_off: 2 * n, len: n }),
+        Stage::OrRead { offset, n, .. } => Step::Io(IoOp::Read { offset, buf_off: n, len: n }),
+        Stage::WsFill { offset, remaining, chunk, fua } => Step::Io(IoOp::Write { offset, buf_off: 0, len: (chunk as u64).min(remaining) as u32, fua }),
+        Stage::Falloc { offset, len, mode } => Step::Io(IoOp::Fallocate { offset, len, mode }),
+        Stage::Unmapping { ref ranges, next } => match ranges.get(next) {
+            Some(&(offset, len)) => Step::Io(IoOp::Fallocate { offset, len, mode: PUNCH_HOLE }),
+            None => Step::Done(Reply::good()),
+        },
+        _ => {
+            debug_assert!(false, "begin in stage {:?}", task.stage);
+            Step::Done(Reply::check(Sense::internal_target_failure()))
+        }
+    }
+}
+
 /// All write data has arrived.
 pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
+    let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
+    let bs = lun.block_size as u64;
     let step = match std::mem::take(&mut task.stage) {
         Stage::WriteData { offset, len, fua, flush_after, transfer } => {
-            task.stage = Stage::Writing { offset, len, done: 0, fua, flush_after, transfer };
-            Step::Io(IoOp::Write { offset, buf_off: 0, len, fua })
+            let (lba, blocks) = (offset / bs, (len as u64).div_ceil(bs));
+            lock_then(task, ctx, lba, blocks, Stage::Writing { offset, len, done: 0, fua, flush_after, transfer })
         }
+        Stage::CawData { lba, n, fua } => lock_then(task, ctx, lba, n as u64 / bs, Stage::CawRead { offset: lba * bs, n, done: 0, fua }),
+        Stage::OrData { lba, n, fua } => lock_then(task, ctx, lba, n as u64 / bs, Stage::OrRead { offset: lba * bs, n, done: 0, fua }),
+        Stage::WsData { lba, blocks, unmap } => {
+            let offset = lba * bs;
+            let len = blocks * bs;
+            let zeros = task.buf.as_deref().is_none_or(|b| b.iter().all(|&x| x == 0));
+            let fua = !lun.mode_state().wce;
+            let then = if zeros && unmap && lun.thin {
+                // LBPRZ: unmapped blocks read as zeros, so the hole is the written pattern.
+                Stage::Falloc { offset, len, mode: PUNCH_HOLE }
+            } else if zeros {
+                Stage::Falloc { offset, len, mode: ZERO_RANGE }
+            } else {
+                // Repeat the block through a chunk buffer, written as many times as needed.
+                let chunk = (len.min(1 << 20) as usize / bs as usize) * bs as usize;
+                let mut buf = ctx.pool.get(chunk);
+                if let Some(one) = task.buf.take() {
+                    for c in buf.chunks_mut(bs as usize) {
+                        c.copy_from_slice(&one[..bs as usize]);
+                    }
+                    ctx.pool.put(one);
+                }
+                task.buf = Some(buf);
+                Stage::WsFill { offset, remaining: len, chunk: chunk as u32, fua }
+            };
+            lock_then(task, ctx, lba, blocks, then)
+        }
+        Stage::UnmapData { len } => match parse_unmap(lun, task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[])) {
+            Err(s) => Step::Done(Reply::check(s)),
+            Ok(ranges) if ranges.is_empty() => Step::Done(Reply::good()),
+            Ok(ranges) => {
+                let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+                let hi = ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0);
+                let bytes: Vec<(u64, u64)> = ranges.iter().map(|&(l, n)| (l * bs, n * bs)).collect();
+                lock_then(task, ctx, lo, hi - lo, Stage::Unmapping { ranges: bytes, next: 0 })
+            }
+        },
         Stage::VerifyData { offset, len, one_block } => {
-            let data_len = if one_block { ctx.lun.map(|l| ctx.reg.luns[l].block_size).unwrap_or(512) } else { len };
+            let data_len = if one_block { bs as u32 } else { len };
             task.stage = Stage::VerifyRead { offset, len, done: 0, one_block };
             Step::Io(IoOp::Read { offset, buf_off: data_len, len })
         }
         Stage::ModeSelect { ten_byte, pf, sp, len } => {
-            let Some(lun_idx) = ctx.lun else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
-            let lun = &ctx.reg.luns[lun_idx];
             let params = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
             let mut state = lun.mode.lock().unwrap_or_else(|p| p.into_inner());
             let before = state.clone();
@@ -417,6 +703,37 @@ pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     with_format(step, fmt)
 }
 
+/// UNMAP parameter list (SBC-3 section 5.28.2) to block ranges.
+fn parse_unmap(lun: &Lun, p: &[u8]) -> Result<Vec<(u64, u64)>, Sense> {
+    let i = lun_info(lun);
+    if p.len() < 8 {
+        return Err(Sense::parameter_list_length_error());
+    }
+    let desc_len = u16::from_be_bytes([p[2], p[3]]) as usize;
+    let body = &p[8..];
+    let n = desc_len.min(body.len()) / 16;
+    if n > i.max_unmap_descriptors as usize {
+        return Err(Sense::invalid_field_in_parameter_list(2, None));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut total: u64 = 0;
+    for d in body.chunks_exact(16).take(n) {
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&d[0..8]);
+        let lba = u64::from_be_bytes(l);
+        let blocks = u32::from_be_bytes([d[8], d[9], d[10], d[11]]) as u64;
+        check_range(lun, lba, blocks)?;
+        total += blocks;
+        if blocks > 0 {
+            out.push((lba, blocks));
+        }
+    }
+    if total > i.max_unmap_blocks as u64 {
+        return Err(Sense::invalid_field_in_parameter_list(8, None));
+    }
+    Ok(out)
+}
+
 /// Maps a failed disk operation to sense data.
 fn io_error(errno: i32, writing: bool) -> Sense {
     match errno {
@@ -431,15 +748,16 @@ fn io_error(errno: i32, writing: bool) -> Sense {
 /// A disk operation finished with `res` (bytes transferred, or -errno).
 pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
     let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
-    let _ = &ctx;
+    let bs = ctx_lun(ctx).map(|l| l.block_size).unwrap_or(512);
+    let transfer = task.transfer;
+    let fail = |res: i32, writing: bool, offset: u64| {
+        tracing::warn!(errno = -res, offset, writing, "disk I/O failed");
+        Step::Done(Reply::check(if res == 0 { io_error(libc::EIO, writing) } else { io_error(-res, writing) }))
+    };
     let step = match std::mem::take(&mut task.stage) {
         Stage::Read { offset, len, done, transfer } => {
-            if res < 0 {
-                tracing::warn!(errno = -res, offset, "read failed");
-                Step::Done(Reply::check(io_error(-res, false)))
-            } else if res == 0 {
-                // The file is sized to the LUN; EOF inside it means it was truncated under us.
-                Step::Done(Reply::check(Sense::medium_error(Asc::UNRECOVERED_READ_ERROR)))
+            if res <= 0 {
+                fail(res, false, offset)
             } else {
                 let done = done + res as u32;
                 if done < len {
@@ -451,11 +769,8 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
             }
         }
         Stage::Writing { offset, len, done, fua, flush_after, transfer } => {
-            if res < 0 {
-                tracing::warn!(errno = -res, offset, "write failed");
-                Step::Done(Reply::check(io_error(-res, true)).transfer(transfer))
-            } else if res == 0 {
-                Step::Done(Reply::check(Sense::medium_error(Asc::WRITE_ERROR)).transfer(transfer))
+            if res <= 0 {
+                fail(res, true, offset)
             } else {
                 let done = done + res as u32;
                 if done < len {
@@ -471,8 +786,7 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
         }
         Stage::Flushing { transfer } => {
             if res < 0 {
-                tracing::warn!(errno = -res, "fdatasync failed");
-                Step::Done(Reply::check(io_error(-res, true)))
+                fail(res, true, 0)
             } else if transfer > 0 {
                 Step::Done(Reply::good().transfer(transfer))
             } else {
@@ -481,21 +795,18 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
         }
         Stage::VerifyRead { offset, len, done, one_block } => {
             if res <= 0 {
-                Step::Done(Reply::check(io_error(-res.min(-libc::EIO), false)))
+                fail(res, false, offset)
             } else {
                 let done = done + res as u32;
-                let Some(buf) = task.buf.as_deref() else { return Step::Done(Reply::check(Sense::internal_target_failure())) };
-                let bs = ctx.lun.map(|l| ctx.reg.luns[l].block_size).unwrap_or(512);
                 let data_len = if one_block { bs } else { len };
                 if done < len {
                     task.stage = Stage::VerifyRead { offset, len, done, one_block };
                     Step::Io(IoOp::Read { offset: offset + done as u64, buf_off: data_len + done, len: len - done })
                 } else {
+                    let Some(buf) = task.buf.as_deref() else { return Step::Done(Reply::check(Sense::internal_target_failure())) };
                     let (given, medium) = buf.split_at(data_len as usize);
                     let mismatch = if one_block {
-                        medium[..len as usize].chunks(bs as usize).enumerate().find_map(|(i, blk)| {
-                            blk.iter().zip(given).position(|(a, b)| a != b).map(|p| i * bs as usize + p)
-                        })
+                        medium[..len as usize].chunks(bs as usize).enumerate().find_map(|(i, blk)| blk.iter().zip(given).position(|(a, b)| a != b).map(|p| i * bs as usize + p))
                     } else {
                         given.iter().zip(&medium[..len as usize]).position(|(a, b)| a != b)
                     };
@@ -507,10 +818,85 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 }
             }
         }
+        Stage::CawRead { offset, n, done, fua } => {
+            if res <= 0 {
+                fail(res, false, offset)
+            } else {
+                let done = done + res as u32;
+                if done < n {
+                    task.stage = Stage::CawRead { offset, n, done, fua };
+                    Step::Io(IoOp::Read { offset: offset + done as u64, buf_off: 2 * n + done, len: n - done })
+                } else {
+                    let Some(buf) = task.buf.as_deref() else { return Step::Done(Reply::check(Sense::internal_target_failure())) };
+                    let (verify, medium) = (&buf[..n as usize], &buf[2 * n as usize..3 * n as usize]);
+                    match verify.iter().zip(medium).position(|(a, b)| a != b) {
+                        // SBC-3 section 5.3: nothing is written; INFORMATION = first miscompare offset.
+                        Some(at) => Step::Done(Reply::check(Sense::miscompare(at as u64))),
+                        None => {
+                            task.stage = Stage::Writing { offset, len: n, done: 0, fua, flush_after: false, transfer: 0 };
+                            Step::Io(IoOp::Write { offset, buf_off: n, len: n, fua })
+                        }
+                    }
+                }
+            }
+        }
+        Stage::OrRead { offset, n, done, fua } => {
+            if res <= 0 {
+                fail(res, false, offset)
+            } else {
+                let done = done + res as u32;
+                if done < n {
+                    task.stage = Stage::OrRead { offset, n, done, fua };
+                    Step::Io(IoOp::Read { offset: offset + done as u64, buf_off: n + done, len: n - done })
+                } else {
+                    let Some(buf) = task.buf.as_deref_mut() else { return Step::Done(Reply::check(Sense::internal_target_failure())) };
+                    let (data, medium) = buf.split_at_mut(n as usize);
+                    for (m, d) in medium[..n as usize].iter_mut().zip(data.iter()) {
+                        *m |= *d;
+                    }
+                    // Write the ORed blocks back from the second half of the buffer.
+                    task.stage = Stage::Writing { offset, len: n, done: 0, fua, flush_after: false, transfer: 0 };
+                    Step::Io(IoOp::Write { offset, buf_off: n, len: n, fua })
+                }
+            }
+        }
+        Stage::WsFill { offset, remaining, chunk, fua } => {
+            if res <= 0 {
+                fail(res, true, offset)
+            } else {
+                // Partial writes resume at a block boundary of the repeated pattern.
+                let wrote = (res as u64 / bs as u64) * bs as u64;
+                let wrote = if wrote == 0 { res as u64 } else { wrote };
+                let remaining = remaining.saturating_sub(wrote);
+                if remaining == 0 {
+                    Step::Done(Reply::good())
+                } else {
+                    let offset = offset + wrote;
+                    task.stage = Stage::WsFill { offset, remaining, chunk, fua };
+                    Step::Io(IoOp::Write { offset, buf_off: 0, len: (chunk as u64).min(remaining) as u32, fua })
+                }
+            }
+        }
+        Stage::Falloc { offset, .. } => {
+            if res < 0 {
+                fail(res, true, offset)
+            } else {
+                Step::Done(Reply::good())
+            }
+        }
+        Stage::Unmapping { ranges, next } => {
+            if res < 0 {
+                fail(res, true, ranges.get(next).map(|r| r.0).unwrap_or(0))
+            } else {
+                task.stage = Stage::Unmapping { ranges, next: next + 1 };
+                begin(task)
+            }
+        }
         other => {
             debug_assert!(false, "io_done in stage {other:?}");
             Step::Done(Reply::check(Sense::internal_target_failure()))
         }
     };
+    let _ = transfer;
     with_format(step, fmt)
 }
