@@ -832,7 +832,8 @@ impl Conn {
                         let lun = &reg.luns[index];
                         *lun.mode.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
                         lun.ua.raise_state_change(self.session_id, Asc::MODE_PARAMETERS_CHANGED, lun.mode_tag());
-                        lun.ua.raise(self.session_id, Asc::BUS_DEVICE_RESET);
+                        // SAM-5 section 6.3.3: every I_T nexus, the issuer's included, is told.
+                        lun.ua.raise(0, Asc::BUS_DEVICE_RESET);
                         self.held.clear();
                     }
                     tmf_response::FUNCTION_COMPLETE
@@ -845,7 +846,7 @@ impl Conn {
                 for &index in &session_luns {
                     let lun = &reg.luns[index];
                     *lun.mode.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
-                    lun.ua.raise(self.session_id, Asc::POWER_ON_RESET);
+                    lun.ua.raise(0, Asc::POWER_ON_RESET);
                 }
                 self.held.clear();
                 if t.function == TargetColdReset {

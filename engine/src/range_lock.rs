@@ -20,6 +20,9 @@ const MAX_HELD: usize = 65_536;
 pub struct RangeLock {
     held: Mutex<Vec<(u64, u64, u64)>>,
     next_id: AtomicU64,
+    /// Ranges of WRITE ATOMIC commands in flight: readers must not see them half done.
+    atomic: Mutex<Vec<(u64, u64, u64)>>,
+    atomic_active: AtomicU64,
 }
 
 /// A held range `[start, end)` in blocks; released when dropped.
@@ -27,6 +30,7 @@ pub struct RangeLock {
 pub struct RangeGuard {
     lock: Arc<RangeLock>,
     id: u64,
+    atomic: bool,
 }
 
 impl Drop for RangeGuard {
@@ -34,6 +38,14 @@ impl Drop for RangeGuard {
         let mut h = self.lock.held.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pos) = h.iter().position(|&(_, _, id)| id == self.id) {
             h.swap_remove(pos);
+        }
+        drop(h);
+        if self.atomic {
+            let mut a = self.lock.atomic.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pos) = a.iter().position(|&(_, _, id)| id == self.id) {
+                a.swap_remove(pos);
+            }
+            self.lock.atomic_active.fetch_sub(1, Ordering::Release);
         }
     }
 }
@@ -48,7 +60,25 @@ impl RangeLock {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         h.push((start, end, id));
-        Some(RangeGuard { lock: Arc::clone(self), id })
+        Some(RangeGuard { lock: Arc::clone(self), id, atomic: false })
+    }
+
+    /// Like [`try_lock`](Self::try_lock), and readers of the range wait until it is released.
+    pub fn try_lock_atomic(self: &Arc<Self>, start: u64, end: u64) -> Option<RangeGuard> {
+        let mut g = self.try_lock(start, end)?;
+        self.atomic_active.fetch_add(1, Ordering::Acquire);
+        self.atomic.lock().unwrap_or_else(|p| p.into_inner()).push((start, end, g.id));
+        g.atomic = true;
+        Some(g)
+    }
+
+    /// Whether a read of `[start, end)` may run now. One atomic load when no WRITE ATOMIC
+    /// is in flight, which is nearly always.
+    pub fn readable(&self, start: u64, end: u64) -> bool {
+        if self.atomic_active.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        !self.atomic.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|&(s, e, _)| s < end && start < e)
     }
 
     /// Number of ranges held (for tests and metrics).
@@ -72,5 +102,18 @@ mod tests {
         assert_eq!(l.held(), 2);
         drop((b, c));
         assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn readers_wait_only_for_atomic_writes() {
+        let l = Arc::new(RangeLock::default());
+        let w = l.try_lock(0, 8).unwrap();
+        assert!(l.readable(0, 8), "ordinary writes do not block readers");
+        let a = l.try_lock_atomic(16, 24).unwrap();
+        assert!(!l.readable(20, 21));
+        assert!(l.readable(8, 16));
+        drop(a);
+        assert!(l.readable(20, 21));
+        drop(w);
     }
 }

@@ -84,7 +84,7 @@ enum Stage {
     /// Reading `len` bytes at `offset` into the buffer; `done` so far.
     Read { offset: u64, len: u32, done: u32, transfer: u32 },
     /// Data arrives for a write of `len` bytes at `offset`.
-    WriteData { offset: u64, len: u32, fua: bool, flush_after: bool, transfer: u32 },
+    WriteData { offset: u64, len: u32, fua: bool, flush_after: bool, transfer: u32, atomic: bool },
     Writing { offset: u64, len: u32, done: u32, fua: bool, flush_after: bool, transfer: u32 },
     Flushing { transfer: u32 },
     /// VERIFY with BYTCHK: data arrives into buf[..len], then the medium is read into
@@ -93,7 +93,9 @@ enum Stage {
     VerifyRead { offset: u64, len: u32, done: u32, one_block: bool },
     ModeSelect { ten_byte: bool, pf: bool, sp: bool, len: u32 },
     /// Waiting for blocks `[lba, lba + blocks)` to be free, then going on with `then`.
-    Lock { lba: u64, blocks: u64, then: Box<Stage> },
+    Lock { lba: u64, blocks: u64, atomic: bool, then: Box<Stage> },
+    /// A read waiting for an overlapping WRITE ATOMIC to finish.
+    ReadBlocked { lba: u64, blocks: u64, offset: u64, len: u32, transfer: u32 },
     /// COMPARE AND WRITE: data is [verify n | write n]; the medium is read into [2n..3n].
     CawData { lba: u64, n: u32, fua: bool },
     CawRead { offset: u64, n: u32, done: u32, fua: bool },
@@ -102,7 +104,7 @@ enum Stage {
     OrRead { offset: u64, n: u32, done: u32, fua: bool },
     /// WRITE SAME: one block of pattern (or none for NDOB) then a punch, a zeroing or
     /// chunked writes of the repeated pattern.
-    WsData { lba: u64, blocks: u64, unmap: bool },
+    WsData { lba: u64, blocks: u64, unmap: bool, to_end: bool },
     WsFill { offset: u64, remaining: u64, chunk: u32, fua: bool },
     Falloc { offset: u64, len: u64, mode: i32 },
     /// UNMAP: the parameter list arrives, then one punch per descriptor.
@@ -153,12 +155,20 @@ pub fn lun_info(lun: &Lun) -> LunInfo {
     i.lbprz = lun.thin;
     i.read_only = lun.read_only;
     i.max_xfer_blocks = (MAX_XFER_BYTES / lun.block_size as usize) as u32;
+    // LBPPBE stays 0 (physical block = logical block) although files sit on 4 KiB
+    // file-system blocks: GET LBA STATUS must start its first descriptor at the requested
+    // LBA, and libiscsi's GetLBAStatus.UnmapSingle only accepts that when LBPPB = 1.
+    // docs/limitations.md explains the trade.
+    i.physical_block_exp = 0;
     // Unmap in file-system blocks (4 KiB divides 1 MiB): smaller punches only zero.
     i.unmap_granularity_blocks = (4096 / lun.block_size).max(1);
-    // WSNZ: a zero-length WRITE SAME is refused rather than meaning "to the end".
-    i.write_same_no_zero = true;
-    let page_blocks = (MAX_ATOMIC_BYTES / lun.block_size).max(1);
-    i.max_atomic_blocks = page_blocks;
+    // WRITE SAME up to 16 MiB: large enough for ESXi's zeroing, small enough that one
+    // command's pattern writes never stall a core for long.
+    i.max_write_same_blocks = (16 << 20) / lun.block_size as u64;
+    // WSNZ = 0: a zero-length WRITE SAME writes to the end of the LUN.
+    i.write_same_no_zero = false;
+    let page_blocks = (ATOMIC_ALIGN_BYTES / lun.block_size).max(1);
+    i.max_atomic_blocks = (MAX_ATOMIC_BYTES / lun.block_size).max(1);
     i.atomic_alignment_blocks = page_blocks;
     i.atomic_granularity_blocks = page_blocks;
     i
@@ -312,8 +322,8 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             let len = want.div_ceil(bs) * bs;
             task.buf = Some(ctx.pool.get(len as usize));
             let offset = byte_offset(lun, rw.lba);
-            task.stage = Stage::Read { offset, len, done: 0, transfer };
-            Step::Io(IoOp::Read { offset, buf_off: 0, len })
+            task.stage = Stage::ReadBlocked { lba: rw.lba, blocks: rw.blocks as u64, offset, len, transfer };
+            retry(task, ctx)
         }
         Command::Write { rw, .. } | Command::WriteAndVerify { rw, .. } | Command::WriteAtomic { rw, .. } => {
             let bytchk = match *cmd {
@@ -324,10 +334,10 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 return Err(Sense::invalid_field_in_cdb(1, Some(2)));
             }
             check_rw_fields(&rw)?;
+            check_range(lun, rw.lba, rw.blocks as u64)?;
             if let Command::WriteAtomic { atomic_boundary, .. } = *cmd {
                 check_atomic(lun, &rw, atomic_boundary)?;
             }
-            check_range(lun, rw.lba, rw.blocks as u64)?;
             check_writable(lun)?;
             let transfer = rw.blocks.saturating_mul(bs);
             if edtl < transfer && edtl % bs != 0 {
@@ -343,7 +353,8 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.transfer = transfer;
             // WRITE AND VERIFY: the data must be on the medium before it is "verified".
             let flush_after = matches!(cmd, Command::WriteAndVerify { .. });
-            task.stage = Stage::WriteData { offset: byte_offset(lun, rw.lba), len, fua: rw.fua || !wce, flush_after, transfer };
+            let atomic = matches!(cmd, Command::WriteAtomic { .. });
+            task.stage = Stage::WriteData { offset: byte_offset(lun, rw.lba), len, fua: rw.fua || !wce || atomic, flush_after, transfer, atomic };
             Step::NeedData(len)
         }
         Command::CompareAndWrite(rw) => {
@@ -354,6 +365,10 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             check_range(lun, rw.lba, rw.blocks as u64)?;
             check_writable(lun)?;
             let n = rw.blocks * bs;
+            if n == 0 && edtl > 0 {
+                // Data for zero blocks: the length field is not what the initiator meant.
+                return Err(Sense::invalid_field_in_cdb(13, None));
+            }
             if n == 0 {
                 return Ok(Step::Done(Reply::good()));
             }
@@ -386,22 +401,29 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 return Err(Sense::invalid_field_in_cdb(1, Some(4)));
             }
             let i = info();
-            if rw.blocks == 0 {
-                // WSNZ = 1 in VPD B0: "to the end of the medium" is not offered.
+            if rw.lba >= lun.num_blocks() {
+                return Err(Sense::lba_out_of_range());
+            }
+            // WSNZ = 0: zero blocks means "to the last LBA" (SBC-3 section 5.45), a count
+            // that MAXIMUM WRITE SAME LENGTH bounds like any other.
+            let to_end = rw.blocks == 0;
+            let blocks = if to_end { lun.num_blocks() - rw.lba } else { rw.blocks as u64 };
+            if blocks > i.max_write_same_blocks {
                 return Err(Sense::invalid_field_in_cdb(7, None));
             }
-            if rw.blocks as u64 > i.max_write_same_blocks {
-                return Err(Sense::invalid_field_in_cdb(7, None));
-            }
-            check_range(lun, rw.lba, rw.blocks as u64)?;
+            check_range(lun, rw.lba, blocks)?;
             check_writable(lun)?;
+            let need = if ndob { 0 } else { bs };
+            if edtl != need {
+                // Exactly one block of pattern (none with NDOB), or the pattern is unknown.
+                return Err(Sense::invalid_field_in_cdb(if ndob { 1 } else { 7 }, None));
+            }
+            task.stage = Stage::WsData { lba: rw.lba, blocks, unmap, to_end };
             if ndob {
                 // No Data-Out buffer: the pattern is zeros.
-                task.stage = Stage::WsData { lba: rw.lba, blocks: rw.blocks as u64, unmap };
                 return Ok(data_ready(task, ctx));
             }
             task.buf = Some(ctx.pool.get(bs as usize));
-            task.stage = Stage::WsData { lba: rw.lba, blocks: rw.blocks as u64, unmap };
             Step::NeedData(bs)
         }
         Command::Unmap { anchor, param_len, .. } => {
@@ -481,8 +503,12 @@ fn check_writable(lun: &Lun) -> Result<(), Sense> {
     }
 }
 
-/// Largest WRITE ATOMIC: one 4 KiB page, which the page cache and 4Kn media write whole.
-pub const MAX_ATOMIC_BYTES: u32 = 4096;
+/// Largest WRITE ATOMIC. Atomic toward every other command (range-locked, and overlapping
+/// reads wait); written with RWF_DSYNC. Against power loss only each 4 KiB file-system
+/// block is all-or-nothing (docs/limitations.md).
+pub const MAX_ATOMIC_BYTES: u32 = 128 << 10;
+/// Alignment and granularity of atomic writes: one page.
+pub const ATOMIC_ALIGN_BYTES: u32 = 4096;
 
 fn check_atomic(lun: &Lun, rw: &Rw, boundary: u16) -> Result<(), Sense> {
     let i = lun_info(lun);
@@ -582,15 +608,21 @@ fn ctx_lun<'a>(ctx: &ExecCtx<'a>) -> Option<&'a std::sync::Arc<Lun>> {
 
 /// Takes the range lock for `then`, or parks the task until it is free.
 fn lock_then(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, then: Stage) -> Step {
+    lock_then_mode(task, ctx, lba, blocks, false, then)
+}
+
+fn lock_then_mode(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, atomic: bool, then: Stage) -> Step {
     let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
-    match lun.ranges.try_lock(lba, lba + blocks.max(1)) {
+    let end = lba + blocks.max(1);
+    let got = if atomic { lun.ranges.try_lock_atomic(lba, end) } else { lun.ranges.try_lock(lba, end) };
+    match got {
         Some(g) => {
             task.guard = Some(g);
             task.stage = then;
             begin(task)
         }
         None => {
-            task.stage = Stage::Lock { lba, blocks, then: Box::new(then) };
+            task.stage = Stage::Lock { lba, blocks, atomic, then: Box::new(then) };
             Step::Wait
         }
     }
@@ -600,7 +632,16 @@ fn lock_then(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, then: St
 pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
     match std::mem::take(&mut task.stage) {
-        Stage::Lock { lba, blocks, then } => with_format(lock_then(task, ctx, lba, blocks, *then), fmt),
+        Stage::Lock { lba, blocks, atomic, then } => with_format(lock_then_mode(task, ctx, lba, blocks, atomic, *then), fmt),
+        Stage::ReadBlocked { lba, blocks, offset, len, transfer } => {
+            if ctx_lun(ctx).is_some_and(|l| l.ranges.readable(lba, lba + blocks.max(1))) {
+                task.stage = Stage::Read { offset, len, done: 0, transfer };
+                Step::Io(IoOp::Read { offset, buf_off: 0, len })
+            } else {
+                task.stage = Stage::ReadBlocked { lba, blocks, offset, len, transfer };
+                Step::Wait
+            }
+        }
         other => {
             task.stage = other;
             Step::Wait
@@ -633,19 +674,21 @@ pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
     let bs = lun.block_size as u64;
     let step = match std::mem::take(&mut task.stage) {
-        Stage::WriteData { offset, len, fua, flush_after, transfer } => {
+        Stage::WriteData { offset, len, fua, flush_after, transfer, atomic } => {
             let (lba, blocks) = (offset / bs, (len as u64).div_ceil(bs));
-            lock_then(task, ctx, lba, blocks, Stage::Writing { offset, len, done: 0, fua, flush_after, transfer })
+            lock_then_mode(task, ctx, lba, blocks, atomic, Stage::Writing { offset, len, done: 0, fua, flush_after, transfer })
         }
         Stage::CawData { lba, n, fua } => lock_then(task, ctx, lba, n as u64 / bs, Stage::CawRead { offset: lba * bs, n, done: 0, fua }),
         Stage::OrData { lba, n, fua } => lock_then(task, ctx, lba, n as u64 / bs, Stage::OrRead { offset: lba * bs, n, done: 0, fua }),
-        Stage::WsData { lba, blocks, unmap } => {
+        Stage::WsData { lba, blocks, unmap, to_end } => {
             let offset = lba * bs;
             let len = blocks * bs;
             let zeros = task.buf.as_deref().is_none_or(|b| b.iter().all(|&x| x == 0));
             let fua = !lun.mode_state().wce;
-            let then = if zeros && unmap && lun.thin {
-                // LBPRZ: unmapped blocks read as zeros, so the hole is the written pattern.
+            let _ = to_end;
+            let then = if unmap && lun.thin {
+                // UNMAP=1 deallocates (as LIO and libiscsi's UnmapUntilEnd expect, whatever
+                // the pattern); LBPRZ=1 says the blocks then read as zeros.
                 Stage::Falloc { offset, len, mode: PUNCH_HOLE }
             } else if zeros {
                 Stage::Falloc { offset, len, mode: ZERO_RANGE }

@@ -43,7 +43,8 @@ pub struct UaLog {
 }
 
 impl UaLog {
-    /// Records an event for every session except `origin`.
+    /// Records an event for every session except `origin` (0, which no session has, means
+    /// every session).
     pub fn raise(&self, origin: u64, asc: Asc) {
         self.push(origin, asc, None);
     }
