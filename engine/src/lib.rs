@@ -12,3 +12,4 @@ pub mod registry;
 pub mod scsi;
 pub mod server;
 pub mod ua;
+pub mod xcopy;

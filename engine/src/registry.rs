@@ -32,7 +32,13 @@ pub struct Registry {
     pub login: proto::login::LoginConfig,
     next_tsih: AtomicU16,
     next_session_id: AtomicU64,
+    /// Held EXTENDED COPY outcomes per (session, list id), newest last, bounded.
+    copy_results: std::sync::Mutex<std::collections::VecDeque<(u64, u8, crate::xcopy::CopyResult)>>,
 }
+
+/// Copy results kept for RECEIVE COPY RESULTS; older ones are forgotten (SPC-4 allows a
+/// copy manager to discard held data).
+const MAX_HELD_COPY_RESULTS: usize = 256;
 
 impl Registry {
     /// Creates or opens every backing file. Fails (and the daemon does not start) on the
@@ -50,7 +56,16 @@ impl Registry {
             targets.push(TargetEntry { cfg: t.clone(), luns: ids });
         }
         let login = crate::login::login_config(&config);
-        Ok(Registry { config, targets, luns, portal, login, next_tsih: AtomicU16::new(1), next_session_id: AtomicU64::new(1) })
+        Ok(Registry {
+            config,
+            targets,
+            luns,
+            portal,
+            login,
+            next_tsih: AtomicU16::new(1),
+            next_session_id: AtomicU64::new(1),
+            copy_results: Default::default(),
+        })
     }
 
     pub fn target(&self, name: &str) -> Option<(usize, &TargetEntry)> {
@@ -70,6 +85,21 @@ impl Registry {
                 return t;
             }
         }
+    }
+
+    /// Holds the result of a copy for COPY STATUS.
+    pub fn hold_copy_result(&self, session: u64, list_id: u8, r: crate::xcopy::CopyResult) {
+        let mut q = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
+        q.retain(|&(s, l, _)| !(s == session && l == list_id));
+        if q.len() == MAX_HELD_COPY_RESULTS {
+            q.pop_front();
+        }
+        q.push_back((session, list_id, r));
+    }
+
+    pub fn copy_result(&self, session: u64, list_id: u8) -> Option<crate::xcopy::CopyResult> {
+        let q = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().rev().find(|&&(s, l, _)| s == session && l == list_id).map(|&(_, _, r)| r)
     }
 
     /// A node-unique session id (unit attentions are keyed by it; 0 is reserved).

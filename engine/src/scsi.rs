@@ -94,6 +94,8 @@ enum Stage {
     ModeSelect { ten_byte: bool, pf: bool, sp: bool, len: u32 },
     /// Waiting for blocks `[lba, lba + blocks)` to be free, then going on with `then`.
     Lock { lba: u64, blocks: u64, atomic: bool, then: Box<Stage> },
+    /// Like `Lock`, on another LUN.
+    LockOn { lun: usize, lba: u64, blocks: u64, then: Box<Stage> },
     /// A read waiting for an overlapping WRITE ATOMIC to finish.
     ReadBlocked { lba: u64, blocks: u64, offset: u64, len: u32, transfer: u32 },
     /// COMPARE AND WRITE: data is [verify n | write n]; the medium is read into [2n..3n].
@@ -112,6 +114,23 @@ enum Stage {
     Unmapping { ranges: Vec<(u64, u64)>, next: usize },
     /// SANITIZE: parameter list (overwrite) then the whole medium.
     SanitizeData { len: u32 },
+    /// EXTENDED COPY: the parameter list arrives, then the copy runs chunk by chunk.
+    XcopyData { len: u32 },
+    Copy(Box<CopyJob>),
+}
+
+/// A running EXTENDED COPY segment.
+#[derive(Debug, Clone)]
+struct CopyJob {
+    src: usize,
+    dst: usize,
+    src_off: u64,
+    dst_off: u64,
+    remaining: u64,
+    chunk: u32,
+    done: u64,
+    list_id: u8,
+    hold: bool,
 }
 
 /// Per-command state owned by the transport's task.
@@ -154,6 +173,8 @@ pub fn lun_info(lun: &Lun) -> LunInfo {
     i.thin = lun.thin;
     i.lbprz = lun.thin;
     i.read_only = lun.read_only;
+    // EXTENDED COPY (LID1) is supported: the 3PC bit in standard INQUIRY says so.
+    i.extended_copy = true;
     i.max_xfer_blocks = (MAX_XFER_BYTES / lun.block_size as usize) as u32;
     // LBPPBE stays 0 (physical block = logical block) although files sit on 4 KiB
     // file-system blocks: GET LBA STATUS must start its first descriptor at the requested
@@ -441,6 +462,34 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.stage = Stage::UnmapData { len: param_len as u32 };
             Step::NeedData(param_len as u32)
         }
+        Command::ExtendedCopy { param_len } => {
+            if param_len == 0 {
+                return Ok(Step::Done(Reply::good()));
+            }
+            // Header + the largest descriptor lists we accept: anything longer is refused
+            // before its data is buffered.
+            if param_len as usize > 16 + crate::xcopy::MAX_DESCRIPTOR_LIST_BYTES as usize {
+                return Err(Sense::parameter_list_length_error());
+            }
+            if edtl < param_len {
+                return Err(Sense::parameter_list_length_error());
+            }
+            task.buf = Some(ctx.pool.get(param_len as usize));
+            task.stage = Stage::XcopyData { len: param_len };
+            Step::NeedData(param_len)
+        }
+        Command::ReceiveCopyResults { action, list_id, alloc_len } => {
+            use proto::scsi::cdb::CopyResultsAction;
+            let v = match action {
+                CopyResultsAction::OperatingParameters => crate::xcopy::operating_parameters(),
+                CopyResultsAction::CopyStatus => match ctx.reg.copy_result(ctx.session_id, list_id) {
+                    Some(r) => crate::xcopy::copy_status(&r),
+                    None => return Err(Sense::invalid_field_in_cdb(2, None)),
+                },
+                _ => return Err(Sense::invalid_field_in_cdb(1, Some(4))),
+            };
+            Step::Done(Reply::data(v, alloc_len as usize))
+        }
         Command::GetLbaStatus { lba, alloc_len } => {
             if lba >= lun.num_blocks() {
                 return Err(Sense::lba_out_of_range());
@@ -568,7 +617,8 @@ pub fn implemented(opcode: u8, service_action: Option<u16>) -> bool {
         TEST_UNIT_READY | REQUEST_SENSE | READ_6 | WRITE_6 | INQUIRY | MODE_SELECT_6 | MODE_SENSE_6 | START_STOP_UNIT | READ_CAPACITY_10 | READ_10 | WRITE_10
         | WRITE_VERIFY_10 | VERIFY_10 | PRE_FETCH_10 | SYNC_CACHE_10 | MODE_SELECT_10 | MODE_SENSE_10 | READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16
         | PRE_FETCH_16 | SYNC_CACHE_16 | REPORT_LUNS | READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 | PREVENT_ALLOW | WRITE_SAME_10 | WRITE_SAME_16
-        | UNMAP | COMPARE_AND_WRITE | ORWRITE_16 | WRITE_ATOMIC_16 | READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12 => true,
+        | UNMAP | COMPARE_AND_WRITE | ORWRITE_16 | WRITE_ATOMIC_16 | READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12 | EXTENDED_COPY => true,
+        RECEIVE_COPY_RESULTS => matches!(service_action, Some(0) | Some(3)),
         SERVICE_ACTION_IN_16 => matches!(service_action, Some(0x10) | Some(0x12)),
         PR_IN => matches!(service_action, Some(0) | Some(1)),
         MAINTENANCE_IN => service_action == Some(0x0c),
@@ -628,11 +678,79 @@ fn lock_then_mode(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, ato
     }
 }
 
+/// Marks (in `CopyJob::done`'s top bit) that the current chunk's write is in flight.
+const WRITE_PENDING: u64 = 1 << 63;
+
+fn task_flag_written(j: &CopyJob) -> bool {
+    j.done & WRITE_PENDING != 0
+}
+
+/// Resolves an EXTENDED COPY list against this target's LUNs. `Ok(None)`: nothing to copy.
+fn plan_copy(ctx: &ExecCtx, params: &[u8]) -> Result<Option<(CopyJob, u64, u64)>, Sense> {
+    use crate::xcopy::{copy_aborted, COPY_TARGET_NOT_REACHABLE, UNREACHABLE_COPY_TARGET};
+    let list = crate::xcopy::parse(params)?;
+    // Copy targets are LUNs of the session's own target, found by their NAA designator:
+    // a copy never reaches a LUN the initiator could not address itself.
+    let resolve = |i: u16| -> Result<usize, Sense> {
+        let id = list.targets.get(i as usize).ok_or_else(|| copy_aborted(COPY_TARGET_NOT_REACHABLE))?;
+        ctx.target
+            .luns
+            .iter()
+            .map(|&(_, idx)| idx)
+            .find(|&idx| proto::scsi::inquiry::naa_designator(ctx.reg.luns[idx].naa_id).as_slice() == id.as_slice())
+            .ok_or_else(|| copy_aborted(UNREACHABLE_COPY_TARGET))
+    };
+    let Some(seg) = list.segments.first().copied() else { return Ok(None) };
+    let (src, dst) = (resolve(seg.src)?, resolve(seg.dst)?);
+    let (s, d) = (&ctx.reg.luns[src], &ctx.reg.luns[dst]);
+    if s.block_size != d.block_size {
+        return Err(copy_aborted(COPY_TARGET_NOT_REACHABLE));
+    }
+    let blocks = seg.blocks as u64;
+    if check_range(s, seg.src_lba, blocks).is_err() || check_range(d, seg.dst_lba, blocks).is_err() {
+        // Out-of-range segments abort the copy (SPC-4 6.4.3: not LBA OUT OF RANGE).
+        return Err(copy_aborted(COPY_TARGET_NOT_REACHABLE));
+    }
+    check_writable(d)?;
+    if blocks == 0 {
+        return Ok(None);
+    }
+    let bs = s.block_size as u64;
+    let job = CopyJob {
+        src,
+        dst,
+        src_off: seg.src_lba * bs,
+        dst_off: seg.dst_lba * bs,
+        remaining: blocks * bs,
+        chunk: crate::xcopy::CHUNK_BYTES,
+        done: 0,
+        list_id: list.list_id,
+        hold: list.hold,
+    };
+    Ok(Some((job, seg.dst_lba, blocks)))
+}
+
+/// Like [`lock_then`] for a range of another LUN (EXTENDED COPY destinations).
+fn lock_on(task: &mut ScsiTask, ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64, then: Stage) -> Step {
+    match ctx.reg.luns[lun].ranges.try_lock(lba, lba + blocks.max(1)) {
+        Some(g) => {
+            task.guard = Some(g);
+            task.stage = then;
+            begin(task)
+        }
+        None => {
+            task.stage = Stage::LockOn { lun, lba, blocks, then: Box::new(then) };
+            Step::Wait
+        }
+    }
+}
+
 /// A parked task tries again.
 pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
     match std::mem::take(&mut task.stage) {
         Stage::Lock { lba, blocks, atomic, then } => with_format(lock_then_mode(task, ctx, lba, blocks, atomic, *then), fmt),
+        Stage::LockOn { lun, lba, blocks, then } => with_format(lock_on(task, ctx, lun, lba, blocks, *then), fmt),
         Stage::ReadBlocked { lba, blocks, offset, len, transfer } => {
             if ctx_lun(ctx).is_some_and(|l| l.ranges.readable(lba, lba + blocks.max(1))) {
                 task.stage = Stage::Read { offset, len, done: 0, transfer };
@@ -657,6 +775,7 @@ fn begin(task: &mut ScsiTask) -> Step {
         Stage::OrRead { offset, n, .. } => Step::Io(IoOp::Read { offset, buf_off: n, len: n }),
         Stage::WsFill { offset, remaining, chunk, fua } => Step::Io(IoOp::Write { offset, buf_off: 0, len: (chunk as u64).min(remaining) as u32, fua }),
         Stage::Falloc { offset, len, mode } => Step::Io(IoOp::Fallocate { offset, len, mode }),
+        Stage::Copy(ref j) => Step::IoAt(j.src, IoOp::Read { offset: j.src_off, buf_off: 0, len: (j.chunk as u64).min(j.remaining) as u32 }),
         Stage::Unmapping { ref ranges, next } => match ranges.get(next) {
             Some(&(offset, len)) => Step::Io(IoOp::Fallocate { offset, len, mode: PUNCH_HOLE }),
             None => Step::Done(Reply::good()),
@@ -717,6 +836,21 @@ pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
                 lock_then(task, ctx, lo, hi - lo, Stage::Unmapping { ranges: bytes, next: 0 })
             }
         },
+        Stage::XcopyData { len } => {
+            let params = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
+            match plan_copy(ctx, params) {
+                Err(s) => Step::Done(Reply::check(s)),
+                Ok(None) => Step::Done(Reply::good()),
+                Ok(Some((job, dst_lba, blocks))) => {
+                    let chunk = job.chunk as usize;
+                    if let Some(b) = task.buf.take() {
+                        ctx.pool.put(b);
+                    }
+                    task.buf = Some(ctx.pool.get(chunk));
+                    lock_on(task, ctx, job.dst, dst_lba, blocks, Stage::Copy(Box::new(job)))
+                }
+            }
+        }
         Stage::VerifyData { offset, len, one_block } => {
             let data_len = if one_block { bs as u32 } else { len };
             task.stage = Stage::VerifyRead { offset, len, done: 0, one_block };
@@ -925,6 +1059,43 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 fail(res, true, offset)
             } else {
                 Step::Done(Reply::good())
+            }
+        }
+        Stage::Copy(mut j) => {
+            // Reads and writes alternate; a completion is a read when nothing of the current
+            // chunk has been written yet (done counts written bytes).
+            let n = (j.chunk as u64).min(j.remaining) as u32;
+            if res <= 0 {
+                tracing::warn!(errno = -res, "EXTENDED COPY I/O failed");
+                if !j.hold {
+                    Step::Done(Reply::check(crate::xcopy::copy_aborted(crate::xcopy::COPY_TARGET_NOT_REACHABLE)))
+                } else {
+                    ctx.reg.hold_copy_result(ctx.session_id, j.list_id, crate::xcopy::CopyResult { ok: false, segments_done: 0, bytes: j.done });
+                    Step::Done(Reply::check(crate::xcopy::copy_aborted(crate::xcopy::COPY_TARGET_NOT_REACHABLE)))
+                }
+            } else if (res as u32) < n {
+                // Short transfers only happen at EOF or on a full file system: give up cleanly.
+                Step::Done(Reply::check(io_error(libc::EIO, true)))
+            } else if !task_flag_written(&j) {
+                let (dst, dst_off) = (j.dst, j.dst_off);
+                j.done |= WRITE_PENDING;
+                task.stage = Stage::Copy(j);
+                Step::IoAt(dst, IoOp::Write { offset: dst_off, buf_off: 0, len: n, fua: false })
+            } else {
+                j.done = (j.done & !WRITE_PENDING) + n as u64;
+                j.remaining -= n as u64;
+                j.src_off += n as u64;
+                j.dst_off += n as u64;
+                if j.remaining == 0 {
+                    if j.hold {
+                        ctx.reg.hold_copy_result(ctx.session_id, j.list_id, crate::xcopy::CopyResult { ok: true, segments_done: 1, bytes: j.done });
+                    }
+                    Step::Done(Reply::good())
+                } else {
+                    let (src, off, len) = (j.src, j.src_off, (j.chunk as u64).min(j.remaining) as u32);
+                    task.stage = Stage::Copy(j);
+                    Step::IoAt(src, IoOp::Read { offset: off, buf_off: 0, len })
+                }
             }
         }
         Stage::Unmapping { ranges, next } => {
