@@ -104,6 +104,10 @@ struct Held {
 
 struct Session {
     kind: SessionKind,
+    /// The I_T nexus (initiator port name + our target port) reservations are keyed by.
+    nexus: proto::scsi::pr::Nexus,
+    /// A stable tag of `nexus` for unit attentions addressed to it.
+    nexus_tag: u64,
     /// Index of the target in the registry (normal sessions).
     target: usize,
     window: CmdWindow,
@@ -136,6 +140,8 @@ pub struct Conn {
     next_ttt: u32,
     /// Tasks parked on a range lock, retried by the reactor (FIFO).
     waiting: Vec<u32>,
+    /// Tasks waiting for something slow (a sanitize), retried on the timer tick.
+    waiting_slow: Vec<u32>,
     /// TMF responses that wait for aborted tasks' in-flight I/O to finish.
     deferred_tmf: Vec<(u32, u8)>,
     last_rx_ms: u64,
@@ -159,6 +165,7 @@ impl Conn {
             next_ttt: 1,
             deferred_tmf: Vec::new(),
             waiting: Vec::new(),
+            waiting_slow: Vec::new(),
             last_rx_ms: now_ms,
             ping: None,
             started_ms: now_ms,
@@ -393,7 +400,9 @@ impl Conn {
         self.digests = Digests { header: res.params.header_digest, data: res.params.data_digest };
         tracing::info!(peer = %self.peer, initiator = %res.initiator_name, target = %res.target_name, kind = ?res.kind, "login complete");
         let window = CmdWindow::new(res.exp_cmd_sn, reg.config.queue_depth);
-        self.phase = Phase::Full(Box::new(Session { kind: res.kind, target: res.target, window, params: res.params, luns }));
+        let nexus = proto::scsi::pr::Nexus::new(&res.initiator_name, res.isid, crate::login::PORTAL_GROUP_TAG);
+        let nexus_tag = nexus_tag(&nexus);
+        self.phase = Phase::Full(Box::new(Session { kind: res.kind, target: res.target, window, params: res.params, luns, nexus, nexus_tag }));
     }
 
     fn nop_out(&mut self, n: &pdu::NopOut, data: &[u8], out: &mut Out) {
@@ -489,18 +498,19 @@ impl Conn {
             return;
         }
         let lun_id = decode_lun(c.lun);
+        let tag = s.nexus_tag;
         let view = s.luns.iter_mut().find(|l| l.id == lun_id);
         let lun_index = view.as_ref().map(|v| v.index);
         // Unit attentions other nexuses caused, collected before the command runs.
         let mut ua = None;
         if let Some(v) = view {
-            reg.luns[v.index].ua.collect(self.session_id, &mut v.ua_seen, &mut v.pending_ua);
+            reg.luns[v.index].ua.collect(self.session_id, tag, &mut v.ua_seen, &mut v.pending_ua);
             if !v.pending_ua.is_empty() && !scsi::ua_exempt(c.cdb()) {
                 ua = Some(v.pending_ua.remove(0));
             }
         }
         let target = &reg.targets[s.target];
-        let mut ctx = ExecCtx { reg, target, lun: lun_index, lun_id, pool, session_id: self.session_id };
+        let mut ctx = ExecCtx { reg, target, lun: lun_index, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
         let (scsi_task, step) = match ua {
             Some(asc) => (ScsiTask::empty(), Step::Done(scsi::Reply::check(Sense::unit_attention(asc)))),
             None => scsi::start(c.cdb(), c.expected_data_len_bytes, c.write, &mut ctx),
@@ -588,7 +598,7 @@ impl Conn {
             let lun = (t.lun != usize::MAX).then_some(t.lun);
             let Phase::Full(s) = &self.phase else { return };
             let target = &reg.targets[s.target];
-            let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id };
+            let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
             let step = scsi::data_ready(&mut t.scsi, &mut ctx);
             self.apply_step(idx, step, reg, pool, out);
             return;
@@ -673,6 +683,7 @@ impl Conn {
                 }
             }
             Step::Wait => self.waiting.push(idx),
+            Step::WaitSlow => self.waiting_slow.push(idx),
             Step::NeedData(_) => {
                 // Only `start` may ask for data; a later request is an executor bug.
                 debug_assert!(false, "NeedData after start");
@@ -699,7 +710,7 @@ impl Conn {
         let lun = (t.lun != usize::MAX).then_some(t.lun);
         let Phase::Full(s) = &self.phase else { return };
         let target = &reg.targets[s.target];
-        let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id };
+        let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
         let step = scsi::io_done(&mut t.scsi, res, &mut ctx);
         self.apply_step(idx, step, reg, pool, out);
     }
@@ -832,6 +843,7 @@ impl Conn {
                         let lun = &reg.luns[index];
                         *lun.mode.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
                         lun.ua.raise_state_change(self.session_id, Asc::MODE_PARAMETERS_CHANGED, lun.mode_tag());
+                        lun.with_pr(proto::scsi::pr::lun_reset);
                         // SAM-5 section 6.3.3: every I_T nexus, the issuer's included, is told.
                         lun.ua.raise(0, Asc::BUS_DEVICE_RESET);
                         self.held.clear();
@@ -847,6 +859,7 @@ impl Conn {
                     let lun = &reg.luns[index];
                     *lun.mode.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
                     lun.ua.raise(0, Asc::POWER_ON_RESET);
+                    lun.with_pr(proto::scsi::pr::lun_reset);
                 }
                 self.held.clear();
                 if t.function == TargetColdReset {
@@ -870,6 +883,7 @@ impl Conn {
 
     fn abort(&mut self, idx: u32, pool: &mut BufPool) {
         self.waiting.retain(|&w| w != idx);
+        self.waiting_slow.retain(|&w| w != idx);
         let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { return };
         if t.io_inflight > 0 {
             // The buffer stays with the task until the kernel is done with it.
@@ -888,10 +902,13 @@ impl Conn {
         }
     }
 
-    /// Periodic work: login timeout, target-initiated NOP-In pings and their timeout.
-    pub fn on_tick(&mut self, reg: &Registry, now_ms: u64, out: &mut Out) {
+    /// Periodic work: slow waits, login timeout, target-initiated NOP-In pings and their timeout.
+    pub fn on_tick(&mut self, reg: &Registry, pool: &mut BufPool, now_ms: u64, out: &mut Out) {
         if self.closing {
             return;
+        }
+        if !self.waiting_slow.is_empty() {
+            self.retry_list(true, reg, pool, out);
         }
         let cfg = &reg.config;
         match &self.phase {
@@ -924,9 +941,13 @@ impl Conn {
         !self.waiting.is_empty()
     }
 
-    /// Retries parked tasks, oldest first.
+    /// Retries parked tasks, oldest first (`slow`: those waiting for a timer tick).
     pub fn retry_waiting(&mut self, reg: &Registry, pool: &mut BufPool, out: &mut Out) {
-        let parked = std::mem::take(&mut self.waiting);
+        self.retry_list(false, reg, pool, out);
+    }
+
+    fn retry_list(&mut self, slow: bool, reg: &Registry, pool: &mut BufPool, out: &mut Out) {
+        let parked = std::mem::take(if slow { &mut self.waiting_slow } else { &mut self.waiting });
         for idx in parked {
             let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { continue };
             if t.aborted {
@@ -936,7 +957,7 @@ impl Conn {
             let lun = (t.lun != usize::MAX).then_some(t.lun);
             let Phase::Full(s) = &self.phase else { return };
             let target = &reg.targets[s.target];
-            let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id };
+            let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
             let step = scsi::retry(&mut t.scsi, &mut ctx);
             self.apply_step(idx, step, reg, pool, out);
         }
@@ -947,9 +968,18 @@ impl Conn {
         self.tasks.iter().flatten().any(|t| t.io_inflight > 0)
     }
 
-    /// Marks every task aborted (connection going away) and frees what is idle.
-    pub fn shutdown(&mut self, pool: &mut BufPool) {
+    /// Marks every task aborted (connection going away) and frees what is idle. The I_T
+    /// nexus is lost: its SPC-2 reservations go (persistent ones stay, SPC-4 5.12).
+    pub fn shutdown(&mut self, reg: &Registry, pool: &mut BufPool) {
         self.closing = true;
+        if let Phase::Full(s) = &self.phase {
+            for l in &s.luns {
+                let lun = &reg.luns[l.index];
+                if lun.pr_in_use() {
+                    lun.with_pr(|st| proto::scsi::pr::nexus_lost(st, &s.nexus));
+                }
+            }
+        }
         for idx in 0..self.tasks.len() as u32 {
             self.abort(idx, pool);
         }
@@ -998,6 +1028,11 @@ pub fn encode_lun(id: u64) -> u64 {
     let id = id & 0x3fff;
     let hi = if id < 256 { 0 } else { 0x40 | (id >> 8) as u8 };
     u64::from_be_bytes([hi, id as u8, 0, 0, 0, 0, 0, 0])
+}
+
+/// A stable 64-bit tag of an I_T nexus (unit attentions addressed to one nexus carry it).
+pub fn nexus_tag(n: &proto::scsi::pr::Nexus) -> u64 {
+    crate::config::stable_hash(&[n.initiator.as_bytes(), &n.isid, &n.target_port.to_be_bytes()])
 }
 
 // The task buffer limit also bounds one command's transfer length.

@@ -9,6 +9,7 @@ pub mod lun;
 pub mod range_lock;
 pub mod reactor;
 pub mod registry;
+pub mod sanitize;
 pub mod scsi;
 pub mod server;
 pub mod ua;

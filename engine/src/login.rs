@@ -32,6 +32,7 @@ pub struct LoginResult {
     pub target: usize,
     pub target_name: String,
     pub initiator_name: String,
+    pub isid: [u8; 6],
     pub params: SessionParams,
     /// The CmdSN the first full-feature command will carry.
     pub exp_cmd_sn: u32,
@@ -152,6 +153,7 @@ impl LoginPhase {
                     target,
                     target_name,
                     initiator_name: r.initiator_name,
+                    isid: r.isid,
                     params: r.params,
                     exp_cmd_sn: req.cmd_sn,
                 })))

@@ -11,7 +11,10 @@ use thiserror::Error;
 use crate::config::{derive_naa_id, CacheMode, LunConfig};
 use crate::range_lock::RangeLock;
 use crate::ua::UaLog;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use proto::scsi::pr::PrState;
 use proto::scsi::mode::ModeState;
 
 #[derive(Debug, Error)]
@@ -22,6 +25,8 @@ pub enum LunError {
     WouldShrink { path: PathBuf, actual: u64, configured: u64 },
     #[error("{path}: no size is configured and the file does not exist")]
     NoSize { path: PathBuf },
+    #[error("{path}: persistent reservation state is unreadable ({reason}); move the file aside to start without it")]
+    PrState { path: PathBuf, reason: String },
     #[error("{path}: the file size {size} is not a multiple of the block size {block_size}")]
     Misaligned { path: PathBuf, size: u64, block_size: u32 },
 }
@@ -50,6 +55,18 @@ pub struct Lun {
     /// Raise THIN PROVISIONING SOFT THRESHOLD REACHED when the backing file system is
     /// fuller than this (percent), `None` to never.
     pub soft_threshold_percent: Option<u8>,
+    /// A SANITIZE running in the background, if any.
+    pub sanitize: crate::sanitize::Sanitize,
+    /// Persistent reservations and SPC-2 reservations: one state per LUN, the single place
+    /// the replica link mirrors to the peer.
+    pub pr: Mutex<PrState>,
+    /// Whether any registration or reservation exists: commands on a LUN nobody reserved
+    /// skip the lock entirely.
+    pub pr_active: AtomicBool,
+    /// Where APTPL state persists: beside the backing file.
+    pub pr_path: PathBuf,
+    /// Whether the soft threshold attention was raised and not yet re-armed.
+    pub threshold_raised: AtomicBool,
 }
 
 impl Lun {
@@ -86,10 +103,28 @@ impl Lun {
             tracing::info!(path = %cfg.path.display(), size_bytes, "created sparse backing file");
         }
         let meta_fd = File::open(&cfg.path).map_err(io("opening the backing file"))?;
+        let pr_path = pr_path_for(&cfg.path);
+        let pr = match std::fs::read(&pr_path) {
+            Ok(bytes) => {
+                let mut st = PrState::decode(&bytes).map_err(|e| LunError::PrState { path: pr_path.clone(), reason: e.to_string() })?;
+                // A restart is a power cycle for the LUN (SPC-4 5.12.11).
+                st.power_on();
+                tracing::info!(path = %pr_path.display(), registrations = st.registrations().len(), "restored persistent reservations (APTPL)");
+                st
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PrState::default(),
+            Err(e) => return Err(io("reading persistent reservation state")(e)),
+        };
+        let pr_active = AtomicBool::new(pr_in_use(&pr));
         Ok(Lun {
             ranges: Arc::new(RangeLock::default()),
             meta_fd,
             soft_threshold_percent: cfg.soft_threshold_percent,
+            sanitize: Default::default(),
+            pr: Mutex::new(pr),
+            pr_active,
+            pr_path,
+            threshold_raised: AtomicBool::new(false),
             target_name: target_name.to_string(),
             id: cfg.id,
             path: cfg.path.clone(),
@@ -107,6 +142,60 @@ impl Lun {
 
     pub fn num_blocks(&self) -> u64 {
         self.size_bytes / self.block_size as u64
+    }
+
+    /// Raises THIN PROVISIONING SOFT THRESHOLD REACHED for every nexus when the pool crosses
+    /// the threshold upward (once; re-armed when usage drops back below it). Returns whether
+    /// it raised the attention now.
+    pub fn check_soft_threshold(&self) -> bool {
+        let (Some(limit), true) = (self.soft_threshold_percent, self.thin) else { return false };
+        let Some(used) = self.pool_used_percent() else { return false };
+        if used >= limit {
+            if !self.threshold_raised.swap(true, Ordering::AcqRel) {
+                tracing::warn!(path = %self.path.display(), used_percent = used, limit_percent = limit, "thin provisioning soft threshold reached");
+                self.ua.raise(0, proto::scsi::sense::Asc::THIN_PROVISIONING_SOFT_THRESHOLD_REACHED);
+                return true;
+            }
+        } else {
+            self.threshold_raised.store(false, Ordering::Release);
+        }
+        false
+    }
+
+    /// Runs `f` on the reservation state, keeping the fast-path flag in step.
+    pub fn with_pr<R>(&self, f: impl FnOnce(&mut PrState) -> R) -> R {
+        let mut st = self.pr.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut st);
+        self.pr_active.store(pr_in_use(&st), Ordering::Release);
+        r
+    }
+
+    /// Whether commands must be checked against reservations.
+    pub fn pr_in_use(&self) -> bool {
+        self.pr_active.load(Ordering::Acquire)
+    }
+
+    /// Persists (APTPL) or removes the reservation state file. Written to a temporary file,
+    /// synced and renamed, so a crash leaves the old or the new state, never a torn one.
+    pub fn persist_pr(&self, st: &PrState) -> std::io::Result<()> {
+        if !st.aptpl() {
+            return match std::fs::remove_file(&self.pr_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        let tmp = self.pr_path.with_extension("pr.tmp");
+        {
+            use std::io::Write;
+            let mut f = File::create(&tmp)?;
+            f.write_all(&st.encode())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.pr_path)?;
+        if let Some(dir) = self.pr_path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// Bytes the backing file occupies on disk.
@@ -154,6 +243,17 @@ impl Lun {
     pub fn mode_state(&self) -> ModeState {
         self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+fn pr_in_use(st: &PrState) -> bool {
+    !st.registrations().is_empty() || st.reservation().is_some() || st.spc2_holder().is_some()
+}
+
+/// `lun0.img` keeps its reservations in `lun0.img.pr`.
+pub fn pr_path_for(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pr");
+    PathBuf::from(p)
 }
 
 fn open_backing(path: &Path, cache: CacheMode, read_only: bool) -> Result<File, LunError> {

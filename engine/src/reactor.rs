@@ -77,6 +77,7 @@ pub struct Reactor {
     epoch: Instant,
     stop: Arc<AtomicBool>,
     accept_posted: bool,
+    last_space_check_s: u64,
 }
 
 impl Reactor {
@@ -103,6 +104,7 @@ impl Reactor {
             epoch: Instant::now(),
             stop,
             accept_posted: false,
+            last_space_check_s: 0,
         })
     }
 
@@ -418,6 +420,13 @@ impl Reactor {
 
     fn on_tick(&mut self) {
         let now = self.now_ms();
+        // Pool space is a node-wide fact: one core watches it, about once a second.
+        if self.core == 0 && now / 1000 != self.last_space_check_s {
+            self.last_space_check_s = now / 1000;
+            for lun in &self.reg.luns {
+                lun.check_soft_threshold();
+            }
+        }
         let reg = Arc::clone(&self.reg);
         let stopping = self.stop.load(Ordering::Relaxed);
         for idx in 0..self.slots.len() {
@@ -428,7 +437,7 @@ impl Reactor {
                 continue;
             }
             let mut out = Out::default();
-            s.conn.on_tick(&reg, now, &mut out);
+            s.conn.on_tick(&reg, &mut self.pool, now, &mut out);
             self.apply(idx, out);
             self.maybe_free(idx);
         }
@@ -443,7 +452,7 @@ impl Reactor {
         if !s.dead {
             s.dead = true;
             let _ = s.stream.shutdown(std::net::Shutdown::Both);
-            s.conn.shutdown(&mut self.pool);
+            s.conn.shutdown(&self.reg, &mut self.pool);
         }
     }
 

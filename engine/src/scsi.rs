@@ -72,8 +72,10 @@ pub enum Step {
     Io(IoOp),
     /// A disk operation on another LUN (registry index): EXTENDED COPY sources.
     IoAt(usize, IoOp),
-    /// The blocks are locked by another command: call [`retry`] later.
+    /// The blocks are locked by another command: call [`retry`] soon.
     Wait,
+    /// A long wait (a sanitize): call [`retry`] on the next timer tick.
+    WaitSlow,
 }
 
 /// What a command still has to do.
@@ -113,7 +115,11 @@ enum Stage {
     UnmapData { len: u32 },
     Unmapping { ranges: Vec<(u64, u64)>, next: usize },
     /// SANITIZE: parameter list (overwrite) then the whole medium.
-    SanitizeData { len: u32 },
+    SanitizeData { len: u32, immed: bool },
+    /// PERSISTENT RESERVE OUT: the parameter list arrives.
+    PrOutData { cmd: Command, len: u32 },
+    /// IMMED=0: the command completes when the background sanitize does.
+    SanitizeWait,
     /// EXTENDED COPY: the parameter list arrives, then the copy runs chunk by chunk.
     XcopyData { len: u32 },
     Copy(Box<CopyJob>),
@@ -159,6 +165,7 @@ pub struct ExecCtx<'a> {
     pub lun_id: u64,
     pub pool: &'a mut BufPool,
     pub session_id: u64,
+    pub nexus: &'a proto::scsi::pr::Nexus,
 }
 
 /// Commands that a pending unit attention does not block (SAM-5 section 5.14 / SPC-4
@@ -259,6 +266,24 @@ pub fn start(cdb_bytes: &[u8], edtl: u32, _write_flag: bool, ctx: &mut ExecCtx) 
     let lun = &ctx.reg.luns[lun_idx];
     let fmt = sense_format(lun);
     task.sense_format = Some(fmt);
+    if lun.pr_in_use() && lun.with_pr(|st| proto::scsi::pr::check_access(st, ctx.nexus, &cmd)).is_err() {
+        // SPC-4 5.12.4: RESERVATION CONFLICT carries no sense data.
+        let r = Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() };
+        return (task, Step::Done(r));
+    }
+    if lun.sanitize.active() {
+        // SBC-3 section 4.11: while a sanitize runs only INQUIRY, REPORT LUNS and REQUEST
+        // SENSE are served; REQUEST SENSE reports the progress.
+        let in_progress = Sense::not_ready(Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS).with_progress(lun.sanitize.progress());
+        match cmd {
+            Command::Inquiry { .. } => {}
+            Command::RequestSense { desc, alloc_len } => {
+                let f = if desc { SenseFormat::Descriptor } else { SenseFormat::Fixed };
+                return (task, Step::Done(Reply::data(in_progress.encode(f).as_slice().to_vec(), alloc_len as usize)));
+            }
+            _ => return (task, with_format(Step::Done(Reply::check(in_progress)), fmt)),
+        }
+    }
     let step = match run(&cmd, lun, edtl, &mut task, ctx) {
         Ok(s) => s,
         Err(sense) => Step::Done(Reply::check(sense)),
@@ -462,6 +487,33 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.stage = Stage::UnmapData { len: param_len as u32 };
             Step::NeedData(param_len as u32)
         }
+        Command::Sanitize { immed, action, param_len, .. } => {
+            use proto::scsi::cdb::SanitizeAction;
+            match action {
+                // Nothing is encrypted: there is no key to destroy (SBC-3 section 4.11.4).
+                SanitizeAction::CryptoErase => return Err(Sense::invalid_field_in_cdb(1, Some(4))),
+                // No sanitize ever leaves the LUN in a failure mode to exit from; the
+                // service action takes no parameter list (SBC-3 section 5.30.2).
+                SanitizeAction::ExitFailureMode if param_len != 0 => return Err(Sense::invalid_field_in_cdb(7, None)),
+                SanitizeAction::ExitFailureMode => return Ok(Step::Done(Reply::good())),
+                SanitizeAction::BlockErase => {
+                    if param_len != 0 {
+                        return Err(Sense::invalid_field_in_cdb(7, None));
+                    }
+                    check_writable(lun)?;
+                    start_sanitize(task, ctx, crate::sanitize::Kind::BlockErase, immed)
+                }
+                SanitizeAction::Overwrite => {
+                    if param_len < 5 || param_len as u32 > bs + 4 {
+                        return Err(Sense::invalid_field_in_cdb(7, None));
+                    }
+                    check_writable(lun)?;
+                    task.buf = Some(ctx.pool.get(param_len as usize));
+                    task.stage = Stage::SanitizeData { len: param_len as u32, immed };
+                    Step::NeedData(param_len as u32)
+                }
+            }
+        }
         Command::ExtendedCopy { param_len } => {
             if param_len == 0 {
                 return Ok(Step::Done(Reply::good()));
@@ -532,14 +584,29 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             Step::Done(Reply::data(v, alloc_len as usize))
         }
         Command::PersistentReserveIn { action, alloc_len } => {
-            // No registrations can exist until PERSISTENT RESERVE OUT is implemented: the
-            // truthful answer is an empty key list and no reservation, generation 0.
-            use proto::scsi::cdb::PrInAction;
-            match action {
-                PrInAction::ReadKeys | PrInAction::ReadReservation => Step::Done(Reply::data(vec![0u8; 8], alloc_len as usize)),
-                _ => return Err(Sense::invalid_field_in_cdb(1, Some(4))),
-            }
+            let v = lun.with_pr(|st| proto::scsi::pr::pr_in(st, action, alloc_len))?;
+            Step::Done(Reply::data(v, alloc_len as usize))
         }
+        Command::PersistentReserveOut { param_len, .. } => {
+            // Basic parameter lists are 24 bytes; REGISTER AND MOVE adds a TransportID.
+            if param_len > 4096 || edtl < param_len {
+                return Err(Sense::parameter_list_length_error());
+            }
+            task.buf = Some(ctx.pool.get(param_len as usize));
+            task.stage = Stage::PrOutData { cmd: *cmd, len: param_len };
+            if param_len == 0 {
+                return Ok(data_ready(task, ctx));
+            }
+            Step::NeedData(param_len)
+        }
+        Command::Reserve { .. } => match lun.with_pr(|st| proto::scsi::pr::reserve6(st, ctx.nexus)) {
+            Ok(()) => Step::Done(Reply::good()),
+            Err(_) => Step::Done(Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() }),
+        },
+        Command::Release { .. } => match lun.with_pr(|st| proto::scsi::pr::release6(st, ctx.nexus)) {
+            Ok(()) => Step::Done(Reply::good()),
+            Err(_) => Step::Done(Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() }),
+        },
         _ => return Err(Sense::invalid_opcode()),
     })
 }
@@ -618,9 +685,14 @@ pub fn implemented(opcode: u8, service_action: Option<u16>) -> bool {
         | WRITE_VERIFY_10 | VERIFY_10 | PRE_FETCH_10 | SYNC_CACHE_10 | MODE_SELECT_10 | MODE_SENSE_10 | READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16
         | PRE_FETCH_16 | SYNC_CACHE_16 | REPORT_LUNS | READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 | PREVENT_ALLOW | WRITE_SAME_10 | WRITE_SAME_16
         | UNMAP | COMPARE_AND_WRITE | ORWRITE_16 | WRITE_ATOMIC_16 | READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12 | EXTENDED_COPY => true,
+        // OVERWRITE, BLOCK ERASE and EXIT FAILURE MODE; not CRYPTOGRAPHIC ERASE.
+        SANITIZE => matches!(service_action, Some(0x01) | Some(0x02) | Some(0x1f)),
+        RESERVE_6 | RELEASE_6 | RESERVE_10 | RELEASE_10 => true,
+        // Every PR OUT service action but REPLACE LOST RESERVATION (8).
+        PR_OUT => service_action.is_some_and(|sa| sa <= 7),
         RECEIVE_COPY_RESULTS => matches!(service_action, Some(0) | Some(3)),
         SERVICE_ACTION_IN_16 => matches!(service_action, Some(0x10) | Some(0x12)),
-        PR_IN => matches!(service_action, Some(0) | Some(1)),
+        PR_IN => service_action.is_some_and(|sa| sa <= 3),
         MAINTENANCE_IN => service_action == Some(0x0c),
         _ => false,
     }
@@ -745,12 +817,80 @@ fn lock_on(task: &mut ScsiTask, ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64
     }
 }
 
+/// Applies a PERSISTENT RESERVE OUT and its effects: unit attentions to the nexuses it
+/// names, and the APTPL file when the persisted state changed.
+fn pr_out(lun: &Lun, ctx: &ExecCtx, action: proto::scsi::cdb::PrOutAction, scope: u8, pr_type: u8, params: &[u8], param_len: u32) -> Step {
+    use proto::scsi::pr::PrOutError;
+    let r = lun.with_pr(|st| {
+        let r = proto::scsi::pr::pr_out(st, ctx.nexus, action, scope, pr_type, params, param_len);
+        if let Ok(e) = &r {
+            if e.persist {
+                if let Err(err) = lun.persist_pr(st) {
+                    // The change stands in memory; say loudly that it would not survive.
+                    tracing::error!(path = %lun.pr_path.display(), error = %err, "cannot persist reservations (APTPL)");
+                }
+            }
+        }
+        r
+    });
+    match r {
+        Ok(effect) => {
+            for (nexus, asc) in &effect.unit_attentions {
+                lun.ua.raise_to(crate::conn::nexus_tag(nexus), *asc);
+            }
+            Step::Done(Reply::good())
+        }
+        Err(PrOutError::ReservationConflict) => Step::Done(Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() }),
+        Err(PrOutError::Sense(s)) => Step::Done(Reply::check(s)),
+    }
+}
+
+/// OVERWRITE parameter list (SBC-3 section 5.30.3).
+fn parse_overwrite(p: &[u8], bs: usize) -> Result<crate::sanitize::Kind, Sense> {
+    if p.len() < 5 {
+        return Err(Sense::parameter_list_length_error());
+    }
+    let count = p[0] & 0x1f;
+    let invert = p[0] & 0x80 != 0;
+    if count == 0 {
+        return Err(Sense::invalid_field_in_parameter_list(0, Some(0)));
+    }
+    let plen = u16::from_be_bytes([p[2], p[3]]) as usize;
+    if plen == 0 || plen > bs || 4 + plen != p.len() {
+        return Err(Sense::invalid_field_in_parameter_list(2, None));
+    }
+    Ok(crate::sanitize::Kind::Overwrite { pattern: p[4..].to_vec(), invert, count })
+}
+
+fn start_sanitize(task: &mut ScsiTask, ctx: &ExecCtx, kind: crate::sanitize::Kind, immed: bool) -> Step {
+    let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
+    if !crate::sanitize::start(std::sync::Arc::clone(lun), kind) {
+        return Step::Done(Reply::check(Sense::not_ready(Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)));
+    }
+    if immed {
+        return Step::Done(Reply::good());
+    }
+    task.stage = Stage::SanitizeWait;
+    Step::WaitSlow
+}
+
 /// A parked task tries again.
 pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
     match std::mem::take(&mut task.stage) {
         Stage::Lock { lba, blocks, atomic, then } => with_format(lock_then_mode(task, ctx, lba, blocks, atomic, *then), fmt),
         Stage::LockOn { lun, lba, blocks, then } => with_format(lock_on(task, ctx, lun, lba, blocks, *then), fmt),
+        Stage::SanitizeWait => match ctx_lun(ctx) {
+            Some(l) if l.sanitize.active() => {
+                task.stage = Stage::SanitizeWait;
+                Step::WaitSlow
+            }
+            Some(l) => match l.sanitize.failed() {
+                None => Step::Done(Reply::good()),
+                Some(errno) => with_format(Step::Done(Reply::check(io_error(errno, true))), fmt),
+            },
+            None => Step::Done(Reply::check(Sense::lun_not_supported())),
+        },
         Stage::ReadBlocked { lba, blocks, offset, len, transfer } => {
             if ctx_lun(ctx).is_some_and(|l| l.ranges.readable(lba, lba + blocks.max(1))) {
                 task.stage = Stage::Read { offset, len, done: 0, transfer };
@@ -836,6 +976,17 @@ pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
                 lock_then(task, ctx, lo, hi - lo, Stage::Unmapping { ranges: bytes, next: 0 })
             }
         },
+        Stage::PrOutData { cmd: Command::PersistentReserveOut { action, scope, pr_type, param_len }, len } => {
+            let p = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
+            pr_out(lun, ctx, action, scope, pr_type, p, param_len)
+        }
+        Stage::SanitizeData { len, immed } => {
+            let p = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
+            match parse_overwrite(p, bs as usize) {
+                Err(s) => Step::Done(Reply::check(s)),
+                Ok(kind) => start_sanitize(task, ctx, kind, immed),
+            }
+        }
         Stage::XcopyData { len } => {
             let params = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
             match plan_copy(ctx, params) {

@@ -23,6 +23,8 @@ struct Event {
     /// The session id that caused it.
     origin: u64,
     asc: Asc,
+    /// Only for the I_T nexus with this tag (reservation events name their nexus).
+    only: Option<u64>,
     /// For state changes (mode parameters): a tag of the state after the change. Such
     /// events coalesce: a nexus is told only if the state now differs from the one it knew,
     /// so a parameter set and reset while it was idle raises nothing.
@@ -46,21 +48,26 @@ impl UaLog {
     /// Records an event for every session except `origin` (0, which no session has, means
     /// every session).
     pub fn raise(&self, origin: u64, asc: Asc) {
-        self.push(origin, asc, None);
+        self.push(origin, asc, None, None);
+    }
+
+    /// Records an event for the one I_T nexus tagged `nexus`.
+    pub fn raise_to(&self, nexus: u64, asc: Asc) {
+        self.push(0, asc, None, Some(nexus));
     }
 
     /// Records a state change (the state after it is tagged `state`).
     pub fn raise_state_change(&self, origin: u64, asc: Asc, state: u64) {
-        self.push(origin, asc, Some(state));
+        self.push(origin, asc, Some(state), None);
     }
 
-    fn push(&self, origin: u64, asc: Asc, state: Option<u64>) {
+    fn push(&self, origin: u64, asc: Asc, state: Option<u64>, only: Option<u64>) {
         let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
         let epoch = self.latest.load(Ordering::Acquire) + 1;
         if ev.len() == LOG_LEN {
             ev.pop_front();
         }
-        ev.push_back(Event { epoch, origin, asc, state });
+        ev.push_back(Event { epoch, origin, asc, state, only });
         self.latest.store(epoch, Ordering::Release);
     }
 
@@ -70,8 +77,9 @@ impl UaLog {
         Seen { epoch: self.latest.load(Ordering::Acquire), state }
     }
 
-    /// Appends to `out` what `session` has not seen and did not cause, and advances `seen`.
-    pub fn collect(&self, session: u64, seen: &mut Seen, out: &mut Vec<Asc>) {
+    /// Appends to `out` what `session` (of the nexus tagged `nexus`) has not seen and did
+    /// not cause, and advances `seen`.
+    pub fn collect(&self, session: u64, nexus: u64, seen: &mut Seen, out: &mut Vec<Asc>) {
         if self.latest.load(Ordering::Acquire) == seen.epoch {
             return;
         }
@@ -81,6 +89,9 @@ impl UaLog {
         let mut foreign: Option<(u64, Asc)> = None;
         for e in ev.iter().filter(|e| e.epoch > from) {
             seen.epoch = e.epoch;
+            if e.only.is_some_and(|n| n != nexus) {
+                continue;
+            }
             match e.state {
                 Some(st) if e.origin == session => {
                     seen.state = st;
@@ -111,17 +122,17 @@ mod tests {
         log.raise_state_change(1, Asc::MODE_PARAMETERS_CHANGED, 5);
         log.raise_state_change(1, Asc::MODE_PARAMETERS_CHANGED, 0);
         let mut out = Vec::new();
-        log.collect(2, &mut b, &mut out);
+        log.collect(2, 0, &mut b, &mut out);
         assert!(out.is_empty(), "net state unchanged: no UA");
         log.raise_state_change(1, Asc::MODE_PARAMETERS_CHANGED, 7);
-        log.collect(2, &mut b, &mut out);
+        log.collect(2, 0, &mut b, &mut out);
         assert_eq!(out, vec![Asc::MODE_PARAMETERS_CHANGED]);
         out.clear();
-        log.collect(1, &mut a, &mut out);
+        log.collect(1, 0, &mut a, &mut out);
         assert!(out.is_empty(), "the cause is not told");
         // B changes it back: A, which last set 7, must hear about it.
         log.raise_state_change(2, Asc::MODE_PARAMETERS_CHANGED, 0);
-        log.collect(1, &mut a, &mut out);
+        log.collect(1, 0, &mut a, &mut out);
         assert_eq!(out, vec![Asc::MODE_PARAMETERS_CHANGED]);
     }
 
@@ -131,12 +142,18 @@ mod tests {
         let (mut seen_a, mut seen_b) = (log.start(0), log.start(0));
         log.raise(1, Asc::MODE_PARAMETERS_CHANGED);
         let mut out = Vec::new();
-        log.collect(1, &mut seen_a, &mut out);
+        log.collect(1, 0, &mut seen_a, &mut out);
         assert!(out.is_empty());
-        log.collect(2, &mut seen_b, &mut out);
+        log.collect(2, 0, &mut seen_b, &mut out);
         assert_eq!(out, vec![Asc::MODE_PARAMETERS_CHANGED]);
         out.clear();
-        log.collect(2, &mut seen_b, &mut out);
+        log.collect(2, 0, &mut seen_b, &mut out);
         assert!(out.is_empty(), "reported once");
+        log.raise_to(7, Asc::RESERVATIONS_PREEMPTED);
+        log.collect(2, 0, &mut seen_b, &mut out);
+        assert!(out.is_empty(), "addressed to another nexus");
+        let mut seen_c = Seen { epoch: 0, state: 0 };
+        log.collect(3, 7, &mut seen_c, &mut out);
+        assert!(out.contains(&Asc::RESERVATIONS_PREEMPTED));
     }
 }

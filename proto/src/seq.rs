@@ -37,7 +37,7 @@ pub struct CmdWindow {
 impl CmdWindow {
     /// A window starting at `first_cmd_sn` (the login's CmdSN) of `depth` commands.
     pub fn new(first_cmd_sn: u32, depth: u32) -> Self {
-        assert!(depth >= 1 && depth < (1 << 30), "window depth out of range");
+        assert!((1..(1 << 30)).contains(&depth), "window depth out of range");
         Self { exp_cmd_sn: first_cmd_sn, depth }
     }
 
@@ -78,10 +78,11 @@ mod tests {
         assert!(sn_lt(u32::MAX, 0));
         assert!(!sn_lt(0, u32::MAX));
         let w = CmdWindow::new(u32::MAX - 1, 4);
-        assert_eq!(w.max_cmd_sn(), 2);
+        // MAX-1, MAX, 0, 1: the window wraps through zero.
+        assert_eq!(w.max_cmd_sn(), 1);
         assert_eq!(w.place(u32::MAX - 1), CmdSnPlace::Next);
         assert_eq!(w.place(1), CmdSnPlace::Ahead);
-        assert_eq!(w.place(3), CmdSnPlace::Outside);
+        assert_eq!(w.place(2), CmdSnPlace::Outside);
         assert_eq!(w.place(u32::MAX - 2), CmdSnPlace::Outside);
     }
 

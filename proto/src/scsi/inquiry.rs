@@ -250,6 +250,9 @@ fn block_limits(info: &LunInfo) -> Vec<u8> {
 fn block_device_characteristics() -> Vec<u8> {
     let mut b = vec![0u8; 0x3C];
     b[0..2].copy_from_slice(&1u16.to_be_bytes()); // MEDIUM ROTATION RATE 1: solid state
+    // Page byte 7: WABEREQ = 01b, reads after SANITIZE BLOCK ERASE succeed (they return
+    // zeros: the blocks are deallocated and LBPRZ = 1). WACEREQ = 0: no CRYPTO ERASE.
+    b[3] = 0x40;
     b
 }
 
@@ -395,7 +398,7 @@ mod tests {
     #[test]
     fn block_device_characteristics_golden() {
         let p = vpd_page(&info(), 0xB1).unwrap();
-        assert_eq!(&p[..6], &[0x00, 0xB1, 0x00, 0x3C, 0x00, 0x01]);
+        assert_eq!(&p[..8], &[0x00, 0xB1, 0x00, 0x3C, 0x00, 0x01, 0x00, 0x40]);
         assert_eq!(p.len(), 64);
     }
 

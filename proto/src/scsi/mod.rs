@@ -10,6 +10,7 @@ pub mod cdb;
 pub mod inquiry;
 pub mod lun_info;
 pub mod mode;
+pub mod pr;
 pub mod report_luns;
 pub mod rsoc;
 pub mod rtpg;

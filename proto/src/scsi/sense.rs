@@ -219,6 +219,12 @@ impl Sense {
     }
 
     /// Adds a field pointer (SENSE KEY SPECIFIC).
+    /// Sets a PROGRESS INDICATION (in 1/65536ths), e.g. for a sanitize in progress.
+    pub fn with_progress(mut self, progress: u16) -> Self {
+        self.key_specific = Some(SenseKeySpecific::Progress(progress));
+        self
+    }
+
     pub fn with_field_pointer(mut self, fp: FieldPointer) -> Self {
         self.key_specific = Some(SenseKeySpecific::Field(fp));
         self

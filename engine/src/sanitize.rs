@@ -1,0 +1,178 @@
+//! SANITIZE (SBC-3 section 5.30) as a background job per LUN.
+//!
+//! A sanitize rewrites (OVERWRITE) or deallocates (BLOCK ERASE) the whole medium. It runs
+//! on its own thread, not a core thread, rate-limited so one LUN's sanitize cannot starve
+//! the other LUNs sharing the pool; it survives task management resets and reconnects, as
+//! SBC-3 requires. Meanwhile the LUN answers NOT READY, SANITIZE IN PROGRESS with a
+//! progress indication. Erasure is guaranteed at the file level: what the host file system
+//! and device keep below it (e.g. without discard) is the host administrator's concern.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::lun::Lun;
+
+/// Throughput cap of a sanitize overwrite.
+pub const RATE_BYTES_PER_S: u64 = 128 << 20;
+const CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Write the pattern (inverted between passes when `invert`) `count` times.
+    Overwrite { pattern: Vec<u8>, invert: bool, count: u8 },
+    BlockErase,
+}
+
+#[derive(Debug, Default)]
+pub struct Sanitize {
+    active: AtomicBool,
+    /// Progress in 1/65536ths, for the sense-key-specific PROGRESS INDICATION.
+    progress: AtomicU32,
+    /// The errno of the last failed sanitize, if it failed.
+    failed: Mutex<Option<i32>>,
+}
+
+impl Sanitize {
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn progress(&self) -> u16 {
+        self.progress.load(Ordering::Relaxed).min(0xffff) as u16
+    }
+
+    pub fn failed(&self) -> Option<i32> {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Starts a sanitize of `lun`. Returns false if one is already running.
+pub fn start(lun: Arc<Lun>, kind: Kind) -> bool {
+    if lun.sanitize.active.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    lun.sanitize.progress.store(0, Ordering::Relaxed);
+    *lun.sanitize.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let spawned = std::thread::Builder::new().name(format!("twinsan-sanitize-{}", lun.id)).spawn({
+        let lun = Arc::clone(&lun);
+        move || {
+            let r = run(&lun, &kind);
+            if let Err(e) = &r {
+                tracing::error!(path = %lun.path.display(), error = %e, "sanitize failed");
+            } else {
+                tracing::info!(path = %lun.path.display(), ?kind, "sanitize complete");
+            }
+            *lun.sanitize.failed.lock().unwrap_or_else(|p| p.into_inner()) = r.err().map(|e| e.raw_os_error().unwrap_or(libc::EIO));
+            lun.sanitize.active.store(false, Ordering::Release);
+        }
+    });
+    if spawned.is_err() {
+        lun.sanitize.active.store(false, Ordering::Release);
+        return false;
+    }
+    true
+}
+
+fn run(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
+    // Writes that were in flight when the sanitize began finish first; new ones are
+    // refused (NOT READY) while it runs.
+    let blocks = lun.num_blocks();
+    let _guard = loop {
+        if let Some(g) = lun.ranges.try_lock(0, blocks) {
+            break g;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(&lun.path)?;
+    let size = lun.size_bytes;
+    match kind {
+        Kind::BlockErase => {
+            punch(&f, 0, size)?;
+        }
+        Kind::Overwrite { pattern, invert, count } => {
+            let passes = (*count).max(1) as usize;
+            let mut pacer = Pacer { started: Instant::now(), written: 0 };
+            for pass in 0..passes {
+                let flip = *invert && pass % 2 == 1;
+                let mut chunk = vec![0u8; CHUNK_BYTES];
+                for (i, b) in chunk.iter_mut().enumerate() {
+                    let p = pattern[i % pattern.len()];
+                    *b = if flip { !p } else { p };
+                }
+                let zeros = chunk.iter().all(|&b| b == 0);
+                // Zeros: only allocated extents ever held data. Overwrite them in place (a
+                // punched hole alone would leave the old bytes on the disk below the file),
+                // then deallocate them so the thin LUN stays thin; holes already read zeros.
+                // Any other pattern is written over every block.
+                let extents = if zeros { allocated_extents(lun) } else { vec![(0, size)] };
+                let total: u64 = extents.iter().map(|e| e.1).sum::<u64>() * (passes - pass) as u64;
+                for &(start, len) in &extents {
+                    let mut off = start;
+                    while off < start + len {
+                        let n = (start + len - off).min(CHUNK_BYTES as u64) as usize;
+                        f.write_all_at(&chunk[..n], off)?;
+                        off += n as u64;
+                        pacer.wrote(n as u64);
+                        let done = off - start;
+                        lun.sanitize.progress.store((done * 65536 / total.max(1)).min(65535) as u32, Ordering::Relaxed);
+                    }
+                }
+                if zeros {
+                    f.sync_data()?;
+                    for &(start, len) in &extents {
+                        punch(&f, start, len)?;
+                    }
+                }
+            }
+        }
+    }
+    // Sanitized data must not come back after a power loss.
+    f.sync_data()
+}
+
+/// Keeps a sanitize at or below [`RATE_BYTES_PER_S`] on average.
+struct Pacer {
+    started: Instant,
+    written: u64,
+}
+
+impl Pacer {
+    fn wrote(&mut self, n: u64) {
+        self.written += n;
+        let due = Duration::from_secs_f64(self.written as f64 / RATE_BYTES_PER_S as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The byte ranges of the backing file that hold data (SEEK_DATA / SEEK_HOLE).
+fn allocated_extents(lun: &Lun) -> Vec<(u64, u64)> {
+    let size = lun.size_bytes;
+    let mut v = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let Some(start) = lun.seek(pos, true).filter(|&s| s < size) else { break };
+        let end = lun.seek(start, false).unwrap_or(size).min(size);
+        if end <= start {
+            break;
+        }
+        v.push((start, end - start));
+        pos = end;
+    }
+    v
+}
+
+fn punch(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a valid, open fd; no memory is passed.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
