@@ -5,6 +5,7 @@
 //! typed values or typed errors.
 
 pub mod digest;
+pub mod fuzzing;
 pub mod login;
 pub mod pdu;
 pub mod scsi;
