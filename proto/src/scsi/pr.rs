@@ -947,6 +947,11 @@ fn register_and_move(
         return Err(Sense::parameter_list_length_error().into());
     }
     let ty = scope_type(scope, pr_type)?;
+    // The moved reservation has one named holder: an all-registrants type cannot have one
+    // (SPC-4 5.12.8), so such a TYPE is an invalid field.
+    if ty.all_registrants() {
+        return Err(Sense::invalid_field_in_cdb(2, Some(3)).into());
+    }
     let key = be_u64(params, 0);
     let sark = be_u64(params, 8);
     let flags = params.get(17).copied().unwrap_or(0);
