@@ -506,7 +506,9 @@ impl Conn {
         if let Some(v) = view {
             reg.luns[v.index].ua.collect(self.session_id, tag, &mut v.ua_seen, &mut v.pending_ua);
             if !v.pending_ua.is_empty() && !scsi::ua_exempt(c.cdb()) {
-                ua = Some(v.pending_ua.remove(0));
+                let asc = v.pending_ua.remove(0);
+                tracing::debug!(peer = %self.peer, initiator = %s.nexus.initiator, opcode = c.cdb()[0], ?asc, "reporting unit attention");
+                ua = Some(asc);
             }
         }
         let target = &reg.targets[s.target];
