@@ -9,7 +9,11 @@ use engine::config::{Config, Overrides};
 use engine::server::Server;
 
 #[derive(Parser)]
-#[command(name = "twinsan", version, about = "A redundant, thin-provisioned iSCSI SAN")]
+#[command(
+    name = "twinsan",
+    version,
+    about = "A redundant, thin-provisioned iSCSI SAN"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,6 +33,9 @@ enum Cmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Drive any iSCSI target with load and report IOPS, MiB/s and latency percentiles
+    /// (`--verify` checks every read against the last acknowledged write).
+    Bench(benches::BenchArgs),
     /// Check a configuration file and print what it would serve.
     CheckConfig {
         #[arg(long)]
@@ -67,12 +74,18 @@ fn load(config: Option<PathBuf>, ov: &Overrides) -> Result<Config, engine::confi
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { config, listen, data_dir } => {
+        Cmd::Serve {
+            config,
+            listen,
+            data_dir,
+        } => {
             let ov = Overrides { listen, data_dir };
             let cfg = match load(config, &ov) {
                 Ok(c) => c,
@@ -96,7 +109,12 @@ fn main() -> ExitCode {
                 let mut o = std::io::stdout().lock();
                 let _ = writeln!(o, "listening on {}", server.local_addr);
                 for t in &server.registry.targets {
-                    let _ = writeln!(o, "target {} luns {:?}", t.cfg.name, t.luns.iter().map(|l| l.0).collect::<Vec<_>>());
+                    let _ = writeln!(
+                        o,
+                        "target {} luns {:?}",
+                        t.cfg.name,
+                        t.luns.iter().map(|l| l.0).collect::<Vec<_>>()
+                    );
                 }
                 let _ = o.flush();
             }
@@ -105,12 +123,30 @@ fn main() -> ExitCode {
             server.shutdown();
             ExitCode::SUCCESS
         }
+        Cmd::Bench(args) => match benches::run_cli(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinsan bench: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::CheckConfig { config } => match Config::load(&config, &Overrides::default()) {
             Ok(c) => {
-                println!("{}: ok: listen {}, {} target(s)", c.source_name(), c.listen, c.targets.len());
+                println!(
+                    "{}: ok: listen {}, {} target(s)",
+                    c.source_name(),
+                    c.listen,
+                    c.targets.len()
+                );
                 for t in &c.targets {
                     for l in &t.luns {
-                        println!("  {} lun {} -> {} ({} bytes)", t.name, l.id, l.path.display(), l.size_bytes);
+                        println!(
+                            "  {} lun {} -> {} ({} bytes)",
+                            t.name,
+                            l.id,
+                            l.path.display(),
+                            l.size_bytes
+                        );
                     }
                 }
                 ExitCode::SUCCESS

@@ -21,13 +21,17 @@ fn parse(out: &str) -> BTreeMap<String, Outcome> {
     let mut res = BTreeMap::new();
     let mut suite = String::new();
     let mut cur: Option<(String, String)> = None;
-    let mut close = |cur: &mut Option<(String, String)>, res: &mut BTreeMap<String, Outcome>| {
+    let close = |cur: &mut Option<(String, String)>, res: &mut BTreeMap<String, Outcome>| {
         if let Some((name, buf)) = cur.take() {
             // As ../shared/tools/cu-score judges: a "FAILED" that is not a logged "[FAILED]"
             // line fails the test; logged "[FAILED]" lines (tests that expect a command to
             // fail log them) fail it only if the test's last line does not say "passed".
             let bare_failed = buf.replace("[FAILED]", "").contains("FAILED");
-            let last_passed = buf.trim_end().lines().last().is_some_and(|l| l.contains("passed"));
+            let last_passed = buf
+                .trim_end()
+                .lines()
+                .last()
+                .is_some_and(|l| l.contains("passed"));
             let logged_failed = buf.contains("[FAILED]") && !last_passed;
             let passed = buf.contains("passed");
             let o = if bare_failed || logged_failed || !passed {
@@ -66,15 +70,27 @@ fn parser_classifies_like_cu_score() {
     assert_eq!(r["Read10.Simple"], Outcome::Passed);
     assert_eq!(r["Read10.Odd"], Outcome::Skipped);
     assert_eq!(r["Read10.Bad"], Outcome::Failed);
-    assert_eq!(r["Read10.Logged"], Outcome::Passed, "expected-failure log lines do not fail a passed test");
-    assert_eq!(r["Read10.Trailing"], Outcome::Failed, "a failure logged after 'passed' counts, as in cu-score");
+    assert_eq!(
+        r["Read10.Logged"],
+        Outcome::Passed,
+        "expected-failure log lines do not fail a passed test"
+    );
+    assert_eq!(
+        r["Read10.Trailing"],
+        Outcome::Failed,
+        "a failure logged after 'passed' counts, as in cu-score"
+    );
 }
 
 #[test]
 fn iscsi_test_cu_expected_tests_pass() {
     let list = include_str!("conformance/expected-pass.txt");
     let mut want: Vec<(String, bool)> = Vec::new();
-    for l in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for l in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let mut it = l.split_whitespace();
         let name = it.next().unwrap_or_default().to_string();
         want.push((name, it.next() == Some("skip")));
@@ -83,12 +99,23 @@ fn iscsi_test_cu_expected_tests_pass() {
     let d = Daemon::simple("conformance", "1GiB", "");
     // Whole suites, as an operator runs them: some libiscsi tests depend on a suite-mate
     // having run first (LUNResetSimpleAsync on AbortTaskSimpleAsync's reconnect state).
-    let mut suites: Vec<String> = want.iter().map(|(n, _)| format!("ALL.{}", n.split('.').next().unwrap_or_default())).collect();
+    let mut suites: Vec<String> = want
+        .iter()
+        .map(|(n, _)| format!("ALL.{}", n.split('.').next().unwrap_or_default()))
+        .collect();
     suites.dedup();
     let out = std::process::Command::new("timeout")
         .arg("900")
         .arg("iscsi-test-cu")
-        .args(["-d", "-S", "-v", "-t", &suites.join(","), &d.url(0), &d.url(0)])
+        .args([
+            "-d",
+            "-S",
+            "-v",
+            "-t",
+            &suites.join(","),
+            &d.url(0),
+            &d.url(0),
+        ])
         .output()
         .expect("run iscsi-test-cu (install libiscsi-bin)");
     let got = parse(&text(&out));
@@ -105,9 +132,17 @@ fn iscsi_test_cu_expected_tests_pass() {
         Outcome::Skipped => (p, s + 1, f),
         Outcome::Failed => (p, s, f + 1),
     });
-    eprintln!("iscsi-test-cu: {p} passed, {s} skipped, {f} failed of {}", got.len());
-    assert!(bad.is_empty(), "conformance regressions:\n{}\n--- output tail ---\n{}", bad.join("\n"), {
-        let t = text(&out);
-        t[t.len().saturating_sub(4000)..].to_string()
-    });
+    eprintln!(
+        "iscsi-test-cu: {p} passed, {s} skipped, {f} failed of {}",
+        got.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "conformance regressions:\n{}\n--- output tail ---\n{}",
+        bad.join("\n"),
+        {
+            let t = text(&out);
+            t[t.len().saturating_sub(4000)..].to_string()
+        }
+    );
 }

@@ -14,7 +14,11 @@ fn discovery_lists_the_target_and_inquiry_answers() {
     let d = Daemon::simple("discovery", "64MiB", "");
     let out = tool("iscsi-ls", &[&format!("iscsi://{}", d.addr)]);
     assert!(out.status.success(), "iscsi-ls failed: {}", text(&out));
-    assert!(text(&out).contains(TARGET), "target not listed: {}", text(&out));
+    assert!(
+        text(&out).contains(TARGET),
+        "target not listed: {}",
+        text(&out)
+    );
 
     let out = tool("iscsi-inq", &[&d.url(0)]);
     assert!(out.status.success(), "iscsi-inq failed: {}", text(&out));
@@ -24,7 +28,11 @@ fn discovery_lists_the_target_and_inquiry_answers() {
     // VPD 0x80 and 0x83 carry the serial and the NAA designator.
     let out = tool("iscsi-inq", &["-e", "1", "-c", "131", &d.url(0)]);
     assert!(out.status.success(), "VPD 83 failed: {}", text(&out));
-    assert!(text(&out).contains("Designator Type:(3) NAA"), "no NAA designator: {}", text(&out));
+    assert!(
+        text(&out).contains("Designator Type:(3) NAA"),
+        "no NAA designator: {}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -50,16 +58,32 @@ fn identity_is_stable_across_restarts() {
 
 #[test]
 fn chap_one_way_refuses_wrong_secret_and_admits_the_right_one() {
-    let d = Daemon::simple("chap", "16MiB", "chap = { user = \"alice\", secret = \"correct-horse-battery\" }");
+    let d = Daemon::simple(
+        "chap",
+        "16MiB",
+        "chap = { user = \"alice\", secret = \"correct-horse-battery\" }",
+    );
     let good = format!("iscsi://alice%correct-horse-battery@{}/{TARGET}/0", d.addr);
     let bad = format!("iscsi://alice%wrong-horse-battery@{}/{TARGET}/0", d.addr);
     let none = d.url(0);
     let o = tool("iscsi-inq", &[&good]);
-    assert!(o.status.success(), "right CHAP secret refused: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "right CHAP secret refused: {}",
+        text(&o)
+    );
     let o = tool("iscsi-inq", &[&bad]);
-    assert!(!o.status.success(), "wrong CHAP secret admitted: {}", text(&o));
+    assert!(
+        !o.status.success(),
+        "wrong CHAP secret admitted: {}",
+        text(&o)
+    );
     let o = tool("iscsi-inq", &[&none]);
-    assert!(!o.status.success(), "login without CHAP admitted: {}", text(&o));
+    assert!(
+        !o.status.success(),
+        "login without CHAP admitted: {}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -75,15 +99,33 @@ fn chap_mutual_authenticates_the_target_too() {
     // An initiator that expects a different target secret must reject the target.
     let wrong = format!("iscsi://alice%correct-horse-battery@{}/{TARGET}/0?target_user=tgt&target_password=not-the-secret", d.addr);
     let o = tool("iscsi-inq", &[&wrong]);
-    assert!(!o.status.success(), "initiator accepted a target with the wrong mutual secret: {}", text(&o));
+    assert!(
+        !o.status.success(),
+        "initiator accepted a target with the wrong mutual secret: {}",
+        text(&o)
+    );
 }
 
 #[test]
 fn initiator_acl_refuses_strangers() {
-    let d = Daemon::simple("acl-iqn", "16MiB", "allowed_initiators = [\"iqn.2026-11.io.example:allowed\"]");
-    let o = tool("iscsi-inq", &["-i", "iqn.2026-11.io.example:allowed", &d.url(0)]);
-    assert!(o.status.success(), "allowed initiator refused: {}", text(&o));
-    let o = tool("iscsi-inq", &["-i", "iqn.2026-11.io.example:stranger", &d.url(0)]);
+    let d = Daemon::simple(
+        "acl-iqn",
+        "16MiB",
+        "allowed_initiators = [\"iqn.2026-11.io.example:allowed\"]",
+    );
+    let o = tool(
+        "iscsi-inq",
+        &["-i", "iqn.2026-11.io.example:allowed", &d.url(0)],
+    );
+    assert!(
+        o.status.success(),
+        "allowed initiator refused: {}",
+        text(&o)
+    );
+    let o = tool(
+        "iscsi-inq",
+        &["-i", "iqn.2026-11.io.example:stranger", &d.url(0)],
+    );
     assert!(!o.status.success(), "stranger admitted: {}", text(&o));
 }
 
@@ -98,10 +140,20 @@ fn address_acl_hides_and_refuses() {
     );
     let o = tool("iscsi-ls", &[&format!("iscsi://{}", d.addr)]);
     let t = text(&o);
-    assert!(t.contains("iqn.2026-11.io.twinsan:open"), "open target not listed: {t}");
-    assert!(!t.contains(TARGET), "restricted target listed to a foreign address: {t}");
+    assert!(
+        t.contains("iqn.2026-11.io.twinsan:open"),
+        "open target not listed: {t}"
+    );
+    assert!(
+        !t.contains(TARGET),
+        "restricted target listed to a foreign address: {t}"
+    );
     let o = tool("iscsi-inq", &[&d.url(0)]);
-    assert!(!o.status.success(), "login from outside the address ACL admitted: {}", text(&o));
+    assert!(
+        !o.status.success(),
+        "login from outside the address ACL admitted: {}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -126,7 +178,11 @@ fn garbage_connection_does_not_disturb_other_sessions() {
     }
     assert!(d.is_running(), "daemon died on garbage");
     let o = tool("iscsi-inq", &[&d.url(0)]);
-    assert!(o.status.success(), "daemon stopped serving after garbage: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "daemon stopped serving after garbage: {}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -134,10 +190,18 @@ fn bad_config_names_the_key_and_does_not_start() {
     let dir = common::scratch("badcfg");
     let f = dir.join("bad.toml");
     std::fs::write(&f, "[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\npath = \"a.img\"\nsize = \"12 parsecs\"\n").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_twinsan")).args(["serve", "--config"]).arg(&f).args(["--listen", "127.0.0.1:0"]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args(["serve", "--config"])
+        .arg(&f)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("bad.toml") && t.contains("target[0].lun[0].size"), "{t}");
+    assert!(
+        t.contains("bad.toml") && t.contains("target[0].lun[0].size"),
+        "{t}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -146,10 +210,21 @@ fn data_written_reads_back_and_lun_stays_sparse() {
     let d = Daemon::simple("rw", "1GiB", "");
     // iscsi-perf is a read-only load; use iscsi-dd from a file for writes when present,
     // else iscsi-test-cu's Write10.Simple which writes and reads back.
-    let o = tool("iscsi-test-cu", &["-d", "-t", "ALL.Write10.Simple,ALL.Read10.Simple", &d.url(0)]);
+    let o = tool(
+        "iscsi-test-cu",
+        &[
+            "-d",
+            "-t",
+            "ALL.Write10.Simple,ALL.Read10.Simple",
+            &d.url(0),
+        ],
+    );
     assert!(text(&o).contains("Run Summary"), "{}", text(&o));
     assert!(!text(&o).contains("FAILED"), "{}", text(&o));
     // 1 GiB LUN, a few KiB written: still thin.
     let allocated = common::allocated_bytes(&d.dir.join("lun0.img"));
-    assert!(allocated < 64 << 20, "LUN not sparse: {allocated} bytes allocated");
+    assert!(
+        allocated < 64 << 20,
+        "LUN not sparse: {allocated} bytes allocated"
+    );
 }

@@ -28,8 +28,12 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     fn new(cap: usize) -> Self {
-        assert!(cap > 0 && cap % ALIGN_BYTES == 0, "capacity must be a non-zero multiple of the alignment");
-        let layout = Layout::from_size_align(cap, ALIGN_BYTES).expect("capacity and alignment are valid by the assertion above");
+        assert!(
+            cap > 0 && cap.is_multiple_of(ALIGN_BYTES),
+            "capacity must be a non-zero multiple of the alignment"
+        );
+        let layout = Layout::from_size_align(cap, ALIGN_BYTES)
+            .expect("capacity and alignment are valid by the assertion above");
         // SAFETY: layout has non-zero size (asserted above).
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
@@ -78,7 +82,8 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.cap, ALIGN_BYTES).expect("validated at construction");
+        let layout =
+            Layout::from_size_align(self.cap, ALIGN_BYTES).expect("validated at construction");
         // SAFETY: ptr came from alloc_zeroed with this exact layout and is freed once.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
@@ -105,7 +110,11 @@ impl BufPool {
     pub fn get(&mut self, len: usize) -> AlignedBuf {
         assert!(len <= MAX_BUF_BYTES, "buffer request over the pool limit");
         let (idx, size) = class_of(len);
-        let mut b = self.classes.get_mut(idx).and_then(|c| c.pop()).unwrap_or_else(|| AlignedBuf::new(size));
+        let mut b = self
+            .classes
+            .get_mut(idx)
+            .and_then(|c| c.pop())
+            .unwrap_or_else(|| AlignedBuf::new(size));
         b.set_len(len);
         b
     }
@@ -139,7 +148,11 @@ mod tests {
         let addr = b.as_mut_ptr() as usize;
         p.put(b);
         let mut c = p.get(8000);
-        assert_eq!(c.as_mut_ptr() as usize, addr, "same class reuses the buffer");
+        assert_eq!(
+            c.as_mut_ptr() as usize,
+            addr,
+            "same class reuses the buffer"
+        );
         assert_eq!(c.len(), 8000);
     }
 }

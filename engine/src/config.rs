@@ -31,11 +31,18 @@ pub const MAX_LUNS_PER_TARGET: usize = 256;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: String, source: std::io::Error },
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("{file}: {message}")]
     Syntax { file: String, message: String },
     #[error("{file}: key `{key}`: {message}")]
-    Invalid { file: String, key: String, message: String },
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
 }
 
 /// How LUN data reaches the disk.
@@ -139,11 +146,19 @@ impl Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = a.trim().parse().map_err(|_| format!("`{s}` is not an IP address or CIDR block"))?;
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR block"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix_len = match p {
             None => max,
-            Some(p) => p.trim().parse::<u8>().ok().filter(|&n| n <= max).ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
         };
         Ok(Cidr { addr, prefix_len })
     }
@@ -156,11 +171,19 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix_len == 0 { 0 } else { u32::MAX << (32 - self.prefix_len) };
+                let mask = if self.prefix_len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix_len)
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix_len == 0 { 0 } else { u128::MAX << (128 - self.prefix_len) };
+                let mask = if self.prefix_len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix_len)
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -200,7 +223,9 @@ pub struct TargetConfig {
 impl TargetConfig {
     /// Whether a connection from `peer` may see and log in to this target.
     pub fn address_allowed(&self, peer: IpAddr) -> bool {
-        self.allowed_addresses.as_ref().is_none_or(|l| l.iter().any(|c| c.contains(peer)))
+        self.allowed_addresses
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|c| c.contains(peer)))
     }
 }
 
@@ -240,33 +265,71 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path, ov: &Overrides) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
         Self::parse_str(&text, &file, Some(path.to_path_buf()), ov)
     }
 
     /// Parses and validates config text. `file` names it in errors.
-    pub fn parse_str(text: &str, file: &str, source: Option<PathBuf>, ov: &Overrides) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax { file: file.to_string(), message: e.to_string().trim_end().to_string() })?;
-        let bad = |key: &str, message: String| ConfigError::Invalid { file: file.to_string(), key: key.to_string(), message };
+    pub fn parse_str(
+        text: &str,
+        file: &str,
+        source: Option<PathBuf>,
+        ov: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            key: key.to_string(),
+            message,
+        };
 
-        let listen_s = ov.listen.clone().or(raw.server.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_s.parse().map_err(|_| bad("server.listen", format!("`{listen_s}` is not an ADDRESS:PORT")))?;
-        let data_dir = ov.data_dir.clone().or(raw.server.data_dir.map(PathBuf::from)).unwrap_or_else(|| PathBuf::from("./data"));
+        let listen_s = ov
+            .listen
+            .clone()
+            .or(raw.server.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            bad(
+                "server.listen",
+                format!("`{listen_s}` is not an ADDRESS:PORT"),
+            )
+        })?;
+        let data_dir = ov
+            .data_dir
+            .clone()
+            .or(raw.server.data_dir.map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("./data"));
         let queue_depth = raw.server.queue_depth.unwrap_or(128);
         if !(1..=1024).contains(&queue_depth) {
-            return Err(bad("server.queue_depth", format!("{queue_depth} is outside 1..=1024")));
+            return Err(bad(
+                "server.queue_depth",
+                format!("{queue_depth} is outside 1..=1024"),
+            ));
         }
         let nop_interval_ms = raw.server.nop_interval_ms.unwrap_or(5_000);
         let nop_timeout_ms = raw.server.nop_timeout_ms.unwrap_or(15_000);
         let login_timeout_ms = raw.server.login_timeout_ms.unwrap_or(15_000);
-        for (k, v) in [("server.nop_interval_ms", nop_interval_ms), ("server.nop_timeout_ms", nop_timeout_ms), ("server.login_timeout_ms", login_timeout_ms)] {
+        for (k, v) in [
+            ("server.nop_interval_ms", nop_interval_ms),
+            ("server.nop_timeout_ms", nop_timeout_ms),
+            ("server.login_timeout_ms", login_timeout_ms),
+        ] {
             if !(1_000..=3_600_000).contains(&v) {
                 return Err(bad(k, format!("{v} ms is outside 1000..=3600000")));
             }
         }
         let cores = raw.server.cores.unwrap_or(0);
         if cores > 1024 {
-            return Err(bad("server.cores", format!("{cores} is not a plausible core count")));
+            return Err(bad(
+                "server.cores",
+                format!("{cores} is not a plausible core count"),
+            ));
         }
         let default_cache = raw.server.cache.unwrap_or(DEFAULT_CACHE_MODE);
 
@@ -278,43 +341,73 @@ impl Config {
             return Err(bad("target", "at least one [[target]] is required".into()));
         }
         if raw.targets.len() > MAX_TARGETS {
-            return Err(bad("target", format!("{} targets exceed the limit of {MAX_TARGETS}", raw.targets.len())));
+            return Err(bad(
+                "target",
+                format!(
+                    "{} targets exceed the limit of {MAX_TARGETS}",
+                    raw.targets.len()
+                ),
+            ));
         }
         let mut targets: Vec<TargetConfig> = Vec::new();
         for (ti, t) in raw.targets.into_iter().enumerate() {
             let tk = format!("target[{ti}]");
             validate_iscsi_name(&t.name).map_err(|m| bad(&format!("{tk}.name"), m))?;
             if targets.iter().any(|o| o.name.eq_ignore_ascii_case(&t.name)) {
-                return Err(bad(&format!("{tk}.name"), format!("target `{}` is defined twice", t.name)));
+                return Err(bad(
+                    &format!("{tk}.name"),
+                    format!("target `{}` is defined twice", t.name),
+                ));
             }
             if let Some(l) = &t.allowed_initiators {
                 for (i, n) in l.iter().enumerate() {
-                    validate_iscsi_name(n).map_err(|m| bad(&format!("{tk}.allowed_initiators[{i}]"), m))?;
+                    validate_iscsi_name(n)
+                        .map_err(|m| bad(&format!("{tk}.allowed_initiators[{i}]"), m))?;
                 }
             }
             let allowed_addresses = match t.allowed_addresses {
                 None => None,
-                Some(l) => Some(l.iter().enumerate().map(|(i, s)| Cidr::parse(s).map_err(|m| bad(&format!("{tk}.allowed_addresses[{i}]"), m))).collect::<Result<Vec<_>, _>>()?),
+                Some(l) => Some(
+                    l.iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            Cidr::parse(s)
+                                .map_err(|m| bad(&format!("{tk}.allowed_addresses[{i}]"), m))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
             };
             let chap_cfg = match t.chap {
                 Some(c) => Some(chap(c, &format!("{tk}.chap"), &bad)?),
                 None => None,
             };
             if t.luns.len() > MAX_LUNS_PER_TARGET {
-                return Err(bad(&format!("{tk}.lun"), format!("more than {MAX_LUNS_PER_TARGET} LUNs")));
+                return Err(bad(
+                    &format!("{tk}.lun"),
+                    format!("more than {MAX_LUNS_PER_TARGET} LUNs"),
+                ));
             }
             let mut luns: Vec<LunConfig> = Vec::new();
             for (li, l) in t.luns.into_iter().enumerate() {
                 let lk = format!("{tk}.lun[{li}]");
                 if l.id >= 16384 {
-                    return Err(bad(&format!("{lk}.id"), format!("{} is not a LUN id below 16384", l.id)));
+                    return Err(bad(
+                        &format!("{lk}.id"),
+                        format!("{} is not a LUN id below 16384", l.id),
+                    ));
                 }
                 if luns.iter().any(|o| o.id == l.id) {
-                    return Err(bad(&format!("{lk}.id"), format!("LUN {} is defined twice in target `{}`", l.id, t.name)));
+                    return Err(bad(
+                        &format!("{lk}.id"),
+                        format!("LUN {} is defined twice in target `{}`", l.id, t.name),
+                    ));
                 }
                 let block_size = l.block_size.unwrap_or(512);
                 if ![512, 4096].contains(&block_size) {
-                    return Err(bad(&format!("{lk}.block_size"), format!("{block_size} is not 512 or 4096")));
+                    return Err(bad(
+                        &format!("{lk}.block_size"),
+                        format!("{block_size} is not 512 or 4096"),
+                    ));
                 }
                 let size_bytes = match &l.size {
                     None => None,
@@ -330,8 +423,15 @@ impl Config {
                 }
                 let path = data_dir.join(&l.path);
                 let serial = match l.serial {
-                    Some(s) if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_graphic()) => {
-                        return Err(bad(&format!("{lk}.serial"), "must be 1..=32 printable ASCII characters".into()))
+                    Some(s)
+                        if s.is_empty()
+                            || s.len() > 32
+                            || !s.bytes().all(|b| b.is_ascii_graphic()) =>
+                    {
+                        return Err(bad(
+                            &format!("{lk}.serial"),
+                            "must be 1..=32 printable ASCII characters".into(),
+                        ))
                     }
                     Some(s) => s,
                     None => derive_serial(&t.name, l.id),
@@ -348,30 +448,63 @@ impl Config {
                     thin: l.thin.unwrap_or(true),
                     serial,
                     soft_threshold_percent: match l.soft_threshold_percent {
-                        Some(p) if !(1..=99).contains(&p) => return Err(bad(&format!("{lk}.soft_threshold_percent"), format!("{p} is outside 1..=99"))),
+                        Some(p) if !(1..=99).contains(&p) => {
+                            return Err(bad(
+                                &format!("{lk}.soft_threshold_percent"),
+                                format!("{p} is outside 1..=99"),
+                            ))
+                        }
                         Some(p) => Some(p),
                         None if l.thin.unwrap_or(true) => Some(DEFAULT_SOFT_THRESHOLD_PERCENT),
                         None => None,
                     },
                 });
             }
-            targets.push(TargetConfig { name: t.name, alias: t.alias, allowed_initiators: t.allowed_initiators, allowed_addresses, chap: chap_cfg, luns });
+            targets.push(TargetConfig {
+                name: t.name,
+                alias: t.alias,
+                allowed_initiators: t.allowed_initiators,
+                allowed_addresses,
+                chap: chap_cfg,
+                luns,
+            });
         }
-        Ok(Config { source, listen, data_dir, cores, nop_interval_ms, nop_timeout_ms, login_timeout_ms, queue_depth, discovery_chap, targets })
+        Ok(Config {
+            source,
+            listen,
+            data_dir,
+            cores,
+            nop_interval_ms,
+            nop_timeout_ms,
+            login_timeout_ms,
+            queue_depth,
+            discovery_chap,
+            targets,
+        })
     }
 
     /// The file name for messages.
     pub fn source_name(&self) -> String {
-        self.source.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<embedded default>".into())
+        self.source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<embedded default>".into())
     }
 }
 
-fn chap(c: RawChap, key: &str, bad: &dyn Fn(&str, String) -> ConfigError) -> Result<ChapConfig, ConfigError> {
+fn chap(
+    c: RawChap,
+    key: &str,
+    bad: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ChapConfig, ConfigError> {
     // RFC 7143 section 12.1.3: secrets should be at least 12 bytes (96 bits); shorter ones
     // are brute-forceable from one captured exchange, so we refuse them.
     let check = |k: &str, s: &str| {
         if s.len() < 12 || s.len() > 255 {
-            Err(bad(&format!("{key}.{k}"), format!("must be 12..=255 bytes long (got {})", s.len())))
+            Err(bad(
+                &format!("{key}.{k}"),
+                format!("must be 12..=255 bytes long (got {})", s.len()),
+            ))
         } else {
             Ok(())
         }
@@ -385,26 +518,42 @@ fn chap(c: RawChap, key: &str, bad: &dyn Fn(&str, String) -> ConfigError) -> Res
         (Some(u), Some(s)) => {
             check("mutual_secret", &s)?;
             if s == c.secret {
-                return Err(bad(&format!("{key}.mutual_secret"), "must differ from the initiator's secret (RFC 7143 section 12.1.3)".into()));
+                return Err(bad(
+                    &format!("{key}.mutual_secret"),
+                    "must differ from the initiator's secret (RFC 7143 section 12.1.3)".into(),
+                ));
             }
             Some((u, s))
         }
         _ => return Err(bad(key, "mutual_user and mutual_secret go together".into())),
     };
-    Ok(ChapConfig { user: c.user, secret: c.secret, mutual })
+    Ok(ChapConfig {
+        user: c.user,
+        secret: c.secret,
+        mutual,
+    })
 }
 
 /// Checks an iqn./eui./naa. name (RFC 7143 section 4.2.7).
 pub fn validate_iscsi_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_ISCSI_NAME_LEN {
-        return Err(format!("`{name}`: iSCSI names are 1..={MAX_ISCSI_NAME_LEN} bytes"));
+        return Err(format!(
+            "`{name}`: iSCSI names are 1..={MAX_ISCSI_NAME_LEN} bytes"
+        ));
     }
     let lower = name.to_ascii_lowercase();
     if !(lower.starts_with("iqn.") || lower.starts_with("eui.") || lower.starts_with("naa.")) {
-        return Err(format!("`{name}`: an iSCSI name starts with iqn., eui. or naa."));
+        return Err(format!(
+            "`{name}`: an iSCSI name starts with iqn., eui. or naa."
+        ));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b)) {
-        return Err(format!("`{name}`: only letters, digits, '-', '.' and ':' are allowed"));
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.:".contains(&b))
+    {
+        return Err(format!(
+            "`{name}`: only letters, digits, '-', '.' and ':' are allowed"
+        ));
     }
     Ok(())
 }
@@ -418,7 +567,9 @@ pub fn parse_size(v: &toml::Value) -> Result<u64, String> {
             let s = s.trim();
             let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
             let (num, unit) = s.split_at(split);
-            let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like \"10GiB\""))?;
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("`{s}` is not a size like \"10GiB\""))?;
             let shift = match unit.trim() {
                 "" | "B" => 0,
                 "KiB" | "K" => 10,
@@ -427,7 +578,8 @@ pub fn parse_size(v: &toml::Value) -> Result<u64, String> {
                 "TiB" | "T" => 40,
                 u => return Err(format!("unknown unit `{u}` (use B, KiB, MiB, GiB or TiB)")),
             };
-            n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` overflows"))
+            n.checked_mul(1u64 << shift)
+                .ok_or_else(|| format!("`{s}` overflows"))
         }
         _ => Err("must be a positive integer of bytes or a string like \"10GiB\"".into()),
     }
@@ -450,12 +602,23 @@ pub fn stable_hash(parts: &[&[u8]]) -> u64 {
 
 /// The unit serial number derived from configuration: 16 hex digits.
 pub fn derive_serial(target: &str, lun: u64) -> String {
-    format!("{:016x}", stable_hash(&[target.to_ascii_lowercase().as_bytes(), &lun.to_be_bytes(), b"serial"]))
+    format!(
+        "{:016x}",
+        stable_hash(&[
+            target.to_ascii_lowercase().as_bytes(),
+            &lun.to_be_bytes(),
+            b"serial"
+        ])
+    )
 }
 
 /// The 64-bit identifier used to build the LUN's NAA designator, derived like the serial.
 pub fn derive_naa_id(target: &str, lun: u64) -> u64 {
-    stable_hash(&[target.to_ascii_lowercase().as_bytes(), &lun.to_be_bytes(), b"naa"])
+    stable_hash(&[
+        target.to_ascii_lowercase().as_bytes(),
+        &lun.to_be_bytes(),
+        b"naa",
+    ])
 }
 
 #[cfg(test)]
@@ -479,20 +642,36 @@ mod tests {
     #[test]
     fn errors_name_file_and_key() {
         let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\npath = \"a.img\"\nsize = \"10XB\"\n").unwrap_err().to_string();
-        assert!(e.contains("test.toml") && e.contains("target[0].lun[0].size") && e.contains("XB"), "{e}");
-        let e = parse("[server]\nlisten = \"nope\"\n[[target]]\nname = \"iqn.2026-11.x:a\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("target[0].lun[0].size") && e.contains("XB"),
+            "{e}"
+        );
+        let e = parse("[server]\nlisten = \"nope\"\n[[target]]\nname = \"iqn.2026-11.x:a\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("server.listen"), "{e}");
-        let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\nchap = { user = \"u\", secret = \"short\" }\n").unwrap_err().to_string();
+        let e = parse(
+            "[[target]]\nname = \"iqn.2026-11.x:a\"\nchap = { user = \"u\", secret = \"short\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("target[0].chap.secret"), "{e}");
-        let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\nbogus = 1\n").unwrap_err().to_string();
+        let e = parse("[[target]]\nname = \"iqn.2026-11.x:a\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("test.toml") && e.contains("bogus"), "{e}");
-        let e = parse("[[target]]\nname = \"bad name\"\n").unwrap_err().to_string();
+        let e = parse("[[target]]\nname = \"bad name\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("target[0].name"), "{e}");
     }
 
     #[test]
     fn overrides_win() {
-        let ov = Overrides { listen: Some("127.0.0.1:3999".into()), data_dir: Some("/tmp/x".into()) };
+        let ov = Overrides {
+            listen: Some("127.0.0.1:3999".into()),
+            data_dir: Some("/tmp/x".into()),
+        };
         let c = Config::parse_str("[server]\nlisten = \"0.0.0.0:3260\"\n[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 1\npath = \"l.img\"\nsize = 1048576\n", "f", None, &ov).unwrap();
         assert_eq!(c.listen.port(), 3999);
         assert_eq!(c.targets[0].luns[0].path, PathBuf::from("/tmp/x/l.img"));
@@ -505,15 +684,27 @@ mod tests {
         assert!(!c.contains("198.20.0.1".parse().unwrap()));
         assert!(c.contains("::ffff:198.18.0.9".parse().unwrap()));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(Cidr::parse("127.0.0.1")
+            .unwrap()
+            .contains("127.0.0.1".parse().unwrap()));
     }
 
     #[test]
     fn identity_is_stable_and_distinct() {
-        assert_eq!(derive_serial("iqn.2026-11.x:a", 0), derive_serial("IQN.2026-11.X:A", 0));
-        assert_ne!(derive_serial("iqn.2026-11.x:a", 0), derive_serial("iqn.2026-11.x:a", 1));
-        assert_ne!(derive_naa_id("iqn.2026-11.x:a", 0), derive_naa_id("iqn.2026-11.x:b", 0));
-        // Pinned: identities must never change across releases (ESXi keys datastores on them).
-        assert_eq!(derive_serial("iqn.2026-11.io.twinsan:default", 0), format!("{:016x}", stable_hash(&[b"iqn.2026-11.io.twinsan:default", &0u64.to_be_bytes(), b"serial"])));
+        assert_eq!(
+            derive_serial("iqn.2026-11.x:a", 0),
+            derive_serial("IQN.2026-11.X:A", 0)
+        );
+        assert_ne!(
+            derive_serial("iqn.2026-11.x:a", 0),
+            derive_serial("iqn.2026-11.x:a", 1)
+        );
+        assert_ne!(
+            derive_naa_id("iqn.2026-11.x:a", 0),
+            derive_naa_id("iqn.2026-11.x:b", 0)
+        );
+        // Pinned: identities must never change across releases (ESXi keys datastores on
+        // them). This literal is what VPD 0x80 reported for the embedded default LUN.
+        assert_eq!(derive_serial("iqn.2026-11.io.twinsan:default", 0), "2b10c2f3f740bc24");
     }
 }

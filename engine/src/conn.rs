@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use proto::pdu::{
-    self, frame_len, parse_initiator, split_frame, Digests, InitiatorPdu, RejectReason, Residual, TargetPdu, TargetSns, BHS_LEN, RESERVED_TAG,
+    self, frame_len, parse_initiator, split_frame, Digests, InitiatorPdu, RejectReason, Residual,
+    TargetPdu, TargetSns, BHS_LEN, RESERVED_TAG,
 };
 use proto::scsi::sense::{Asc, Sense, SenseFormat};
 use proto::seq::{CmdSnPlace, CmdWindow};
@@ -190,11 +191,20 @@ impl Conn {
             Phase::Full(s) => (s.window.exp_cmd_sn(), s.window.max_cmd_sn()),
             Phase::Login(l) => (l.exp_cmd_sn(), l.exp_cmd_sn()),
         };
-        TargetSns { stat_sn: self.stat_sn, exp_cmd_sn: exp, max_cmd_sn: max }
+        TargetSns {
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+        }
     }
 
     /// Sends a PDU that carries a StatSN and advances it (RFC 7143 section 4.2.2.2).
-    fn send_status_pdu(&mut self, out: &mut Out, mk: impl FnOnce(TargetSns) -> TargetPdu, data: &[u8]) {
+    fn send_status_pdu(
+        &mut self,
+        out: &mut Out,
+        mk: impl FnOnce(TargetSns) -> TargetPdu,
+        data: &[u8],
+    ) {
         let sns = self.sns();
         self.stat_sn = self.stat_sn.wrapping_add(1);
         let bhs = mk(sns).encode_bhs();
@@ -202,7 +212,12 @@ impl Conn {
     }
 
     /// Sends a PDU whose StatSN field is informational (R2T, unsolicited NOP-In, Reject).
-    fn send_plain_pdu(&mut self, out: &mut Out, mk: impl FnOnce(TargetSns) -> TargetPdu, data: &[u8]) {
+    fn send_plain_pdu(
+        &mut self,
+        out: &mut Out,
+        mk: impl FnOnce(TargetSns) -> TargetPdu,
+        data: &[u8],
+    ) {
         let bhs = mk(self.sns()).encode_bhs();
         pdu::write_pdu(&mut out.send, &bhs, data, self.digests);
     }
@@ -210,12 +225,27 @@ impl Conn {
     fn reject(&mut self, out: &mut Out, reason: RejectReason, bhs: &[u8; BHS_LEN]) {
         tracing::debug!(peer = %self.peer, ?reason, opcode = bhs[0] & 0x3f, "rejecting PDU");
         // RFC 7143 section 11.17: a Reject carries StatSN and advances it like a response.
-        self.send_status_pdu(out, |sns| TargetPdu::Reject { reason, data_sn: 0, sns }, bhs);
+        self.send_status_pdu(
+            out,
+            |sns| TargetPdu::Reject {
+                reason,
+                data_sn: 0,
+                sns,
+            },
+            bhs,
+        );
     }
 
     /// Consumes complete PDUs from `buf`, returning the bytes used. Stops early when the
     /// connection is closing.
-    pub fn on_recv(&mut self, buf: &[u8], reg: &Registry, pool: &mut BufPool, now_ms: u64, out: &mut Out) -> usize {
+    pub fn on_recv(
+        &mut self,
+        buf: &[u8],
+        reg: &Registry,
+        pool: &mut BufPool,
+        now_ms: u64,
+        out: &mut Out,
+    ) -> usize {
         self.last_rx_ms = now_ms;
         let mut used = 0;
         while !self.closing && buf.len() - used >= BHS_LEN {
@@ -267,7 +297,15 @@ impl Conn {
         used
     }
 
-    fn on_pdu(&mut self, p: InitiatorPdu, bhs: &[u8; BHS_LEN], data: &[u8], reg: &Registry, pool: &mut BufPool, out: &mut Out) {
+    fn on_pdu(
+        &mut self,
+        p: InitiatorPdu,
+        bhs: &[u8; BHS_LEN],
+        data: &[u8],
+        reg: &Registry,
+        pool: &mut BufPool,
+        out: &mut Out,
+    ) {
         if let Phase::Login(login) = &mut self.phase {
             let InitiatorPdu::LoginRequest(req) = p else {
                 // RFC 7143 section 6.2: anything but Login during login is a protocol error.
@@ -327,7 +365,17 @@ impl Conn {
                     pdu::LogoutReason::RemoveConnectionForRecovery => 2,
                     _ => 0,
                 };
-                self.send_status_pdu(out, |sns| TargetPdu::LogoutResponse { itt: l.itt, response, time2wait: 0, time2retain: 0, sns }, &[]);
+                self.send_status_pdu(
+                    out,
+                    |sns| TargetPdu::LogoutResponse {
+                        itt: l.itt,
+                        response,
+                        time2wait: 0,
+                        time2retain: 0,
+                        sns,
+                    },
+                    &[],
+                );
                 if response == 0 {
                     out.close_after_send = true;
                     self.closing = true;
@@ -343,15 +391,23 @@ impl Conn {
     /// window has advanced past it); false when it was held or dropped.
     fn in_order(&mut self, cmd_sn: u32, p: &InitiatorPdu, data: &[u8], out: &mut Out) -> bool {
         let _ = out;
-        let Phase::Full(s) = &mut self.phase else { return false };
+        let Phase::Full(s) = &mut self.phase else {
+            return false;
+        };
         match s.window.place(cmd_sn) {
             CmdSnPlace::Next => {
                 s.window.advance();
                 true
             }
             CmdSnPlace::Ahead => {
-                if self.held.len() < MAX_HELD_COMMANDS && !self.held.iter().any(|h| h.cmd_sn == cmd_sn) {
-                    self.held.push(Held { cmd_sn, pdu: p.clone(), data: data.to_vec() });
+                if self.held.len() < MAX_HELD_COMMANDS
+                    && !self.held.iter().any(|h| h.cmd_sn == cmd_sn)
+                {
+                    self.held.push(Held {
+                        cmd_sn,
+                        pdu: p.clone(),
+                        data: data.to_vec(),
+                    });
                 }
                 false
             }
@@ -368,7 +424,9 @@ impl Conn {
         loop {
             let Phase::Full(s) = &self.phase else { return };
             let exp = s.window.exp_cmd_sn();
-            let Some(pos) = self.held.iter().position(|h| h.cmd_sn == exp) else { return };
+            let Some(pos) = self.held.iter().position(|h| h.cmd_sn == exp) else {
+                return;
+            };
             let h = self.held.swap_remove(pos);
             if let Phase::Full(s) = &mut self.phase {
                 s.window.advance();
@@ -379,7 +437,17 @@ impl Conn {
                 InitiatorPdu::TmfRequest(t) => self.tmf(&t, reg, pool, out),
                 InitiatorPdu::TextRequest(t) => self.text(&t, &h.data, reg, out),
                 InitiatorPdu::LogoutRequest(l) => {
-                    self.send_status_pdu(out, |sns| TargetPdu::LogoutResponse { itt: l.itt, response: 0, time2wait: 0, time2retain: 0, sns }, &[]);
+                    self.send_status_pdu(
+                        out,
+                        |sns| TargetPdu::LogoutResponse {
+                            itt: l.itt,
+                            response: 0,
+                            time2wait: 0,
+                            time2retain: 0,
+                            sns,
+                        },
+                        &[],
+                    );
                     out.close_after_send = true;
                     self.closing = true;
                 }
@@ -393,16 +461,36 @@ impl Conn {
             Some(t) if res.kind == SessionKind::Normal => t
                 .luns
                 .iter()
-                .map(|&(id, index)| LunView { id, index, ua_seen: reg.luns[index].ua.start(reg.luns[index].mode_tag()), pending_ua: Vec::new() })
+                .map(|&(id, index)| LunView {
+                    id,
+                    index,
+                    ua_seen: reg.luns[index].ua.start(reg.luns[index].mode_tag()),
+                    pending_ua: Vec::new(),
+                })
                 .collect(),
             _ => Vec::new(),
         };
-        self.digests = Digests { header: res.params.header_digest, data: res.params.data_digest };
+        self.digests = Digests {
+            header: res.params.header_digest,
+            data: res.params.data_digest,
+        };
         tracing::info!(peer = %self.peer, initiator = %res.initiator_name, target = %res.target_name, kind = ?res.kind, "login complete");
         let window = CmdWindow::new(res.exp_cmd_sn, reg.config.queue_depth);
-        let nexus = proto::scsi::pr::Nexus::new(&res.initiator_name, res.isid, crate::login::PORTAL_GROUP_TAG);
+        let nexus = proto::scsi::pr::Nexus::new(
+            &res.initiator_name,
+            res.isid,
+            crate::login::PORTAL_GROUP_TAG,
+        );
         let nexus_tag = nexus_tag(&nexus);
-        self.phase = Phase::Full(Box::new(Session { kind: res.kind, target: res.target, window, params: res.params, luns, nexus, nexus_tag }));
+        self.phase = Phase::Full(Box::new(Session {
+            kind: res.kind,
+            target: res.target,
+            window,
+            params: res.params,
+            luns,
+            nexus,
+            nexus_tag,
+        }));
     }
 
     fn nop_out(&mut self, n: &pdu::NopOut, data: &[u8], out: &mut Out) {
@@ -417,7 +505,17 @@ impl Conn {
             let itt = n.itt;
             let max = self.max_send_data_bytes();
             let echo = &data[..data.len().min(max)];
-            self.send_status_pdu(out, |sns| TargetPdu::NopIn { lun, itt, ttt: RESERVED_TAG, sns, data_len: echo.len() as u32 }, echo);
+            self.send_status_pdu(
+                out,
+                |sns| TargetPdu::NopIn {
+                    lun,
+                    itt,
+                    ttt: RESERVED_TAG,
+                    sns,
+                    data_len: echo.len() as u32,
+                },
+                echo,
+            );
         }
     }
 
@@ -430,21 +528,40 @@ impl Conn {
 
     fn text(&mut self, t: &pdu::TextRequest, data: &[u8], reg: &Registry, out: &mut Out) {
         let peer = self.peer;
-        let Phase::Full(s) = &mut self.phase else { return };
+        let Phase::Full(s) = &mut self.phase else {
+            return;
+        };
         let target = reg.targets.get(s.target).map(|t| t.cfg.name.clone());
-        let reply = crate::login::text_reply(reg, peer, s.kind, &mut s.params, target.as_deref(), data);
+        let reply =
+            crate::login::text_reply(reg, peer, s.kind, &mut s.params, target.as_deref(), data);
         let (itt, lun) = (t.itt, t.lun);
         match reply {
-            Ok(mut reply) => {
+            Some(mut reply) => {
                 // One PDU: cut at a key boundary to what the initiator accepts.
                 let max = self.max_send_data_bytes();
                 if reply.len() > max {
-                    let cut = reply[..max].iter().rposition(|&b| b == 0).map(|p| p + 1).unwrap_or(0);
+                    let cut = reply[..max]
+                        .iter()
+                        .rposition(|&b| b == 0)
+                        .map(|p| p + 1)
+                        .unwrap_or(0);
                     reply.truncate(cut);
                 }
-                self.send_status_pdu(out, |sns| TargetPdu::TextResponse { final_: true, cont: false, lun, itt, ttt: RESERVED_TAG, sns, data_len: reply.len() as u32 }, &reply);
+                self.send_status_pdu(
+                    out,
+                    |sns| TargetPdu::TextResponse {
+                        final_: true,
+                        cont: false,
+                        lun,
+                        itt,
+                        ttt: RESERVED_TAG,
+                        sns,
+                        data_len: reply.len() as u32,
+                    },
+                    &reply,
+                );
             }
-            Err(()) => {
+            None => {
                 let mut bhs = [0u8; BHS_LEN];
                 bhs[0] = pdu::opcode::TEXT_REQUEST;
                 bhs[16..20].copy_from_slice(&itt.to_be_bytes());
@@ -476,12 +593,24 @@ impl Conn {
     }
 
     fn find_task(&self, itt: u32) -> Option<u32> {
-        self.tasks.iter().position(|t| t.as_ref().is_some_and(|t| t.itt == itt)).map(|i| i as u32)
+        self.tasks
+            .iter()
+            .position(|t| t.as_ref().is_some_and(|t| t.itt == itt))
+            .map(|i| i as u32)
     }
 
-    fn scsi_command(&mut self, c: &pdu::ScsiCommand, data: &[u8], reg: &Registry, pool: &mut BufPool, out: &mut Out) {
+    fn scsi_command(
+        &mut self,
+        c: &pdu::ScsiCommand,
+        data: &[u8],
+        reg: &Registry,
+        pool: &mut BufPool,
+        out: &mut Out,
+    ) {
         let live_itt = self.find_task(c.itt).is_some();
-        let Phase::Full(s) = &mut self.phase else { return };
+        let Phase::Full(s) = &mut self.phase else {
+            return;
+        };
         if s.kind != SessionKind::Normal {
             // RFC 7143 section 4.4.1: a discovery session carries no SCSI commands.
             let mut bhs = [0u8; BHS_LEN];
@@ -504,7 +633,9 @@ impl Conn {
         // Unit attentions other nexuses caused, collected before the command runs.
         let mut ua = None;
         if let Some(v) = view {
-            reg.luns[v.index].ua.collect(self.session_id, tag, &mut v.ua_seen, &mut v.pending_ua);
+            reg.luns[v.index]
+                .ua
+                .collect(self.session_id, tag, &mut v.ua_seen, &mut v.pending_ua);
             if !v.pending_ua.is_empty() && !scsi::ua_exempt(c.cdb()) {
                 let asc = v.pending_ua.remove(0);
                 tracing::debug!(peer = %self.peer, initiator = %s.nexus.initiator, opcode = c.cdb()[0], ?asc, "reporting unit attention");
@@ -512,9 +643,20 @@ impl Conn {
             }
         }
         let target = &reg.targets[s.target];
-        let mut ctx = ExecCtx { reg, target, lun: lun_index, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
+        let mut ctx = ExecCtx {
+            reg,
+            target,
+            lun: lun_index,
+            lun_id,
+            pool,
+            session_id: self.session_id,
+            nexus: &s.nexus,
+        };
         let (scsi_task, step) = match ua {
-            Some(asc) => (ScsiTask::empty(), Step::Done(scsi::Reply::check(Sense::unit_attention(asc)))),
+            Some(asc) => (
+                ScsiTask::empty(),
+                Step::Done(scsi::Reply::check(Sense::unit_attention(asc))),
+            ),
             None => scsi::start(c.cdb(), c.expected_data_len_bytes, c.write, &mut ctx),
         };
         let task = Task {
@@ -547,15 +689,28 @@ impl Conn {
         match step {
             Step::NeedData(needed) => {
                 let (first_burst, immediate_ok, initial_r2t) = match &self.phase {
-                    Phase::Full(s) => (s.params.first_burst_len_bytes, s.params.immediate_data, s.params.initial_r2t),
+                    Phase::Full(s) => (
+                        s.params.first_burst_len_bytes,
+                        s.params.immediate_data,
+                        s.params.initial_r2t,
+                    ),
                     Phase::Login(_) => (0, false, true),
                 };
                 if !data.is_empty() && !immediate_ok {
-                    self.finish(idx, scsi::Reply::check(Sense::invalid_field_in_cdb(0, None)), pool, out);
+                    self.finish(
+                        idx,
+                        scsi::Reply::check(Sense::invalid_field_in_cdb(0, None)),
+                        pool,
+                        out,
+                    );
                     return;
                 }
                 // Unsolicited data allowed: immediate + (if InitialR2T=No) Data-Out up to FirstBurstLength.
-                let unsolicited = if initial_r2t { data.len() as u32 } else { first_burst.min(expected).max(data.len() as u32) };
+                let unsolicited = if initial_r2t {
+                    data.len() as u32
+                } else {
+                    first_burst.min(expected).max(data.len() as u32)
+                };
                 let mut st = DataOutState {
                     expected_bytes: expected,
                     needed_bytes: needed,
@@ -586,10 +741,19 @@ impl Conn {
             Phase::Login(_) => return,
         };
         let _ = max_r2t; // one R2T at a time keeps ordering simple; enough for ImmediateData/FirstBurst hosts
-        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { return };
-        let Some(st) = t.data_out.as_mut() else { return };
-        let wanted = st.expected_bytes.min(st.needed_bytes.max(st.received_bytes));
-        if st.received_bytes >= st.needed_bytes.min(st.expected_bytes) && st.r2t.is_none() && !st.unsolicited_open {
+        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
+            return;
+        };
+        let Some(st) = t.data_out.as_mut() else {
+            return;
+        };
+        let wanted = st
+            .expected_bytes
+            .min(st.needed_bytes.max(st.received_bytes));
+        if st.received_bytes >= st.needed_bytes.min(st.expected_bytes)
+            && st.r2t.is_none()
+            && !st.unsolicited_open
+        {
             // All the data the command can get has arrived.
             t.data_out = None;
             if let Some(step) = t.deferred.take() {
@@ -600,7 +764,15 @@ impl Conn {
             let lun = (t.lun != usize::MAX).then_some(t.lun);
             let Phase::Full(s) = &self.phase else { return };
             let target = &reg.targets[s.target];
-            let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
+            let mut ctx = ExecCtx {
+                reg,
+                target,
+                lun,
+                lun_id,
+                pool,
+                session_id: self.session_id,
+                nexus: &s.nexus,
+            };
             let step = scsi::data_ready(&mut t.scsi, &mut ctx);
             self.apply_step(idx, step, reg, pool, out);
             return;
@@ -618,18 +790,40 @@ impl Conn {
             let r2t_sn = st.r2t_sn;
             st.r2t_sn = st.r2t_sn.wrapping_add(1);
             let (itt, lun) = (t.itt, encode_lun(t.lun_id));
-            self.send_plain_pdu(out, |sns| TargetPdu::R2t { lun, itt, ttt, r2t_sn, buffer_offset: offset, desired_len: len, sns }, &[]);
+            self.send_plain_pdu(
+                out,
+                |sns| TargetPdu::R2t {
+                    lun,
+                    itt,
+                    ttt,
+                    r2t_sn,
+                    buffer_offset: offset,
+                    desired_len: len,
+                    sns,
+                },
+                &[],
+            );
         }
     }
 
-    fn data_out(&mut self, d: &pdu::DataOut, bhs: &[u8; BHS_LEN], data: &[u8], reg: &Registry, pool: &mut BufPool, out: &mut Out) {
+    fn data_out(
+        &mut self,
+        d: &pdu::DataOut,
+        bhs: &[u8; BHS_LEN],
+        data: &[u8],
+        reg: &Registry,
+        pool: &mut BufPool,
+        out: &mut Out,
+    ) {
         let Some(idx) = self.find_task(d.itt) else {
             // Data for a task we do not know (aborted, or never sent): drop it. RFC 7143
             // section 11.7.4 lets the target silently discard data for terminated tasks.
             tracing::debug!(peer = %self.peer, itt = d.itt, "Data-Out for unknown task dropped");
             return;
         };
-        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { return };
+        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
+            return;
+        };
         let Some(mut st) = t.data_out.take() else {
             self.reject(out, RejectReason::ProtocolError, bhs);
             return;
@@ -637,7 +831,9 @@ impl Conn {
         let end = d.buffer_offset as u64 + data.len() as u64;
         // Validate the sequence this PDU belongs to: an R2T's (TTT) or the unsolicited one.
         let valid = if d.ttt == RESERVED_TAG {
-            let ok = st.unsolicited_open && d.data_sn == st.unsolicited_data_sn && end <= st.solicited_to as u64;
+            let ok = st.unsolicited_open
+                && d.data_sn == st.unsolicited_data_sn
+                && end <= st.solicited_to as u64;
             if ok {
                 st.unsolicited_data_sn += 1;
                 if d.final_ {
@@ -647,8 +843,17 @@ impl Conn {
             ok
         } else {
             match st.r2t {
-                Some((ttt, off, len, dsn)) if ttt == d.ttt && d.data_sn == dsn && d.buffer_offset >= off && end <= (off + len) as u64 => {
-                    st.r2t = if d.final_ { None } else { Some((ttt, off, len, dsn + 1)) };
+                Some((ttt, off, len, dsn))
+                    if ttt == d.ttt
+                        && d.data_sn == dsn
+                        && d.buffer_offset >= off
+                        && end <= (off + len) as u64 =>
+                {
+                    st.r2t = if d.final_ {
+                        None
+                    } else {
+                        Some((ttt, off, len, dsn + 1))
+                    };
                     true
                 }
                 _ => false,
@@ -668,14 +873,25 @@ impl Conn {
         self.progress_write(idx, reg, pool, out);
     }
 
-    fn apply_step(&mut self, idx: u32, step: Step, reg: &Registry, pool: &mut BufPool, out: &mut Out) {
+    fn apply_step(
+        &mut self,
+        idx: u32,
+        step: Step,
+        reg: &Registry,
+        pool: &mut BufPool,
+        out: &mut Out,
+    ) {
         let _ = reg;
         match step {
             Step::Done(reply) => self.finish(idx, reply, pool, out),
             Step::Io(op) => {
                 if let Some(Some(t)) = self.tasks.get_mut(idx as usize) {
                     t.io_inflight += 1;
-                    out.io.push(IoReq { task: idx, lun: t.lun, op });
+                    out.io.push(IoReq {
+                        task: idx,
+                        lun: t.lun,
+                        op,
+                    });
                 }
             }
             Step::IoAt(lun, op) => {
@@ -689,13 +905,25 @@ impl Conn {
             Step::NeedData(_) => {
                 // Only `start` may ask for data; a later request is an executor bug.
                 debug_assert!(false, "NeedData after start");
-                self.finish(idx, scsi::Reply::check(Sense::internal_target_failure()), pool, out);
+                self.finish(
+                    idx,
+                    scsi::Reply::check(Sense::internal_target_failure()),
+                    pool,
+                    out,
+                );
             }
         }
     }
 
     /// A disk operation of task `idx` completed with `res` (bytes or -errno).
-    pub fn on_io_done(&mut self, idx: u32, res: i32, reg: &Registry, pool: &mut BufPool, out: &mut Out) {
+    pub fn on_io_done(
+        &mut self,
+        idx: u32,
+        res: i32,
+        reg: &Registry,
+        pool: &mut BufPool,
+        out: &mut Out,
+    ) {
         let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
             debug_assert!(false, "completion for a free task slot");
             return;
@@ -712,14 +940,24 @@ impl Conn {
         let lun = (t.lun != usize::MAX).then_some(t.lun);
         let Phase::Full(s) = &self.phase else { return };
         let target = &reg.targets[s.target];
-        let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
+        let mut ctx = ExecCtx {
+            reg,
+            target,
+            lun,
+            lun_id,
+            pool,
+            session_id: self.session_id,
+            nexus: &s.nexus,
+        };
         let step = scsi::io_done(&mut t.scsi, res, &mut ctx);
         self.apply_step(idx, step, reg, pool, out);
     }
 
     /// Sends the final response of task `idx` and frees it.
     fn finish(&mut self, idx: u32, reply: scsi::Reply, pool: &mut BufPool, out: &mut Out) {
-        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { return };
+        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
+            return;
+        };
         if t.aborted {
             return;
         }
@@ -734,13 +972,20 @@ impl Conn {
         let data: &[u8] = match &reply.data {
             ReplyData::None => &[],
             ReplyData::Inline(v) => v,
-            ReplyData::Buf(n) => task_buf.as_deref().map(|b| &b[..(*n).min(b.len())]).unwrap_or(&[]),
+            ReplyData::Buf(n) => task_buf
+                .as_deref()
+                .map(|b| &b[..(*n).min(b.len())])
+                .unwrap_or(&[]),
         };
         let produced = data.len() as u32;
         // Residuals compare the expected length with what the command would transfer.
         let transfer = reply.transfer_bytes.unwrap_or(produced);
         let residual = Residual::of(edtl, transfer);
-        let sendable = if read_dir { &data[..(produced.min(edtl)) as usize] } else { &[][..] };
+        let sendable = if read_dir {
+            &data[..(produced.min(edtl)) as usize]
+        } else {
+            &[][..]
+        };
         let max_seg = self.max_send_data_bytes().max(512);
         let max_burst = match &self.phase {
             Phase::Full(s) => s.params.max_burst_len_bytes.max(512) as usize,
@@ -777,7 +1022,11 @@ impl Conn {
                     lun,
                     itt,
                     status: with_status.then_some(status::GOOD),
-                    residual: if with_status { residual } else { Residual::None },
+                    residual: if with_status {
+                        residual
+                    } else {
+                        Residual::None
+                    },
                     data_sn,
                     buffer_offset: off as u32,
                     sns,
@@ -809,7 +1058,15 @@ impl Conn {
         let st = reply.status;
         self.send_status_pdu(
             out,
-            |sns| TargetPdu::ScsiResponse { itt, status: st, response: 0, residual, exp_data_sn: data_sn, sns, data_len: sense_buf.len() as u32 },
+            |sns| TargetPdu::ScsiResponse {
+                itt,
+                status: st,
+                response: 0,
+                residual,
+                exp_data_sn: data_sn,
+                sns,
+                data_len: sense_buf.len() as u32,
+            },
             &sense_buf,
         );
         self.free_task(idx, pool);
@@ -830,21 +1087,30 @@ impl Conn {
                 }
                 // Not received yet (RefCmdSN not below ExpCmdSN): consider it done (RFC 7143
                 // section 11.5.1); otherwise it already completed.
-                None if !proto::seq::sn_lt(t.ref_cmd_sn, exp_cmd_sn) => tmf_response::FUNCTION_COMPLETE,
+                None if !proto::seq::sn_lt(t.ref_cmd_sn, exp_cmd_sn) => {
+                    tmf_response::FUNCTION_COMPLETE
+                }
                 None => tmf_response::TASK_DOES_NOT_EXIST,
             },
             AbortTaskSet | ClearTaskSet | LogicalUnitReset => match lun_index {
                 None => tmf_response::LUN_DOES_NOT_EXIST,
                 Some(index) => {
                     for idx in 0..self.tasks.len() as u32 {
-                        if self.tasks[idx as usize].as_ref().is_some_and(|x| x.lun == index) {
+                        if self.tasks[idx as usize]
+                            .as_ref()
+                            .is_some_and(|x| x.lun == index)
+                        {
                             self.abort(idx, pool);
                         }
                     }
                     if t.function == LogicalUnitReset {
                         let lun = &reg.luns[index];
                         *lun.mode.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
-                        lun.ua.raise_state_change(self.session_id, Asc::MODE_PARAMETERS_CHANGED, lun.mode_tag());
+                        lun.ua.raise_state_change(
+                            self.session_id,
+                            Asc::MODE_PARAMETERS_CHANGED,
+                            lun.mode_tag(),
+                        );
                         lun.with_pr(proto::scsi::pr::lun_reset);
                         // SAM-5 section 6.3.3: every I_T nexus, the issuer's included, is told.
                         lun.ua.raise(0, Asc::BUS_DEVICE_RESET);
@@ -873,20 +1139,30 @@ impl Conn {
             }
             ClearAca | TaskReassign | Other(_) => tmf_response::NOT_SUPPORTED,
         };
-        let waiting = self.tasks.iter().flatten().any(|x| x.aborted && x.io_inflight > 0);
+        let waiting = self
+            .tasks
+            .iter()
+            .flatten()
+            .any(|x| x.aborted && x.io_inflight > 0);
         if waiting && response == tmf_response::FUNCTION_COMPLETE {
             // RFC 7143 section 4.2.3.3 (and SAM): answer only once the aborted tasks are gone.
             self.deferred_tmf.push((t.itt, response));
         } else {
             let itt = t.itt;
-            self.send_status_pdu(out, |sns| TargetPdu::TmfResponse { itt, response, sns }, &[]);
+            self.send_status_pdu(
+                out,
+                |sns| TargetPdu::TmfResponse { itt, response, sns },
+                &[],
+            );
         }
     }
 
     fn abort(&mut self, idx: u32, pool: &mut BufPool) {
         self.waiting.retain(|&w| w != idx);
         self.waiting_slow.retain(|&w| w != idx);
-        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { return };
+        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
+            return;
+        };
         if t.io_inflight > 0 {
             // The buffer stays with the task until the kernel is done with it.
             t.aborted = true;
@@ -896,11 +1172,20 @@ impl Conn {
     }
 
     fn flush_deferred_tmf(&mut self, out: &mut Out) {
-        if self.tasks.iter().flatten().any(|x| x.aborted && x.io_inflight > 0) {
+        if self
+            .tasks
+            .iter()
+            .flatten()
+            .any(|x| x.aborted && x.io_inflight > 0)
+        {
             return;
         }
         for (itt, response) in std::mem::take(&mut self.deferred_tmf) {
-            self.send_status_pdu(out, |sns| TargetPdu::TmfResponse { itt, response, sns }, &[]);
+            self.send_status_pdu(
+                out,
+                |sns| TargetPdu::TmfResponse { itt, response, sns },
+                &[],
+            );
         }
     }
 
@@ -932,7 +1217,17 @@ impl Conn {
                     let ttt = self.next_ttt;
                     self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
                     self.ping = Some((ttt, now_ms));
-                    self.send_plain_pdu(out, |sns| TargetPdu::NopIn { lun: 0, itt: RESERVED_TAG, ttt, sns, data_len: 0 }, &[]);
+                    self.send_plain_pdu(
+                        out,
+                        |sns| TargetPdu::NopIn {
+                            lun: 0,
+                            itt: RESERVED_TAG,
+                            ttt,
+                            sns,
+                            data_len: 0,
+                        },
+                        &[],
+                    );
                 }
             }
         }
@@ -949,9 +1244,15 @@ impl Conn {
     }
 
     fn retry_list(&mut self, slow: bool, reg: &Registry, pool: &mut BufPool, out: &mut Out) {
-        let parked = std::mem::take(if slow { &mut self.waiting_slow } else { &mut self.waiting });
+        let parked = std::mem::take(if slow {
+            &mut self.waiting_slow
+        } else {
+            &mut self.waiting
+        });
         for idx in parked {
-            let Some(Some(t)) = self.tasks.get_mut(idx as usize) else { continue };
+            let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
+                continue;
+            };
             if t.aborted {
                 continue;
             }
@@ -959,7 +1260,15 @@ impl Conn {
             let lun = (t.lun != usize::MAX).then_some(t.lun);
             let Phase::Full(s) = &self.phase else { return };
             let target = &reg.targets[s.target];
-            let mut ctx = ExecCtx { reg, target, lun, lun_id, pool, session_id: self.session_id, nexus: &s.nexus };
+            let mut ctx = ExecCtx {
+                reg,
+                target,
+                lun,
+                lun_id,
+                pool,
+                session_id: self.session_id,
+                nexus: &s.nexus,
+            };
             let step = scsi::retry(&mut t.scsi, &mut ctx);
             self.apply_step(idx, step, reg, pool, out);
         }
@@ -1002,7 +1311,9 @@ fn accept_data(t: &mut Task, st: &mut DataOutState, offset: u32, data: &[u8]) {
     if st.discard {
         return;
     }
-    let Some(buf) = t.scsi.buf.as_mut() else { return };
+    let Some(buf) = t.scsi.buf.as_mut() else {
+        return;
+    };
     let start = offset as usize;
     if start >= buf.len() {
         return;
@@ -1034,7 +1345,11 @@ pub fn encode_lun(id: u64) -> u64 {
 
 /// A stable 64-bit tag of an I_T nexus (unit attentions addressed to one nexus carry it).
 pub fn nexus_tag(n: &proto::scsi::pr::Nexus) -> u64 {
-    crate::config::stable_hash(&[n.initiator.as_bytes(), &n.isid, &n.target_port.to_be_bytes()])
+    crate::config::stable_hash(&[
+        n.initiator.as_bytes(),
+        &n.isid,
+        &n.target_port.to_be_bytes(),
+    ])
 }
 
 // The task buffer limit also bounds one command's transfer length.

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use proto::login::chap::CHALLENGE_LEN_BYTES;
 use proto::login::target::target_address;
 use proto::login::{
-    answer_text_request, Auth, ChapEntropy, DiscoveryTarget, LoginConfig, LoginOutcome, LoginRequest, SessionParams, SessionType, Stage, TargetConfig,
-    TargetLimits, TargetLogin,
+    answer_text_request, Auth, ChapEntropy, DiscoveryTarget, LoginConfig, LoginOutcome,
+    LoginRequest, SessionParams, SessionType, Stage, TargetConfig, TargetLimits, TargetLogin,
 };
 use proto::pdu::{self, Digests, LoginStage, TargetPdu, TargetSns};
 use rand::RngCore;
@@ -55,7 +55,10 @@ fn auth(c: &Option<ChapConfig>) -> Auth {
         Some(c) => Auth::Chap {
             user: c.user.clone(),
             secret: c.secret.clone().into_bytes(),
-            mutual: c.mutual.as_ref().map(|(u, s)| (u.clone(), s.clone().into_bytes())),
+            mutual: c
+                .mutual
+                .as_ref()
+                .map(|(u, s)| (u.clone(), s.clone().into_bytes())),
         },
     }
 }
@@ -72,7 +75,12 @@ pub fn login_config(cfg: &Config) -> LoginConfig {
         targets: cfg
             .targets
             .iter()
-            .map(|t| TargetConfig { name: t.name.clone(), alias: t.alias.clone(), auth: auth(&t.chap), allowed_initiators: t.allowed_initiators.clone() })
+            .map(|t| TargetConfig {
+                name: t.name.clone(),
+                alias: t.alias.clone(),
+                auth: auth(&t.chap),
+                allowed_initiators: t.allowed_initiators.clone(),
+            })
             .collect(),
         discovery_auth: auth(&cfg.discovery_chap),
         portal_group_tag: PORTAL_GROUP_TAG,
@@ -95,14 +103,25 @@ impl LoginPhase {
         let mut challenge = [0u8; CHALLENGE_LEN_BYTES];
         rng.fill_bytes(&mut challenge);
         let id = (rng.next_u32() & 0xff) as u8;
-        LoginPhase { machine: TargetLogin::new(ChapEntropy { id, challenge }), peer, exp_cmd_sn: 0, window: reg.config.queue_depth }
+        LoginPhase {
+            machine: TargetLogin::new(ChapEntropy { id, challenge }),
+            peer,
+            exp_cmd_sn: 0,
+            window: reg.config.queue_depth,
+        }
     }
 
     pub fn exp_cmd_sn(&self) -> u32 {
         self.exp_cmd_sn
     }
 
-    pub fn on_request(&mut self, req: &pdu::LoginRequest, data: &[u8], reg: &Registry, stat_sn: &mut u32) -> LoginStepOut {
+    pub fn on_request(
+        &mut self,
+        req: &pdu::LoginRequest,
+        data: &[u8],
+        reg: &Registry,
+        stat_sn: &mut u32,
+    ) -> LoginStepOut {
         self.exp_cmd_sn = req.cmd_sn;
         let stage = |s: LoginStage| match s {
             LoginStage::Security => Stage::Security,
@@ -110,7 +129,10 @@ impl LoginPhase {
             LoginStage::FullFeature => Stage::FullFeature,
         };
         let peer_ip = self.peer.ip();
-        let may_reach = |name: &str| reg.target(name).is_some_and(|(_, t)| t.cfg.address_allowed(peer_ip));
+        let may_reach = |name: &str| {
+            reg.target(name)
+                .is_some_and(|(_, t)| t.cfg.address_allowed(peer_ip))
+        };
         let preq = LoginRequest {
             transit: req.transit,
             cont: req.cont,
@@ -165,7 +187,11 @@ impl LoginPhase {
             Stage::Operational => LoginStage::Operational,
             Stage::FullFeature => LoginStage::FullFeature,
         };
-        let sns = TargetSns { stat_sn: *stat_sn, exp_cmd_sn: req.cmd_sn, max_cmd_sn: req.cmd_sn.wrapping_add(self.window - 1) };
+        let sns = TargetSns {
+            stat_sn: *stat_sn,
+            exp_cmd_sn: req.cmd_sn,
+            max_cmd_sn: req.cmd_sn.wrapping_add(self.window - 1),
+        };
         // RFC 7143 section 11.13.4: every Login Response advances StatSN.
         *stat_sn = stat_sn.wrapping_add(1);
         let bhs = TargetPdu::LoginResponse {
@@ -190,7 +216,11 @@ impl LoginPhase {
     }
 
     fn fail(&self, req: &pdu::LoginRequest, stat_sn: &mut u32) -> LoginStepOut {
-        let sns = TargetSns { stat_sn: *stat_sn, exp_cmd_sn: req.cmd_sn, max_cmd_sn: req.cmd_sn };
+        let sns = TargetSns {
+            stat_sn: *stat_sn,
+            exp_cmd_sn: req.cmd_sn,
+            max_cmd_sn: req.cmd_sn,
+        };
         *stat_sn = stat_sn.wrapping_add(1);
         let bhs = TargetPdu::LoginResponse {
             transit: false,
@@ -210,24 +240,40 @@ impl LoginPhase {
         .encode_bhs();
         let mut bytes = Vec::new();
         pdu::write_pdu(&mut bytes, &bhs, &[], Digests::default());
-        LoginStepOut { bytes, done: Some(LoginDone::Failed) }
+        LoginStepOut {
+            bytes,
+            done: Some(LoginDone::Failed),
+        }
     }
 }
 
-/// Answers a full-feature Text request (SendTargets and text negotiation). `Err` means the
+/// Answers a full-feature Text request (SendTargets and text negotiation). `None` means the
 /// request was malformed and deserves a Reject.
-pub fn text_reply(reg: &Registry, peer: SocketAddr, kind: SessionKind, params: &mut SessionParams, session_target: Option<&str>, data: &[u8]) -> Result<Vec<u8>, ()> {
+pub fn text_reply(
+    reg: &Registry,
+    peer: SocketAddr,
+    kind: SessionKind,
+    params: &mut SessionParams,
+    session_target: Option<&str>,
+    data: &[u8],
+) -> Option<Vec<u8>> {
     let addr = target_address(reg.portal, PORTAL_GROUP_TAG);
-    let visible: Vec<DiscoveryTarget> = reg.visible_to(peer.ip()).map(|t| DiscoveryTarget { name: t.cfg.name.clone(), addresses: vec![addr.clone()] }).collect();
+    let visible: Vec<DiscoveryTarget> = reg
+        .visible_to(peer.ip())
+        .map(|t| DiscoveryTarget {
+            name: t.cfg.name.clone(),
+            addresses: vec![addr.clone()],
+        })
+        .collect();
     let st = match kind {
         SessionKind::Normal => SessionType::Normal,
         SessionKind::Discovery => SessionType::Discovery,
     };
     match answer_text_request(&limits(), st, params, session_target, &visible, data) {
-        Ok(r) => Ok(r.data),
+        Ok(r) => Some(r.data),
         Err(e) => {
             tracing::debug!(%peer, error = %e, "malformed text request");
-            Err(())
+            None
         }
     }
 }

@@ -14,21 +14,33 @@ use crate::ua::UaLog;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use proto::scsi::pr::PrState;
 use proto::scsi::mode::ModeState;
+use proto::scsi::pr::PrState;
 
 #[derive(Debug, Error)]
 pub enum LunError {
     #[error("{path}: {what}: {source}")]
-    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("{path}: the file is {actual} bytes, but the configured size is {configured}: refusing to shrink a LUN (data would be lost)")]
-    WouldShrink { path: PathBuf, actual: u64, configured: u64 },
+    WouldShrink {
+        path: PathBuf,
+        actual: u64,
+        configured: u64,
+    },
     #[error("{path}: no size is configured and the file does not exist")]
     NoSize { path: PathBuf },
     #[error("{path}: persistent reservation state is unreadable ({reason}); move the file aside to start without it")]
     PrState { path: PathBuf, reason: String },
     #[error("{path}: the file size {size} is not a multiple of the block size {block_size}")]
-    Misaligned { path: PathBuf, size: u64, block_size: u32 },
+    Misaligned {
+        path: PathBuf,
+        size: u64,
+        block_size: u32,
+    },
 }
 
 /// One LUN, shared by every core thread.
@@ -85,20 +97,38 @@ impl Lun {
             Err(e) => return Err(io("reading metadata")(e)),
         };
         let size_bytes = match (existing, cfg.size_bytes) {
-            (None, 0) => return Err(LunError::NoSize { path: cfg.path.clone() }),
+            (None, 0) => {
+                return Err(LunError::NoSize {
+                    path: cfg.path.clone(),
+                })
+            }
             (Some(actual), 0) => actual,
             (Some(actual), configured) if actual > configured => {
-                return Err(LunError::WouldShrink { path: cfg.path.clone(), actual, configured })
+                return Err(LunError::WouldShrink {
+                    path: cfg.path.clone(),
+                    actual,
+                    configured,
+                })
             }
             (_, configured) => configured,
         };
         if size_bytes == 0 || size_bytes % cfg.block_size as u64 != 0 {
-            return Err(LunError::Misaligned { path: cfg.path.clone(), size: size_bytes, block_size: cfg.block_size });
+            return Err(LunError::Misaligned {
+                path: cfg.path.clone(),
+                size: size_bytes,
+                block_size: cfg.block_size,
+            });
         }
         if existing != Some(size_bytes) {
             // set_len on a new or shorter file creates a hole: thin by construction.
-            let f = OpenOptions::new().create(true).truncate(false).write(true).open(&cfg.path).map_err(io("creating the backing file"))?;
-            f.set_len(size_bytes).map_err(io("sizing the backing file"))?;
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&cfg.path)
+                .map_err(io("creating the backing file"))?;
+            f.set_len(size_bytes)
+                .map_err(io("sizing the backing file"))?;
             f.sync_all().map_err(io("syncing the new backing file"))?;
             tracing::info!(path = %cfg.path.display(), size_bytes, "created sparse backing file");
         }
@@ -106,7 +136,10 @@ impl Lun {
         let pr_path = pr_path_for(&cfg.path);
         let pr = match std::fs::read(&pr_path) {
             Ok(bytes) => {
-                let mut st = PrState::decode(&bytes).map_err(|e| LunError::PrState { path: pr_path.clone(), reason: e.to_string() })?;
+                let mut st = PrState::decode(&bytes).map_err(|e| LunError::PrState {
+                    path: pr_path.clone(),
+                    reason: e.to_string(),
+                })?;
                 // A restart is a power cycle for the LUN (SPC-4 5.12.11).
                 st.power_on();
                 tracing::info!(path = %pr_path.display(), registrations = st.registrations().len(), "restored persistent reservations (APTPL)");
@@ -148,12 +181,19 @@ impl Lun {
     /// the threshold upward (once; re-armed when usage drops back below it). Returns whether
     /// it raised the attention now.
     pub fn check_soft_threshold(&self) -> bool {
-        let (Some(limit), true) = (self.soft_threshold_percent, self.thin) else { return false };
-        let Some(used) = self.pool_used_percent() else { return false };
+        let (Some(limit), true) = (self.soft_threshold_percent, self.thin) else {
+            return false;
+        };
+        let Some(used) = self.pool_used_percent() else {
+            return false;
+        };
         if used >= limit {
             if !self.threshold_raised.swap(true, Ordering::AcqRel) {
                 tracing::warn!(path = %self.path.display(), used_percent = used, limit_percent = limit, "thin provisioning soft threshold reached");
-                self.ua.raise(0, proto::scsi::sense::Asc::THIN_PROVISIONING_SOFT_THRESHOLD_REACHED);
+                self.ua.raise(
+                    0,
+                    proto::scsi::sense::Asc::THIN_PROVISIONING_SOFT_THRESHOLD_REACHED,
+                );
                 return true;
             }
         } else {
@@ -201,7 +241,10 @@ impl Lun {
     /// Bytes the backing file occupies on disk.
     pub fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        self.meta_fd.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+        self.meta_fd
+            .metadata()
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
     }
 
     /// Percent of the backing file system's space in use.
@@ -221,7 +264,11 @@ impl Lun {
     /// `None` past the end: SEEK_DATA / SEEK_HOLE.
     pub fn seek(&self, offset: u64, data: bool) -> Option<u64> {
         use std::os::fd::AsRawFd;
-        let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+        let whence = if data {
+            libc::SEEK_DATA
+        } else {
+            libc::SEEK_HOLE
+        };
         // SAFETY: lseek on a valid fd; the returned offset is all we use (no read/write
         // relies on this description's position).
         let r = unsafe { libc::lseek(self.meta_fd.as_raw_fd(), offset as libc::off_t, whence) };
@@ -241,7 +288,7 @@ impl Lun {
 
     /// A snapshot of the mode parameters (poisoning is harmless: the state is plain data).
     pub fn mode_state(&self) -> ModeState {
-        self.mode.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -262,5 +309,9 @@ fn open_backing(path: &Path, cache: CacheMode, read_only: bool) -> Result<File, 
     if cache == CacheMode::Direct {
         o.custom_flags(libc::O_DIRECT);
     }
-    o.open(path).map_err(|source| LunError::Io { path: path.to_path_buf(), what: "opening the backing file", source })
+    o.open(path).map_err(|source| LunError::Io {
+        path: path.to_path_buf(),
+        what: "opening the backing file",
+        source,
+    })
 }

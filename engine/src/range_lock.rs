@@ -60,14 +60,21 @@ impl RangeLock {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         h.push((start, end, id));
-        Some(RangeGuard { lock: Arc::clone(self), id, atomic: false })
+        Some(RangeGuard {
+            lock: Arc::clone(self),
+            id,
+            atomic: false,
+        })
     }
 
     /// Like [`try_lock`](Self::try_lock), and readers of the range wait until it is released.
     pub fn try_lock_atomic(self: &Arc<Self>, start: u64, end: u64) -> Option<RangeGuard> {
         let mut g = self.try_lock(start, end)?;
         self.atomic_active.fetch_add(1, Ordering::Acquire);
-        self.atomic.lock().unwrap_or_else(|p| p.into_inner()).push((start, end, g.id));
+        self.atomic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((start, end, g.id));
         g.atomic = true;
         Some(g)
     }
@@ -78,7 +85,12 @@ impl RangeLock {
         if self.atomic_active.load(Ordering::Acquire) == 0 {
             return true;
         }
-        !self.atomic.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|&(s, e, _)| s < end && start < e)
+        !self
+            .atomic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|&(s, e, _)| s < end && start < e)
     }
 
     /// Number of ranges held (for tests and metrics).

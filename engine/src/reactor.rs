@@ -43,7 +43,11 @@ fn user_data(kind: Kind, slot: usize, task: u32) -> u64 {
 }
 
 fn split_user_data(ud: u64) -> (u8, usize, u32) {
-    ((ud >> 56) as u8, ((ud >> 32) & 0xff_ffff) as usize, ud as u32)
+    (
+        (ud >> 56) as u8,
+        ((ud >> 32) & 0xff_ffff) as usize,
+        ud as u32,
+    )
 }
 
 struct Slot {
@@ -81,11 +85,19 @@ pub struct Reactor {
 }
 
 impl Reactor {
-    pub fn new(core: usize, listener: TcpListener, reg: Arc<Registry>, stop: Arc<AtomicBool>) -> std::io::Result<Self> {
+    pub fn new(
+        core: usize,
+        listener: TcpListener,
+        reg: Arc<Registry>,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let mut files = Vec::new();
         for lun in &reg.luns {
-            files.push(lun.open_fd().map_err(|e| std::io::Error::other(e.to_string()))?);
+            files.push(
+                lun.open_fd()
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            );
         }
         if !files.is_empty() {
             let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
@@ -127,16 +139,22 @@ impl Reactor {
         if self.accept_posted || self.stop.load(Ordering::Relaxed) {
             return;
         }
-        let sqe = opcode::Accept::new(types::Fd(self.listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(user_data(Kind::Accept, 0, 0));
+        let sqe = opcode::Accept::new(
+            types::Fd(self.listener.as_raw_fd()),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(user_data(Kind::Accept, 0, 0));
         self.push(sqe);
         self.accept_posted = true;
     }
 
     fn post_tick(&mut self) {
-        let sqe = opcode::Timeout::new(&*self.tick_ts as *const types::Timespec).build().user_data(user_data(Kind::Tick, 0, 0));
+        let sqe = opcode::Timeout::new(&*self.tick_ts as *const types::Timespec)
+            .build()
+            .user_data(user_data(Kind::Tick, 0, 0));
         self.push(sqe);
     }
 
@@ -202,7 +220,9 @@ impl Reactor {
     fn retry_parked(&mut self) {
         let reg = Arc::clone(&self.reg);
         for idx in 0..self.slots.len() {
-            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { continue };
+            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+                continue;
+            };
             if s.dead || !s.conn.has_waiting() {
                 continue;
             }
@@ -254,7 +274,9 @@ impl Reactor {
     }
 
     fn post_recv(&mut self, idx: usize) {
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            return;
+        };
         if s.recv_posted || s.dead || s.conn.closing {
             return;
         }
@@ -274,14 +296,18 @@ impl Reactor {
         let len = (s.rbuf.len() - s.rlen) as u32;
         s.recv_posted = true;
         s.ops += 1;
-        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(user_data(Kind::Recv, idx, 0));
+        let sqe = opcode::Recv::new(types::Fd(fd), ptr, len)
+            .build()
+            .user_data(user_data(Kind::Recv, idx, 0));
         self.push(sqe);
     }
 
     fn on_recv(&mut self, idx: usize, res: i32) {
         let now = self.now_ms();
         let reg = Arc::clone(&self.reg);
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            return;
+        };
         s.ops -= 1;
         s.recv_posted = false;
         if res <= 0 {
@@ -294,7 +320,9 @@ impl Reactor {
         }
         s.rlen += res as usize;
         let mut out = Out::default();
-        let used = s.conn.on_recv(&s.rbuf[..s.rlen], &reg, &mut self.pool, now, &mut out);
+        let used = s
+            .conn
+            .on_recv(&s.rbuf[..s.rlen], &reg, &mut self.pool, now, &mut out);
         s.rbuf.copy_within(used..s.rlen, 0);
         s.rlen -= used;
         self.apply(idx, out);
@@ -308,7 +336,9 @@ impl Reactor {
         let mut sqes: Vec<squeue::Entry> = Vec::new();
         let mut close_now = false;
         while let Some(out) = pending.pop() {
-            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+                return;
+            };
             if !out.send.is_empty() {
                 if s.queued.is_empty() {
                     s.queued = out.send;
@@ -321,17 +351,41 @@ impl Reactor {
             for req in out.io {
                 let file = types::Fixed(req.lun as u32);
                 let sqe = match req.op {
-                    IoOp::Flush => opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build(),
-                    IoOp::Fallocate { offset, len, mode } => opcode::Fallocate::new(file, len).offset(offset).mode(mode).build(),
-                    IoOp::Read { offset, buf_off, len } | IoOp::Write { offset, buf_off, len, .. } => {
+                    IoOp::Flush => opcode::Fsync::new(file)
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build(),
+                    IoOp::Fallocate { offset, len, mode } => opcode::Fallocate::new(file, len)
+                        .offset(offset)
+                        .mode(mode)
+                        .build(),
+                    IoOp::Read {
+                        offset,
+                        buf_off,
+                        len,
+                    }
+                    | IoOp::Write {
+                        offset,
+                        buf_off,
+                        len,
+                        ..
+                    } => {
                         let Some((base, cap)) = s.conn.task_buf_ptr(req.task) else {
                             debug_assert!(false, "disk I/O without a buffer");
                             let mut o = Out::default();
-                            s.conn.on_io_done(req.task, -libc::EIO, &self.reg, &mut self.pool, &mut o);
+                            s.conn.on_io_done(
+                                req.task,
+                                -libc::EIO,
+                                &self.reg,
+                                &mut self.pool,
+                                &mut o,
+                            );
                             pending.push(o);
                             continue;
                         };
-                        assert!(buf_off as usize + len as usize <= cap, "disk I/O beyond its buffer");
+                        assert!(
+                            buf_off as usize + len as usize <= cap,
+                            "disk I/O beyond its buffer"
+                        );
                         // SAFETY: buf_off + len <= cap (asserted), so the pointer stays inside
                         // the task's buffer.
                         let ptr = unsafe { base.add(buf_off as usize) };
@@ -339,7 +393,10 @@ impl Reactor {
                             IoOp::Write { fua, .. } => {
                                 // FUA: durable before GOOD (RWF_DSYNC = a per-write fdatasync).
                                 let flags = if fua { libc::RWF_DSYNC } else { 0 };
-                                opcode::Write::new(file, ptr, len).offset(offset).rw_flags(flags).build()
+                                opcode::Write::new(file, ptr, len)
+                                    .offset(offset)
+                                    .rw_flags(flags)
+                                    .build()
                             }
                             _ => opcode::Read::new(file, ptr, len).offset(offset).build(),
                         }
@@ -359,7 +416,9 @@ impl Reactor {
     }
 
     fn flush_send(&mut self, idx: usize) {
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            return;
+        };
         if s.send_posted || s.dead {
             return;
         }
@@ -379,12 +438,17 @@ impl Reactor {
         let len = (s.sending.len() - s.sent) as u32;
         s.send_posted = true;
         s.ops += 1;
-        let sqe = opcode::Send::new(types::Fd(fd), ptr, len).flags(libc::MSG_NOSIGNAL).build().user_data(user_data(Kind::Send, idx, 0));
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(Kind::Send, idx, 0));
         self.push(sqe);
     }
 
     fn on_send(&mut self, idx: usize, res: i32) {
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            return;
+        };
         s.ops -= 1;
         s.send_posted = false;
         if res < 0 {
@@ -430,7 +494,9 @@ impl Reactor {
         let reg = Arc::clone(&self.reg);
         let stopping = self.stop.load(Ordering::Relaxed);
         for idx in 0..self.slots.len() {
-            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { continue };
+            let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+                continue;
+            };
             if stopping {
                 self.kill(idx);
                 self.maybe_free(idx);
@@ -448,7 +514,9 @@ impl Reactor {
 
     /// Shuts the socket down: pending recv/send complete, after which the slot is freed.
     fn kill(&mut self, idx: usize) {
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            return;
+        };
         if !s.dead {
             s.dead = true;
             let _ = s.stream.shutdown(std::net::Shutdown::Both);
@@ -457,7 +525,9 @@ impl Reactor {
     }
 
     fn maybe_free(&mut self, idx: usize) {
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else { return };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            return;
+        };
         if s.dead && s.ops == 0 && !s.conn.io_inflight() {
             tracing::debug!(core = self.core, "connection closed");
             self.slots[idx] = None;

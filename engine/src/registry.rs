@@ -53,7 +53,10 @@ impl Registry {
                 luns.push(Arc::new(Lun::create_or_open(&t.name, l)?));
             }
             ids.sort_unstable();
-            targets.push(TargetEntry { cfg: t.clone(), luns: ids });
+            targets.push(TargetEntry {
+                cfg: t.clone(),
+                luns: ids,
+            });
         }
         let login = crate::login::login_config(&config);
         Ok(Registry {
@@ -69,12 +72,17 @@ impl Registry {
     }
 
     pub fn target(&self, name: &str) -> Option<(usize, &TargetEntry)> {
-        self.targets.iter().enumerate().find(|(_, t)| t.cfg.name.eq_ignore_ascii_case(name))
+        self.targets
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.cfg.name.eq_ignore_ascii_case(name))
     }
 
     /// Targets a connection from `peer` may discover and log in to.
     pub fn visible_to(&self, peer: IpAddr) -> impl Iterator<Item = &TargetEntry> {
-        self.targets.iter().filter(move |t| t.cfg.address_allowed(peer))
+        self.targets
+            .iter()
+            .filter(move |t| t.cfg.address_allowed(peer))
     }
 
     /// A new non-zero TSIH (RFC 7143 section 11.12.6: zero is reserved).
@@ -99,7 +107,10 @@ impl Registry {
 
     pub fn copy_result(&self, session: u64, list_id: u8) -> Option<crate::xcopy::CopyResult> {
         let q = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
-        q.iter().rev().find(|&&(s, l, _)| s == session && l == list_id).map(|&(_, _, r)| r)
+        q.iter()
+            .rev()
+            .find(|&&(s, l, _)| s == session && l == list_id)
+            .map(|&(_, _, r)| r)
     }
 
     /// A node-unique session id (unit attentions are keyed by it; 0 is reserved).

@@ -21,7 +21,11 @@ const CHUNK_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// Write the pattern (inverted between passes when `invert`) `count` times.
-    Overwrite { pattern: Vec<u8>, invert: bool, count: u8 },
+    Overwrite {
+        pattern: Vec<u8>,
+        invert: bool,
+        count: u8,
+    },
     BlockErase,
 }
 
@@ -54,20 +58,29 @@ pub fn start(lun: Arc<Lun>, kind: Kind) -> bool {
         return false;
     }
     lun.sanitize.progress.store(0, Ordering::Relaxed);
-    *lun.sanitize.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let spawned = std::thread::Builder::new().name(format!("twinsan-sanitize-{}", lun.id)).spawn({
-        let lun = Arc::clone(&lun);
-        move || {
-            let r = run(&lun, &kind);
-            if let Err(e) = &r {
-                tracing::error!(path = %lun.path.display(), error = %e, "sanitize failed");
-            } else {
-                tracing::info!(path = %lun.path.display(), ?kind, "sanitize complete");
+    *lun.sanitize
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
+    let spawned = std::thread::Builder::new()
+        .name(format!("twinsan-sanitize-{}", lun.id))
+        .spawn({
+            let lun = Arc::clone(&lun);
+            move || {
+                let r = run(&lun, &kind);
+                if let Err(e) = &r {
+                    tracing::error!(path = %lun.path.display(), error = %e, "sanitize failed");
+                } else {
+                    tracing::info!(path = %lun.path.display(), ?kind, "sanitize complete");
+                }
+                *lun.sanitize
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    r.err().map(|e| e.raw_os_error().unwrap_or(libc::EIO));
+                lun.sanitize.active.store(false, Ordering::Release);
             }
-            *lun.sanitize.failed.lock().unwrap_or_else(|p| p.into_inner()) = r.err().map(|e| e.raw_os_error().unwrap_or(libc::EIO));
-            lun.sanitize.active.store(false, Ordering::Release);
-        }
-    });
+        });
     if spawned.is_err() {
         lun.sanitize.active.store(false, Ordering::Release);
         return false;
@@ -91,9 +104,16 @@ fn run(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
         Kind::BlockErase => {
             punch(&f, 0, size)?;
         }
-        Kind::Overwrite { pattern, invert, count } => {
+        Kind::Overwrite {
+            pattern,
+            invert,
+            count,
+        } => {
             let passes = (*count).max(1) as usize;
-            let mut pacer = Pacer { started: Instant::now(), written: 0 };
+            let mut pacer = Pacer {
+                started: Instant::now(),
+                written: 0,
+            };
             for pass in 0..passes {
                 let flip = *invert && pass % 2 == 1;
                 let mut chunk = vec![0u8; CHUNK_BYTES];
@@ -106,7 +126,11 @@ fn run(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                 // punched hole alone would leave the old bytes on the disk below the file),
                 // then deallocate them so the thin LUN stays thin; holes already read zeros.
                 // Any other pattern is written over every block.
-                let extents = if zeros { allocated_extents(lun) } else { vec![(0, size)] };
+                let extents = if zeros {
+                    allocated_extents(lun)
+                } else {
+                    vec![(0, size)]
+                };
                 let total: u64 = extents.iter().map(|e| e.1).sum::<u64>() * (passes - pass) as u64;
                 for &(start, len) in &extents {
                     let mut off = start;
@@ -116,7 +140,10 @@ fn run(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                         off += n as u64;
                         pacer.wrote(n as u64);
                         let done = off - start;
-                        lun.sanitize.progress.store((done * 65536 / total.max(1)).min(65535) as u32, Ordering::Relaxed);
+                        lun.sanitize.progress.store(
+                            (done * 65536 / total.max(1)).min(65535) as u32,
+                            Ordering::Relaxed,
+                        );
                     }
                 }
                 if zeros {
@@ -154,7 +181,9 @@ fn allocated_extents(lun: &Lun) -> Vec<(u64, u64)> {
     let mut v = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let Some(start) = lun.seek(pos, true).filter(|&s| s < size) else { break };
+        let Some(start) = lun.seek(pos, true).filter(|&s| s < size) else {
+            break;
+        };
         let end = lun.seek(start, false).unwrap_or(size).min(size);
         if end <= start {
             break;
@@ -169,7 +198,14 @@ fn punch(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     // SAFETY: fallocate on a valid, open fd; no memory is passed.
-    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
     if r == 0 {
         Ok(())
     } else {

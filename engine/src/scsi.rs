@@ -16,12 +16,25 @@ use crate::registry::{Registry, TargetEntry};
 /// A disk operation on the task's buffer region `[buf_off, buf_off + len)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoOp {
-    Read { offset: u64, buf_off: u32, len: u32 },
-    Write { offset: u64, buf_off: u32, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        buf_off: u32,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        buf_off: u32,
+        len: u32,
+        fua: bool,
+    },
     /// fdatasync: SYNCHRONIZE CACHE, and the durability point of WRITE AND VERIFY.
     Flush,
     /// fallocate(mode) over a byte range: PUNCH_HOLE for UNMAP, ZERO_RANGE for zeroing.
-    Fallocate { offset: u64, len: u64, mode: i32 },
+    Fallocate {
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
 }
 
 /// fallocate modes we use (linux/falloc.h).
@@ -49,15 +62,30 @@ pub struct Reply {
 
 impl Reply {
     pub fn good() -> Self {
-        Reply { status: status::GOOD, sense: None, sense_format: SenseFormat::Fixed, data: ReplyData::None, transfer_bytes: None }
+        Reply {
+            status: status::GOOD,
+            sense: None,
+            sense_format: SenseFormat::Fixed,
+            data: ReplyData::None,
+            transfer_bytes: None,
+        }
     }
     pub fn check(sense: Sense) -> Self {
-        Reply { status: status::CHECK_CONDITION, sense: Some(sense), sense_format: SenseFormat::Fixed, data: ReplyData::None, transfer_bytes: None }
+        Reply {
+            status: status::CHECK_CONDITION,
+            sense: Some(sense),
+            sense_format: SenseFormat::Fixed,
+            data: ReplyData::None,
+            transfer_bytes: None,
+        }
     }
     fn data(v: Vec<u8>, alloc_len: usize) -> Self {
         let mut v = v;
         v.truncate(alloc_len);
-        Reply { data: ReplyData::Inline(v), ..Reply::good() }
+        Reply {
+            data: ReplyData::Inline(v),
+            ..Reply::good()
+        }
     }
     fn transfer(mut self, bytes: u32) -> Self {
         self.transfer_bytes = Some(bytes);
@@ -84,44 +112,140 @@ enum Stage {
     #[default]
     Idle,
     /// Reading `len` bytes at `offset` into the buffer; `done` so far.
-    Read { offset: u64, len: u32, done: u32, transfer: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+        done: u32,
+        transfer: u32,
+    },
     /// Data arrives for a write of `len` bytes at `offset`.
-    WriteData { offset: u64, len: u32, fua: bool, flush_after: bool, transfer: u32, atomic: bool },
-    Writing { offset: u64, len: u32, done: u32, fua: bool, flush_after: bool, transfer: u32 },
-    Flushing { transfer: u32 },
+    WriteData {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        flush_after: bool,
+        transfer: u32,
+        atomic: bool,
+    },
+    Writing {
+        offset: u64,
+        len: u32,
+        done: u32,
+        fua: bool,
+        flush_after: bool,
+        transfer: u32,
+    },
+    Flushing {
+        transfer: u32,
+    },
     /// VERIFY with BYTCHK: data arrives into buf[..len], then the medium is read into
     /// buf[len..2*len] (or, for BYTCHK=3, one block is compared against every block).
-    VerifyData { offset: u64, len: u32, one_block: bool },
-    VerifyRead { offset: u64, len: u32, done: u32, one_block: bool },
-    ModeSelect { ten_byte: bool, pf: bool, sp: bool, len: u32 },
+    VerifyData {
+        offset: u64,
+        len: u32,
+        one_block: bool,
+    },
+    VerifyRead {
+        offset: u64,
+        len: u32,
+        done: u32,
+        one_block: bool,
+    },
+    ModeSelect {
+        ten_byte: bool,
+        pf: bool,
+        sp: bool,
+        len: u32,
+    },
     /// Waiting for blocks `[lba, lba + blocks)` to be free, then going on with `then`.
-    Lock { lba: u64, blocks: u64, atomic: bool, then: Box<Stage> },
+    Lock {
+        lba: u64,
+        blocks: u64,
+        atomic: bool,
+        then: Box<Stage>,
+    },
     /// Like `Lock`, on another LUN.
-    LockOn { lun: usize, lba: u64, blocks: u64, then: Box<Stage> },
+    LockOn {
+        lun: usize,
+        lba: u64,
+        blocks: u64,
+        then: Box<Stage>,
+    },
     /// A read waiting for an overlapping WRITE ATOMIC to finish.
-    ReadBlocked { lba: u64, blocks: u64, offset: u64, len: u32, transfer: u32 },
+    ReadBlocked {
+        lba: u64,
+        blocks: u64,
+        offset: u64,
+        len: u32,
+        transfer: u32,
+    },
     /// COMPARE AND WRITE: data is [verify n | write n]; the medium is read into [2n..3n].
-    CawData { lba: u64, n: u32, fua: bool },
-    CawRead { offset: u64, n: u32, done: u32, fua: bool },
+    CawData {
+        lba: u64,
+        n: u32,
+        fua: bool,
+    },
+    CawRead {
+        offset: u64,
+        n: u32,
+        done: u32,
+        fua: bool,
+    },
     /// ORWRITE: data in [0..n]; the medium is read into [n..2n], ORed, written back.
-    OrData { lba: u64, n: u32, fua: bool },
-    OrRead { offset: u64, n: u32, done: u32, fua: bool },
+    OrData {
+        lba: u64,
+        n: u32,
+        fua: bool,
+    },
+    OrRead {
+        offset: u64,
+        n: u32,
+        done: u32,
+        fua: bool,
+    },
     /// WRITE SAME: one block of pattern (or none for NDOB) then a punch, a zeroing or
     /// chunked writes of the repeated pattern.
-    WsData { lba: u64, blocks: u64, unmap: bool, to_end: bool },
-    WsFill { offset: u64, remaining: u64, chunk: u32, fua: bool },
-    Falloc { offset: u64, len: u64, mode: i32 },
+    WsData {
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+        to_end: bool,
+    },
+    WsFill {
+        offset: u64,
+        remaining: u64,
+        chunk: u32,
+        fua: bool,
+    },
+    Falloc {
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
     /// UNMAP: the parameter list arrives, then one punch per descriptor.
-    UnmapData { len: u32 },
-    Unmapping { ranges: Vec<(u64, u64)>, next: usize },
+    UnmapData {
+        len: u32,
+    },
+    Unmapping {
+        ranges: Vec<(u64, u64)>,
+        next: usize,
+    },
     /// SANITIZE: parameter list (overwrite) then the whole medium.
-    SanitizeData { len: u32, immed: bool },
+    SanitizeData {
+        len: u32,
+        immed: bool,
+    },
     /// PERSISTENT RESERVE OUT: the parameter list arrives.
-    PrOutData { cmd: Command, len: u32 },
+    PrOutData {
+        cmd: Command,
+        len: u32,
+    },
     /// IMMED=0: the command completes when the background sanitize does.
     SanitizeWait,
     /// EXTENDED COPY: the parameter list arrives, then the copy runs chunk by chunk.
-    XcopyData { len: u32 },
+    XcopyData {
+        len: u32,
+    },
     Copy(Box<CopyJob>),
 }
 
@@ -176,7 +300,13 @@ pub fn ua_exempt(cdb: &[u8]) -> bool {
 
 /// The identity and limits a LUN reports.
 pub fn lun_info(lun: &Lun) -> LunInfo {
-    let mut i = LunInfo::new(lun.block_size, lun.num_blocks(), lun.naa_id, &lun.serial, &lun.target_name);
+    let mut i = LunInfo::new(
+        lun.block_size,
+        lun.num_blocks(),
+        lun.naa_id,
+        &lun.serial,
+        &lun.target_name,
+    );
     i.thin = lun.thin;
     i.lbprz = lun.thin;
     i.read_only = lun.read_only;
@@ -204,7 +334,10 @@ pub fn lun_info(lun: &Lun) -> LunInfo {
 
 /// Largest single READ/WRITE: MAXIMUM TRANSFER LENGTH in VPD B0 says the same.
 pub const MAX_XFER_BYTES: usize = 8 << 20;
-const _: () = assert!(MAX_XFER_BYTES * 2 <= MAX_BUF_BYTES, "VERIFY needs two transfers in one buffer");
+const _: () = assert!(
+    MAX_XFER_BYTES * 2 <= MAX_BUF_BYTES,
+    "VERIFY needs two transfers in one buffer"
+);
 
 fn sense_format(lun: &Lun) -> SenseFormat {
     if lun.mode_state().d_sense {
@@ -231,7 +364,12 @@ fn byte_offset(lun: &Lun, lba: u64) -> u64 {
 }
 
 /// Starts a command. `edtl` is the iSCSI Expected Data Transfer Length.
-pub fn start(cdb_bytes: &[u8], edtl: u32, _write_flag: bool, ctx: &mut ExecCtx) -> (ScsiTask, Step) {
+pub fn start(
+    cdb_bytes: &[u8],
+    edtl: u32,
+    _write_flag: bool,
+    ctx: &mut ExecCtx,
+) -> (ScsiTask, Step) {
     let mut task = ScsiTask::default();
     let cmd = match cdb::decode(cdb_bytes) {
         Ok(c) => c,
@@ -239,11 +377,21 @@ pub fn start(cdb_bytes: &[u8], edtl: u32, _write_flag: bool, ctx: &mut ExecCtx) 
     };
     // Commands that need no LUN.
     match cmd {
-        Command::ReportLuns { select_report, alloc_len } => return (task, Step::Done(report_luns(ctx, select_report, alloc_len))),
-        Command::Inquiry { evpd, page, alloc_len } if ctx.lun.is_none() => {
+        Command::ReportLuns {
+            select_report,
+            alloc_len,
+        } => return (task, Step::Done(report_luns(ctx, select_report, alloc_len))),
+        Command::Inquiry {
+            evpd,
+            page,
+            alloc_len,
+        } if ctx.lun.is_none() => {
             // SPC-4 section 6.6.2: peripheral qualifier 011b / type 1Fh for a LUN that is not there.
             if evpd {
-                return (task, Step::Done(Reply::check(Sense::invalid_field_in_cdb(1, Some(0)))));
+                return (
+                    task,
+                    Step::Done(Reply::check(Sense::invalid_field_in_cdb(1, Some(0)))),
+                );
             }
             let _ = page;
             let mut v = vec![0u8; 36];
@@ -254,7 +402,11 @@ pub fn start(cdb_bytes: &[u8], edtl: u32, _write_flag: bool, ctx: &mut ExecCtx) 
             return (task, Step::Done(Reply::data(v, alloc_len as usize)));
         }
         Command::RequestSense { desc, alloc_len } if ctx.lun.is_none() => {
-            let f = if desc { SenseFormat::Descriptor } else { SenseFormat::Fixed };
+            let f = if desc {
+                SenseFormat::Descriptor
+            } else {
+                SenseFormat::Fixed
+            };
             let s = Sense::lun_not_supported().encode(f).as_slice().to_vec();
             return (task, Step::Done(Reply::data(s, alloc_len as usize)));
         }
@@ -266,22 +418,45 @@ pub fn start(cdb_bytes: &[u8], edtl: u32, _write_flag: bool, ctx: &mut ExecCtx) 
     let lun = &ctx.reg.luns[lun_idx];
     let fmt = sense_format(lun);
     task.sense_format = Some(fmt);
-    if lun.pr_in_use() && lun.with_pr(|st| proto::scsi::pr::check_access(st, ctx.nexus, &cmd)).is_err() {
+    if lun.pr_in_use()
+        && lun
+            .with_pr(|st| proto::scsi::pr::check_access(st, ctx.nexus, &cmd))
+            .is_err()
+    {
         // SPC-4 5.12.4: RESERVATION CONFLICT carries no sense data.
-        let r = Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() };
+        let r = Reply {
+            status: status::RESERVATION_CONFLICT,
+            ..Reply::good()
+        };
         return (task, Step::Done(r));
     }
     if lun.sanitize.active() {
         // SBC-3 section 4.11: while a sanitize runs only INQUIRY, REPORT LUNS and REQUEST
         // SENSE are served; REQUEST SENSE reports the progress.
-        let in_progress = Sense::not_ready(Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS).with_progress(lun.sanitize.progress());
+        let in_progress = Sense::not_ready(Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)
+            .with_progress(lun.sanitize.progress());
         match cmd {
             Command::Inquiry { .. } => {}
             Command::RequestSense { desc, alloc_len } => {
-                let f = if desc { SenseFormat::Descriptor } else { SenseFormat::Fixed };
-                return (task, Step::Done(Reply::data(in_progress.encode(f).as_slice().to_vec(), alloc_len as usize)));
+                let f = if desc {
+                    SenseFormat::Descriptor
+                } else {
+                    SenseFormat::Fixed
+                };
+                return (
+                    task,
+                    Step::Done(Reply::data(
+                        in_progress.encode(f).as_slice().to_vec(),
+                        alloc_len as usize,
+                    )),
+                );
             }
-            _ => return (task, with_format(Step::Done(Reply::check(in_progress)), fmt)),
+            _ => {
+                return (
+                    task,
+                    with_format(Step::Done(Reply::check(in_progress)), fmt),
+                )
+            }
         }
     }
     let step = match run(&cmd, lun, edtl, &mut task, ctx) {
@@ -301,7 +476,13 @@ fn with_format(step: Step, fmt: SenseFormat) -> Step {
     }
 }
 
-fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecCtx) -> Result<Step, Sense> {
+fn run(
+    cmd: &Command,
+    lun: &Lun,
+    edtl: u32,
+    task: &mut ScsiTask,
+    ctx: &mut ExecCtx,
+) -> Result<Step, Sense> {
     let bs = lun.block_size;
     let info = || lun_info(lun);
     let wce = lun.mode_state().wce;
@@ -309,36 +490,76 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
         Command::TestUnitReady => Step::Done(Reply::good()),
         Command::RequestSense { desc, alloc_len } => {
             // No deferred errors are kept: report NO SENSE in the format asked for.
-            let f = if desc { SenseFormat::Descriptor } else { SenseFormat::Fixed };
-            let s = Sense::new(SenseKey::NoSense, Asc::NO_ADDITIONAL_SENSE).encode(f).as_slice().to_vec();
+            let f = if desc {
+                SenseFormat::Descriptor
+            } else {
+                SenseFormat::Fixed
+            };
+            let s = Sense::new(SenseKey::NoSense, Asc::NO_ADDITIONAL_SENSE)
+                .encode(f)
+                .as_slice()
+                .to_vec();
             Step::Done(Reply::data(s, alloc_len as usize))
         }
-        Command::Inquiry { evpd, page, alloc_len } => {
+        Command::Inquiry {
+            evpd,
+            page,
+            alloc_len,
+        } => {
             let i = info();
             let v = if evpd {
-                proto::scsi::inquiry::vpd_page(&i, page).ok_or_else(|| Sense::invalid_field_in_cdb(2, None))?
+                proto::scsi::inquiry::vpd_page(&i, page)
+                    .ok_or_else(|| Sense::invalid_field_in_cdb(2, None))?
             } else {
                 proto::scsi::inquiry::standard_inquiry(&i)
             };
             Step::Done(Reply::data(v, alloc_len as usize))
         }
-        Command::ReadCapacity10 => Step::Done(Reply::data(proto::scsi::capacity::read_capacity10(&info()).to_vec(), 8)),
-        Command::ReadCapacity16 { alloc_len } => Step::Done(Reply::data(proto::scsi::capacity::read_capacity16(&info()).to_vec(), alloc_len as usize)),
+        Command::ReadCapacity10 => Step::Done(Reply::data(
+            proto::scsi::capacity::read_capacity10(&info()).to_vec(),
+            8,
+        )),
+        Command::ReadCapacity16 { alloc_len } => Step::Done(Reply::data(
+            proto::scsi::capacity::read_capacity16(&info()).to_vec(),
+            alloc_len as usize,
+        )),
         Command::ModeSense(ms) => {
             let state = lun.mode_state();
             let v = proto::scsi::mode::mode_sense(&info(), &state, &ms)?;
             Step::Done(Reply::data(v, ms.alloc_len as usize))
         }
-        Command::ModeSelect { ten_byte, pf, sp, param_len } => {
+        Command::ModeSelect {
+            ten_byte,
+            pf,
+            sp,
+            param_len,
+        } => {
             if param_len == 0 {
                 return Ok(Step::Done(Reply::good()));
             }
             task.buf = Some(ctx.pool.get(param_len as usize));
-            task.stage = Stage::ModeSelect { ten_byte, pf, sp, len: param_len as u32 };
+            task.stage = Stage::ModeSelect {
+                ten_byte,
+                pf,
+                sp,
+                len: param_len as u32,
+            };
             Step::NeedData(param_len as u32)
         }
-        Command::ReportSupportedOpcodes { rctd, reporting_options, requested_opcode, requested_service_action, alloc_len } => {
-            let v = proto::scsi::rsoc::report_supported_opcodes(&proto::scsi::rsoc::Filter::new(implemented), rctd, reporting_options, requested_opcode, requested_service_action)?;
+        Command::ReportSupportedOpcodes {
+            rctd,
+            reporting_options,
+            requested_opcode,
+            requested_service_action,
+            alloc_len,
+        } => {
+            let v = proto::scsi::rsoc::report_supported_opcodes(
+                &proto::scsi::rsoc::Filter::new(implemented),
+                rctd,
+                reporting_options,
+                requested_opcode,
+                requested_service_action,
+            )?;
             Step::Done(Reply::data(v, alloc_len as usize))
         }
         Command::StartStopUnit(ss) => {
@@ -368,10 +589,18 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             let len = want.div_ceil(bs) * bs;
             task.buf = Some(ctx.pool.get(len as usize));
             let offset = byte_offset(lun, rw.lba);
-            task.stage = Stage::ReadBlocked { lba: rw.lba, blocks: rw.blocks as u64, offset, len, transfer };
+            task.stage = Stage::ReadBlocked {
+                lba: rw.lba,
+                blocks: rw.blocks as u64,
+                offset,
+                len,
+                transfer,
+            };
             retry(task, ctx)
         }
-        Command::Write { rw, .. } | Command::WriteAndVerify { rw, .. } | Command::WriteAtomic { rw, .. } => {
+        Command::Write { rw, .. }
+        | Command::WriteAndVerify { rw, .. }
+        | Command::WriteAtomic { rw, .. } => {
             let bytchk = match *cmd {
                 Command::WriteAndVerify { bytchk, .. } => bytchk,
                 _ => 0,
@@ -381,15 +610,20 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             }
             check_rw_fields(&rw)?;
             check_range(lun, rw.lba, rw.blocks as u64)?;
-            if let Command::WriteAtomic { atomic_boundary, .. } = *cmd {
+            if let Command::WriteAtomic {
+                atomic_boundary, ..
+            } = *cmd
+            {
                 check_atomic(lun, &rw, atomic_boundary)?;
             }
             check_writable(lun)?;
             let transfer = rw.blocks.saturating_mul(bs);
-            if edtl < transfer && edtl % bs != 0 {
+            if edtl < transfer && !edtl.is_multiple_of(bs) {
                 // A partial block cannot be written from what the initiator will send:
                 // refuse without writing (SAM-5 / libiscsi accept 0E/03 here).
-                return Ok(Step::Done(Reply::check(Sense::illegal_request(Asc(0x0e, 0x03))).transfer(transfer)));
+                return Ok(Step::Done(
+                    Reply::check(Sense::illegal_request(Asc(0x0e, 0x03))).transfer(transfer),
+                ));
             }
             let len = transfer.min(edtl);
             if len == 0 {
@@ -400,7 +634,14 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             // WRITE AND VERIFY: the data must be on the medium before it is "verified".
             let flush_after = matches!(cmd, Command::WriteAndVerify { .. });
             let atomic = matches!(cmd, Command::WriteAtomic { .. });
-            task.stage = Stage::WriteData { offset: byte_offset(lun, rw.lba), len, fua: rw.fua || !wce || atomic, flush_after, transfer, atomic };
+            task.stage = Stage::WriteData {
+                offset: byte_offset(lun, rw.lba),
+                len,
+                fua: rw.fua || !wce || atomic,
+                flush_after,
+                transfer,
+                atomic,
+            };
             Step::NeedData(len)
         }
         Command::CompareAndWrite(rw) => {
@@ -420,10 +661,16 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             }
             if edtl != 2 * n {
                 // SBC-3 section 5.3: the Data-Out buffer is exactly verify + write data.
-                return Ok(Step::Done(Reply::check(Sense::illegal_request(Asc(0x0e, 0x03)))));
+                return Ok(Step::Done(Reply::check(Sense::illegal_request(Asc(
+                    0x0e, 0x03,
+                )))));
             }
             task.buf = Some(ctx.pool.get(3 * n as usize));
-            task.stage = Stage::CawData { lba: rw.lba, n, fua: rw.fua || !wce };
+            task.stage = Stage::CawData {
+                lba: rw.lba,
+                n,
+                fua: rw.fua || !wce,
+            };
             Step::NeedData(2 * n)
         }
         Command::OrWrite(rw) => {
@@ -435,10 +682,20 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 return Ok(Step::Done(Reply::good()));
             }
             task.buf = Some(ctx.pool.get(2 * n as usize));
-            task.stage = Stage::OrData { lba: rw.lba, n, fua: rw.fua || !wce };
+            task.stage = Stage::OrData {
+                lba: rw.lba,
+                n,
+                fua: rw.fua || !wce,
+            };
             Step::NeedData(n)
         }
-        Command::WriteSame { rw, anchor, unmap, ndob, .. } => {
+        Command::WriteSame {
+            rw,
+            anchor,
+            unmap,
+            ndob,
+            ..
+        } => {
             if rw.protect != 0 {
                 return Err(Sense::invalid_field_in_cdb(1, Some(7)));
             }
@@ -453,7 +710,11 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             // WSNZ = 0: zero blocks means "to the last LBA" (SBC-3 section 5.45), a count
             // that MAXIMUM WRITE SAME LENGTH bounds like any other.
             let to_end = rw.blocks == 0;
-            let blocks = if to_end { lun.num_blocks() - rw.lba } else { rw.blocks as u64 };
+            let blocks = if to_end {
+                lun.num_blocks() - rw.lba
+            } else {
+                rw.blocks as u64
+            };
             if blocks > i.max_write_same_blocks {
                 return Err(Sense::invalid_field_in_cdb(7, None));
             }
@@ -464,7 +725,12 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 // Exactly one block of pattern (none with NDOB), or the pattern is unknown.
                 return Err(Sense::invalid_field_in_cdb(if ndob { 1 } else { 7 }, None));
             }
-            task.stage = Stage::WsData { lba: rw.lba, blocks, unmap, to_end };
+            task.stage = Stage::WsData {
+                lba: rw.lba,
+                blocks,
+                unmap,
+                to_end,
+            };
             if ndob {
                 // No Data-Out buffer: the pattern is zeros.
                 return Ok(data_ready(task, ctx));
@@ -472,7 +738,9 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.buf = Some(ctx.pool.get(bs as usize));
             Step::NeedData(bs)
         }
-        Command::Unmap { anchor, param_len, .. } => {
+        Command::Unmap {
+            anchor, param_len, ..
+        } => {
             if anchor {
                 return Err(Sense::invalid_field_in_cdb(1, Some(0)));
             }
@@ -484,17 +752,26 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 return Err(Sense::parameter_list_length_error());
             }
             task.buf = Some(ctx.pool.get(param_len as usize));
-            task.stage = Stage::UnmapData { len: param_len as u32 };
+            task.stage = Stage::UnmapData {
+                len: param_len as u32,
+            };
             Step::NeedData(param_len as u32)
         }
-        Command::Sanitize { immed, action, param_len, .. } => {
+        Command::Sanitize {
+            immed,
+            action,
+            param_len,
+            ..
+        } => {
             use proto::scsi::cdb::SanitizeAction;
             match action {
                 // Nothing is encrypted: there is no key to destroy (SBC-3 section 4.11.4).
                 SanitizeAction::CryptoErase => return Err(Sense::invalid_field_in_cdb(1, Some(4))),
                 // No sanitize ever leaves the LUN in a failure mode to exit from; the
                 // service action takes no parameter list (SBC-3 section 5.30.2).
-                SanitizeAction::ExitFailureMode if param_len != 0 => return Err(Sense::invalid_field_in_cdb(7, None)),
+                SanitizeAction::ExitFailureMode if param_len != 0 => {
+                    return Err(Sense::invalid_field_in_cdb(7, None))
+                }
                 SanitizeAction::ExitFailureMode => return Ok(Step::Done(Reply::good())),
                 SanitizeAction::BlockErase => {
                     if param_len != 0 {
@@ -509,7 +786,10 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                     }
                     check_writable(lun)?;
                     task.buf = Some(ctx.pool.get(param_len as usize));
-                    task.stage = Stage::SanitizeData { len: param_len as u32, immed };
+                    task.stage = Stage::SanitizeData {
+                        len: param_len as u32,
+                        immed,
+                    };
                     Step::NeedData(param_len as u32)
                 }
             }
@@ -530,11 +810,16 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             task.stage = Stage::XcopyData { len: param_len };
             Step::NeedData(param_len)
         }
-        Command::ReceiveCopyResults { action, list_id, alloc_len } => {
+        Command::ReceiveCopyResults {
+            action,
+            list_id,
+            alloc_len,
+        } => {
             use proto::scsi::cdb::CopyResultsAction;
             let v = match action {
                 CopyResultsAction::OperatingParameters => crate::xcopy::operating_parameters(),
-                CopyResultsAction::CopyStatus => match ctx.reg.copy_result(ctx.session_id, list_id) {
+                CopyResultsAction::CopyStatus => match ctx.reg.copy_result(ctx.session_id, list_id)
+                {
                     Some(r) => crate::xcopy::copy_status(&r),
                     None => return Err(Sense::invalid_field_in_cdb(2, None)),
                 },
@@ -546,7 +831,10 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             if lba >= lun.num_blocks() {
                 return Err(Sense::lba_out_of_range());
             }
-            Step::Done(Reply::data(lba_status(lun, lba, alloc_len), alloc_len as usize))
+            Step::Done(Reply::data(
+                lba_status(lun, lba, alloc_len),
+                alloc_len as usize,
+            ))
         }
         Command::Verify { rw, bytchk, .. } => {
             check_rw_fields(&rw)?;
@@ -565,7 +853,11 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 return Err(Sense::invalid_field_in_cdb(1, Some(1)));
             }
             task.buf = Some(ctx.pool.get((data_len + len) as usize));
-            task.stage = Stage::VerifyData { offset: byte_offset(lun, rw.lba), len, one_block };
+            task.stage = Stage::VerifyData {
+                offset: byte_offset(lun, rw.lba),
+                len,
+                one_block,
+            };
             Step::NeedData(data_len)
         }
         Command::SynchronizeCache { lba, blocks, .. } => {
@@ -577,10 +869,20 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
             check_range(lun, lba, blocks as u64)?;
             Step::Done(Reply::good())
         }
-        Command::ReadDefectData { size, req_plist, req_glist, format, alloc_len } => {
+        Command::ReadDefectData {
+            size,
+            req_plist,
+            req_glist,
+            format,
+            alloc_len,
+        } => {
             // A file has no defects: an empty list in the format asked for (SBC-3 5.12).
             let flags = (req_plist as u8) << 4 | (req_glist as u8) << 3 | (format & 0x07);
-            let v = if size == proto::scsi::cdb::CdbSize::Ten { vec![0, flags, 0, 0] } else { vec![0, flags, 0, 0, 0, 0, 0, 0] };
+            let v = if size == proto::scsi::cdb::CdbSize::Ten {
+                vec![0, flags, 0, 0]
+            } else {
+                vec![0, flags, 0, 0, 0, 0, 0, 0]
+            };
             Step::Done(Reply::data(v, alloc_len as usize))
         }
         Command::PersistentReserveIn { action, alloc_len } => {
@@ -593,19 +895,30 @@ fn run(cmd: &Command, lun: &Lun, edtl: u32, task: &mut ScsiTask, ctx: &mut ExecC
                 return Err(Sense::parameter_list_length_error());
             }
             task.buf = Some(ctx.pool.get(param_len as usize));
-            task.stage = Stage::PrOutData { cmd: *cmd, len: param_len };
+            task.stage = Stage::PrOutData {
+                cmd: *cmd,
+                len: param_len,
+            };
             if param_len == 0 {
                 return Ok(data_ready(task, ctx));
             }
             Step::NeedData(param_len)
         }
-        Command::Reserve { .. } => match lun.with_pr(|st| proto::scsi::pr::reserve6(st, ctx.nexus)) {
+        Command::Reserve { .. } => match lun.with_pr(|st| proto::scsi::pr::reserve6(st, ctx.nexus))
+        {
             Ok(()) => Step::Done(Reply::good()),
-            Err(_) => Step::Done(Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() }),
+            Err(_) => Step::Done(Reply {
+                status: status::RESERVATION_CONFLICT,
+                ..Reply::good()
+            }),
         },
-        Command::Release { .. } => match lun.with_pr(|st| proto::scsi::pr::release6(st, ctx.nexus)) {
+        Command::Release { .. } => match lun.with_pr(|st| proto::scsi::pr::release6(st, ctx.nexus))
+        {
             Ok(()) => Step::Done(Reply::good()),
-            Err(_) => Step::Done(Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() }),
+            Err(_) => Step::Done(Reply {
+                status: status::RESERVATION_CONFLICT,
+                ..Reply::good()
+            }),
         },
         _ => return Err(Sense::invalid_opcode()),
     })
@@ -634,7 +947,7 @@ fn check_atomic(lun: &Lun, rw: &Rw, boundary: u16) -> Result<(), Sense> {
     }
     let align = i.atomic_alignment_blocks.max(1) as u64;
     let gran = i.atomic_granularity_blocks.max(1);
-    if rw.blocks > i.max_atomic_blocks || rw.lba % align != 0 || rw.blocks % gran != 0 {
+    if rw.blocks > i.max_atomic_blocks || !rw.lba.is_multiple_of(align) || !rw.blocks.is_multiple_of(gran) {
         return Err(Sense::invalid_field_in_cdb(2, None));
     }
     Ok(())
@@ -657,7 +970,11 @@ fn lba_status(lun: &Lun, lba: u64, alloc_len: u32) -> Vec<u8> {
         };
         // Round to whole blocks: a block partly in data counts as mapped.
         let start_lba = pos / bs;
-        let mut end_lba = if status == 0 { end.div_ceil(bs) } else { end / bs };
+        let mut end_lba = if status == 0 {
+            end.div_ceil(bs)
+        } else {
+            end / bs
+        };
         if end_lba <= start_lba {
             end_lba = start_lba + 1;
         }
@@ -681,10 +998,14 @@ fn lba_status(lun: &Lun, lba: u64, alloc_len: u32) -> Vec<u8> {
 pub fn implemented(opcode: u8, service_action: Option<u16>) -> bool {
     use cdb::op::*;
     match opcode {
-        TEST_UNIT_READY | REQUEST_SENSE | READ_6 | WRITE_6 | INQUIRY | MODE_SELECT_6 | MODE_SENSE_6 | START_STOP_UNIT | READ_CAPACITY_10 | READ_10 | WRITE_10
-        | WRITE_VERIFY_10 | VERIFY_10 | PRE_FETCH_10 | SYNC_CACHE_10 | MODE_SELECT_10 | MODE_SENSE_10 | READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16
-        | PRE_FETCH_16 | SYNC_CACHE_16 | REPORT_LUNS | READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 | PREVENT_ALLOW | WRITE_SAME_10 | WRITE_SAME_16
-        | UNMAP | COMPARE_AND_WRITE | ORWRITE_16 | WRITE_ATOMIC_16 | READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12 | EXTENDED_COPY => true,
+        TEST_UNIT_READY | REQUEST_SENSE | READ_6 | WRITE_6 | INQUIRY | MODE_SELECT_6
+        | MODE_SENSE_6 | START_STOP_UNIT | READ_CAPACITY_10 | READ_10 | WRITE_10
+        | WRITE_VERIFY_10 | VERIFY_10 | PRE_FETCH_10 | SYNC_CACHE_10 | MODE_SELECT_10
+        | MODE_SENSE_10 | READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16 | PRE_FETCH_16
+        | SYNC_CACHE_16 | REPORT_LUNS | READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12
+        | PREVENT_ALLOW | WRITE_SAME_10 | WRITE_SAME_16 | UNMAP | COMPARE_AND_WRITE
+        | ORWRITE_16 | WRITE_ATOMIC_16 | READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12
+        | EXTENDED_COPY => true,
         // OVERWRITE, BLOCK ERASE and EXIT FAILURE MODE; not CRYPTOGRAPHIC ERASE.
         SANITIZE => matches!(service_action, Some(0x01) | Some(0x02) | Some(0x1f)),
         RESERVE_6 | RELEASE_6 | RESERVE_10 | RELEASE_10 => true,
@@ -720,7 +1041,10 @@ fn report_luns(ctx: &ExecCtx, select_report: u8, alloc_len: u32) -> Reply {
         return Reply::check(Sense::invalid_field_in_cdb(6, None));
     }
     let ids: Vec<u64> = ctx.target.luns.iter().map(|&(id, _)| id).collect();
-    Reply::data(proto::scsi::report_luns::report_luns(&ids), alloc_len as usize)
+    Reply::data(
+        proto::scsi::report_luns::report_luns(&ids),
+        alloc_len as usize,
+    )
 }
 
 /// The LUN a context addresses (commands past `start` always have one).
@@ -733,10 +1057,23 @@ fn lock_then(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, then: St
     lock_then_mode(task, ctx, lba, blocks, false, then)
 }
 
-fn lock_then_mode(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, atomic: bool, then: Stage) -> Step {
-    let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
+fn lock_then_mode(
+    task: &mut ScsiTask,
+    ctx: &ExecCtx,
+    lba: u64,
+    blocks: u64,
+    atomic: bool,
+    then: Stage,
+) -> Step {
+    let Some(lun) = ctx_lun(ctx) else {
+        return Step::Done(Reply::check(Sense::lun_not_supported()));
+    };
     let end = lba + blocks.max(1);
-    let got = if atomic { lun.ranges.try_lock_atomic(lba, end) } else { lun.ranges.try_lock(lba, end) };
+    let got = if atomic {
+        lun.ranges.try_lock_atomic(lba, end)
+    } else {
+        lun.ranges.try_lock(lba, end)
+    };
     match got {
         Some(g) => {
             task.guard = Some(g);
@@ -744,7 +1081,12 @@ fn lock_then_mode(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, ato
             begin(task)
         }
         None => {
-            task.stage = Stage::Lock { lba, blocks, atomic, then: Box::new(then) };
+            task.stage = Stage::Lock {
+                lba,
+                blocks,
+                atomic,
+                then: Box::new(then),
+            };
             Step::Wait
         }
     }
@@ -764,22 +1106,31 @@ fn plan_copy(ctx: &ExecCtx, params: &[u8]) -> Result<Option<(CopyJob, u64, u64)>
     // Copy targets are LUNs of the session's own target, found by their NAA designator:
     // a copy never reaches a LUN the initiator could not address itself.
     let resolve = |i: u16| -> Result<usize, Sense> {
-        let id = list.targets.get(i as usize).ok_or_else(|| copy_aborted(COPY_TARGET_NOT_REACHABLE))?;
+        let id = list
+            .targets
+            .get(i as usize)
+            .ok_or_else(|| copy_aborted(COPY_TARGET_NOT_REACHABLE))?;
         ctx.target
             .luns
             .iter()
             .map(|&(_, idx)| idx)
-            .find(|&idx| proto::scsi::inquiry::naa_designator(ctx.reg.luns[idx].naa_id).as_slice() == id.as_slice())
+            .find(|&idx| {
+                proto::scsi::inquiry::naa_designator(ctx.reg.luns[idx].naa_id).as_slice()
+                    == id.as_slice()
+            })
             .ok_or_else(|| copy_aborted(UNREACHABLE_COPY_TARGET))
     };
-    let Some(seg) = list.segments.first().copied() else { return Ok(None) };
+    let Some(seg) = list.segments.first().copied() else {
+        return Ok(None);
+    };
     let (src, dst) = (resolve(seg.src)?, resolve(seg.dst)?);
     let (s, d) = (&ctx.reg.luns[src], &ctx.reg.luns[dst]);
     if s.block_size != d.block_size {
         return Err(copy_aborted(COPY_TARGET_NOT_REACHABLE));
     }
     let blocks = seg.blocks as u64;
-    if check_range(s, seg.src_lba, blocks).is_err() || check_range(d, seg.dst_lba, blocks).is_err() {
+    if check_range(s, seg.src_lba, blocks).is_err() || check_range(d, seg.dst_lba, blocks).is_err()
+    {
         // Out-of-range segments abort the copy (SPC-4 6.4.3: not LBA OUT OF RANGE).
         return Err(copy_aborted(COPY_TARGET_NOT_REACHABLE));
     }
@@ -803,7 +1154,14 @@ fn plan_copy(ctx: &ExecCtx, params: &[u8]) -> Result<Option<(CopyJob, u64, u64)>
 }
 
 /// Like [`lock_then`] for a range of another LUN (EXTENDED COPY destinations).
-fn lock_on(task: &mut ScsiTask, ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64, then: Stage) -> Step {
+fn lock_on(
+    task: &mut ScsiTask,
+    ctx: &ExecCtx,
+    lun: usize,
+    lba: u64,
+    blocks: u64,
+    then: Stage,
+) -> Step {
     match ctx.reg.luns[lun].ranges.try_lock(lba, lba + blocks.max(1)) {
         Some(g) => {
             task.guard = Some(g);
@@ -811,7 +1169,12 @@ fn lock_on(task: &mut ScsiTask, ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64
             begin(task)
         }
         None => {
-            task.stage = Stage::LockOn { lun, lba, blocks, then: Box::new(then) };
+            task.stage = Stage::LockOn {
+                lun,
+                lba,
+                blocks,
+                then: Box::new(then),
+            };
             Step::Wait
         }
     }
@@ -819,7 +1182,15 @@ fn lock_on(task: &mut ScsiTask, ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64
 
 /// Applies a PERSISTENT RESERVE OUT and its effects: unit attentions to the nexuses it
 /// names, and the APTPL file when the persisted state changed.
-fn pr_out(lun: &Lun, ctx: &ExecCtx, action: proto::scsi::cdb::PrOutAction, scope: u8, pr_type: u8, params: &[u8], param_len: u32) -> Step {
+fn pr_out(
+    lun: &Lun,
+    ctx: &ExecCtx,
+    action: proto::scsi::cdb::PrOutAction,
+    scope: u8,
+    pr_type: u8,
+    params: &[u8],
+    param_len: u32,
+) -> Step {
     use proto::scsi::pr::PrOutError;
     let r = lun.with_pr(|st| {
         let r = proto::scsi::pr::pr_out(st, ctx.nexus, action, scope, pr_type, params, param_len);
@@ -840,7 +1211,10 @@ fn pr_out(lun: &Lun, ctx: &ExecCtx, action: proto::scsi::cdb::PrOutAction, scope
             }
             Step::Done(Reply::good())
         }
-        Err(PrOutError::ReservationConflict) => Step::Done(Reply { status: status::RESERVATION_CONFLICT, ..Reply::good() }),
+        Err(PrOutError::ReservationConflict) => Step::Done(Reply {
+            status: status::RESERVATION_CONFLICT,
+            ..Reply::good()
+        }),
         Err(PrOutError::Sense(s)) => Step::Done(Reply::check(s)),
     }
 }
@@ -859,13 +1233,26 @@ fn parse_overwrite(p: &[u8], bs: usize) -> Result<crate::sanitize::Kind, Sense> 
     if plen == 0 || plen > bs || 4 + plen != p.len() {
         return Err(Sense::invalid_field_in_parameter_list(2, None));
     }
-    Ok(crate::sanitize::Kind::Overwrite { pattern: p[4..].to_vec(), invert, count })
+    Ok(crate::sanitize::Kind::Overwrite {
+        pattern: p[4..].to_vec(),
+        invert,
+        count,
+    })
 }
 
-fn start_sanitize(task: &mut ScsiTask, ctx: &ExecCtx, kind: crate::sanitize::Kind, immed: bool) -> Step {
-    let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
+fn start_sanitize(
+    task: &mut ScsiTask,
+    ctx: &ExecCtx,
+    kind: crate::sanitize::Kind,
+    immed: bool,
+) -> Step {
+    let Some(lun) = ctx_lun(ctx) else {
+        return Step::Done(Reply::check(Sense::lun_not_supported()));
+    };
     if !crate::sanitize::start(std::sync::Arc::clone(lun), kind) {
-        return Step::Done(Reply::check(Sense::not_ready(Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)));
+        return Step::Done(Reply::check(Sense::not_ready(
+            Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS,
+        )));
     }
     if immed {
         return Step::Done(Reply::good());
@@ -878,8 +1265,18 @@ fn start_sanitize(task: &mut ScsiTask, ctx: &ExecCtx, kind: crate::sanitize::Kin
 pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
     match std::mem::take(&mut task.stage) {
-        Stage::Lock { lba, blocks, atomic, then } => with_format(lock_then_mode(task, ctx, lba, blocks, atomic, *then), fmt),
-        Stage::LockOn { lun, lba, blocks, then } => with_format(lock_on(task, ctx, lun, lba, blocks, *then), fmt),
+        Stage::Lock {
+            lba,
+            blocks,
+            atomic,
+            then,
+        } => with_format(lock_then_mode(task, ctx, lba, blocks, atomic, *then), fmt),
+        Stage::LockOn {
+            lun,
+            lba,
+            blocks,
+            then,
+        } => with_format(lock_on(task, ctx, lun, lba, blocks, *then), fmt),
         Stage::SanitizeWait => match ctx_lun(ctx) {
             Some(l) if l.sanitize.active() => {
                 task.stage = Stage::SanitizeWait;
@@ -891,12 +1288,33 @@ pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
             },
             None => Step::Done(Reply::check(Sense::lun_not_supported())),
         },
-        Stage::ReadBlocked { lba, blocks, offset, len, transfer } => {
+        Stage::ReadBlocked {
+            lba,
+            blocks,
+            offset,
+            len,
+            transfer,
+        } => {
             if ctx_lun(ctx).is_some_and(|l| l.ranges.readable(lba, lba + blocks.max(1))) {
-                task.stage = Stage::Read { offset, len, done: 0, transfer };
-                Step::Io(IoOp::Read { offset, buf_off: 0, len })
+                task.stage = Stage::Read {
+                    offset,
+                    len,
+                    done: 0,
+                    transfer,
+                };
+                Step::Io(IoOp::Read {
+                    offset,
+                    buf_off: 0,
+                    len,
+                })
             } else {
-                task.stage = Stage::ReadBlocked { lba, blocks, offset, len, transfer };
+                task.stage = Stage::ReadBlocked {
+                    lba,
+                    blocks,
+                    offset,
+                    len,
+                    transfer,
+                };
                 Step::Wait
             }
         }
@@ -910,14 +1328,50 @@ pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
 /// The first operation of a (locked) stage.
 fn begin(task: &mut ScsiTask) -> Step {
     match task.stage {
-        Stage::Writing { offset, len, fua, .. } => Step::Io(IoOp::Write { offset, buf_off: 0, len, fua }),
-        Stage::CawRead { offset, n, .. } => Step::Io(IoOp::Read { offset, buf_off: 2 * n, len: n }),
-        Stage::OrRead { offset, n, .. } => Step::Io(IoOp::Read { offset, buf_off: n, len: n }),
-        Stage::WsFill { offset, remaining, chunk, fua } => Step::Io(IoOp::Write { offset, buf_off: 0, len: (chunk as u64).min(remaining) as u32, fua }),
+        Stage::Writing {
+            offset, len, fua, ..
+        } => Step::Io(IoOp::Write {
+            offset,
+            buf_off: 0,
+            len,
+            fua,
+        }),
+        Stage::CawRead { offset, n, .. } => Step::Io(IoOp::Read {
+            offset,
+            buf_off: 2 * n,
+            len: n,
+        }),
+        Stage::OrRead { offset, n, .. } => Step::Io(IoOp::Read {
+            offset,
+            buf_off: n,
+            len: n,
+        }),
+        Stage::WsFill {
+            offset,
+            remaining,
+            chunk,
+            fua,
+        } => Step::Io(IoOp::Write {
+            offset,
+            buf_off: 0,
+            len: (chunk as u64).min(remaining) as u32,
+            fua,
+        }),
         Stage::Falloc { offset, len, mode } => Step::Io(IoOp::Fallocate { offset, len, mode }),
-        Stage::Copy(ref j) => Step::IoAt(j.src, IoOp::Read { offset: j.src_off, buf_off: 0, len: (j.chunk as u64).min(j.remaining) as u32 }),
+        Stage::Copy(ref j) => Step::IoAt(
+            j.src,
+            IoOp::Read {
+                offset: j.src_off,
+                buf_off: 0,
+                len: (j.chunk as u64).min(j.remaining) as u32,
+            },
+        ),
         Stage::Unmapping { ref ranges, next } => match ranges.get(next) {
-            Some(&(offset, len)) => Step::Io(IoOp::Fallocate { offset, len, mode: PUNCH_HOLE }),
+            Some(&(offset, len)) => Step::Io(IoOp::Fallocate {
+                offset,
+                len,
+                mode: PUNCH_HOLE,
+            }),
             None => Step::Done(Reply::good()),
         },
         _ => {
@@ -930,27 +1384,88 @@ fn begin(task: &mut ScsiTask) -> Step {
 /// All write data has arrived.
 pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     let fmt = task.sense_format.unwrap_or(SenseFormat::Fixed);
-    let Some(lun) = ctx_lun(ctx) else { return Step::Done(Reply::check(Sense::lun_not_supported())) };
+    let Some(lun) = ctx_lun(ctx) else {
+        return Step::Done(Reply::check(Sense::lun_not_supported()));
+    };
     let bs = lun.block_size as u64;
     let step = match std::mem::take(&mut task.stage) {
-        Stage::WriteData { offset, len, fua, flush_after, transfer, atomic } => {
+        Stage::WriteData {
+            offset,
+            len,
+            fua,
+            flush_after,
+            transfer,
+            atomic,
+        } => {
             let (lba, blocks) = (offset / bs, (len as u64).div_ceil(bs));
-            lock_then_mode(task, ctx, lba, blocks, atomic, Stage::Writing { offset, len, done: 0, fua, flush_after, transfer })
+            lock_then_mode(
+                task,
+                ctx,
+                lba,
+                blocks,
+                atomic,
+                Stage::Writing {
+                    offset,
+                    len,
+                    done: 0,
+                    fua,
+                    flush_after,
+                    transfer,
+                },
+            )
         }
-        Stage::CawData { lba, n, fua } => lock_then(task, ctx, lba, n as u64 / bs, Stage::CawRead { offset: lba * bs, n, done: 0, fua }),
-        Stage::OrData { lba, n, fua } => lock_then(task, ctx, lba, n as u64 / bs, Stage::OrRead { offset: lba * bs, n, done: 0, fua }),
-        Stage::WsData { lba, blocks, unmap, to_end } => {
+        Stage::CawData { lba, n, fua } => lock_then(
+            task,
+            ctx,
+            lba,
+            n as u64 / bs,
+            Stage::CawRead {
+                offset: lba * bs,
+                n,
+                done: 0,
+                fua,
+            },
+        ),
+        Stage::OrData { lba, n, fua } => lock_then(
+            task,
+            ctx,
+            lba,
+            n as u64 / bs,
+            Stage::OrRead {
+                offset: lba * bs,
+                n,
+                done: 0,
+                fua,
+            },
+        ),
+        Stage::WsData {
+            lba,
+            blocks,
+            unmap,
+            to_end,
+        } => {
             let offset = lba * bs;
             let len = blocks * bs;
-            let zeros = task.buf.as_deref().is_none_or(|b| b.iter().all(|&x| x == 0));
+            let zeros = task
+                .buf
+                .as_deref()
+                .is_none_or(|b| b.iter().all(|&x| x == 0));
             let fua = !lun.mode_state().wce;
             let _ = to_end;
             let then = if unmap && lun.thin {
                 // UNMAP=1 deallocates (as LIO and libiscsi's UnmapUntilEnd expect, whatever
                 // the pattern); LBPRZ=1 says the blocks then read as zeros.
-                Stage::Falloc { offset, len, mode: PUNCH_HOLE }
+                Stage::Falloc {
+                    offset,
+                    len,
+                    mode: PUNCH_HOLE,
+                }
             } else if zeros {
-                Stage::Falloc { offset, len, mode: ZERO_RANGE }
+                Stage::Falloc {
+                    offset,
+                    len,
+                    mode: ZERO_RANGE,
+                }
             } else {
                 // Repeat the block through a chunk buffer, written as many times as needed.
                 let chunk = (len.min(1 << 20) as usize / bs as usize) * bs as usize;
@@ -962,33 +1477,75 @@ pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
                     ctx.pool.put(one);
                 }
                 task.buf = Some(buf);
-                Stage::WsFill { offset, remaining: len, chunk: chunk as u32, fua }
+                Stage::WsFill {
+                    offset,
+                    remaining: len,
+                    chunk: chunk as u32,
+                    fua,
+                }
             };
             lock_then(task, ctx, lba, blocks, then)
         }
-        Stage::UnmapData { len } => match parse_unmap(lun, task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[])) {
+        Stage::UnmapData { len } => match parse_unmap(
+            lun,
+            task.buf
+                .as_deref()
+                .map(|b| &b[..(len as usize).min(b.len())])
+                .unwrap_or(&[]),
+        ) {
             Err(s) => Step::Done(Reply::check(s)),
             Ok(ranges) if ranges.is_empty() => Step::Done(Reply::good()),
             Ok(ranges) => {
                 let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
                 let hi = ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0);
-                let bytes: Vec<(u64, u64)> = ranges.iter().map(|&(l, n)| (l * bs, n * bs)).collect();
-                lock_then(task, ctx, lo, hi - lo, Stage::Unmapping { ranges: bytes, next: 0 })
+                let bytes: Vec<(u64, u64)> =
+                    ranges.iter().map(|&(l, n)| (l * bs, n * bs)).collect();
+                lock_then(
+                    task,
+                    ctx,
+                    lo,
+                    hi - lo,
+                    Stage::Unmapping {
+                        ranges: bytes,
+                        next: 0,
+                    },
+                )
             }
         },
-        Stage::PrOutData { cmd: Command::PersistentReserveOut { action, scope, pr_type, param_len }, len } => {
-            let p = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
+        Stage::PrOutData {
+            cmd:
+                Command::PersistentReserveOut {
+                    action,
+                    scope,
+                    pr_type,
+                    param_len,
+                },
+            len,
+        } => {
+            let p = task
+                .buf
+                .as_deref()
+                .map(|b| &b[..(len as usize).min(b.len())])
+                .unwrap_or(&[]);
             pr_out(lun, ctx, action, scope, pr_type, p, param_len)
         }
         Stage::SanitizeData { len, immed } => {
-            let p = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
+            let p = task
+                .buf
+                .as_deref()
+                .map(|b| &b[..(len as usize).min(b.len())])
+                .unwrap_or(&[]);
             match parse_overwrite(p, bs as usize) {
                 Err(s) => Step::Done(Reply::check(s)),
                 Ok(kind) => start_sanitize(task, ctx, kind, immed),
             }
         }
         Stage::XcopyData { len } => {
-            let params = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
+            let params = task
+                .buf
+                .as_deref()
+                .map(|b| &b[..(len as usize).min(b.len())])
+                .unwrap_or(&[]);
             match plan_copy(ctx, params) {
                 Err(s) => Step::Done(Reply::check(s)),
                 Ok(None) => Step::Done(Reply::good()),
@@ -998,25 +1555,65 @@ pub fn data_ready(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
                         ctx.pool.put(b);
                     }
                     task.buf = Some(ctx.pool.get(chunk));
-                    lock_on(task, ctx, job.dst, dst_lba, blocks, Stage::Copy(Box::new(job)))
+                    lock_on(
+                        task,
+                        ctx,
+                        job.dst,
+                        dst_lba,
+                        blocks,
+                        Stage::Copy(Box::new(job)),
+                    )
                 }
             }
         }
-        Stage::VerifyData { offset, len, one_block } => {
+        Stage::VerifyData {
+            offset,
+            len,
+            one_block,
+        } => {
             let data_len = if one_block { bs as u32 } else { len };
-            task.stage = Stage::VerifyRead { offset, len, done: 0, one_block };
-            Step::Io(IoOp::Read { offset, buf_off: data_len, len })
+            task.stage = Stage::VerifyRead {
+                offset,
+                len,
+                done: 0,
+                one_block,
+            };
+            Step::Io(IoOp::Read {
+                offset,
+                buf_off: data_len,
+                len,
+            })
         }
-        Stage::ModeSelect { ten_byte, pf, sp, len } => {
-            let params = task.buf.as_deref().map(|b| &b[..(len as usize).min(b.len())]).unwrap_or(&[]);
+        Stage::ModeSelect {
+            ten_byte,
+            pf,
+            sp,
+            len,
+        } => {
+            let params = task
+                .buf
+                .as_deref()
+                .map(|b| &b[..(len as usize).min(b.len())])
+                .unwrap_or(&[]);
             let mut state = lun.mode.lock().unwrap_or_else(|p| p.into_inner());
-            let before = state.clone();
-            match proto::scsi::mode::mode_select(&lun_info(lun), &mut state, pf, sp, params, ten_byte) {
+            let before = *state;
+            match proto::scsi::mode::mode_select(
+                &lun_info(lun),
+                &mut state,
+                pf,
+                sp,
+                params,
+                ten_byte,
+            ) {
                 Ok(()) => {
                     if *state != before {
                         drop(state);
                         // SPC-4 section 6.11: other nexuses learn of the change by UA.
-                        lun.ua.raise_state_change(ctx.session_id, Asc::MODE_PARAMETERS_CHANGED, lun.mode_tag());
+                        lun.ua.raise_state_change(
+                            ctx.session_id,
+                            Asc::MODE_PARAMETERS_CHANGED,
+                            lun.mode_tag(),
+                        );
                     }
                     Step::Done(Reply::good())
                 }
@@ -1066,7 +1663,10 @@ fn parse_unmap(lun: &Lun, p: &[u8]) -> Result<Vec<(u64, u64)>, Sense> {
 fn io_error(errno: i32, writing: bool) -> Sense {
     match errno {
         // A thin LUN whose file system is full: SBC-3 section 4.7.3.6.
-        libc::ENOSPC | libc::EDQUOT => Sense::new(SenseKey::DataProtect, Asc::SPACE_ALLOCATION_FAILED_WRITE_PROTECT),
+        libc::ENOSPC | libc::EDQUOT => Sense::new(
+            SenseKey::DataProtect,
+            Asc::SPACE_ALLOCATION_FAILED_WRITE_PROTECT,
+        ),
         libc::EROFS => Sense::write_protected(),
         _ if writing => Sense::medium_error(Asc::WRITE_ERROR),
         _ => Sense::medium_error(Asc::UNRECOVERED_READ_ERROR),
@@ -1080,30 +1680,73 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
     let transfer = task.transfer;
     let fail = |res: i32, writing: bool, offset: u64| {
         tracing::warn!(errno = -res, offset, writing, "disk I/O failed");
-        Step::Done(Reply::check(if res == 0 { io_error(libc::EIO, writing) } else { io_error(-res, writing) }))
+        Step::Done(Reply::check(if res == 0 {
+            io_error(libc::EIO, writing)
+        } else {
+            io_error(-res, writing)
+        }))
     };
     let step = match std::mem::take(&mut task.stage) {
-        Stage::Read { offset, len, done, transfer } => {
+        Stage::Read {
+            offset,
+            len,
+            done,
+            transfer,
+        } => {
             if res <= 0 {
                 fail(res, false, offset)
             } else {
                 let done = done + res as u32;
                 if done < len {
-                    task.stage = Stage::Read { offset, len, done, transfer };
-                    Step::Io(IoOp::Read { offset: offset + done as u64, buf_off: done, len: len - done })
+                    task.stage = Stage::Read {
+                        offset,
+                        len,
+                        done,
+                        transfer,
+                    };
+                    Step::Io(IoOp::Read {
+                        offset: offset + done as u64,
+                        buf_off: done,
+                        len: len - done,
+                    })
                 } else {
-                    Step::Done(Reply { data: ReplyData::Buf(len as usize), ..Reply::good() }.transfer(transfer))
+                    Step::Done(
+                        Reply {
+                            data: ReplyData::Buf(len as usize),
+                            ..Reply::good()
+                        }
+                        .transfer(transfer),
+                    )
                 }
             }
         }
-        Stage::Writing { offset, len, done, fua, flush_after, transfer } => {
+        Stage::Writing {
+            offset,
+            len,
+            done,
+            fua,
+            flush_after,
+            transfer,
+        } => {
             if res <= 0 {
                 fail(res, true, offset)
             } else {
                 let done = done + res as u32;
                 if done < len {
-                    task.stage = Stage::Writing { offset, len, done, fua, flush_after, transfer };
-                    Step::Io(IoOp::Write { offset: offset + done as u64, buf_off: done, len: len - done, fua })
+                    task.stage = Stage::Writing {
+                        offset,
+                        len,
+                        done,
+                        fua,
+                        flush_after,
+                        transfer,
+                    };
+                    Step::Io(IoOp::Write {
+                        offset: offset + done as u64,
+                        buf_off: done,
+                        len: len - done,
+                        fua,
+                    })
                 } else if flush_after && !fua {
                     task.stage = Stage::Flushing { transfer };
                     Step::Io(IoOp::Flush)
@@ -1121,22 +1764,49 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 Step::Done(Reply::good())
             }
         }
-        Stage::VerifyRead { offset, len, done, one_block } => {
+        Stage::VerifyRead {
+            offset,
+            len,
+            done,
+            one_block,
+        } => {
             if res <= 0 {
                 fail(res, false, offset)
             } else {
                 let done = done + res as u32;
                 let data_len = if one_block { bs } else { len };
                 if done < len {
-                    task.stage = Stage::VerifyRead { offset, len, done, one_block };
-                    Step::Io(IoOp::Read { offset: offset + done as u64, buf_off: data_len + done, len: len - done })
+                    task.stage = Stage::VerifyRead {
+                        offset,
+                        len,
+                        done,
+                        one_block,
+                    };
+                    Step::Io(IoOp::Read {
+                        offset: offset + done as u64,
+                        buf_off: data_len + done,
+                        len: len - done,
+                    })
                 } else {
-                    let Some(buf) = task.buf.as_deref() else { return Step::Done(Reply::check(Sense::internal_target_failure())) };
+                    let Some(buf) = task.buf.as_deref() else {
+                        return Step::Done(Reply::check(Sense::internal_target_failure()));
+                    };
                     let (given, medium) = buf.split_at(data_len as usize);
                     let mismatch = if one_block {
-                        medium[..len as usize].chunks(bs as usize).enumerate().find_map(|(i, blk)| blk.iter().zip(given).position(|(a, b)| a != b).map(|p| i * bs as usize + p))
+                        medium[..len as usize]
+                            .chunks(bs as usize)
+                            .enumerate()
+                            .find_map(|(i, blk)| {
+                                blk.iter()
+                                    .zip(given)
+                                    .position(|(a, b)| a != b)
+                                    .map(|p| i * bs as usize + p)
+                            })
                     } else {
-                        given.iter().zip(&medium[..len as usize]).position(|(a, b)| a != b)
+                        given
+                            .iter()
+                            .zip(&medium[..len as usize])
+                            .position(|(a, b)| a != b)
                     };
                     match mismatch {
                         // SBC-3 section 5.29: INFORMATION is the offset of the first miscompare.
@@ -1146,49 +1816,111 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 }
             }
         }
-        Stage::CawRead { offset, n, done, fua } => {
+        Stage::CawRead {
+            offset,
+            n,
+            done,
+            fua,
+        } => {
             if res <= 0 {
                 fail(res, false, offset)
             } else {
                 let done = done + res as u32;
                 if done < n {
-                    task.stage = Stage::CawRead { offset, n, done, fua };
-                    Step::Io(IoOp::Read { offset: offset + done as u64, buf_off: 2 * n + done, len: n - done })
+                    task.stage = Stage::CawRead {
+                        offset,
+                        n,
+                        done,
+                        fua,
+                    };
+                    Step::Io(IoOp::Read {
+                        offset: offset + done as u64,
+                        buf_off: 2 * n + done,
+                        len: n - done,
+                    })
                 } else {
-                    let Some(buf) = task.buf.as_deref() else { return Step::Done(Reply::check(Sense::internal_target_failure())) };
-                    let (verify, medium) = (&buf[..n as usize], &buf[2 * n as usize..3 * n as usize]);
+                    let Some(buf) = task.buf.as_deref() else {
+                        return Step::Done(Reply::check(Sense::internal_target_failure()));
+                    };
+                    let (verify, medium) =
+                        (&buf[..n as usize], &buf[2 * n as usize..3 * n as usize]);
                     match verify.iter().zip(medium).position(|(a, b)| a != b) {
                         // SBC-3 section 5.3: nothing is written; INFORMATION = first miscompare offset.
                         Some(at) => Step::Done(Reply::check(Sense::miscompare(at as u64))),
                         None => {
-                            task.stage = Stage::Writing { offset, len: n, done: 0, fua, flush_after: false, transfer: 0 };
-                            Step::Io(IoOp::Write { offset, buf_off: n, len: n, fua })
+                            task.stage = Stage::Writing {
+                                offset,
+                                len: n,
+                                done: 0,
+                                fua,
+                                flush_after: false,
+                                transfer: 0,
+                            };
+                            Step::Io(IoOp::Write {
+                                offset,
+                                buf_off: n,
+                                len: n,
+                                fua,
+                            })
                         }
                     }
                 }
             }
         }
-        Stage::OrRead { offset, n, done, fua } => {
+        Stage::OrRead {
+            offset,
+            n,
+            done,
+            fua,
+        } => {
             if res <= 0 {
                 fail(res, false, offset)
             } else {
                 let done = done + res as u32;
                 if done < n {
-                    task.stage = Stage::OrRead { offset, n, done, fua };
-                    Step::Io(IoOp::Read { offset: offset + done as u64, buf_off: n + done, len: n - done })
+                    task.stage = Stage::OrRead {
+                        offset,
+                        n,
+                        done,
+                        fua,
+                    };
+                    Step::Io(IoOp::Read {
+                        offset: offset + done as u64,
+                        buf_off: n + done,
+                        len: n - done,
+                    })
                 } else {
-                    let Some(buf) = task.buf.as_deref_mut() else { return Step::Done(Reply::check(Sense::internal_target_failure())) };
+                    let Some(buf) = task.buf.as_deref_mut() else {
+                        return Step::Done(Reply::check(Sense::internal_target_failure()));
+                    };
                     let (data, medium) = buf.split_at_mut(n as usize);
                     for (m, d) in medium[..n as usize].iter_mut().zip(data.iter()) {
                         *m |= *d;
                     }
                     // Write the ORed blocks back from the second half of the buffer.
-                    task.stage = Stage::Writing { offset, len: n, done: 0, fua, flush_after: false, transfer: 0 };
-                    Step::Io(IoOp::Write { offset, buf_off: n, len: n, fua })
+                    task.stage = Stage::Writing {
+                        offset,
+                        len: n,
+                        done: 0,
+                        fua,
+                        flush_after: false,
+                        transfer: 0,
+                    };
+                    Step::Io(IoOp::Write {
+                        offset,
+                        buf_off: n,
+                        len: n,
+                        fua,
+                    })
                 }
             }
         }
-        Stage::WsFill { offset, remaining, chunk, fua } => {
+        Stage::WsFill {
+            offset,
+            remaining,
+            chunk,
+            fua,
+        } => {
             if res <= 0 {
                 fail(res, true, offset)
             } else {
@@ -1200,8 +1932,18 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                     Step::Done(Reply::good())
                 } else {
                     let offset = offset + wrote;
-                    task.stage = Stage::WsFill { offset, remaining, chunk, fua };
-                    Step::Io(IoOp::Write { offset, buf_off: 0, len: (chunk as u64).min(remaining) as u32, fua })
+                    task.stage = Stage::WsFill {
+                        offset,
+                        remaining,
+                        chunk,
+                        fua,
+                    };
+                    Step::Io(IoOp::Write {
+                        offset,
+                        buf_off: 0,
+                        len: (chunk as u64).min(remaining) as u32,
+                        fua,
+                    })
                 }
             }
         }
@@ -1219,10 +1961,22 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
             if res <= 0 {
                 tracing::warn!(errno = -res, "EXTENDED COPY I/O failed");
                 if !j.hold {
-                    Step::Done(Reply::check(crate::xcopy::copy_aborted(crate::xcopy::COPY_TARGET_NOT_REACHABLE)))
+                    Step::Done(Reply::check(crate::xcopy::copy_aborted(
+                        crate::xcopy::COPY_TARGET_NOT_REACHABLE,
+                    )))
                 } else {
-                    ctx.reg.hold_copy_result(ctx.session_id, j.list_id, crate::xcopy::CopyResult { ok: false, segments_done: 0, bytes: j.done });
-                    Step::Done(Reply::check(crate::xcopy::copy_aborted(crate::xcopy::COPY_TARGET_NOT_REACHABLE)))
+                    ctx.reg.hold_copy_result(
+                        ctx.session_id,
+                        j.list_id,
+                        crate::xcopy::CopyResult {
+                            ok: false,
+                            segments_done: 0,
+                            bytes: j.done,
+                        },
+                    );
+                    Step::Done(Reply::check(crate::xcopy::copy_aborted(
+                        crate::xcopy::COPY_TARGET_NOT_REACHABLE,
+                    )))
                 }
             } else if (res as u32) < n {
                 // Short transfers only happen at EOF or on a full file system: give up cleanly.
@@ -1231,7 +1985,15 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 let (dst, dst_off) = (j.dst, j.dst_off);
                 j.done |= WRITE_PENDING;
                 task.stage = Stage::Copy(j);
-                Step::IoAt(dst, IoOp::Write { offset: dst_off, buf_off: 0, len: n, fua: false })
+                Step::IoAt(
+                    dst,
+                    IoOp::Write {
+                        offset: dst_off,
+                        buf_off: 0,
+                        len: n,
+                        fua: false,
+                    },
+                )
             } else {
                 j.done = (j.done & !WRITE_PENDING) + n as u64;
                 j.remaining -= n as u64;
@@ -1239,13 +2001,29 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 j.dst_off += n as u64;
                 if j.remaining == 0 {
                     if j.hold {
-                        ctx.reg.hold_copy_result(ctx.session_id, j.list_id, crate::xcopy::CopyResult { ok: true, segments_done: 1, bytes: j.done });
+                        ctx.reg.hold_copy_result(
+                            ctx.session_id,
+                            j.list_id,
+                            crate::xcopy::CopyResult {
+                                ok: true,
+                                segments_done: 1,
+                                bytes: j.done,
+                            },
+                        );
                     }
                     Step::Done(Reply::good())
                 } else {
-                    let (src, off, len) = (j.src, j.src_off, (j.chunk as u64).min(j.remaining) as u32);
+                    let (src, off, len) =
+                        (j.src, j.src_off, (j.chunk as u64).min(j.remaining) as u32);
                     task.stage = Stage::Copy(j);
-                    Step::IoAt(src, IoOp::Read { offset: off, buf_off: 0, len })
+                    Step::IoAt(
+                        src,
+                        IoOp::Read {
+                            offset: off,
+                            buf_off: 0,
+                            len,
+                        },
+                    )
                 }
             }
         }
@@ -1253,7 +2031,10 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
             if res < 0 {
                 fail(res, true, ranges.get(next).map(|r| r.0).unwrap_or(0))
             } else {
-                task.stage = Stage::Unmapping { ranges, next: next + 1 };
+                task.stage = Stage::Unmapping {
+                    ranges,
+                    next: next + 1,
+                };
                 begin(task)
             }
         }

@@ -21,7 +21,10 @@ pub enum ServeError {
     #[error(transparent)]
     Lun(#[from] LunError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("core {core}: cannot set up io_uring: {source}")]
     Ring { core: usize, source: std::io::Error },
 }
@@ -35,7 +38,11 @@ pub struct Server {
 }
 
 fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     // One listener per core on the same port: the kernel spreads connections across them,
     // so each connection lands on one core and stays there.
@@ -55,17 +62,23 @@ impl Server {
             n => n,
         };
         let first = listener(want).map_err(|source| ServeError::Listen { addr: want, source })?;
-        let local_addr = first.local_addr().map_err(|source| ServeError::Listen { addr: want, source })?;
+        let local_addr = first
+            .local_addr()
+            .map_err(|source| ServeError::Listen { addr: want, source })?;
         let registry = Arc::new(Registry::build(config, local_addr)?);
         let stop = Arc::new(AtomicBool::new(false));
         let mut listeners = vec![first];
         for _ in 1..n {
-            listeners.push(listener(local_addr).map_err(|source| ServeError::Listen { addr: local_addr, source })?);
+            listeners.push(listener(local_addr).map_err(|source| ServeError::Listen {
+                addr: local_addr,
+                source,
+            })?);
         }
         // Build every ring before starting any thread, so a failure leaves nothing running.
         let mut reactors = Vec::new();
         for (core, l) in listeners.into_iter().enumerate() {
-            let r = Reactor::new(core, l, Arc::clone(&registry), Arc::clone(&stop)).map_err(|source| ServeError::Ring { core, source })?;
+            let r = Reactor::new(core, l, Arc::clone(&registry), Arc::clone(&stop))
+                .map_err(|source| ServeError::Ring { core, source })?;
             reactors.push(r);
         }
         let mut threads = Vec::new();
@@ -83,7 +96,12 @@ impl Server {
             threads.push(t);
         }
         tracing::info!(%local_addr, cores = n, luns = registry.luns.len(), "serving");
-        Ok(Server { local_addr, registry, stop, threads })
+        Ok(Server {
+            local_addr,
+            registry,
+            stop,
+            threads,
+        })
     }
 
     /// Asks every core to stop.

@@ -67,14 +67,23 @@ impl UaLog {
         if ev.len() == LOG_LEN {
             ev.pop_front();
         }
-        ev.push_back(Event { epoch, origin, asc, state, only });
+        ev.push_back(Event {
+            epoch,
+            origin,
+            asc,
+            state,
+            only,
+        });
         self.latest.store(epoch, Ordering::Release);
     }
 
     /// Where a new session starts: it sees nothing that happened before, and knows the
     /// state tagged `state`.
     pub fn start(&self, state: u64) -> Seen {
-        Seen { epoch: self.latest.load(Ordering::Acquire), state }
+        Seen {
+            epoch: self.latest.load(Ordering::Acquire),
+            state,
+        }
     }
 
     /// Appends to `out` what `session` (of the nexus tagged `nexus`) has not seen and did

@@ -80,7 +80,7 @@ pub fn parse(p: &[u8]) -> Result<CopyList, Sense> {
     if inline != 0 {
         return Err(Sense::invalid_field_in_parameter_list(12, None));
     }
-    if tdl % TARGET_DESC_LEN != 0 {
+    if !tdl.is_multiple_of(TARGET_DESC_LEN) {
         return Err(Sense::parameter_list_length_error());
     }
     let n_targets = tdl / TARGET_DESC_LEN;
@@ -88,14 +88,21 @@ pub fn parse(p: &[u8]) -> Result<CopyList, Sense> {
         return Err(Sense::illegal_request(Asc(0x26, 0x06))); // TOO MANY TARGET DESCRIPTORS
     }
     let mut targets = Vec::with_capacity(n_targets);
-    for (i, d) in p[HEADER_LEN..HEADER_LEN + tdl].chunks_exact(TARGET_DESC_LEN).enumerate() {
+    for (i, d) in p[HEADER_LEN..HEADER_LEN + tdl]
+        .chunks_exact(TARGET_DESC_LEN)
+        .enumerate()
+    {
         if d[0] != ID_DESCRIPTOR {
             // UNSUPPORTED TARGET DESCRIPTOR TYPE CODE
-            return Err(Sense::illegal_request(Asc(0x26, 0x07)).with_field_pointer(field(HEADER_LEN + i * TARGET_DESC_LEN)));
+            return Err(Sense::illegal_request(Asc(0x26, 0x07))
+                .with_field_pointer(field(HEADER_LEN + i * TARGET_DESC_LEN)));
         }
         if d[1] & 0x1f != 0 {
             // Only direct-access block devices can be copied between.
-            return Err(Sense::invalid_field_in_parameter_list((HEADER_LEN + i * TARGET_DESC_LEN + 1) as u16, None));
+            return Err(Sense::invalid_field_in_parameter_list(
+                (HEADER_LEN + i * TARGET_DESC_LEN + 1) as u16,
+                None,
+            ));
         }
         let len = (d[7] as usize).min(20);
         targets.push(d[8..8 + len].to_vec());
@@ -119,14 +126,29 @@ pub fn parse(p: &[u8]) -> Result<CopyList, Sense> {
         if dlen != B2B_SEGMENT_LEN || d.len() < B2B_SEGMENT_LEN {
             return Err(Sense::parameter_list_length_error());
         }
-        segments.push(Segment { src: be16(d, 4), dst: be16(d, 6), blocks: be16(d, 10) as u32, src_lba: be64(d, 12), dst_lba: be64(d, 20) });
+        segments.push(Segment {
+            src: be16(d, 4),
+            dst: be16(d, 6),
+            blocks: be16(d, 10) as u32,
+            src_lba: be64(d, 12),
+            dst_lba: be64(d, 20),
+        });
         at += dlen;
     }
-    Ok(CopyList { list_id: p[0], hold: (p[1] >> 3) & 0x03 <= 1, targets, segments })
+    Ok(CopyList {
+        list_id: p[0],
+        hold: (p[1] >> 3) & 0x03 <= 1,
+        targets,
+        segments,
+    })
 }
 
 fn field(byte: usize) -> proto::scsi::sense::FieldPointer {
-    proto::scsi::sense::FieldPointer { cdb: false, byte: byte as u16, bit: None }
+    proto::scsi::sense::FieldPointer {
+        cdb: false,
+        byte: byte as u16,
+        bit: None,
+    }
 }
 
 /// RECEIVE COPY RESULTS, OPERATING PARAMETERS (SPC-3 section 6.18.5).
@@ -204,7 +226,13 @@ mod tests {
         p
     }
 
-    const SEG: Segment = Segment { src: 0, dst: 0, blocks: 2048, src_lba: 0, dst_lba: 4096 };
+    const SEG: Segment = Segment {
+        src: 0,
+        dst: 0,
+        blocks: 2048,
+        src_lba: 0,
+        dst_lba: 4096,
+    };
 
     #[test]
     fn esxi_style_list_parses() {
@@ -217,9 +245,18 @@ mod tests {
     #[test]
     fn limits_and_types_answer_the_spc_sense() {
         let asc = |r: Result<CopyList, Sense>| r.unwrap_err().asc;
-        assert_eq!(asc(parse(&list(&[[0x60; 16]], &[SEG], -1))), Asc::PARAMETER_LIST_LENGTH_ERROR);
-        assert_eq!(asc(parse(&list(&[[0x60; 16]; 3], &[SEG], 0))), Asc(0x26, 0x06));
-        assert_eq!(asc(parse(&list(&[[0x60; 16]], &[SEG, SEG], 0))), Asc(0x26, 0x08));
+        assert_eq!(
+            asc(parse(&list(&[[0x60; 16]], &[SEG], -1))),
+            Asc::PARAMETER_LIST_LENGTH_ERROR
+        );
+        assert_eq!(
+            asc(parse(&list(&[[0x60; 16]; 3], &[SEG], 0))),
+            Asc(0x26, 0x06)
+        );
+        assert_eq!(
+            asc(parse(&list(&[[0x60; 16]], &[SEG, SEG], 0))),
+            Asc(0x26, 0x08)
+        );
         let mut bad = list(&[[0x60; 16]], &[SEG], 0);
         bad[16] = 0xE0;
         assert_eq!(asc(parse(&bad)), Asc(0x26, 0x07));
@@ -231,7 +268,10 @@ mod tests {
     #[test]
     fn operating_parameters_report_the_limits() {
         let v = operating_parameters();
-        assert_eq!(u32::from_be_bytes([v[0], v[1], v[2], v[3]]) as usize, v.len() - 4);
+        assert_eq!(
+            u32::from_be_bytes([v[0], v[1], v[2], v[3]]) as usize,
+            v.len() - 4
+        );
         assert_eq!(u16::from_be_bytes([v[8], v[9]]), MAX_TARGET_DESCRIPTORS);
         assert_eq!(u16::from_be_bytes([v[10], v[11]]), MAX_SEGMENT_DESCRIPTORS);
     }

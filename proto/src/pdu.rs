@@ -173,7 +173,10 @@ pub fn frame_len(
     let data_len = b.data_segment_len_bytes();
     let limit = max_data_len_bytes.min(MAX_DATA_SEGMENT_LEN);
     if data_len > limit {
-        return Err(PduError::DataSegmentTooLong { len: data_len, limit });
+        return Err(PduError::DataSegmentTooLong {
+            len: data_len,
+            limit,
+        });
     }
     let ahs_len = b.total_ahs_len_bytes();
     let mut total = BHS_LEN + ahs_len + data_len + pad_len(data_len);
@@ -183,7 +186,11 @@ pub fn frame_len(
     if digests.data && data_len > 0 {
         total += 4;
     }
-    Ok(Frame { ahs_len_bytes: ahs_len, data_len_bytes: data_len, total_len_bytes: total })
+    Ok(Frame {
+        ahs_len_bytes: ahs_len,
+        data_len_bytes: data_len,
+        total_len_bytes: total,
+    })
 }
 
 /// Checks digests of a complete framed PDU (`pdu.len() == frame.total_len_bytes`) and
@@ -582,18 +589,94 @@ impl Residual {
 /// Every PDU a target sends. Data segments travel beside the BHS (see [`TargetPdu::encode_bhs`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetPdu {
-    NopIn { lun: u64, itt: u32, ttt: u32, sns: TargetSns, data_len: u32 },
-    ScsiResponse { itt: u32, status: u8, response: u8, residual: Residual, exp_data_sn: u32, sns: TargetSns, data_len: u32 },
-    TmfResponse { itt: u32, response: u8, sns: TargetSns },
-    LoginResponse { transit: bool, cont: bool, csg: LoginStage, nsg: LoginStage, version_max: u8, version_active: u8, isid: [u8; 6], tsih: u16, itt: u32, status_class: u8, status_detail: u8, sns: TargetSns, data_len: u32 },
-    TextResponse { final_: bool, cont: bool, lun: u64, itt: u32, ttt: u32, sns: TargetSns, data_len: u32 },
+    NopIn {
+        lun: u64,
+        itt: u32,
+        ttt: u32,
+        sns: TargetSns,
+        data_len: u32,
+    },
+    ScsiResponse {
+        itt: u32,
+        status: u8,
+        response: u8,
+        residual: Residual,
+        exp_data_sn: u32,
+        sns: TargetSns,
+        data_len: u32,
+    },
+    TmfResponse {
+        itt: u32,
+        response: u8,
+        sns: TargetSns,
+    },
+    LoginResponse {
+        transit: bool,
+        cont: bool,
+        csg: LoginStage,
+        nsg: LoginStage,
+        version_max: u8,
+        version_active: u8,
+        isid: [u8; 6],
+        tsih: u16,
+        itt: u32,
+        status_class: u8,
+        status_detail: u8,
+        sns: TargetSns,
+        data_len: u32,
+    },
+    TextResponse {
+        final_: bool,
+        cont: bool,
+        lun: u64,
+        itt: u32,
+        ttt: u32,
+        sns: TargetSns,
+        data_len: u32,
+    },
     /// `status` is `Some` when the PDU carries the command's final status (S bit).
-    DataIn { final_: bool, ack: bool, lun: u64, itt: u32, status: Option<u8>, residual: Residual, data_sn: u32, buffer_offset: u32, sns: TargetSns, data_len: u32 },
-    LogoutResponse { itt: u32, response: u8, time2wait: u16, time2retain: u16, sns: TargetSns },
-    R2t { lun: u64, itt: u32, ttt: u32, r2t_sn: u32, buffer_offset: u32, desired_len: u32, sns: TargetSns },
-    AsyncMessage { lun: u64, event: u8, vcode: u8, params: [u16; 3], sns: TargetSns, data_len: u32 },
+    DataIn {
+        final_: bool,
+        ack: bool,
+        lun: u64,
+        itt: u32,
+        status: Option<u8>,
+        residual: Residual,
+        data_sn: u32,
+        buffer_offset: u32,
+        sns: TargetSns,
+        data_len: u32,
+    },
+    LogoutResponse {
+        itt: u32,
+        response: u8,
+        time2wait: u16,
+        time2retain: u16,
+        sns: TargetSns,
+    },
+    R2t {
+        lun: u64,
+        itt: u32,
+        ttt: u32,
+        r2t_sn: u32,
+        buffer_offset: u32,
+        desired_len: u32,
+        sns: TargetSns,
+    },
+    AsyncMessage {
+        lun: u64,
+        event: u8,
+        vcode: u8,
+        params: [u16; 3],
+        sns: TargetSns,
+        data_len: u32,
+    },
     /// The data segment is the rejected PDU's BHS.
-    Reject { reason: RejectReason, data_sn: u32, sns: TargetSns },
+    Reject {
+        reason: RejectReason,
+        data_sn: u32,
+        sns: TargetSns,
+    },
 }
 
 fn put_sns(b: &mut [u8; BHS_LEN], sns: TargetSns) {
@@ -603,7 +686,10 @@ fn put_sns(b: &mut [u8; BHS_LEN], sns: TargetSns) {
 }
 
 fn put_dsl(b: &mut [u8; BHS_LEN], len: u32) {
-    assert!(len as usize <= MAX_DATA_SEGMENT_LEN, "data segment length over the field's limit");
+    assert!(
+        len as usize <= MAX_DATA_SEGMENT_LEN,
+        "data segment length over the field's limit"
+    );
     b[5] = (len >> 16) as u8;
     b[6] = (len >> 8) as u8;
     b[7] = len as u8;
@@ -614,7 +700,13 @@ impl TargetPdu {
     pub fn encode_bhs(&self) -> [u8; BHS_LEN] {
         let mut b = [0u8; BHS_LEN];
         match *self {
-            TargetPdu::NopIn { lun, itt, ttt, sns, data_len } => {
+            TargetPdu::NopIn {
+                lun,
+                itt,
+                ttt,
+                sns,
+                data_len,
+            } => {
                 b[0] = opcode::NOP_IN;
                 b[1] = 0x80;
                 put_dsl(&mut b, data_len);
@@ -623,7 +715,15 @@ impl TargetPdu {
                 put32(&mut b, 20, ttt);
                 put_sns(&mut b, sns);
             }
-            TargetPdu::ScsiResponse { itt, status, response, residual, exp_data_sn, sns, data_len } => {
+            TargetPdu::ScsiResponse {
+                itt,
+                status,
+                response,
+                residual,
+                exp_data_sn,
+                sns,
+                data_len,
+            } => {
                 b[0] = opcode::SCSI_RESPONSE;
                 b[1] = 0x80 | residual.flags();
                 b[2] = response;
@@ -641,9 +741,26 @@ impl TargetPdu {
                 put32(&mut b, 16, itt);
                 put_sns(&mut b, sns);
             }
-            TargetPdu::LoginResponse { transit, cont, csg, nsg, version_max, version_active, isid, tsih, itt, status_class, status_detail, sns, data_len } => {
+            TargetPdu::LoginResponse {
+                transit,
+                cont,
+                csg,
+                nsg,
+                version_max,
+                version_active,
+                isid,
+                tsih,
+                itt,
+                status_class,
+                status_detail,
+                sns,
+                data_len,
+            } => {
                 b[0] = opcode::LOGIN_RESPONSE;
-                b[1] = (transit as u8) << 7 | (cont as u8) << 6 | csg.bits() << 2 | if transit { nsg.bits() } else { 0 };
+                b[1] = (transit as u8) << 7
+                    | (cont as u8) << 6
+                    | csg.bits() << 2
+                    | if transit { nsg.bits() } else { 0 };
                 b[2] = version_max;
                 b[3] = version_active;
                 put_dsl(&mut b, data_len);
@@ -654,7 +771,15 @@ impl TargetPdu {
                 b[36] = status_class;
                 b[37] = status_detail;
             }
-            TargetPdu::TextResponse { final_, cont, lun, itt, ttt, sns, data_len } => {
+            TargetPdu::TextResponse {
+                final_,
+                cont,
+                lun,
+                itt,
+                ttt,
+                sns,
+                data_len,
+            } => {
                 b[0] = opcode::TEXT_RESPONSE;
                 b[1] = (final_ as u8) << 7 | (cont as u8) << 6;
                 put_dsl(&mut b, data_len);
@@ -663,7 +788,18 @@ impl TargetPdu {
                 put32(&mut b, 20, ttt);
                 put_sns(&mut b, sns);
             }
-            TargetPdu::DataIn { final_, ack, lun, itt, status, residual, data_sn, buffer_offset, sns, data_len } => {
+            TargetPdu::DataIn {
+                final_,
+                ack,
+                lun,
+                itt,
+                status,
+                residual,
+                data_sn,
+                buffer_offset,
+                sns,
+                data_len,
+            } => {
                 b[0] = opcode::DATA_IN;
                 b[1] = (final_ as u8) << 7 | (ack as u8) << 6;
                 if let Some(st) = status {
@@ -683,7 +819,13 @@ impl TargetPdu {
                 put32(&mut b, 36, data_sn);
                 put32(&mut b, 40, buffer_offset);
             }
-            TargetPdu::LogoutResponse { itt, response, time2wait, time2retain, sns } => {
+            TargetPdu::LogoutResponse {
+                itt,
+                response,
+                time2wait,
+                time2retain,
+                sns,
+            } => {
                 b[0] = opcode::LOGOUT_RESPONSE;
                 b[1] = 0x80;
                 b[2] = response;
@@ -692,7 +834,15 @@ impl TargetPdu {
                 put16(&mut b, 40, time2wait);
                 put16(&mut b, 42, time2retain);
             }
-            TargetPdu::R2t { lun, itt, ttt, r2t_sn, buffer_offset, desired_len, sns } => {
+            TargetPdu::R2t {
+                lun,
+                itt,
+                ttt,
+                r2t_sn,
+                buffer_offset,
+                desired_len,
+                sns,
+            } => {
                 b[0] = opcode::R2T;
                 b[1] = 0x80;
                 put64(&mut b, 8, lun);
@@ -703,7 +853,14 @@ impl TargetPdu {
                 put32(&mut b, 40, buffer_offset);
                 put32(&mut b, 44, desired_len);
             }
-            TargetPdu::AsyncMessage { lun, event, vcode, params, sns, data_len } => {
+            TargetPdu::AsyncMessage {
+                lun,
+                event,
+                vcode,
+                params,
+                sns,
+                data_len,
+            } => {
                 b[0] = opcode::ASYNC_MESSAGE;
                 b[1] = 0x80;
                 put_dsl(&mut b, data_len);
@@ -716,7 +873,11 @@ impl TargetPdu {
                 put16(&mut b, 40, params[1]);
                 put16(&mut b, 42, params[2]);
             }
-            TargetPdu::Reject { reason, data_sn, sns } => {
+            TargetPdu::Reject {
+                reason,
+                data_sn,
+                sns,
+            } => {
                 b[0] = opcode::REJECT;
                 b[1] = 0x80;
                 b[2] = reason as u8;
@@ -733,7 +894,11 @@ impl TargetPdu {
 /// Appends one complete PDU (BHS, header digest, padded data, data digest) to `out`.
 /// Used by transports that gather PDUs into a contiguous send buffer.
 pub fn write_pdu(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], data: &[u8], digests: Digests) {
-    debug_assert_eq!(Bhs(bhs).data_segment_len_bytes(), data.len(), "BHS length must match data");
+    debug_assert_eq!(
+        Bhs(bhs).data_segment_len_bytes(),
+        data.len(),
+        "BHS length must match data"
+    );
     out.extend_from_slice(bhs);
     if digests.header {
         out.extend_from_slice(&digest::to_wire(digest::crc32c(bhs)));
@@ -754,7 +919,17 @@ pub mod initiator {
 
     /// A SCSI Command BHS with a CDB of at most 16 bytes.
     #[allow(clippy::too_many_arguments)]
-    pub fn scsi_command(lun: u64, itt: u32, cmd_sn: u32, exp_stat_sn: u32, read: bool, write: bool, edtl: u32, cdb: &[u8], data_len: u32) -> [u8; BHS_LEN] {
+    pub fn scsi_command(
+        lun: u64,
+        itt: u32,
+        cmd_sn: u32,
+        exp_stat_sn: u32,
+        read: bool,
+        write: bool,
+        edtl: u32,
+        cdb: &[u8],
+        data_len: u32,
+    ) -> [u8; BHS_LEN] {
         assert!(cdb.len() <= 16, "CDBs over 16 bytes need an AHS");
         let mut b = [0u8; BHS_LEN];
         b[0] = opcode::SCSI_COMMAND;
@@ -771,7 +946,16 @@ pub mod initiator {
 
     /// A Data-Out BHS.
     #[allow(clippy::too_many_arguments)]
-    pub fn data_out(final_: bool, lun: u64, itt: u32, ttt: u32, exp_stat_sn: u32, data_sn: u32, offset: u32, data_len: u32) -> [u8; BHS_LEN] {
+    pub fn data_out(
+        final_: bool,
+        lun: u64,
+        itt: u32,
+        ttt: u32,
+        exp_stat_sn: u32,
+        data_sn: u32,
+        offset: u32,
+        data_len: u32,
+    ) -> [u8; BHS_LEN] {
         let mut b = [0u8; BHS_LEN];
         b[0] = opcode::DATA_OUT;
         b[1] = (final_ as u8) << 7;
@@ -787,7 +971,17 @@ pub mod initiator {
 
     /// A Login Request BHS.
     #[allow(clippy::too_many_arguments)]
-    pub fn login(transit: bool, csg: LoginStage, nsg: LoginStage, isid: [u8; 6], tsih: u16, itt: u32, cmd_sn: u32, exp_stat_sn: u32, data_len: u32) -> [u8; BHS_LEN] {
+    pub fn login(
+        transit: bool,
+        csg: LoginStage,
+        nsg: LoginStage,
+        isid: [u8; 6],
+        tsih: u16,
+        itt: u32,
+        cmd_sn: u32,
+        exp_stat_sn: u32,
+        data_len: u32,
+    ) -> [u8; BHS_LEN] {
         let mut b = [0u8; BHS_LEN];
         b[0] = 0x40 | opcode::LOGIN_REQUEST;
         b[1] = (transit as u8) << 7 | csg.bits() << 2 | if transit { nsg.bits() } else { 0 };
@@ -885,10 +1079,15 @@ mod tests {
     #[test]
     fn golden_scsi_command_parses() {
         let pdu = parse_initiator(&GOLDEN_READ10, &[]).unwrap();
-        let InitiatorPdu::ScsiCommand(c) = pdu else { panic!("not a command") };
+        let InitiatorPdu::ScsiCommand(c) = pdu else {
+            panic!("not a command")
+        };
         assert!(c.read && !c.write && c.final_ && !c.immediate);
         assert_eq!(c.lun, 0x0001_0000_0000_0000);
-        assert_eq!((c.itt, c.expected_data_len_bytes, c.cmd_sn, c.exp_stat_sn), (7, 4096, 42, 5));
+        assert_eq!(
+            (c.itt, c.expected_data_len_bytes, c.cmd_sn, c.exp_stat_sn),
+            (7, 4096, 42, 5)
+        );
         assert_eq!(&c.cdb()[..10], &[0x28, 0, 0, 0, 0x12, 0x34, 0, 0, 8, 0]);
         assert_eq!(c.cdb_len, 16);
     }
@@ -896,14 +1095,28 @@ mod tests {
     #[test]
     fn builder_matches_golden() {
         let cdb = [0x28, 0, 0, 0, 0x12, 0x34, 0, 0, 8, 0];
-        let b = initiator::scsi_command(0x0001_0000_0000_0000, 7, 42, 5, true, false, 4096, &cdb, 0);
+        let b =
+            initiator::scsi_command(0x0001_0000_0000_0000, 7, 42, 5, true, false, 4096, &cdb, 0);
         assert_eq!(b, GOLDEN_READ10);
     }
 
     #[test]
     fn golden_scsi_response_with_underflow() {
-        let sns = TargetSns { stat_sn: 9, exp_cmd_sn: 43, max_cmd_sn: 170 };
-        let b = TargetPdu::ScsiResponse { itt: 7, status: 0, response: 0, residual: Residual::Underflow(512), exp_data_sn: 1, sns, data_len: 0 }.encode_bhs();
+        let sns = TargetSns {
+            stat_sn: 9,
+            exp_cmd_sn: 43,
+            max_cmd_sn: 170,
+        };
+        let b = TargetPdu::ScsiResponse {
+            itt: 7,
+            status: 0,
+            response: 0,
+            residual: Residual::Underflow(512),
+            exp_data_sn: 1,
+            sns,
+            data_len: 0,
+        }
+        .encode_bhs();
         let mut want = [0u8; 48];
         want[0] = 0x21;
         want[1] = 0x82;
@@ -918,19 +1131,50 @@ mod tests {
 
     #[test]
     fn data_in_with_status_sets_s_bit_and_statsn() {
-        let sns = TargetSns { stat_sn: 3, exp_cmd_sn: 4, max_cmd_sn: 5 };
-        let b = TargetPdu::DataIn { final_: true, ack: false, lun: 0, itt: 1, status: Some(0), residual: Residual::Overflow(8), data_sn: 0, buffer_offset: 0, sns, data_len: 512 }.encode_bhs();
+        let sns = TargetSns {
+            stat_sn: 3,
+            exp_cmd_sn: 4,
+            max_cmd_sn: 5,
+        };
+        let b = TargetPdu::DataIn {
+            final_: true,
+            ack: false,
+            lun: 0,
+            itt: 1,
+            status: Some(0),
+            residual: Residual::Overflow(8),
+            data_sn: 0,
+            buffer_offset: 0,
+            sns,
+            data_len: 512,
+        }
+        .encode_bhs();
         assert_eq!(b[1], 0x80 | 0x01 | 0x04);
         assert_eq!(&b[5..8], &[0, 2, 0]);
         assert_eq!(be32(&b, 24), 3);
         assert_eq!(be32(&b, 44), 8);
-        let b = TargetPdu::DataIn { final_: false, ack: false, lun: 0, itt: 1, status: None, residual: Residual::None, data_sn: 0, buffer_offset: 0, sns, data_len: 512 }.encode_bhs();
+        let b = TargetPdu::DataIn {
+            final_: false,
+            ack: false,
+            lun: 0,
+            itt: 1,
+            status: None,
+            residual: Residual::None,
+            data_sn: 0,
+            buffer_offset: 0,
+            sns,
+            data_len: 512,
+        }
+        .encode_bhs();
         assert_eq!(be32(&b, 24), 0, "StatSN is reserved without the S bit");
     }
 
     #[test]
     fn frame_with_digests_round_trips() {
-        let digests = Digests { header: true, data: true };
+        let digests = Digests {
+            header: true,
+            data: true,
+        };
         let bhs = initiator::data_out(true, 0, 1, 2, 3, 0, 0, 5);
         let mut wire = Vec::new();
         write_pdu(&mut wire, &bhs, b"hello", digests);
@@ -944,25 +1188,49 @@ mod tests {
         assert_eq!(data, b"hello");
         // Flip one data bit: the data digest catches it.
         wire[53] ^= 1;
-        assert_eq!(split_frame(&wire, &frame, digests), Err(PduError::DataDigest));
+        assert_eq!(
+            split_frame(&wire, &frame, digests),
+            Err(PduError::DataDigest)
+        );
         // Flip one header bit: the header digest catches it.
         wire[53] ^= 1;
         wire[20] ^= 1;
-        assert_eq!(split_frame(&wire, &frame, digests), Err(PduError::HeaderDigest));
+        assert_eq!(
+            split_frame(&wire, &frame, digests),
+            Err(PduError::HeaderDigest)
+        );
     }
 
     #[test]
     fn oversized_data_segment_is_refused_before_reading_it() {
         let bhs = initiator::data_out(true, 0, 1, 2, 3, 0, 0, 70_000);
-        assert!(matches!(frame_len(&bhs, Digests::default(), 65536), Err(PduError::DataSegmentTooLong { .. })));
+        assert!(matches!(
+            frame_len(&bhs, Digests::default(), 65536),
+            Err(PduError::DataSegmentTooLong { .. })
+        ));
     }
 
     #[test]
     fn login_request_stages() {
-        let b = initiator::login(true, LoginStage::Security, LoginStage::Operational, [0x80, 1, 2, 3, 4, 5], 0, 1, 0, 0, 0);
-        let InitiatorPdu::LoginRequest(l) = parse_initiator(&b, &[]).unwrap() else { panic!() };
+        let b = initiator::login(
+            true,
+            LoginStage::Security,
+            LoginStage::Operational,
+            [0x80, 1, 2, 3, 4, 5],
+            0,
+            1,
+            0,
+            0,
+            0,
+        );
+        let InitiatorPdu::LoginRequest(l) = parse_initiator(&b, &[]).unwrap() else {
+            panic!()
+        };
         assert!(l.transit && !l.cont);
-        assert_eq!((l.csg, l.nsg), (LoginStage::Security, LoginStage::Operational));
+        assert_eq!(
+            (l.csg, l.nsg),
+            (LoginStage::Security, LoginStage::Operational)
+        );
         let mut bad = b;
         bad[1] = 0x80 | 0x08 | 0x02; // CSG 2 is reserved
         assert!(parse_initiator(&bad, &[]).is_err());
@@ -984,7 +1252,9 @@ mod tests {
         ahs[0..2].copy_from_slice(&17u16.to_be_bytes());
         ahs[2] = 1;
         ahs[4..20].copy_from_slice(&[0x55; 16]);
-        let InitiatorPdu::ScsiCommand(c) = parse_initiator(&b, &ahs).unwrap() else { panic!() };
+        let InitiatorPdu::ScsiCommand(c) = parse_initiator(&b, &ahs).unwrap() else {
+            panic!()
+        };
         assert_eq!(c.cdb_len, 32);
         assert_eq!(&c.cdb()[16..], &[0x55; 16]);
     }

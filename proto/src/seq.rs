@@ -38,7 +38,10 @@ impl CmdWindow {
     /// A window starting at `first_cmd_sn` (the login's CmdSN) of `depth` commands.
     pub fn new(first_cmd_sn: u32, depth: u32) -> Self {
         assert!((1..(1 << 30)).contains(&depth), "window depth out of range");
-        Self { exp_cmd_sn: first_cmd_sn, depth }
+        Self {
+            exp_cmd_sn: first_cmd_sn,
+            depth,
+        }
     }
 
     /// The next CmdSN the target expects.

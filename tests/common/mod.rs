@@ -17,7 +17,8 @@ pub struct Daemon {
 
 /// A fresh scratch directory under the target dir (kept small: LUNs are sparse).
 pub fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let d =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create scratch dir");
     d
@@ -44,8 +45,14 @@ impl Daemon {
             .expect("spawn twinsan");
         let stdout = child.stdout.take().expect("stdout piped");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read daemon stdout");
-        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("daemon did not start: {line:?}")).to_string();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read daemon stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("daemon did not start: {line:?}"))
+            .to_string();
         Daemon { child, addr, dir }
     }
 
@@ -83,7 +90,11 @@ pub fn tool(prog: &str, args: &[&str]) -> Output {
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 pub fn allocated_bytes(p: &Path) -> u64 {

@@ -845,10 +845,16 @@ pub fn decode(cdb: &[u8]) -> Result<Command, CdbError> {
         SANITIZE => {
             // SBC-3 section 5.30: byte 1 bit 6 and bytes 2..=6 are reserved.
             if c.bit(1, 6) {
-                return Err(CdbError::InvalidField { byte: 1, bit: Some(6) });
+                return Err(CdbError::InvalidField {
+                    byte: 1,
+                    bit: Some(6),
+                });
             }
             if let Some(b) = (2..=6).find(|&b| c.u8(b) != 0) {
-                return Err(CdbError::InvalidField { byte: b as u16, bit: None });
+                return Err(CdbError::InvalidField {
+                    byte: b as u16,
+                    bit: None,
+                });
             }
             let action = match c.service_action() {
                 0x01 => SanitizeAction::Overwrite,

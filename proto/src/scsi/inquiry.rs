@@ -250,8 +250,8 @@ fn block_limits(info: &LunInfo) -> Vec<u8> {
 fn block_device_characteristics() -> Vec<u8> {
     let mut b = vec![0u8; 0x3C];
     b[0..2].copy_from_slice(&1u16.to_be_bytes()); // MEDIUM ROTATION RATE 1: solid state
-    // Page byte 7: WABEREQ = 01b, reads after SANITIZE BLOCK ERASE succeed (they return
-    // zeros: the blocks are deallocated and LBPRZ = 1). WACEREQ = 0: no CRYPTO ERASE.
+                                                  // Page byte 7: WABEREQ = 01b, reads after SANITIZE BLOCK ERASE succeed (they return
+                                                  // zeros: the blocks are deallocated and LBPRZ = 1). WACEREQ = 0: no CRYPTO ERASE.
     b[3] = 0x40;
     b
 }
