@@ -36,11 +36,57 @@ enum Cmd {
     /// Drive any iSCSI target with load and report IOPS, MiB/s and latency percentiles
     /// (`--verify` checks every read against the last acknowledged write).
     Bench(benches::BenchArgs),
+    /// Show role, peer, LUN states and sessions of a running daemon.
+    Status(AdminArgs),
+    /// Make this node primary (serve initiator writes).
+    Promote(AdminArgs),
+    /// Make this node secondary (initiators see the LUNs in standby).
+    Demote(AdminArgs),
     /// Check a configuration file and print what it would serve.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The daemon's config file (its admin socket is read from it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The admin socket, overriding the config (default: ./data/twinsan.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
+    let socket = match (args.socket, args.config) {
+        (Some(s), _) => s,
+        (None, cfg) => match load(cfg, &Overrides::default()) {
+            Ok(c) => c.admin_socket,
+            Err(e) => {
+                eprintln!("twinsan: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match engine::admin::request(&socket, cmd) {
+        Ok(reply) => {
+            print!("{reply}");
+            if reply.starts_with("ok") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "twinsan: cannot reach the daemon at {}: {e}",
+                socket.display()
+            );
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and so in every thread spawned later), then
@@ -123,6 +169,9 @@ fn main() -> ExitCode {
             server.shutdown();
             ExitCode::SUCCESS
         }
+        Cmd::Status(a) => admin(a, "status"),
+        Cmd::Promote(a) => admin(a, "promote"),
+        Cmd::Demote(a) => admin(a, "demote"),
         Cmd::Bench(args) => match benches::run_cli(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -24,6 +24,9 @@ pub const MAX_ISCSI_NAME_LEN: usize = 223;
 /// Default soft threshold for thin LUNs: warn initiators (ESXi shows it as an out-of-space
 /// warning) while a tenth of the pool is still free.
 pub const DEFAULT_SOFT_THRESHOLD_PERCENT: u8 = 90;
+/// How long a primary waits for the peer's acknowledgement before it declares the peer lost:
+/// well under the 8 s an ESXi ATS heartbeat tolerates, so a degrade completes in time.
+pub const DEFAULT_REPLICA_TIMEOUT_MS: u64 = 2_000;
 /// A bound on configuration fan-out; far above any real deployment of one node.
 pub const MAX_TARGETS: usize = 256;
 pub const MAX_LUNS_PER_TARGET: usize = 256;
@@ -65,6 +68,8 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
+    peer: Option<RawPeer>,
+    #[serde(default)]
     discovery: Option<RawDiscovery>,
     #[serde(default, rename = "target")]
     targets: Vec<RawTarget>,
@@ -81,6 +86,52 @@ struct RawServer {
     nop_timeout_ms: Option<u64>,
     login_timeout_ms: Option<u64>,
     queue_depth: Option<u32>,
+    role: Option<Role>,
+    admin_socket: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    /// The peer's replica endpoint (on the dedicated link).
+    address: String,
+    /// Our replica endpoint.
+    listen: String,
+    psk: String,
+    replica_timeout_ms: Option<u64>,
+    on_peer_loss: Option<OnPeerLoss>,
+    region_bytes: Option<toml::Value>,
+}
+
+/// Which node serves initiators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// What a primary does when the peer stops acknowledging (ARCHITECTURE.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPeerLoss {
+    /// Freeze I/O until the peer returns or an operator runs `twinsan outdate-peer`.
+    Suspend,
+    /// Record the peer as outdated, bump the generation, go on tracking dirty regions.
+    Degrade,
+}
+
+/// The replication peer.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub listen: SocketAddr,
+    pub psk: Vec<u8>,
+    pub replica_timeout_ms: u64,
+    pub on_peer_loss: OnPeerLoss,
+    pub region_bytes: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,6 +295,11 @@ pub struct Config {
     pub queue_depth: u32,
     pub discovery_chap: Option<ChapConfig>,
     pub targets: Vec<TargetConfig>,
+    /// The role this node starts in.
+    pub role: Role,
+    pub peer: Option<PeerConfig>,
+    /// The admin socket (`twinsan status`, `promote`, `demote`).
+    pub admin_socket: PathBuf,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -469,6 +525,63 @@ impl Config {
                 luns,
             });
         }
+        let peer = match raw.peer {
+            None => None,
+            Some(p) => {
+                let addr = |k: &str, v: &str| {
+                    v.parse::<SocketAddr>().map_err(|_| {
+                        bad(
+                            &format!("peer.{k}"),
+                            format!("`{v}` is not an ADDRESS:PORT"),
+                        )
+                    })
+                };
+                // The PSK authenticates the replica link: as strong as a CHAP secret at least.
+                if p.psk.len() < 16 || p.psk.len() > 1024 {
+                    return Err(bad(
+                        "peer.psk",
+                        format!("must be 16..=1024 bytes long (got {})", p.psk.len()),
+                    ));
+                }
+                let replica_timeout_ms = p.replica_timeout_ms.unwrap_or(DEFAULT_REPLICA_TIMEOUT_MS);
+                if !(100..=60_000).contains(&replica_timeout_ms) {
+                    return Err(bad(
+                        "peer.replica_timeout_ms",
+                        format!("{replica_timeout_ms} is outside 100..=60000"),
+                    ));
+                }
+                let region_bytes = match &p.region_bytes {
+                    None => 1 << 20,
+                    Some(v) => parse_size(v).map_err(|m| bad("peer.region_bytes", m))?,
+                };
+                if !region_bytes.is_power_of_two()
+                    || !((64 << 10)..=(64 << 20)).contains(&region_bytes)
+                {
+                    return Err(bad(
+                        "peer.region_bytes",
+                        format!("{region_bytes} must be a power of two in 64KiB..=64MiB"),
+                    ));
+                }
+                if p.name.is_empty() || p.name.len() > 64 {
+                    return Err(bad("peer.name", "must be 1..=64 bytes".into()));
+                }
+                Some(PeerConfig {
+                    name: p.name,
+                    address: addr("address", &p.address)?,
+                    listen: addr("listen", &p.listen)?,
+                    psk: p.psk.into_bytes(),
+                    replica_timeout_ms,
+                    on_peer_loss: p.on_peer_loss.unwrap_or(OnPeerLoss::Degrade),
+                    region_bytes,
+                })
+            }
+        };
+        let role = raw.server.role.unwrap_or(Role::Primary);
+        let admin_socket = raw
+            .server
+            .admin_socket
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_dir.join("twinsan.sock"));
         Ok(Config {
             source,
             listen,
@@ -480,6 +593,9 @@ impl Config {
             queue_depth,
             discovery_chap,
             targets,
+            role,
+            peer,
+            admin_socket,
         })
     }
 
@@ -705,6 +821,9 @@ mod tests {
         );
         // Pinned: identities must never change across releases (ESXi keys datastores on
         // them). This literal is what VPD 0x80 reported for the embedded default LUN.
-        assert_eq!(derive_serial("iqn.2026-11.io.twinsan:default", 0), "2b10c2f3f740bc24");
+        assert_eq!(
+            derive_serial("iqn.2026-11.io.twinsan:default", 0),
+            "2b10c2f3f740bc24"
+        );
     }
 }

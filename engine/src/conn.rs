@@ -149,6 +149,8 @@ pub struct Conn {
     ping: Option<(u32, u64)>,
     started_ms: u64,
     pub closing: bool,
+    /// Whether this session was already subtracted from the registry's session count.
+    counted_out: bool,
 }
 
 impl Conn {
@@ -171,6 +173,7 @@ impl Conn {
             ping: None,
             started_ms: now_ms,
             closing: false,
+            counted_out: false,
         }
     }
 
@@ -475,6 +478,8 @@ impl Conn {
             data: res.params.data_digest,
         };
         tracing::info!(peer = %self.peer, initiator = %res.initiator_name, target = %res.target_name, kind = ?res.kind, "login complete");
+        reg.sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let window = CmdWindow::new(res.exp_cmd_sn, reg.config.queue_depth);
         let nexus = proto::scsi::pr::Nexus::new(
             &res.initiator_name,
@@ -1284,6 +1289,11 @@ impl Conn {
     pub fn shutdown(&mut self, reg: &Registry, pool: &mut BufPool) {
         self.closing = true;
         if let Phase::Full(s) = &self.phase {
+            if !self.counted_out {
+                reg.sessions
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.counted_out = true;
+            }
             for l in &s.luns {
                 let lun = &reg.luns[l.index];
                 if lun.pr_in_use() {

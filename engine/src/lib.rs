@@ -1,6 +1,7 @@
 //! The data path: thread-per-core io_uring reactors, iSCSI connections, and SCSI execution
 //! on sparse files.
 
+pub mod admin;
 pub mod bufpool;
 pub mod config;
 pub mod conn;

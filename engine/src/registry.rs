@@ -32,6 +32,10 @@ pub struct Registry {
     pub login: proto::login::LoginConfig,
     next_tsih: AtomicU16,
     next_session_id: AtomicU64,
+    /// Current role: 0 primary, 1 secondary (changed by `twinsan promote` / `demote`).
+    role: std::sync::atomic::AtomicU8,
+    /// Sessions in full feature phase, for status.
+    pub sessions: std::sync::atomic::AtomicUsize,
     /// Held EXTENDED COPY outcomes per (session, list id), newest last, bounded.
     copy_results: std::sync::Mutex<std::collections::VecDeque<(u64, u8, crate::xcopy::CopyResult)>>,
 }
@@ -39,6 +43,13 @@ pub struct Registry {
 /// Copy results kept for RECEIVE COPY RESULTS; older ones are forgotten (SPC-4 allows a
 /// copy manager to discard held data).
 const MAX_HELD_COPY_RESULTS: usize = 256;
+
+fn role_code(r: crate::config::Role) -> u8 {
+    match r {
+        crate::config::Role::Primary => 0,
+        crate::config::Role::Secondary => 1,
+    }
+}
 
 impl Registry {
     /// Creates or opens every backing file. Fails (and the daemon does not start) on the
@@ -59,6 +70,7 @@ impl Registry {
             });
         }
         let login = crate::login::login_config(&config);
+        let config_role = config.role;
         Ok(Registry {
             config,
             targets,
@@ -68,6 +80,8 @@ impl Registry {
             next_tsih: AtomicU16::new(1),
             next_session_id: AtomicU64::new(1),
             copy_results: Default::default(),
+            role: std::sync::atomic::AtomicU8::new(role_code(config_role)),
+            sessions: Default::default(),
         })
     }
 
@@ -92,6 +106,25 @@ impl Registry {
             if t != 0 {
                 return t;
             }
+        }
+    }
+
+    pub fn role(&self) -> crate::config::Role {
+        match self.role.load(Ordering::Acquire) {
+            0 => crate::config::Role::Primary,
+            _ => crate::config::Role::Secondary,
+        }
+    }
+
+    /// Changes the role; returns the previous one. The one call a failover controller makes.
+    pub fn set_role(&self, role: crate::config::Role) -> crate::config::Role {
+        let prev = self.role.swap(role_code(role), Ordering::AcqRel);
+        if prev != role_code(role) {
+            tracing::warn!(?role, "role changed");
+        }
+        match prev {
+            0 => crate::config::Role::Primary,
+            _ => crate::config::Role::Secondary,
         }
     }
 

@@ -418,6 +418,12 @@ pub fn start(
     let lun = &ctx.reg.luns[lun_idx];
     let fmt = sense_format(lun);
     task.sense_format = Some(fmt);
+    if ctx.reg.role() == crate::config::Role::Secondary && !standby_allowed(&cmd) {
+        // A secondary's data is the primary's mirror: initiators may look, not touch
+        // (SPC-4 5.16 standby state: LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE).
+        let sense = Sense::not_ready(Asc::LOGICAL_UNIT_NOT_ACCESSIBLE_STANDBY);
+        return (task, with_format(Step::Done(Reply::check(sense)), fmt));
+    }
     if lun.pr_in_use()
         && lun
             .with_pr(|st| proto::scsi::pr::check_access(st, ctx.nexus, &cmd))
@@ -924,6 +930,20 @@ fn run(
     })
 }
 
+/// Commands a LUN in standby (on a secondary) still serves.
+fn standby_allowed(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Inquiry { .. }
+            | Command::ReportLuns { .. }
+            | Command::RequestSense { .. }
+            | Command::ReportSupportedOpcodes { .. }
+            | Command::ReadCapacity10
+            | Command::ReadCapacity16 { .. }
+            | Command::ModeSense(_)
+    )
+}
+
 fn check_writable(lun: &Lun) -> Result<(), Sense> {
     if write_protected(lun) {
         Err(Sense::write_protected())
@@ -947,7 +967,10 @@ fn check_atomic(lun: &Lun, rw: &Rw, boundary: u16) -> Result<(), Sense> {
     }
     let align = i.atomic_alignment_blocks.max(1) as u64;
     let gran = i.atomic_granularity_blocks.max(1);
-    if rw.blocks > i.max_atomic_blocks || !rw.lba.is_multiple_of(align) || !rw.blocks.is_multiple_of(gran) {
+    if rw.blocks > i.max_atomic_blocks
+        || !rw.lba.is_multiple_of(align)
+        || !rw.blocks.is_multiple_of(gran)
+    {
         return Err(Sense::invalid_field_in_cdb(2, None));
     }
     Ok(())

@@ -95,7 +95,11 @@ impl Server {
                 .map_err(|source| ServeError::Ring { core, source })?;
             threads.push(t);
         }
-        tracing::info!(%local_addr, cores = n, luns = registry.luns.len(), "serving");
+        if let Err(e) = crate::admin::serve(&registry.config.admin_socket, Arc::clone(&registry)) {
+            // The data path works without it; say clearly that status/promote will not.
+            tracing::error!(path = %registry.config.admin_socket.display(), error = %e, "admin socket unavailable");
+        }
+        tracing::info!(%local_addr, cores = n, luns = registry.luns.len(), role = ?registry.role(), "serving");
         Ok(Server {
             local_addr,
             registry,

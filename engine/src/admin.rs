@@ -1,0 +1,126 @@
+//! The admin socket: a Unix stream socket (mode 0600, root's) that takes one command line
+//! and answers with text. `twinsan status`, `promote` and `demote` are its clients.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Role;
+use crate::registry::Registry;
+
+/// Longest command line accepted: the commands are single words plus a LUN.
+const MAX_LINE_BYTES: usize = 256;
+
+/// Binds the socket (replacing a stale one) and serves it on a background thread.
+pub fn serve(path: &Path, reg: Arc<Registry>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket file left by a crashed daemon: nobody answers on it, so it is safe to remove.
+    if path.exists() && UnixStream::connect(path).is_err() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("twinsan-admin".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                if let Err(e) = handle(stream, &reg) {
+                    tracing::debug!(error = %e, "admin client");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn handle(stream: UnixStream, reg: &Registry) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(stream.try_clone()?.take(MAX_LINE_BYTES as u64)).read_line(&mut line)?;
+    let reply = execute(line.trim(), reg);
+    let mut w = stream;
+    w.write_all(reply.as_bytes())
+}
+
+/// Runs one admin command. Replies start with "ok" or "error".
+pub fn execute(cmd: &str, reg: &Registry) -> String {
+    match cmd {
+        "status" => status(reg),
+        "promote" => {
+            let prev = reg.set_role(Role::Primary);
+            format!("ok: role primary (was {})\n", role_name(prev))
+        }
+        "demote" => {
+            let prev = reg.set_role(Role::Secondary);
+            format!("ok: role secondary (was {})\n", role_name(prev))
+        }
+        other => format!("error: unknown command `{other}` (status, promote, demote)\n"),
+    }
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Primary => "primary",
+        Role::Secondary => "secondary",
+    }
+}
+
+fn status(reg: &Registry) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "ok");
+    let _ = writeln!(s, "role: {}", role_name(reg.role()));
+    match &reg.config.peer {
+        None => {
+            let _ = writeln!(s, "peer: none (standalone)");
+        }
+        Some(p) => {
+            let _ = writeln!(
+                s,
+                "peer: {} at {} (replica link not implemented in this build)",
+                p.name, p.address
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "sessions: {}",
+        reg.sessions.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for t in &reg.targets {
+        for &(id, idx) in &t.luns {
+            let lun = &reg.luns[idx];
+            let state = if lun.sanitize.active() {
+                "Sanitizing"
+            } else {
+                "UpToDate"
+            };
+            let _ = writeln!(
+                s,
+                "lun {}/{}: {state} size={} allocated={} path={}",
+                t.cfg.name,
+                id,
+                lun.size_bytes,
+                lun.allocated_bytes(),
+                lun.path.display()
+            );
+        }
+    }
+    s
+}
+
+/// Client side: sends one command and returns the reply.
+pub fn request(path: &Path, cmd: &str) -> std::io::Result<String> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(cmd.as_bytes())?;
+    s.write_all(b"\n")?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
