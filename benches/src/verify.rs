@@ -1,0 +1,362 @@
+//! Self-describing blocks and the per-block expectation tracker of `--verify`.
+//!
+//! Every 512-byte sector written in verify mode carries:
+//!
+//! | bytes     | content                                              |
+//! |-----------|------------------------------------------------------|
+//! | 0..8      | magic `TWSNVRF1`                                     |
+//! | 8..16     | sector number (byte offset / 512), little-endian     |
+//! | 16..24    | write generation (globally increasing per ack log)   |
+//! | 24..508   | filler derived from (sector, generation)             |
+//! | 508..512  | CRC32C of bytes 0..508, little-endian                |
+//!
+//! The tracker holds, per I/O unit (`bs` bytes at a `bs`-aligned offset), the generation
+//! of the last acknowledged write and the generation of a write that was sent but never
+//! answered (either may be on disk). A unit is also "busy" while any command touches it, so
+//! two in-flight commands never overlap and the expectation of a read is well defined.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use anyhow::{bail, Context};
+
+pub const SECTOR: usize = 512;
+const MAGIC: &[u8; 8] = b"TWSNVRF1";
+const STATE_MAGIC: &[u8; 8] = b"TWSNACK1";
+
+fn splitmix(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fills `buf` (a multiple of 512 bytes) with sectors stamped for `first_sector` onwards.
+pub fn stamp(buf: &mut [u8], first_sector: u64, gen: u64) {
+    for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
+        let sector = first_sector + i as u64;
+        s[0..8].copy_from_slice(MAGIC);
+        s[8..16].copy_from_slice(&sector.to_le_bytes());
+        s[16..24].copy_from_slice(&gen.to_le_bytes());
+        let mut x = sector ^ gen.rotate_left(32);
+        for w in s[24..504].chunks_exact_mut(8) {
+            w.copy_from_slice(&splitmix(&mut x).to_le_bytes());
+        }
+        s[504..508].copy_from_slice(&(splitmix(&mut x) as u32).to_le_bytes());
+        let crc = crc32c::crc32c(&s[..508]);
+        s[508..512].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// What one sector turned out to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectorState {
+    /// A valid stamp for this sector with this generation.
+    Gen(u64),
+    /// All zeros (never written, or a hole).
+    Zero,
+    /// Valid stamp, but for another sector (misdirected write or read).
+    WrongSector(u64),
+    /// Neither zeros nor a consistent stamp (torn or corrupt).
+    Garbage,
+}
+
+/// Decodes one 512-byte sector expected at `sector`.
+pub fn inspect(s: &[u8], sector: u64) -> SectorState {
+    debug_assert_eq!(s.len(), SECTOR);
+    if &s[0..8] != MAGIC {
+        return if s.iter().all(|&b| b == 0) {
+            SectorState::Zero
+        } else {
+            SectorState::Garbage
+        };
+    }
+    let crc = u32::from_le_bytes([s[508], s[509], s[510], s[511]]);
+    if crc32c::crc32c(&s[..508]) != crc {
+        return SectorState::Garbage;
+    }
+    let at = u64::from_le_bytes(s[8..16].try_into().unwrap());
+    if at != sector {
+        return SectorState::WrongSector(at);
+    }
+    SectorState::Gen(u64::from_le_bytes(s[16..24].try_into().unwrap()))
+}
+
+/// A verification failure, described for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub sector: u64,
+    pub expected: u64,
+    pub alternative: u64,
+    pub found: SectorState,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sector {} (byte {}): expected generation {}",
+            self.sector,
+            self.sector * SECTOR as u64,
+            self.expected
+        )?;
+        if self.alternative != 0 {
+            write!(f, " or {} (unacknowledged write)", self.alternative)?;
+        }
+        match self.found {
+            SectorState::Gen(g) => write!(f, ", found generation {g}"),
+            SectorState::Zero => write!(f, ", found zeros"),
+            SectorState::WrongSector(s) => write!(f, ", found the block of sector {s}"),
+            SectorState::Garbage => write!(f, ", found unstamped or corrupt data"),
+        }
+    }
+}
+
+/// Checks a read buffer that starts at `first_sector` against generation `expected` (or
+/// `alternative` if non-zero). `expected == 0` means "never written": zeros or any valid
+/// stamp is accepted, since the run does not know the history. Returns the first bad sector.
+pub fn check(buf: &[u8], first_sector: u64, expected: u64, alternative: u64) -> Option<Mismatch> {
+    for (i, s) in buf.chunks_exact(SECTOR).enumerate() {
+        let sector = first_sector + i as u64;
+        let found = inspect(s, sector);
+        let ok = match found {
+            SectorState::Gen(g) => {
+                expected == 0 || g == expected || (alternative != 0 && g == alternative)
+            }
+            SectorState::Zero => expected == 0,
+            SectorState::WrongSector(_) | SectorState::Garbage => false,
+        };
+        if !ok {
+            return Some(Mismatch {
+                sector,
+                expected,
+                alternative,
+                found,
+            });
+        }
+    }
+    None
+}
+
+/// Per-unit expectations, shared by all sessions.
+pub struct Tracker {
+    unit_bytes: u64,
+    acked: Vec<AtomicU64>,
+    pending: Vec<AtomicU64>,
+    busy: Vec<AtomicBool>,
+    next_gen: AtomicU64,
+}
+
+impl Tracker {
+    /// A tracker for `units` units of `unit_bytes` each, nothing known.
+    pub fn new(unit_bytes: u64, units: u64) -> Self {
+        let n = units as usize;
+        Self {
+            unit_bytes,
+            acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            pending: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            busy: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            next_gen: AtomicU64::new(1),
+        }
+    }
+
+    pub fn units(&self) -> u64 {
+        self.acked.len() as u64
+    }
+
+    pub fn unit_bytes(&self) -> u64 {
+        self.unit_bytes
+    }
+
+    /// Claims a unit for one command; false if another command holds it.
+    pub fn try_claim(&self, unit: u64) -> bool {
+        self.busy[unit as usize]
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    pub fn release(&self, unit: u64) {
+        self.busy[unit as usize].store(false, Ordering::Release);
+    }
+
+    /// Starts a write of `unit`: returns its generation and records it as pending.
+    pub fn begin_write(&self, unit: u64) -> u64 {
+        let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
+        self.pending[unit as usize].store(gen, Ordering::Relaxed);
+        gen
+    }
+
+    /// The target acknowledged the write of `gen` to `unit` with GOOD status.
+    pub fn ack_write(&self, unit: u64, gen: u64) {
+        self.acked[unit as usize].store(gen, Ordering::Relaxed);
+        self.pending[unit as usize].store(0, Ordering::Relaxed);
+    }
+
+    /// (acknowledged, unacknowledged-but-sent) generations for `unit`.
+    pub fn expect(&self, unit: u64) -> (u64, u64) {
+        (
+            self.acked[unit as usize].load(Ordering::Relaxed),
+            self.pending[unit as usize].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Units with any known write, in order.
+    pub fn known_units(&self) -> Vec<u64> {
+        (0..self.units())
+            .filter(|&u| self.expect(u) != (0, 0))
+            .collect()
+    }
+
+    /// Saves the ack log: unit size, then (unit, acked, pending) for every known unit.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let tmp = path.with_extension("tmp");
+        {
+            let f = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let mut w = BufWriter::new(f);
+            w.write_all(STATE_MAGIC)?;
+            w.write_all(&self.unit_bytes.to_le_bytes())?;
+            w.write_all(&self.units().to_le_bytes())?;
+            w.write_all(&self.next_gen.load(Ordering::Relaxed).to_le_bytes())?;
+            for u in self.known_units() {
+                let (a, p) = self.expect(u);
+                for x in [u, a, p] {
+                    w.write_all(&x.to_le_bytes())?;
+                }
+            }
+            w.flush()?;
+            w.get_ref().sync_all()?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Loads an ack log written by [`Tracker::save`].
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut r = BufReader::new(f);
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic)?;
+        if &magic != STATE_MAGIC {
+            bail!("{} is not a twinsan bench ack log", path.display());
+        }
+        let mut word = || -> std::io::Result<u64> {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b)?;
+            Ok(u64::from_le_bytes(b))
+        };
+        let unit_bytes = word()?;
+        let units = word()?;
+        let next_gen = word()?;
+        if unit_bytes == 0 || !unit_bytes.is_multiple_of(SECTOR as u64) || units > 1 << 32 {
+            bail!("{}: corrupt header", path.display());
+        }
+        let t = Tracker::new(unit_bytes, units);
+        t.next_gen.store(next_gen.max(1), Ordering::Relaxed);
+        loop {
+            let u = match word() {
+                Ok(u) => u,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e.into()),
+            };
+            let (a, p) = (word()?, word()?);
+            if u >= units {
+                bail!("{}: unit {u} out of range", path.display());
+            }
+            t.acked[u as usize].store(a, Ordering::Relaxed);
+            t.pending[u as usize].store(p, Ordering::Relaxed);
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_then_check() {
+        let mut b = vec![0u8; 4096];
+        stamp(&mut b, 80, 7);
+        assert_eq!(check(&b, 80, 7, 0), None);
+        assert_eq!(
+            check(&b, 80, 0, 0),
+            None,
+            "unknown history accepts any valid stamp"
+        );
+        assert_eq!(
+            check(&b, 80, 6, 7),
+            None,
+            "the unacknowledged generation is accepted"
+        );
+        let m = check(&b, 80, 8, 0).unwrap();
+        assert_eq!((m.sector, m.found), (80, SectorState::Gen(7)));
+        // Misdirected: read at another LBA.
+        assert_eq!(
+            check(&b, 88, 7, 0).unwrap().found,
+            SectorState::WrongSector(80)
+        );
+        // One flipped byte in sector 3.
+        b[3 * 512 + 100] ^= 0x10;
+        let m = check(&b, 80, 7, 0).unwrap();
+        assert_eq!((m.sector, m.found), (83, SectorState::Garbage));
+        assert!(m.to_string().contains("corrupt"));
+    }
+
+    #[test]
+    fn zeros() {
+        let b = vec![0u8; 1024];
+        assert_eq!(check(&b, 0, 0, 0), None);
+        assert_eq!(check(&b, 0, 3, 0).unwrap().found, SectorState::Zero);
+        assert_eq!(inspect(&b[..512], 0), SectorState::Zero);
+    }
+
+    #[test]
+    fn generations_differ_in_filler() {
+        let mut a = vec![0u8; 512];
+        let mut b = vec![0u8; 512];
+        stamp(&mut a, 1, 1);
+        stamp(&mut b, 1, 2);
+        assert_ne!(a[24..508], b[24..508]);
+    }
+
+    #[test]
+    fn tracker_lifecycle_and_state_file() {
+        let t = Tracker::new(4096, 16);
+        assert!(t.try_claim(3));
+        assert!(!t.try_claim(3), "an in-flight unit cannot be claimed twice");
+        let g1 = t.begin_write(3);
+        assert_eq!(t.expect(3), (0, g1));
+        t.ack_write(3, g1);
+        t.release(3);
+        assert_eq!(t.expect(3), (g1, 0));
+        assert!(t.try_claim(3));
+        let g2 = t.begin_write(3);
+        assert!(g2 > g1);
+        // Session died before the answer: both generations stay acceptable.
+        t.release(3);
+        assert_eq!(t.expect(3), (g1, g2));
+        let g3 = t.begin_write(9);
+        t.ack_write(9, g3);
+        assert_eq!(t.known_units(), vec![3, 9]);
+
+        let dir = std::env::temp_dir().join(format!("twinsan-bench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("acks");
+        t.save(&p).unwrap();
+        let l = Tracker::load(&p).unwrap();
+        assert_eq!((l.unit_bytes(), l.units()), (4096, 16));
+        assert_eq!(l.expect(3), (g1, g2));
+        assert_eq!(l.expect(9), (g3, 0));
+        assert_eq!(l.expect(0), (0, 0));
+        assert!(
+            l.begin_write(1) > g3,
+            "generations keep increasing across processes"
+        );
+        std::fs::write(&p, b"nonsense").unwrap();
+        assert!(Tracker::load(&p).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,566 @@
+//! One session's I/O loop: keeps `iodepth` READ(16)/WRITE(16) commands in flight on one
+//! connection, tagged by ITT (the slot index), inside the target's CmdSN window.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use hdrhistogram::Histogram;
+use proto::pdu::{initiator, opcode, RESERVED_TAG};
+
+use crate::args::{Job, Rw};
+use crate::conn::{describe_sense, rw16, Conn, Pdu};
+use crate::report::new_histogram;
+use crate::verify::{check, stamp, Tracker, SECTOR};
+
+/// Counters shared with the progress printer.
+pub struct Shared {
+    /// Completed I/Os (including the ramp).
+    pub ios: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+    /// Latencies measured so far (after the ramp), merged by sessions every 250 ms.
+    pub hist: Mutex<Histogram<u64>>,
+    /// Verify mismatches printed so far (capped across all sessions).
+    pub printed: AtomicU64,
+    /// Ask all sessions to stop issuing.
+    pub stop: AtomicBool,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            ios: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            hist: Mutex::new(new_histogram()),
+            printed: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        }
+    }
+}
+
+/// What one session measured.
+pub struct SessionResult {
+    pub all: Histogram<u64>,
+    pub read: Histogram<u64>,
+    pub write: Histogram<u64>,
+    pub ios: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub rejects: u64,
+    pub verified: u64,
+    pub mismatches: u64,
+    pub failure: Option<String>,
+}
+
+impl SessionResult {
+    fn new() -> Self {
+        Self {
+            all: new_histogram(),
+            read: new_histogram(),
+            write: new_histogram(),
+            ios: 0,
+            reads: 0,
+            writes: 0,
+            bytes: 0,
+            errors: 0,
+            rejects: 0,
+            verified: 0,
+            mismatches: 0,
+            failure: None,
+        }
+    }
+}
+
+/// Where a session's I/Os go.
+#[derive(Clone)]
+pub struct Plan {
+    pub units: u64,
+    pub bs: u64,
+    pub block_size: u32,
+    pub tracker: Option<Arc<Tracker>>,
+    /// For a verify-only pass: the units to read, shared out round-robin.
+    pub verify_list: Option<Arc<Vec<u64>>>,
+    /// Measurement window.
+    pub measure_start: Instant,
+    pub end: Option<Instant>,
+}
+
+struct Slot {
+    busy: bool,
+    write: bool,
+    unit: u64,
+    gen: u64,
+    exp: (u64, u64),
+    start: Instant,
+    buf: Vec<u8>,
+}
+
+/// A tiny xorshift PRNG: the bench's own, so runs need no entropy source.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+pub struct Worker<'a> {
+    conn: Conn,
+    job: &'a Job,
+    plan: Plan,
+    shared: &'a Shared,
+    idx: usize,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    inflight: usize,
+    pattern: Vec<u8>,
+    rng: Rng,
+    seq_cursor: u64,
+    region: (u64, u64),
+    vo_next: usize,
+    exhausted: bool,
+    res: SessionResult,
+    recent: Histogram<u64>,
+    last_merge: Instant,
+    sense_printed: u32,
+}
+
+impl<'a> Worker<'a> {
+    pub fn new(conn: Conn, job: &'a Job, plan: Plan, shared: &'a Shared, idx: usize) -> Self {
+        let verify = plan.tracker.is_some();
+        let slots = (0..job.iodepth)
+            .map(|_| Slot {
+                busy: false,
+                write: false,
+                unit: 0,
+                gen: 0,
+                exp: (0, 0),
+                start: Instant::now(),
+                buf: if verify {
+                    vec![0u8; plan.bs as usize]
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect();
+        // A non-zero pattern, so written blocks are real data on both targets.
+        let mut rng = Rng::new(0x5eed ^ (idx as u64) << 20 ^ std::process::id() as u64);
+        let pattern: Vec<u8> = (0..plan.bs / 8)
+            .flat_map(|_| rng.next_u64().to_le_bytes())
+            .collect();
+        let per = (plan.units / job.sessions as u64).max(1);
+        let start = (idx as u64 * per).min(plan.units - 1);
+        let region = (start, per.min(plan.units - start));
+        Self {
+            conn,
+            job,
+            plan,
+            shared,
+            idx,
+            slots,
+            free: (0..job.iodepth).rev().collect(),
+            inflight: 0,
+            pattern,
+            rng,
+            seq_cursor: 0,
+            region,
+            vo_next: idx,
+            exhausted: false,
+            res: SessionResult::new(),
+            recent: new_histogram(),
+            last_merge: Instant::now(),
+            sense_printed: 0,
+        }
+    }
+
+    /// Runs the load until the end of the window (or the verify list), drains, logs out.
+    pub fn run(mut self) -> SessionResult {
+        if let Err(e) = self.run_inner() {
+            self.res.failure = Some(format!("session {}: {e:#}", self.idx));
+            // Abandoned commands keep their pending generation in the tracker; free the
+            // claims so a later pass in this process could still read those units.
+            if let Some(t) = &self.plan.tracker {
+                for s in self.slots.iter().filter(|s| s.busy) {
+                    t.release(s.unit);
+                }
+            }
+        }
+        self.merge_recent();
+        self.res
+    }
+
+    fn run_inner(&mut self) -> Result<()> {
+        let mut stopping = false;
+        let drain_limit = Duration::from_secs(30);
+        let mut stop_at: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if !stopping
+                && (self.exhausted
+                    || self.plan.end.is_some_and(|e| now >= e)
+                    || self.shared.stop.load(Ordering::Relaxed))
+            {
+                stopping = true;
+                stop_at = Some(now);
+            }
+            let mut progress = false;
+            while !stopping && self.inflight < self.job.iodepth && self.conn.window_open() {
+                if !self.issue()? {
+                    break;
+                }
+                progress = true;
+            }
+            progress |= self.conn.flush()?;
+            progress |= self.conn.fill()?;
+            while let Some(p) = self.conn.next_pdu()? {
+                self.handle(p, &mut stopping)?;
+                progress = true;
+            }
+            if now.duration_since(self.last_merge) > Duration::from_millis(250) {
+                self.merge_recent();
+            }
+            if stopping && self.inflight == 0 && !self.conn.pending_tx() {
+                break;
+            }
+            if let Some(s) = stop_at {
+                if now.duration_since(s) > drain_limit {
+                    bail!(
+                        "{} commands still unanswered {} s after the run ended",
+                        self.inflight,
+                        drain_limit.as_secs()
+                    );
+                }
+            }
+            if self.inflight > 0 && now.duration_since(self.conn.last_rx) > Duration::from_secs(30)
+            {
+                bail!(
+                    "target sent nothing for 30 s with {} commands outstanding",
+                    self.inflight
+                );
+            }
+            if !progress {
+                self.conn.wait(Duration::from_millis(50));
+            }
+        }
+        self.conn.logout()
+    }
+
+    fn merge_recent(&mut self) {
+        if !self.recent.is_empty() {
+            if let Ok(mut h) = self.shared.hist.lock() {
+                let _ = h.add(&self.recent);
+            }
+            self.recent.reset();
+        }
+        self.last_merge = Instant::now();
+    }
+
+    fn pick_unit(&mut self) -> Option<u64> {
+        let claim = |t: &Option<Arc<Tracker>>, u: u64| t.as_ref().is_none_or(|t| t.try_claim(u));
+        if let Some(list) = &self.plan.verify_list {
+            let i = self.vo_next;
+            if i >= list.len() {
+                self.exhausted = true;
+                return None;
+            }
+            self.vo_next += self.job.sessions;
+            let u = list[i];
+            return claim(&self.plan.tracker, u).then_some(u);
+        }
+        for _ in 0..16 {
+            let u = if self.job.rw.random() {
+                self.rng.below(self.plan.units)
+            } else {
+                if self.job.once && self.seq_cursor >= self.region.1 {
+                    self.exhausted = true;
+                    return None;
+                }
+                let u = self.region.0 + self.seq_cursor % self.region.1;
+                self.seq_cursor += 1;
+                u
+            };
+            if claim(&self.plan.tracker, u) {
+                return Some(u);
+            }
+        }
+        None
+    }
+
+    /// Issues one command into a free slot. False when no unit could be claimed now.
+    fn issue(&mut self) -> Result<bool> {
+        let Some(unit) = self.pick_unit() else {
+            return Ok(false);
+        };
+        let i = self
+            .free
+            .pop()
+            .expect("inflight < iodepth leaves a free slot");
+        let write = !self.job.verify_only
+            && match self.job.rw {
+                Rw::Read | Rw::Randread => false,
+                Rw::Write | Rw::Randwrite => true,
+                Rw::Randrw => self.rng.below(100) >= self.job.rwmix_read as u64,
+            };
+        let bs = self.plan.bs;
+        let first_sector = unit * bs / SECTOR as u64;
+        let s = &mut self.slots[i];
+        s.busy = true;
+        s.write = write;
+        s.unit = unit;
+        s.start = Instant::now();
+        if let Some(t) = &self.plan.tracker {
+            if write {
+                s.gen = t.begin_write(unit);
+                stamp(&mut s.buf, first_sector, s.gen);
+            } else {
+                s.exp = t.expect(unit);
+            }
+        }
+        let lba = unit * bs / self.plan.block_size as u64;
+        let blocks = (bs / self.plan.block_size as u64) as u32;
+        let cdb = rw16(write, lba, blocks);
+        let p = self.conn.params;
+        let itt = i as u32;
+        let data: &[u8] = if self.plan.tracker.is_some() {
+            &s.buf
+        } else {
+            &self.pattern
+        };
+        let imm = if write && p.immediate_data {
+            (bs as u32).min(p.first_burst).min(p.target_mrdsl)
+        } else {
+            0
+        };
+        let b = initiator::scsi_command(
+            self.conn.lun,
+            itt,
+            self.conn.cmd_sn,
+            self.conn.exp_stat_sn,
+            !write,
+            write,
+            bs as u32,
+            &cdb,
+            imm,
+        );
+        self.conn.cmd_sn = self.conn.cmd_sn.wrapping_add(1);
+        self.conn.queue(&b, &data[..imm as usize]);
+        if write && !p.initial_r2t {
+            let unsolicited_end = (bs as u32).min(p.first_burst);
+            send_data_out(
+                &mut self.conn,
+                data,
+                itt,
+                RESERVED_TAG,
+                imm,
+                unsolicited_end,
+            );
+        }
+        self.inflight += 1;
+        Ok(true)
+    }
+
+    fn handle(&mut self, p: Pdu, stopping: &mut bool) -> Result<()> {
+        let v = p.v;
+        match v.opcode {
+            opcode::DATA_IN => {
+                let i = self.slot_of(v.itt)?;
+                if self.plan.tracker.is_some() && !self.slots[i].write {
+                    let off = v.buffer_offset as usize;
+                    let seg = &self.conn.rbuf()[p.data.clone()];
+                    let buf = &mut self.slots[i].buf;
+                    if off + seg.len() > buf.len() {
+                        bail!(
+                            "Data-In beyond the buffer (offset {off}, {} bytes)",
+                            seg.len()
+                        );
+                    }
+                    buf[off..off + seg.len()].copy_from_slice(seg);
+                }
+                if v.flags & 0x01 != 0 {
+                    self.complete(i, v.status, 0, &[]);
+                }
+            }
+            opcode::SCSI_RESPONSE => {
+                let i = self.slot_of(v.itt)?;
+                let sense = self.conn.rbuf()[p.data.clone()].to_vec();
+                self.complete(i, v.status, v.byte2, &sense);
+            }
+            opcode::R2T => {
+                let i = self.slot_of(v.itt)?;
+                if !self.slots[i].write {
+                    bail!("R2T for a read (ITT {:#x})", v.itt);
+                }
+                let data: &[u8] = if self.plan.tracker.is_some() {
+                    &self.slots[i].buf
+                } else {
+                    &self.pattern
+                };
+                let (off, len) = (v.buffer_offset, v.word44);
+                if off as u64 + len as u64 > data.len() as u64 {
+                    bail!("R2T beyond the transfer (offset {off}, {len} bytes)");
+                }
+                send_data_out(&mut self.conn, data, v.itt, v.ttt, off, off + len);
+            }
+            opcode::NOP_IN => {
+                if v.ttt != RESERVED_TAG {
+                    self.conn.answer_nop(&p);
+                }
+            }
+            opcode::REJECT => {
+                self.res.rejects += 1;
+                let d = &self.conn.rbuf()[p.data.clone()];
+                let itt = if d.len() >= 20 {
+                    u32::from_be_bytes([d[16], d[17], d[18], d[19]])
+                } else {
+                    RESERVED_TAG
+                };
+                eprintln!("twinsan bench: session {}: target rejected a PDU (reason {:#04x}, ITT {itt:#x})", self.idx, v.byte2);
+                if let Ok(i) = self.slot_of(itt) {
+                    self.fail(i);
+                }
+            }
+            opcode::ASYNC_MESSAGE => {
+                let event = p.bhs[36];
+                eprintln!(
+                    "twinsan bench: session {}: asynchronous message event {event}",
+                    self.idx
+                );
+                if (1..=4).contains(&event) {
+                    *stopping = true;
+                }
+            }
+            op => bail!("unexpected PDU opcode {op:#04x}"),
+        }
+        Ok(())
+    }
+
+    fn slot_of(&self, itt: u32) -> Result<usize> {
+        let i = itt as usize;
+        if i < self.slots.len() && self.slots[i].busy {
+            Ok(i)
+        } else {
+            bail!("target answered unknown ITT {itt:#x}")
+        }
+    }
+
+    fn release(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        s.busy = false;
+        if let Some(t) = &self.plan.tracker {
+            t.release(s.unit);
+        }
+        self.free.push(i);
+        self.inflight -= 1;
+    }
+
+    fn fail(&mut self, i: usize) {
+        self.res.errors += 1;
+        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        self.release(i);
+    }
+
+    fn complete(&mut self, i: usize, status: u8, response: u8, sense: &[u8]) {
+        let now = Instant::now();
+        if response != 0 || status != 0 {
+            if self.sense_printed < 10 {
+                self.sense_printed += 1;
+                let what = if response != 0 {
+                    format!("iSCSI response {response:#04x}")
+                } else if status == 2 {
+                    format!("CHECK CONDITION: {}", describe_sense(sense))
+                } else {
+                    format!("SCSI status {status:#04x}")
+                };
+                let s = &self.slots[i];
+                eprintln!(
+                    "twinsan bench: session {}: {} at byte {} failed: {what}",
+                    self.idx,
+                    if s.write { "WRITE(16)" } else { "READ(16)" },
+                    s.unit * self.plan.bs
+                );
+            }
+            self.fail(i);
+            return;
+        }
+        let bs = self.plan.bs;
+        let s = &self.slots[i];
+        if let Some(t) = &self.plan.tracker {
+            if s.write {
+                t.ack_write(s.unit, s.gen);
+            } else if s.exp != (0, 0) {
+                self.res.verified += 1;
+                if let Some(m) = check(&s.buf, s.unit * bs / SECTOR as u64, s.exp.0, s.exp.1) {
+                    self.res.mismatches += 1;
+                    if self.shared.printed.fetch_add(1, Ordering::Relaxed) < 20 {
+                        eprintln!("twinsan bench: VERIFY MISMATCH: {m}");
+                    }
+                }
+            }
+        }
+        let write = s.write;
+        let lat = (now.duration_since(s.start).as_micros() as u64).max(1);
+        self.shared.ios.fetch_add(1, Ordering::Relaxed);
+        self.shared.bytes.fetch_add(bs, Ordering::Relaxed);
+        if now >= self.plan.measure_start && self.plan.end.is_none_or(|e| now <= e) {
+            let _ = self.res.all.record(lat);
+            let _ = self.recent.record(lat);
+            if write {
+                let _ = self.res.write.record(lat);
+                self.res.writes += 1;
+            } else {
+                let _ = self.res.read.record(lat);
+                self.res.reads += 1;
+            }
+            self.res.ios += 1;
+            self.res.bytes += bs;
+        }
+        self.release(i);
+    }
+}
+
+/// Queues Data-Out PDUs for `data[from..to]`, each at most the target's MRDSL, DataSN from 0.
+fn send_data_out(conn: &mut Conn, data: &[u8], itt: u32, ttt: u32, from: u32, to: u32) {
+    let max = conn.params.target_mrdsl;
+    let mut off = from;
+    let mut data_sn = 0;
+    while off < to {
+        let n = (to - off).min(max);
+        let last = off + n == to;
+        let b = initiator::data_out(last, conn.lun, itt, ttt, conn.exp_stat_sn, data_sn, off, n);
+        conn.queue(&b, &data[off as usize..(off + n) as usize]);
+        data_sn += 1;
+        off += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_below_is_in_range_and_spread() {
+        let mut r = Rng::new(1);
+        let mut seen = [0u32; 10];
+        for _ in 0..10_000 {
+            let x = r.below(10);
+            seen[x as usize] += 1;
+        }
+        assert!(seen.iter().all(|&c| (800..1200).contains(&c)), "{seen:?}");
+    }
+}
