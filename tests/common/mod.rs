@@ -61,6 +61,11 @@ impl Daemon {
         Self::start(name, &format!("[[target]]\nname = \"{TARGET}\"\n{extra}\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{size}\"\n"))
     }
 
+    /// Like [`simple`](Self::simple) with extra keys in the [[target.lun]] table.
+    pub fn simple_with_lun(name: &str, size: &str, extra: &str, lun_extra: &str) -> Daemon {
+        Self::start(name, &format!("[[target]]\nname = \"{TARGET}\"\n{extra}\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{size}\"\n{lun_extra}\n"))
+    }
+
     pub fn url(&self, lun: u32) -> String {
         format!("iscsi://{}/{TARGET}/{lun}", self.addr)
     }
