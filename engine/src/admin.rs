@@ -58,7 +58,16 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             let prev = reg.set_role(Role::Secondary);
             format!("ok: role secondary (was {})\n", role_name(prev))
         }
-        other => format!("error: unknown command `{other}` (status, promote, demote)\n"),
+        "outdate-peer" => match reg.replication.get() {
+            Some(rep) => {
+                rep.outdate_peer();
+                "ok: peer recorded outdated; suspended I/O resumes\n".into()
+            }
+            None => "error: no peer configured\n".into(),
+        },
+        other => {
+            format!("error: unknown command `{other}` (status, promote, demote, outdate-peer)\n")
+        }
     }
 }
 

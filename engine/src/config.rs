@@ -356,11 +356,17 @@ impl Config {
                 format!("`{listen_s}` is not an ADDRESS:PORT"),
             )
         })?;
-        let data_dir = ov
-            .data_dir
-            .clone()
-            .or(raw.server.data_dir.map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("./data"));
+        // Paths in a file are relative to the file (so a config and its data travel together);
+        // command-line paths are relative to the working directory.
+        let base = source
+            .as_ref()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        let data_dir = match (&ov.data_dir, raw.server.data_dir) {
+            (Some(d), _) => d.clone(),
+            (None, Some(d)) => base.join(d),
+            (None, None) => PathBuf::from("./data"),
+        };
         let queue_depth = raw.server.queue_depth.unwrap_or(128);
         if !(1..=1024).contains(&queue_depth) {
             return Err(bad(
@@ -580,7 +586,7 @@ impl Config {
         let admin_socket = raw
             .server
             .admin_socket
-            .map(PathBuf::from)
+            .map(|p| base.join(p))
             .unwrap_or_else(|| data_dir.join("twinsan.sock"));
         Ok(Config {
             source,

@@ -60,6 +60,9 @@ pub struct Out {
     pub close_after_send: bool,
     /// Close now (protocol violation that makes the stream untrustworthy).
     pub close_now: bool,
+    /// Operations to mirror to the peer; `token` holds the task index (the reactor adds
+    /// the connection's slot).
+    pub rep: Vec<crate::replication::RepReq>,
 }
 
 /// Write data still to arrive for a task.
@@ -94,6 +97,11 @@ struct Task {
     aborted: bool,
     /// The step to take once discarded Data-Out has all arrived.
     deferred: Option<Step>,
+    /// Mirrored operations not yet acknowledged by the peer.
+    rep_inflight: u32,
+    /// The final reply, held until the peer acknowledged every mirrored operation.
+    held: Option<scsi::Reply>,
+    rep_failed: bool,
 }
 
 /// A command that arrived ahead of a CmdSN gap, with its immediate data.
@@ -675,6 +683,9 @@ impl Conn {
             io_inflight: 0,
             aborted: false,
             deferred: None,
+            rep_inflight: 0,
+            held: None,
+            rep_failed: false,
         };
         let idx = self.alloc_task(task);
         let expected = c.expected_data_len_bytes;
@@ -886,23 +897,21 @@ impl Conn {
         pool: &mut BufPool,
         out: &mut Out,
     ) {
-        let _ = reg;
         match step {
             Step::Done(reply) => self.finish(idx, reply, pool, out),
             Step::Io(op) => {
                 if let Some(Some(t)) = self.tasks.get_mut(idx as usize) {
                     t.io_inflight += 1;
-                    out.io.push(IoReq {
-                        task: idx,
-                        lun: t.lun,
-                        op,
-                    });
+                    let lun = t.lun;
+                    out.io.push(IoReq { task: idx, lun, op });
+                    mirror(reg, t, idx, lun, op, out);
                 }
             }
             Step::IoAt(lun, op) => {
                 if let Some(Some(t)) = self.tasks.get_mut(idx as usize) {
                     t.io_inflight += 1;
                     out.io.push(IoReq { task: idx, lun, op });
+                    mirror(reg, t, idx, lun, op, out);
                 }
             }
             Step::Wait => self.waiting.push(idx),
@@ -935,7 +944,7 @@ impl Conn {
         };
         t.io_inflight -= 1;
         if t.aborted {
-            if t.io_inflight == 0 {
+            if t.io_inflight == 0 && t.rep_inflight == 0 {
                 self.free_task(idx, pool);
                 self.flush_deferred_tmf(out);
             }
@@ -1168,8 +1177,8 @@ impl Conn {
         let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
             return;
         };
-        if t.io_inflight > 0 {
-            // The buffer stays with the task until the kernel is done with it.
+        if t.io_inflight > 0 || t.rep_inflight > 0 {
+            // The buffer stays with the task until the kernel (and the link) is done with it.
             t.aborted = true;
         } else {
             self.free_task(idx, pool);
@@ -1238,6 +1247,34 @@ impl Conn {
         }
     }
 
+    /// The peer acknowledged (or the link settled) one mirrored operation of task `idx`.
+    pub fn on_rep_done(&mut self, idx: u32, ok: bool, pool: &mut BufPool, out: &mut Out) {
+        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
+            return;
+        };
+        t.rep_inflight = t.rep_inflight.saturating_sub(1);
+        t.rep_failed |= !ok;
+        if t.rep_inflight > 0 {
+            return;
+        }
+        if t.aborted {
+            if t.io_inflight == 0 {
+                self.free_task(idx, pool);
+                self.flush_deferred_tmf(out);
+            }
+            return;
+        }
+        if let Some(reply) = t.held.take() {
+            let reply = if t.rep_failed && reply.status == status::GOOD {
+                // The peer could not store it: never report a write that is on one node only.
+                scsi::Reply::check(Sense::medium_error(Asc::WRITE_ERROR))
+            } else {
+                reply
+            };
+            self.finish(idx, reply, pool, out);
+        }
+    }
+
     /// Whether tasks wait for a range lock (the reactor then polls instead of sleeping).
     pub fn has_waiting(&self) -> bool {
         !self.waiting.is_empty()
@@ -1281,7 +1318,10 @@ impl Conn {
 
     /// Whether disk I/O is still in flight (the reactor must not free buffers until it ends).
     pub fn io_inflight(&self) -> bool {
-        self.tasks.iter().flatten().any(|t| t.io_inflight > 0)
+        self.tasks
+            .iter()
+            .flatten()
+            .any(|t| t.io_inflight > 0 || t.rep_inflight > 0)
     }
 
     /// Marks every task aborted (connection going away) and frees what is idle. The I_T
@@ -1297,6 +1337,7 @@ impl Conn {
             for l in &s.luns {
                 let lun = &reg.luns[l.index];
                 if lun.pr_in_use() {
+                    tracing::debug!(initiator = %s.nexus.initiator, isid = ?s.nexus.isid, "I_T nexus lost");
                     lun.with_pr(|st| proto::scsi::pr::nexus_lost(st, &s.nexus));
                 }
             }
@@ -1312,6 +1353,50 @@ impl Conn {
         let b = t.scsi.buf.as_mut()?;
         Some((b.as_mut_ptr(), b.len()))
     }
+}
+
+/// Queues the peer's copy of a modifying disk operation (protocol C), when this node
+/// replicates. Reads are local only.
+fn mirror(reg: &Registry, t: &mut Task, idx: u32, lun: usize, op: scsi::IoOp, out: &mut Out) {
+    use crate::replication::{RepOp, RepReq};
+    let Some(rep) = reg.replication.get() else {
+        return;
+    };
+    if !rep.replicates() {
+        return;
+    }
+    let rep_op = match op {
+        scsi::IoOp::Write {
+            offset,
+            buf_off,
+            len,
+            fua,
+        } => {
+            let Some(buf) = t.scsi.buf.as_deref() else {
+                return;
+            };
+            let (a, b) = (buf_off as usize, buf_off as usize + len as usize);
+            let Some(data) = buf.get(a..b) else { return };
+            RepOp::Write {
+                offset,
+                data: data.to_vec(),
+                fua,
+            }
+        }
+        scsi::IoOp::Fallocate { offset, len, mode } => RepOp::Zero {
+            offset,
+            len,
+            unmap: mode == scsi::PUNCH_HOLE,
+        },
+        scsi::IoOp::Flush => RepOp::Flush,
+        scsi::IoOp::Read { .. } => return,
+    };
+    t.rep_inflight += 1;
+    out.rep.push(RepReq {
+        token: idx as u64,
+        lun,
+        op: rep_op,
+    });
 }
 
 /// Copies Data-Out bytes at `offset` into the task's buffer (bytes past what the command

@@ -10,6 +10,7 @@ pub mod lun;
 pub mod range_lock;
 pub mod reactor;
 pub mod registry;
+pub mod replication;
 pub mod sanitize;
 pub mod scsi;
 pub mod server;

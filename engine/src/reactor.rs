@@ -36,6 +36,8 @@ enum Kind {
     Send = 3,
     Disk = 4,
     Tick = 5,
+    /// The replica link's eventfd: mirrored operations were acknowledged.
+    Rep = 6,
 }
 
 fn user_data(kind: Kind, slot: usize, task: u32) -> u64 {
@@ -82,6 +84,10 @@ pub struct Reactor {
     stop: Arc<AtomicBool>,
     accept_posted: bool,
     last_space_check_s: u64,
+    /// The replica link of this core, when a peer is configured.
+    link: Option<crate::replication::CoreLink>,
+    /// Where the eventfd read lands (8 bytes; boxed so its address is stable).
+    efd_buf: Box<[u8; 8]>,
 }
 
 impl Reactor {
@@ -90,6 +96,7 @@ impl Reactor {
         listener: TcpListener,
         reg: Arc<Registry>,
         stop: Arc<AtomicBool>,
+        link: Option<crate::replication::CoreLink>,
     ) -> std::io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let mut files = Vec::new();
@@ -117,6 +124,8 @@ impl Reactor {
             stop,
             accept_posted: false,
             last_space_check_s: 0,
+            link,
+            efd_buf: Box::new([0u8; 8]),
         })
     }
 
@@ -159,9 +168,39 @@ impl Reactor {
     }
 
     /// Runs until the stop flag is set and every connection has drained.
+    fn post_efd(&mut self) {
+        let Some(l) = &self.link else { return };
+        let fd = crate::replication::efd_raw(l);
+        let ptr = self.efd_buf.as_mut_ptr();
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, 8)
+            .build()
+            .user_data(user_data(Kind::Rep, 0, 0));
+        self.push(sqe);
+    }
+
+    /// Delivers acknowledged mirrored operations to their tasks.
+    fn on_rep(&mut self) {
+        let Some(l) = &self.link else { return };
+        let done: Vec<crate::replication::RepDone> = l.done_rx.try_iter().collect();
+        for d in done {
+            let (slot, task) = ((d.token >> 32) as usize, d.token as u32);
+            let Some(s) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
+                continue;
+            };
+            let mut out = Out::default();
+            s.conn.on_rep_done(task, d.ok, &mut self.pool, &mut out);
+            if !s.dead {
+                self.apply(slot, out);
+            }
+            self.maybe_free(slot);
+        }
+        self.post_efd();
+    }
+
     pub fn run(&mut self) {
         self.post_accept();
         self.post_tick();
+        self.post_efd();
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
         // Parked tasks wait for a lock that another core may release: poll them at this
         // period instead of sleeping until the next completion.
@@ -213,6 +252,7 @@ impl Reactor {
             k if k == Kind::Send as u8 => self.on_send(slot, res),
             k if k == Kind::Disk as u8 => self.on_disk(slot, task, res),
             k if k == Kind::Tick as u8 => self.on_tick(),
+            k if k == Kind::Rep as u8 => self.on_rep(),
             _ => debug_assert!(false, "unknown completion kind {kind}"),
         }
     }
@@ -348,6 +388,14 @@ impl Reactor {
             }
             s.close_after_send |= out.close_after_send;
             close_now |= out.close_now;
+            if let Some(l) = &self.link {
+                for mut r in out.rep {
+                    r.token |= (idx as u64) << 32;
+                    if l.req_tx.send(r).is_err() {
+                        tracing::error!("replica link thread gone");
+                    }
+                }
+            }
             for req in out.io {
                 let file = types::Fixed(req.lun as u32);
                 let sqe = match req.op {

@@ -34,6 +34,8 @@ pub struct Registry {
     next_session_id: AtomicU64,
     /// Current role: 0 primary, 1 secondary (changed by `twinsan promote` / `demote`).
     role: std::sync::atomic::AtomicU8,
+    /// The replica link, when a peer is configured (set once at start).
+    pub replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
     /// Sessions in full feature phase, for status.
     pub sessions: std::sync::atomic::AtomicUsize,
     /// Held EXTENDED COPY outcomes per (session, list id), newest last, bounded.
@@ -82,6 +84,7 @@ impl Registry {
             copy_results: Default::default(),
             role: std::sync::atomic::AtomicU8::new(role_code(config_role)),
             sessions: Default::default(),
+            replication: std::sync::OnceLock::new(),
         })
     }
 

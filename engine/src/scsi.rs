@@ -430,6 +430,7 @@ pub fn start(
             .is_err()
     {
         // SPC-4 5.12.4: RESERVATION CONFLICT carries no sense data.
+        tracing::debug!(initiator = %ctx.nexus.initiator, isid = ?ctx.nexus.isid, ?cmd, state = ?lun.with_pr(|st| st.clone()), "reservation conflict");
         let r = Reply {
             status: status::RESERVATION_CONFLICT,
             ..Reply::good()

@@ -25,6 +25,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("replica link: {source}")]
+    Replica { source: std::io::Error },
     #[error("core {core}: cannot set up io_uring: {source}")]
     Ring { core: usize, source: std::io::Error },
 }
@@ -74,10 +76,20 @@ impl Server {
                 source,
             })?);
         }
+        // The replica link, when a peer is configured: one link per core.
+        let mut links: Vec<Option<crate::replication::CoreLink>> = (0..n).map(|_| None).collect();
+        if registry.config.peer.is_some() {
+            let (rep, core_links) = crate::replication::Replication::start(&registry, n)
+                .map_err(|source| ServeError::Replica { source })?;
+            let _ = registry.replication.set(rep);
+            for (i, l) in core_links.into_iter().enumerate() {
+                links[i] = Some(l);
+            }
+        }
         // Build every ring before starting any thread, so a failure leaves nothing running.
         let mut reactors = Vec::new();
-        for (core, l) in listeners.into_iter().enumerate() {
-            let r = Reactor::new(core, l, Arc::clone(&registry), Arc::clone(&stop))
+        for ((core, l), link) in listeners.into_iter().enumerate().zip(links) {
+            let r = Reactor::new(core, l, Arc::clone(&registry), Arc::clone(&stop), link)
                 .map_err(|source| ServeError::Ring { core, source })?;
             reactors.push(r);
         }

@@ -1,0 +1,1252 @@
+//! Synchronous replication to the peer (DRBD's protocol C; ARCHITECTURE.md sections 3-4).
+//!
+//! Primary: each core hands every write, zeroing and flush to its own link (a writer and a
+//! reader thread around one TCP connection to the peer), and the write completes only when
+//! the local I/O and the peer's ack are both done. The link thread answers over a crossbeam
+//! channel and wakes the core through an eventfd read the core keeps in its io_uring.
+//! When the peer stops answering for `replica_timeout_ms`, every LUN is marked "peer
+//! outdated" with a bumped generation id and a dirty bitmap covering every unacknowledged
+//! write, persisted before any write is completed without the peer (`degrade`), or I/O
+//! stays frozen until the peer returns or an operator outdates it (`suspend`). A manager
+//! thread reconnects, decides the resync direction from the generation ids, copies the
+//! dirty regions (each under the LUN's range lock, so no write to it runs meanwhile), and
+//! resumes mirroring.
+//!
+//! Secondary: an apply server takes the link, authenticates it with the pre-shared key, and
+//! applies writes with positioned I/O, acking after each (after fdatasync for FUA and flush).
+//!
+//! Not yet here (docs/limitations.md): a write-intent bitmap for a crashed primary's
+//! in-flight tail, online verify, resolve --discard-local, and per-core connections on the
+//! secondary's io_uring (it applies with blocking threads).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rand::RngCore;
+use replica::auth::{Role as AuthRole, Transcript};
+use replica::genid::{decide, Decision, GenFlags};
+use replica::meta::Meta;
+use replica::wire::{self, AckStatus, LunHello, Message};
+
+use crate::config::{OnPeerLoss, PeerConfig, Role};
+use crate::registry::Registry;
+
+/// One mirrored operation.
+#[derive(Debug)]
+pub enum RepOp {
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Flush,
+}
+
+/// A core's request: `token` names the task (slot and task index) for the answer.
+#[derive(Debug)]
+pub struct RepReq {
+    pub token: u64,
+    pub lun: usize,
+    pub op: RepOp,
+}
+
+/// The answer: `ok` is false only when the operation must fail (the peer failed it while
+/// connected; a lost peer is handled by degrading, which answers ok).
+#[derive(Debug, Clone, Copy)]
+pub struct RepDone {
+    pub token: u64,
+    pub ok: bool,
+}
+
+/// What a core keeps: where to send requests, where answers come back, and the eventfd
+/// that wakes its ring when answers are waiting.
+pub struct CoreLink {
+    pub req_tx: Sender<RepReq>,
+    pub done_rx: Receiver<RepDone>,
+    pub efd: Arc<OwnedFd>,
+}
+
+/// Per-LUN synchronization state, for status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SyncState {
+    UpToDate = 0,
+    /// The peer is outdated: writes complete locally and are tracked in the bitmap.
+    PeerOutdated = 1,
+    SyncSource = 2,
+    SyncTarget = 3,
+    SplitBrain = 4,
+    /// Suspended: I/O waits for the peer or for `twinsan outdate-peer`.
+    Suspended = 5,
+    /// The peer is unreachable and the data may be behind (secondary view).
+    Unknown = 6,
+}
+
+impl SyncState {
+    fn from_u8(v: u8) -> SyncState {
+        match v {
+            0 => SyncState::UpToDate,
+            1 => SyncState::PeerOutdated,
+            2 => SyncState::SyncSource,
+            3 => SyncState::SyncTarget,
+            4 => SyncState::SplitBrain,
+            5 => SyncState::Suspended,
+            _ => SyncState::Unknown,
+        }
+    }
+}
+
+pub struct RepLun {
+    pub key: u64,
+    pub meta: Mutex<Meta>,
+    meta_path: PathBuf,
+    backing: PathBuf,
+    state: AtomicU8,
+    pub resync_total_bytes: AtomicU64,
+    pub resync_done_bytes: AtomicU64,
+    resync_started_ms: AtomicU64,
+}
+
+impl RepLun {
+    pub fn state(&self) -> SyncState {
+        SyncState::from_u8(self.state.load(Ordering::Acquire))
+    }
+    fn set_state(&self, s: SyncState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+    fn persist(&self, m: &Meta) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        m.encode(&mut bytes);
+        let tmp = self.meta_path.with_extension("meta.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.meta_path)?;
+        if let Some(dir) = self.meta_path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+struct Pending {
+    token: u64,
+    lun: usize,
+    offset: u64,
+    len: u64,
+    sent_ms: u64,
+}
+
+struct LinkShared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    done_tx: Sender<RepDone>,
+    efd: Arc<OwnedFd>,
+    /// Set when the link must drop its connection (peer declared lost).
+    reset: AtomicBool,
+}
+
+pub struct Replication {
+    cfg: PeerConfig,
+    node_id: String,
+    reg: std::sync::Weak<Registry>,
+    pub luns: Vec<RepLun>,
+    /// Writes are mirrored to the peer (false: peer lost, or resync not finished).
+    peer_up: AtomicBool,
+    links: Vec<LinkShared>,
+    /// Serializes the peer-loss transition, degraded marking, and the resync switch-over.
+    transition: Mutex<()>,
+    /// Completions held back in `suspend` mode: (core, token).
+    suspended: Mutex<Vec<(usize, u64)>>,
+    outdate_requested: AtomicBool,
+    epoch: Instant,
+    next_seq: AtomicU64,
+}
+
+/// Largest data per resync message.
+const RESYNC_CHUNK_BYTES: usize = 1 << 20;
+/// Resync throughput cap, so a catching-up peer does not starve initiator I/O.
+pub const RESYNC_RATE_BYTES_PER_S: u64 = 256 << 20;
+/// Frames we read at most while waiting for one (handshake): bounds a hostile peer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn now_ms(epoch: &Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+fn random8() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b
+}
+
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a non-negative return is a new fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn wake(efd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+    unsafe {
+        libc::write(
+            efd.as_raw_fd(),
+            &one as *const u64 as *const libc::c_void,
+            8,
+        )
+    };
+}
+
+/// Writes one framed message.
+fn send(stream: &mut TcpStream, msg: &Message, seq: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    buf.clear();
+    wire::encode(msg, seq, buf);
+    stream.write_all(buf)
+}
+
+/// Reads one framed message (blocking), with `rbuf` as carry-over between calls.
+fn recv(stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> std::io::Result<(Message, u64)> {
+    loop {
+        match wire::decode_one(rbuf) {
+            Ok(Some((m, seq, used))) => {
+                rbuf.drain(..used);
+                return Ok((m, seq));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.to_string(),
+                ))
+            }
+        }
+        let mut chunk = [0u8; 64 << 10];
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        rbuf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+impl Replication {
+    /// Loads (or creates) every LUN's replication metadata, starts the apply server, and
+    /// returns one link per core for the reactors.
+    pub fn start(
+        reg: &Arc<Registry>,
+        cores: usize,
+    ) -> std::io::Result<(Arc<Replication>, Vec<CoreLink>)> {
+        let cfg = reg
+            .config
+            .peer
+            .clone()
+            .ok_or_else(|| std::io::Error::other("no [peer] configured"))?;
+        let node_id = format!("{}", cfg.listen);
+        let mut luns = Vec::new();
+        for lun in &reg.luns {
+            let meta_path = Meta::path_for(&lun.path);
+            let meta = match std::fs::read(&meta_path) {
+                Ok(b) => Meta::decode(&b)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", meta_path.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Meta::new(lun.naa_id, lun.size_bytes, cfg.region_bytes)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?
+                }
+                Err(e) => return Err(e),
+            };
+            if meta.size_bytes != lun.size_bytes || meta.lun_key != lun.naa_id {
+                return Err(std::io::Error::other(format!(
+                    "{}: metadata belongs to another LUN or size",
+                    meta_path.display()
+                )));
+            }
+            let state = if meta.flags.peer_outdated {
+                SyncState::PeerOutdated
+            } else {
+                SyncState::Unknown
+            };
+            luns.push(RepLun {
+                key: lun.naa_id,
+                meta: Mutex::new(meta),
+                meta_path,
+                backing: lun.path.clone(),
+                state: AtomicU8::new(state as u8),
+                resync_total_bytes: AtomicU64::new(0),
+                resync_done_bytes: AtomicU64::new(0),
+                resync_started_ms: AtomicU64::new(0),
+            });
+        }
+        let mut links = Vec::new();
+        let mut core_links = Vec::new();
+        let mut req_rxs = Vec::new();
+        for _ in 0..cores {
+            let (req_tx, req_rx) = crossbeam_channel::unbounded();
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            let efd = Arc::new(eventfd()?);
+            links.push(LinkShared {
+                pending: Mutex::new(HashMap::new()),
+                done_tx,
+                efd: Arc::clone(&efd),
+                reset: AtomicBool::new(false),
+            });
+            core_links.push(CoreLink {
+                req_tx,
+                done_rx,
+                efd,
+            });
+            req_rxs.push(req_rx);
+        }
+        let rep = Arc::new(Replication {
+            cfg,
+            node_id,
+            reg: Arc::downgrade(reg),
+            luns,
+            peer_up: AtomicBool::new(false),
+            links,
+            transition: Mutex::new(()),
+            suspended: Mutex::new(Vec::new()),
+            outdate_requested: AtomicBool::new(false),
+            epoch: Instant::now(),
+            next_seq: AtomicU64::new(1),
+        });
+        // A primary that restarts finds its peer state on disk; until the manager has
+        // spoken with the peer, writes are tracked in the bitmap (never acked unmirrored
+        // unless the peer is recorded outdated: suspend otherwise).
+        let listener = TcpListener::bind(rep.cfg.listen)?;
+        {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name("twinsan-replica-server".into())
+                .spawn(move || rep.serve(listener))?;
+        }
+        for (core, rx) in req_rxs.into_iter().enumerate() {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name(format!("twinsan-link{core}"))
+                .spawn(move || rep.link_writer(core, rx))?;
+        }
+        {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name("twinsan-replica-manager".into())
+                .spawn(move || rep.manage())?;
+        }
+        Ok((rep, core_links))
+    }
+
+    fn registry(&self) -> Option<Arc<Registry>> {
+        self.reg.upgrade()
+    }
+
+    fn is_primary(&self) -> bool {
+        self.registry().is_some_and(|r| r.role() == Role::Primary)
+    }
+
+    fn hello(&self) -> Message {
+        let primary = self.is_primary();
+        let luns = self
+            .luns
+            .iter()
+            .map(|l| {
+                let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                LunHello {
+                    lun_key: l.key,
+                    size_bytes: m.size_bytes,
+                    region_bytes: m.region_bytes,
+                    gen: m.gen,
+                    flags: GenFlags {
+                        outdated: m.flags.outdated,
+                        inconsistent: m.flags.inconsistent,
+                        primary,
+                    },
+                }
+            })
+            .collect();
+        Message::Hello {
+            node_id: self.node_id.clone(),
+            luns,
+        }
+    }
+
+    /// Mutual challenge-response over the pre-shared key. Returns the peer's hello.
+    fn handshake(
+        &self,
+        s: &mut TcpStream,
+        rbuf: &mut Vec<u8>,
+        role: AuthRole,
+    ) -> std::io::Result<Vec<LunHello>> {
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        let mut wbuf = Vec::new();
+        let mut nonce = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let bad = |what: &str| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, what.to_string())
+        };
+        send(s, &self.hello(), 0, &mut wbuf)?;
+        send(s, &Message::AuthChallenge { nonce }, 0, &mut wbuf)?;
+        let (peer_id, peer_luns) = match recv(s, rbuf)?.0 {
+            Message::Hello { node_id, luns } => (node_id, luns),
+            _ => return Err(bad("expected hello")),
+        };
+        let peer_nonce = match recv(s, rbuf)?.0 {
+            Message::AuthChallenge { nonce } => nonce,
+            _ => return Err(bad("expected challenge")),
+        };
+        let t = match role {
+            AuthRole::Initiator => Transcript {
+                initiator_id: self.node_id.clone(),
+                acceptor_id: peer_id.clone(),
+                initiator_nonce: nonce,
+                acceptor_nonce: peer_nonce,
+            },
+            AuthRole::Acceptor => Transcript {
+                initiator_id: peer_id.clone(),
+                acceptor_id: self.node_id.clone(),
+                initiator_nonce: peer_nonce,
+                acceptor_nonce: nonce,
+            },
+        };
+        let mac = t
+            .mac(&self.cfg.psk, role)
+            .map_err(|e| bad(&e.to_string()))?;
+        send(s, &Message::AuthResponse { mac }, 0, &mut wbuf)?;
+        let peer_mac = match recv(s, rbuf)?.0 {
+            Message::AuthResponse { mac } => mac,
+            _ => return Err(bad("expected auth response")),
+        };
+        let peer_role = match role {
+            AuthRole::Initiator => AuthRole::Acceptor,
+            AuthRole::Acceptor => AuthRole::Initiator,
+        };
+        if let Err(e) = t.verify(&self.cfg.psk, peer_role, &peer_mac) {
+            tracing::error!(peer = %peer_id, error = %e, "replica link authentication failed (wrong pre-shared key?)");
+            return Err(bad("authentication failed"));
+        }
+        s.set_read_timeout(None)?;
+        Ok(peer_luns)
+    }
+
+    fn lun_by_key(&self, key: u64) -> Option<usize> {
+        self.luns.iter().position(|l| l.key == key)
+    }
+
+    // ---------------------------------------------------------------- secondary
+
+    fn serve(self: Arc<Self>, listener: TcpListener) {
+        for stream in listener.incoming().flatten() {
+            let rep = Arc::clone(&self);
+            let _ = std::thread::Builder::new()
+                .name("twinsan-replica-apply".into())
+                .spawn(move || {
+                    let peer = stream.peer_addr().ok();
+                    if let Err(e) = rep.apply_conn(stream) {
+                        tracing::info!(?peer, error = %e, "replica connection ended");
+                    }
+                });
+        }
+    }
+
+    fn apply_conn(&self, mut s: TcpStream) -> std::io::Result<()> {
+        let _ = s.set_nodelay(true);
+        let mut rbuf = Vec::new();
+        self.handshake(&mut s, &mut rbuf, AuthRole::Acceptor)?;
+        if self.is_primary() {
+            // Two primaries would both accept writes: refuse, loudly (split-brain guard).
+            tracing::error!("refusing replica connection: this node is primary too");
+            return Err(std::io::Error::other("both nodes are primary"));
+        }
+        let mut files: HashMap<usize, File> = HashMap::new();
+        let mut wbuf = Vec::new();
+        loop {
+            let (msg, seq) = recv(&mut s, &mut rbuf)?;
+            let status = match msg {
+                Message::Write {
+                    lun_key,
+                    offset_bytes,
+                    fua,
+                    data,
+                } => self.apply(&mut files, lun_key, |f| {
+                    f.write_all_at(&data, offset_bytes)?;
+                    if fua {
+                        f.sync_data()?;
+                    }
+                    Ok(())
+                }),
+                Message::ResyncData {
+                    lun_key,
+                    offset_bytes,
+                    data,
+                } => {
+                    if let Some(i) = self.lun_by_key(lun_key) {
+                        let l = &self.luns[i];
+                        if l.state() != SyncState::SyncTarget {
+                            // Inconsistent until the resync completes: persist that first.
+                            let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                            m.flags.inconsistent = true;
+                            let _ = l.persist(&m);
+                            l.set_state(SyncState::SyncTarget);
+                        }
+                    }
+                    self.apply(&mut files, lun_key, |f| {
+                        // Zero chunks are holes on the primary: keep them holes here too.
+                        if data.iter().all(|&b| b == 0) {
+                            punch(f, offset_bytes, data.len() as u64)
+                        } else {
+                            f.write_all_at(&data, offset_bytes)
+                        }
+                    })
+                }
+                Message::WriteZeroes {
+                    lun_key,
+                    offset_bytes,
+                    len_bytes,
+                    unmap,
+                } => self.apply(&mut files, lun_key, |f| {
+                    if unmap {
+                        punch(f, offset_bytes, len_bytes)
+                    } else {
+                        zero_range(f, offset_bytes, len_bytes)
+                    }
+                }),
+                Message::Flush { lun_key } => self.apply(&mut files, lun_key, |f| f.sync_data()),
+                Message::ResyncDone { lun_key, gen } => match self.lun_by_key(lun_key) {
+                    None => AckStatus::Refused,
+                    Some(i) => {
+                        let l = &self.luns[i];
+                        if let Some(f) = files.get(&i) {
+                            let _ = f.sync_data();
+                        }
+                        let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                        m.gen.resync_done_target(&gen);
+                        m.flags.inconsistent = false;
+                        m.flags.outdated = false;
+                        m.bitmap.clear_all();
+                        match l.persist(&m) {
+                            Ok(()) => {
+                                l.set_state(SyncState::UpToDate);
+                                tracing::info!(lun = l.key, "resync complete: up to date");
+                                AckStatus::Ok
+                            }
+                            Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
+                        }
+                    }
+                },
+                Message::PrState { lun_key, state } => {
+                    match (self.lun_by_key(lun_key), self.registry()) {
+                        (Some(i), Some(reg)) => match proto::scsi::pr::PrState::decode(&state) {
+                            Ok(st) => {
+                                let lun = &reg.luns[i];
+                                lun.with_pr(|cur| *cur = st.clone());
+                                let _ = lun.persist_pr(&st);
+                                AckStatus::Ok
+                            }
+                            Err(_) => AckStatus::Refused,
+                        },
+                        _ => AckStatus::Refused,
+                    }
+                }
+                Message::Ping { .. } => AckStatus::Ok,
+                _ => AckStatus::Refused,
+            };
+            send(&mut s, &Message::Ack { seq, status }, 0, &mut wbuf)?;
+        }
+    }
+
+    fn apply(
+        &self,
+        files: &mut HashMap<usize, File>,
+        key: u64,
+        f: impl FnOnce(&File) -> std::io::Result<()>,
+    ) -> AckStatus {
+        let Some(i) = self.lun_by_key(key) else {
+            return AckStatus::Refused;
+        };
+        if !files.contains_key(&i) {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.luns[i].backing)
+            {
+                Ok(file) => {
+                    files.insert(i, file);
+                }
+                Err(e) => return AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        }
+        let Some(file) = files.get(&i) else {
+            return AckStatus::Refused;
+        };
+        match f(file) {
+            Ok(()) => AckStatus::Ok,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => AckStatus::NoSpace,
+            Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    // ---------------------------------------------------------------- primary links
+
+    fn connect(&self) -> std::io::Result<(TcpStream, Vec<u8>, Vec<LunHello>)> {
+        let mut s = TcpStream::connect_timeout(
+            &self.cfg.address,
+            Duration::from_millis(self.cfg.replica_timeout_ms),
+        )?;
+        let _ = s.set_nodelay(true);
+        let mut rbuf = Vec::new();
+        let hellos = self.handshake(&mut s, &mut rbuf, AuthRole::Initiator)?;
+        Ok((s, rbuf, hellos))
+    }
+
+    fn link_writer(self: Arc<Self>, core: usize, rx: Receiver<RepReq>) {
+        let link = &self.links[core];
+        let mut stream: Option<TcpStream> = None;
+        let mut wbuf = Vec::new();
+        loop {
+            let req = match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) => Some(r),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            self.check_timeouts();
+            if link.reset.swap(false, Ordering::AcqRel) {
+                if let Some(s) = stream.take() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            let Some(mut req) = req else { continue };
+            if !self.peer_up.load(Ordering::Acquire) {
+                match self.degraded(core, req) {
+                    None => continue,
+                    // Mirroring resumed meanwhile: send it like any other.
+                    Some(r) => req = r,
+                }
+            }
+            if stream.is_none() {
+                match self.connect() {
+                    Ok((s, rbuf, _)) => {
+                        if let Ok(r) = s.try_clone() {
+                            let rep = Arc::clone(&self);
+                            let _ = std::thread::Builder::new()
+                                .name(format!("twinsan-link{core}-rx"))
+                                .spawn(move || rep.link_reader(core, r, rbuf));
+                        }
+                        stream = Some(s);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replica link connect failed");
+                        self.peer_lost("connect failed");
+                        if let Some(r) = self.degraded(core, req) {
+                            // Only if the peer came back in between; retry from the top.
+                            let _ = self.links[core].done_tx.send(RepDone {
+                                token: r.token,
+                                ok: false,
+                            });
+                            wake(&self.links[core].efd);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let key = self.luns[req.lun].key;
+            let (msg, offset, len) = match req.op {
+                RepOp::Write { offset, data, fua } => {
+                    let len = data.len() as u64;
+                    (
+                        Message::Write {
+                            lun_key: key,
+                            offset_bytes: offset,
+                            fua,
+                            data,
+                        },
+                        offset,
+                        len,
+                    )
+                }
+                RepOp::Zero { offset, len, unmap } => (
+                    Message::WriteZeroes {
+                        lun_key: key,
+                        offset_bytes: offset,
+                        len_bytes: len,
+                        unmap,
+                    },
+                    offset,
+                    len,
+                ),
+                RepOp::Flush => (Message::Flush { lun_key: key }, 0, 0),
+            };
+            link.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    seq,
+                    Pending {
+                        token: req.token,
+                        lun: req.lun,
+                        offset,
+                        len,
+                        sent_ms: now_ms(&self.epoch),
+                    },
+                );
+            let sent = stream.as_mut().map(|s| send(s, &msg, seq, &mut wbuf));
+            if !matches!(sent, Some(Ok(()))) {
+                stream = None;
+                self.peer_lost("send failed");
+            }
+        }
+    }
+
+    fn link_reader(self: Arc<Self>, core: usize, mut s: TcpStream, mut rbuf: Vec<u8>) {
+        let link = &self.links[core];
+        loop {
+            match recv(&mut s, &mut rbuf) {
+                Ok((Message::Ack { seq, status }, _)) => {
+                    let p = link
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&seq);
+                    if let Some(p) = p {
+                        let ok = status == AckStatus::Ok;
+                        if !ok {
+                            tracing::error!(
+                                ?status,
+                                lun = p.lun,
+                                offset = p.offset,
+                                "peer failed a mirrored write"
+                            );
+                        }
+                        let _ = link.done_tx.send(RepDone { token: p.token, ok });
+                        wake(&link.efd);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    if self.peer_up.load(Ordering::Acquire) {
+                        self.peer_lost("link closed");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn check_timeouts(&self) {
+        if !self.peer_up.load(Ordering::Acquire) {
+            return;
+        }
+        let now = now_ms(&self.epoch);
+        let late = self.links.iter().any(|l| {
+            l.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|p| now.saturating_sub(p.sent_ms) > self.cfg.replica_timeout_ms)
+        });
+        if late {
+            self.peer_lost("no acknowledgement within replica_timeout_ms");
+        }
+    }
+
+    /// The peer is gone: record it outdated (bumped generation, bitmap covering every
+    /// unacknowledged write) durably, then complete the waiting writes (degrade) or hold
+    /// them (suspend).
+    fn peer_lost(&self, why: &str) {
+        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.peer_up.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(reason = why, mode = ?self.cfg.on_peer_loss, "replication peer lost");
+        for l in &self.links {
+            l.reset.store(true, Ordering::Release);
+        }
+        let mut waiting: Vec<(usize, Pending)> = Vec::new();
+        for (core, l) in self.links.iter().enumerate() {
+            for (_, p) in l.pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                waiting.push((core, p));
+            }
+        }
+        for (i, lun) in self.luns.iter().enumerate() {
+            let mut m = lun.meta.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, p) in waiting.iter().filter(|(_, p)| p.lun == i && p.len > 0) {
+                m.bitmap.mark(p.offset, p.len);
+            }
+            if !m.flags.peer_outdated {
+                m.flags.peer_outdated = true;
+                m.gen.bump(random8());
+            }
+            if let Err(e) = lun.persist(&m) {
+                // Without this record nothing may be acked without the peer: stay frozen.
+                tracing::error!(error = %e, "cannot persist replication metadata; I/O stays suspended");
+                lun.set_state(SyncState::Suspended);
+                continue;
+            }
+            lun.set_state(match self.cfg.on_peer_loss {
+                OnPeerLoss::Degrade => SyncState::PeerOutdated,
+                OnPeerLoss::Suspend => SyncState::Suspended,
+            });
+        }
+        for (core, p) in waiting {
+            self.complete_degraded(core, p.token, p.lun);
+        }
+    }
+
+    /// A request while the peer is away: mark its regions (durably, when new) and answer.
+    /// Returns the request if mirroring resumed meanwhile (the caller sends it).
+    fn degraded(&self, core: usize, req: RepReq) -> Option<RepReq> {
+        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if self.peer_up.load(Ordering::Acquire) {
+            return Some(req);
+        }
+        let lun = &self.luns[req.lun];
+        let range = match &req.op {
+            RepOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            RepOp::Zero { offset, len, .. } => Some((*offset, *len)),
+            RepOp::Flush => None,
+        };
+        if let Some((off, len)) = range {
+            let mut m = lun.meta.lock().unwrap_or_else(|p| p.into_inner());
+            if !m.bitmap.covers(off, len) {
+                m.bitmap.mark(off, len);
+                if !m.flags.peer_outdated {
+                    m.flags.peer_outdated = true;
+                    m.gen.bump(random8());
+                }
+                if let Err(e) = lun.persist(&m) {
+                    tracing::error!(error = %e, "cannot persist the dirty bitmap; failing the write");
+                    let _ = self.links[core].done_tx.send(RepDone {
+                        token: req.token,
+                        ok: false,
+                    });
+                    wake(&self.links[core].efd);
+                    return None;
+                }
+            }
+        }
+        self.complete_degraded(core, req.token, req.lun);
+        None
+    }
+
+    fn complete_degraded(&self, core: usize, token: u64, lun: usize) {
+        let suspend = self.cfg.on_peer_loss == OnPeerLoss::Suspend
+            && !self.outdate_requested.load(Ordering::Acquire);
+        if suspend || self.luns[lun].state() == SyncState::Suspended {
+            self.suspended
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((core, token));
+            return;
+        }
+        let _ = self.links[core].done_tx.send(RepDone { token, ok: true });
+        wake(&self.links[core].efd);
+    }
+
+    fn release_suspended(&self) {
+        let held = std::mem::take(&mut *self.suspended.lock().unwrap_or_else(|p| p.into_inner()));
+        for (core, token) in held {
+            let _ = self.links[core].done_tx.send(RepDone { token, ok: true });
+            wake(&self.links[core].efd);
+        }
+    }
+
+    /// `twinsan outdate-peer`: the operator vouches the peer is stale; suspended I/O goes on.
+    pub fn outdate_peer(&self) {
+        self.outdate_requested.store(true, Ordering::Release);
+        for l in &self.luns {
+            if l.state() == SyncState::Suspended {
+                l.set_state(SyncState::PeerOutdated);
+            }
+        }
+        self.release_suspended();
+    }
+
+    // ---------------------------------------------------------------- resync
+
+    fn manage(self: Arc<Self>) {
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            if self.peer_up.load(Ordering::Acquire) || !self.is_primary() {
+                continue;
+            }
+            match self.connect() {
+                Ok((s, rbuf, hellos)) => {
+                    if let Err(e) = self.resync(s, rbuf, &hellos) {
+                        tracing::warn!(error = %e, "resync interrupted");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "peer not reachable"),
+            }
+        }
+    }
+
+    fn resync(
+        &self,
+        mut s: TcpStream,
+        mut rbuf: Vec<u8>,
+        hellos: &[LunHello],
+    ) -> std::io::Result<()> {
+        let Some(reg) = self.registry() else {
+            return Ok(());
+        };
+        let mut wbuf = Vec::new();
+        let mut plans: Vec<(usize, Vec<u64>, bool)> = Vec::new();
+        for (i, l) in self.luns.iter().enumerate() {
+            let Some(h) = hellos.iter().find(|h| h.lun_key == l.key) else {
+                tracing::error!(lun = l.key, "peer does not have this LUN");
+                return Err(std::io::Error::other("LUN missing on peer"));
+            };
+            let (gen, flags) = {
+                let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    m.gen,
+                    GenFlags {
+                        outdated: m.flags.outdated,
+                        inconsistent: m.flags.inconsistent,
+                        primary: true,
+                    },
+                )
+            };
+            let d = decide(&gen, flags, &h.gen, h.flags);
+            let regions = {
+                let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                let per = m.bitmap.region_bytes();
+                match d {
+                    Decision::InSync => m.bitmap.iter_dirty().collect::<Vec<_>>(),
+                    Decision::SyncSourceBitmap => m.bitmap.iter_dirty().collect(),
+                    // Copy only allocated regions: a thin LUN stays thin on the peer.
+                    Decision::InitialSync {
+                        source_is_local: true,
+                    }
+                    | Decision::SyncSourceFull => allocated_regions(&reg.luns[i], per),
+                    Decision::SplitBrain => {
+                        l.set_state(SyncState::SplitBrain);
+                        tracing::error!(lun = l.key, local = ?gen, peer = ?h.gen, "SPLIT BRAIN: both nodes changed the data; not resolved automatically");
+                        return Err(std::io::Error::other("split brain"));
+                    }
+                    other => {
+                        tracing::error!(lun = l.key, decision = ?other, local = ?gen, peer = ?h.gen, "peer has newer or unrelated data: refusing to sync from here");
+                        return Err(std::io::Error::other("refusing resync"));
+                    }
+                }
+            };
+            plans.push((i, regions, matches!(d, Decision::InitialSync { .. })));
+        }
+        let file_of = |i: usize| File::open(&self.luns[i].backing);
+        let started = Instant::now();
+        let mut copied: u64 = 0;
+        let mut initial_any = false;
+        let mut todo: Vec<(usize, Vec<u64>)> = Vec::new();
+        for (i, regions, initial) in plans {
+            let l = &self.luns[i];
+            let region_bytes = l
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .bitmap
+                .region_bytes();
+            l.set_state(SyncState::SyncSource);
+            l.resync_total_bytes
+                .store(regions.len() as u64 * region_bytes, Ordering::Relaxed);
+            l.resync_done_bytes.store(0, Ordering::Relaxed);
+            l.resync_started_ms
+                .store(now_ms(&self.epoch), Ordering::Relaxed);
+            tracing::info!(
+                lun = l.key,
+                regions = regions.len(),
+                initial,
+                "resync started"
+            );
+            initial_any |= initial;
+            todo.push((i, regions));
+        }
+        loop {
+            for (i, regions) in std::mem::take(&mut todo) {
+                let l = &self.luns[i];
+                let region_bytes = l
+                    .meta
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bitmap
+                    .region_bytes();
+                let file = file_of(i)?;
+                for region in regions {
+                    copied += self.copy_region(
+                        &mut s,
+                        &mut rbuf,
+                        &mut wbuf,
+                        &file,
+                        &reg.luns[i],
+                        l,
+                        region,
+                        region_bytes,
+                    )?;
+                    l.resync_done_bytes
+                        .fetch_add(region_bytes, Ordering::Relaxed);
+                    let due =
+                        Duration::from_secs_f64(copied as f64 / RESYNC_RATE_BYTES_PER_S as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            // Writes that went on meanwhile dirtied regions again: go round until every LUN
+            // is clean, then switch to mirroring in the same critical section, so no
+            // degraded write slips between the check and the switch.
+            let t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, l) in self.luns.iter().enumerate() {
+                let dirty: Vec<u64> = l
+                    .meta
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bitmap
+                    .iter_dirty()
+                    .collect();
+                if !dirty.is_empty() {
+                    todo.push((i, dirty));
+                }
+            }
+            if !todo.is_empty() {
+                drop(t);
+                continue;
+            }
+            for l in &self.luns {
+                let gen = {
+                    let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                    if initial_any || m.gen.current == 0 {
+                        m.gen.bump(random8());
+                    }
+                    m.gen.resync_done_source();
+                    m.flags.peer_outdated = false;
+                    l.persist(&m)?;
+                    m.gen
+                };
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                send(
+                    &mut s,
+                    &Message::ResyncDone {
+                        lun_key: l.key,
+                        gen,
+                    },
+                    seq,
+                    &mut wbuf,
+                )?;
+                match recv(&mut s, &mut rbuf)?.0 {
+                    Message::Ack {
+                        status: AckStatus::Ok,
+                        ..
+                    } => {}
+                    other => {
+                        return Err(std::io::Error::other(format!(
+                            "peer refused resync completion: {other:?}"
+                        )))
+                    }
+                }
+                l.set_state(SyncState::UpToDate);
+            }
+            tracing::info!(copied_bytes = copied, "resync complete; mirroring");
+            self.outdate_requested.store(false, Ordering::Release);
+            self.peer_up.store(true, Ordering::Release);
+            drop(t);
+            break;
+        }
+        self.release_suspended();
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        Ok(())
+    }
+
+    /// Copies one region under its range lock (no write to it runs meanwhile) and clears
+    /// its bit once the peer acknowledged it. Returns the bytes sent.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_region(
+        &self,
+        s: &mut TcpStream,
+        rbuf: &mut Vec<u8>,
+        wbuf: &mut Vec<u8>,
+        file: &File,
+        lun: &crate::lun::Lun,
+        l: &RepLun,
+        region: u64,
+        region_bytes: u64,
+    ) -> std::io::Result<u64> {
+        let bs = lun.block_size as u64;
+        let start = region * region_bytes;
+        let end = (start + region_bytes).min(lun.size_bytes);
+        let _guard = loop {
+            if let Some(g) = lun.ranges.try_lock(start / bs, end.div_ceil(bs)) {
+                break g;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let mut off = start;
+        let mut sent = 0;
+        while off < end {
+            let n = ((end - off) as usize).min(RESYNC_CHUNK_BYTES);
+            let mut data = vec![0u8; n];
+            file.read_exact_at(&mut data, off)?;
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            send(
+                s,
+                &Message::ResyncData {
+                    lun_key: l.key,
+                    offset_bytes: off,
+                    data,
+                },
+                seq,
+                wbuf,
+            )?;
+            match recv(s, rbuf)?.0 {
+                Message::Ack {
+                    status: AckStatus::Ok,
+                    ..
+                } => {}
+                other => {
+                    return Err(std::io::Error::other(format!(
+                        "peer failed resync data: {other:?}"
+                    )))
+                }
+            }
+            off += n as u64;
+            sent += n as u64;
+        }
+        let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+        m.bitmap.clear(region);
+        Ok(sent)
+    }
+
+    /// Status lines for `twinsan status`.
+    pub fn status(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let up = self.peer_up.load(Ordering::Acquire);
+        let _ = writeln!(
+            s,
+            "peer: {} at {} ({})",
+            self.cfg.name,
+            self.cfg.address,
+            if up {
+                "connected, mirroring"
+            } else {
+                "not mirroring"
+            }
+        );
+        let now = now_ms(&self.epoch);
+        for l in &self.luns {
+            let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            let mut line = format!(
+                "replica lun {:016x}: {:?} gen current={:016x} bitmap={:016x} dirty={} bytes",
+                l.key,
+                l.state(),
+                m.gen.current,
+                m.gen.bitmap,
+                m.bitmap.dirty_bytes()
+            );
+            if l.state() == SyncState::SyncSource {
+                let total = l.resync_total_bytes.load(Ordering::Relaxed).max(1);
+                let done = l.resync_done_bytes.load(Ordering::Relaxed);
+                let elapsed_ms = now
+                    .saturating_sub(l.resync_started_ms.load(Ordering::Relaxed))
+                    .max(1);
+                let eta_s = (total.saturating_sub(done)) as f64
+                    / (done.max(1) as f64 / elapsed_ms as f64)
+                    / 1000.0;
+                let _ = write!(
+                    line,
+                    " resync {:.1}% eta {:.0}s",
+                    done as f64 * 100.0 / total as f64,
+                    eta_s
+                );
+            }
+            let _ = writeln!(s, "{line}");
+        }
+        s
+    }
+
+    /// Whether writes to LUN `lun` are mirrored (or tracked) by this node.
+    pub fn replicates(&self) -> bool {
+        self.is_primary()
+    }
+}
+
+/// Regions holding data (SEEK_DATA), for the first sync of a thin LUN.
+fn allocated_regions(lun: &crate::lun::Lun, region_bytes: u64) -> Vec<u64> {
+    let mut v: Vec<u64> = Vec::new();
+    let mut pos = 0;
+    while pos < lun.size_bytes {
+        let Some(start) = lun.seek(pos, true).filter(|&s| s < lun.size_bytes) else {
+            break;
+        };
+        let end = lun
+            .seek(start, false)
+            .unwrap_or(lun.size_bytes)
+            .min(lun.size_bytes);
+        if end <= start {
+            break;
+        }
+        for r in start / region_bytes..end.div_ceil(region_bytes) {
+            if v.last() != Some(&r) {
+                v.push(r);
+            }
+        }
+        pos = end;
+    }
+    v
+}
+
+fn punch(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    fallocate(
+        f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    fallocate(
+        f,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
+    )
+}
+
+fn fallocate(f: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a valid open fd; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The raw fd of a core's eventfd, for its io_uring read.
+pub fn efd_raw(l: &CoreLink) -> RawFd {
+    l.efd.as_raw_fd()
+}
