@@ -87,12 +87,10 @@ fn status(reg: &Registry) -> String {
         None => {
             let _ = writeln!(s, "peer: none (standalone)");
         }
-        Some(p) => {
-            let _ = writeln!(
-                s,
-                "peer: {} at {} (replica link not implemented in this build)",
-                p.name, p.address
-            );
+        Some(_) => {
+            if let Some(rep) = reg.replication.get() {
+                s.push_str(&rep.status());
+            }
         }
     }
     let _ = writeln!(

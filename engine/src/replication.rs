@@ -950,12 +950,33 @@ impl Replication {
             };
             plans.push((i, regions, matches!(d, Decision::InitialSync { .. })));
         }
-        let file_of = |i: usize| File::open(&self.luns[i].backing);
+        // Mirror new writes from now on: a region copy and a write to the same region are
+        // serialized by the range lock, so one pass over what is dirty now suffices (writes
+        // during the resync reach the peer directly instead of dirtying regions again).
+        {
+            let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+            self.peer_up.store(true, Ordering::Release);
+        }
+        let r = self.copy_all(&reg, &mut s, &mut rbuf, &mut wbuf, plans);
+        if let Err(e) = &r {
+            // Whatever was not copied stays dirty; stop mirroring to a half-synced peer.
+            self.peer_lost(&format!("resync failed: {e}"));
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        r
+    }
+
+    fn copy_all(
+        &self,
+        reg: &Registry,
+        s: &mut TcpStream,
+        rbuf: &mut Vec<u8>,
+        wbuf: &mut Vec<u8>,
+        plans: Vec<(usize, Vec<u64>, bool)>,
+    ) -> std::io::Result<()> {
         let started = Instant::now();
         let mut copied: u64 = 0;
-        let mut initial_any = false;
-        let mut todo: Vec<(usize, Vec<u64>)> = Vec::new();
-        for (i, regions, initial) in plans {
+        for (i, planned, initial) in plans {
             let l = &self.luns[i];
             let region_bytes = l
                 .meta
@@ -963,6 +984,17 @@ impl Replication {
                 .unwrap_or_else(|p| p.into_inner())
                 .bitmap
                 .region_bytes();
+            // Everything planned plus everything dirty (the bitmap only shrinks from here).
+            let mut regions = planned;
+            regions.extend(
+                l.meta
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bitmap
+                    .iter_dirty(),
+            );
+            regions.sort_unstable();
+            regions.dedup();
             l.set_state(SyncState::SyncSource);
             l.resync_total_bytes
                 .store(regions.len() as u64 * region_bytes, Ordering::Relaxed);
@@ -975,101 +1007,57 @@ impl Replication {
                 initial,
                 "resync started"
             );
-            initial_any |= initial;
-            todo.push((i, regions));
+            let file = File::open(&l.backing)?;
+            for region in regions {
+                copied +=
+                    self.copy_region(s, rbuf, wbuf, &file, &reg.luns[i], l, region, region_bytes)?;
+                l.resync_done_bytes
+                    .fetch_add(region_bytes, Ordering::Relaxed);
+                let due = Duration::from_secs_f64(copied as f64 / RESYNC_RATE_BYTES_PER_S as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            let gen = {
+                let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                if initial || m.gen.current == 0 {
+                    m.gen.bump(random8());
+                }
+                m.gen.resync_done_source();
+                m.flags.peer_outdated = false;
+                l.persist(&m)?;
+                m.gen
+            };
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            send(
+                s,
+                &Message::ResyncDone {
+                    lun_key: l.key,
+                    gen,
+                },
+                seq,
+                wbuf,
+            )?;
+            match recv(s, rbuf)?.0 {
+                Message::Ack {
+                    status: AckStatus::Ok,
+                    ..
+                } => {}
+                other => {
+                    return Err(std::io::Error::other(format!(
+                        "peer refused resync completion: {other:?}"
+                    )))
+                }
+            }
+            l.set_state(SyncState::UpToDate);
+            tracing::info!(
+                lun = l.key,
+                copied_bytes = copied,
+                "resync complete; mirroring"
+            );
         }
-        loop {
-            for (i, regions) in std::mem::take(&mut todo) {
-                let l = &self.luns[i];
-                let region_bytes = l
-                    .meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bitmap
-                    .region_bytes();
-                let file = file_of(i)?;
-                for region in regions {
-                    copied += self.copy_region(
-                        &mut s,
-                        &mut rbuf,
-                        &mut wbuf,
-                        &file,
-                        &reg.luns[i],
-                        l,
-                        region,
-                        region_bytes,
-                    )?;
-                    l.resync_done_bytes
-                        .fetch_add(region_bytes, Ordering::Relaxed);
-                    let due =
-                        Duration::from_secs_f64(copied as f64 / RESYNC_RATE_BYTES_PER_S as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
-            }
-            // Writes that went on meanwhile dirtied regions again: go round until every LUN
-            // is clean, then switch to mirroring in the same critical section, so no
-            // degraded write slips between the check and the switch.
-            let t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, l) in self.luns.iter().enumerate() {
-                let dirty: Vec<u64> = l
-                    .meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bitmap
-                    .iter_dirty()
-                    .collect();
-                if !dirty.is_empty() {
-                    todo.push((i, dirty));
-                }
-            }
-            if !todo.is_empty() {
-                drop(t);
-                continue;
-            }
-            for l in &self.luns {
-                let gen = {
-                    let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
-                    if initial_any || m.gen.current == 0 {
-                        m.gen.bump(random8());
-                    }
-                    m.gen.resync_done_source();
-                    m.flags.peer_outdated = false;
-                    l.persist(&m)?;
-                    m.gen
-                };
-                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                send(
-                    &mut s,
-                    &Message::ResyncDone {
-                        lun_key: l.key,
-                        gen,
-                    },
-                    seq,
-                    &mut wbuf,
-                )?;
-                match recv(&mut s, &mut rbuf)?.0 {
-                    Message::Ack {
-                        status: AckStatus::Ok,
-                        ..
-                    } => {}
-                    other => {
-                        return Err(std::io::Error::other(format!(
-                            "peer refused resync completion: {other:?}"
-                        )))
-                    }
-                }
-                l.set_state(SyncState::UpToDate);
-            }
-            tracing::info!(copied_bytes = copied, "resync complete; mirroring");
-            self.outdate_requested.store(false, Ordering::Release);
-            self.peer_up.store(true, Ordering::Release);
-            drop(t);
-            break;
-        }
+        self.outdate_requested.store(false, Ordering::Release);
         self.release_suspended();
-        let _ = s.shutdown(std::net::Shutdown::Both);
         Ok(())
     }
 
