@@ -488,6 +488,8 @@ impl Conn {
         tracing::info!(peer = %self.peer, initiator = %res.initiator_name, target = %res.target_name, kind = ?res.kind, "login complete");
         reg.sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        reg.sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let window = CmdWindow::new(res.exp_cmd_sn, reg.config.queue_depth);
         let nexus = proto::scsi::pr::Nexus::new(
             &res.initiator_name,
@@ -973,6 +975,11 @@ impl Conn {
             return;
         };
         if t.aborted {
+            return;
+        }
+        if t.rep_inflight > 0 {
+            // Protocol C: GOOD only once the peer has it too.
+            t.held = Some(reply);
             return;
         }
         let (itt, edtl, lun, read_dir) = (t.itt, t.edtl, encode_lun(t.lun_id), t.read_dir);
