@@ -539,6 +539,26 @@ impl Conn {
 
     /// Runs one command to completion (no data out). For probing and setup.
     pub fn command_sync(&mut self, cdb: &[u8], read_len: u32) -> Result<SyncResult> {
+        self.command_sync_data(cdb, read_len, &[])
+    }
+
+    /// Runs one command to completion, sending `out` as immediate data (parameter lists
+    /// such as UNMAP's: they fit the first burst by far).
+    pub fn command_sync_data(
+        &mut self,
+        cdb: &[u8],
+        read_len: u32,
+        out: &[u8],
+    ) -> Result<SyncResult> {
+        if !out.is_empty()
+            && (!self.params.immediate_data
+                || out.len() > self.params.first_burst.min(self.params.target_mrdsl) as usize)
+        {
+            bail!(
+                "{} bytes of data-out do not fit the negotiated immediate data",
+                out.len()
+            );
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.window_open() {
             let p = self.recv_blocking(deadline)?;
@@ -552,13 +572,13 @@ impl Conn {
             self.cmd_sn,
             self.exp_stat_sn,
             read_len > 0,
-            false,
-            read_len,
+            !out.is_empty(),
+            read_len.max(out.len() as u32),
             cdb,
-            0,
+            out.len() as u32,
         );
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
-        self.queue(&b, &[]);
+        self.queue(&b, out);
         let mut data = vec![0u8; read_len as usize];
         loop {
             let p = self.recv_blocking(deadline)?;

@@ -1,0 +1,171 @@
+//! Thin provisioning end to end: space comes back on UNMAP, and a full file system under a
+//! thin LUN refuses writes cleanly without losing acknowledged data.
+
+mod common;
+
+use std::process::Command;
+
+use benches::conn::Conn;
+use common::{allocated_bytes, scratch, text, Daemon, TARGET};
+
+fn session(d: &Daemon) -> Conn {
+    let mut c = Conn::connect(&d.addr, benches::args::encode_lun(0)).expect("connect");
+    c.login(
+        "iqn.2026-11.io.twinsan:test-initiator",
+        TARGET,
+        [0x80, 0x12, 0x34, 0x56, 0, 1],
+        false,
+        None,
+    )
+    .expect("login");
+    c.until_ready().expect("unit ready");
+    c
+}
+
+fn unmap_cdb(param_len: u16) -> [u8; 10] {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x42;
+    cdb[7..9].copy_from_slice(&param_len.to_be_bytes());
+    cdb
+}
+
+fn unmap_params(lba: u64, blocks: u32) -> [u8; 24] {
+    let mut p = [0u8; 24];
+    p[0..2].copy_from_slice(&22u16.to_be_bytes());
+    p[2..4].copy_from_slice(&16u16.to_be_bytes());
+    p[8..16].copy_from_slice(&lba.to_be_bytes());
+    p[16..20].copy_from_slice(&blocks.to_be_bytes());
+    p
+}
+
+fn bench(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_twinsan"))
+        .arg("bench")
+        .arg(url)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn unmap_gives_the_space_back() {
+    let d = Daemon::simple("thin-unmap", "1GiB", "");
+    let lun = d.dir.join("lun0.img");
+    let o = bench(
+        &d.url(0),
+        &["--rw", "write", "--bs", "128k", "--size", "64m", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let before = allocated_bytes(&lun);
+    assert!(before >= 64 << 20, "writes did not allocate: {before}");
+    let mut c = session(&d);
+    // 64 MiB at LBA 0 = 131072 blocks of 512 bytes.
+    let r = c
+        .command_sync_data(&unmap_cdb(24), 0, &unmap_params(0, 131072))
+        .expect("UNMAP");
+    assert_eq!(r.status, 0, "UNMAP failed: {}", r.sense);
+    let after = allocated_bytes(&lun);
+    assert!(
+        after + (60 << 20) <= before,
+        "allocated bytes went from {before} to {after}: space not returned"
+    );
+    // GET LBA STATUS agrees: LBA 0 is deallocated (provisioning status 1).
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x9e;
+    cdb[1] = 0x12;
+    cdb[13] = 24;
+    let r = c.command_sync(&cdb, 24).expect("GET LBA STATUS");
+    assert_eq!(r.status, 0, "{}", r.sense);
+    assert_eq!(
+        r.data[20] & 0x0f,
+        1,
+        "LBA 0 not reported deallocated: {:02x?}",
+        &r.data[..24]
+    );
+    let _ = c.logout();
+}
+
+/// A tmpfs mounted for the test and unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_file_system_answers_space_allocation_failed_and_keeps_acked_data() {
+    let dir = scratch("thin-full");
+    let mnt = dir.join("pool");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "mounting a 24 MiB tmpfs failed: this test needs root (CI runs as root)"
+    );
+    let _guard = Tmpfs(mnt.clone());
+    // A 128 MiB thin LUN on a 24 MiB file system.
+    std::fs::write(
+        dir.join("twinsan.toml"),
+        format!("[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\npath = \"{}/lun0.img\"\nsize = \"128MiB\"\n", mnt.display()),
+    )
+    .unwrap();
+    let mut d = Daemon::start_in(dir.clone());
+    let state = dir.join("acks");
+    let o = bench(
+        &d.url(0),
+        &[
+            "--rw",
+            "write",
+            "--bs",
+            "64k",
+            "--iodepth",
+            "4",
+            "--size",
+            "128m",
+            "--once",
+            "--verify",
+            "--verify-state",
+            state.to_str().unwrap(),
+        ],
+    );
+    let t = text(&o);
+    assert!(
+        !o.status.success(),
+        "writes beyond the pool succeeded?\n{t}"
+    );
+    assert!(
+        t.contains("DATA PROTECT") && t.to_ascii_uppercase().contains("27/07"),
+        "expected SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07):\n{t}"
+    );
+    assert!(d.is_running(), "daemon died on a full file system");
+    // Everything acknowledged before the pool filled reads back intact.
+    let o = bench(
+        &d.url(0),
+        &[
+            "--rw",
+            "read",
+            "--bs",
+            "64k",
+            "--size",
+            "128m",
+            "--verify-state",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "acknowledged data lost or unreadable:\n{}",
+        text(&o)
+    );
+    let o = common::tool("iscsi-inq", &[&d.url(0)]);
+    assert!(o.status.success(), "daemon stopped serving: {}", text(&o));
+}
