@@ -257,14 +257,14 @@ fn secondary_killed_under_load_resyncs_only_what_changed() {
     let log = a.log();
     let copied: u64 = log
         .lines()
+        .rev()
         .filter(|l| l.contains("resync complete"))
-        .filter_map(|l| {
+        .find_map(|l| {
             l.split("copied_bytes=")
                 .nth(1)
-                .and_then(|v| v.trim().split_whitespace().next())
+                .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse().ok())
         })
-        .last()
         .unwrap_or(u64::MAX);
     assert!(
         copied <= 2 * (32 << 20),

@@ -58,8 +58,9 @@ pub enum CacheMode {
     Writeback,
 }
 
-/// The default cache mode, chosen by measurement (docs/performance.md): buffered writes
-/// into a sparse file's holes ran about 2.7x faster than O_DIRECT at queue depth 32.
+/// The default cache mode, chosen by measurement (docs/performance.md): 4 KiB random
+/// writes at queue depth 32 into a fresh sparse LUN ran at the same IOPS either way (62.4K
+/// buffered vs 61.7K O_DIRECT) with p99 latency 1.2 ms buffered vs 3.2 ms direct.
 pub const DEFAULT_CACHE_MODE: CacheMode = CacheMode::Writeback;
 
 #[derive(Debug, Deserialize)]

@@ -581,14 +581,14 @@ impl Replication {
         let Some(i) = self.lun_by_key(key) else {
             return AckStatus::Refused;
         };
-        if !files.contains_key(&i) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = files.entry(i) {
             match OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&self.luns[i].backing)
             {
                 Ok(file) => {
-                    files.insert(i, file);
+                    slot.insert(file);
                 }
                 Err(e) => return AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
             }
