@@ -385,3 +385,56 @@ fn thin_lun_stays_thin_on_the_secondary() {
     );
     assert!(same_bytes(&a.lun(), &b.lun()));
 }
+
+#[test]
+fn reservations_follow_the_data_to_the_peer() {
+    let _serial = serial();
+    let (mut a, b) = pair(18150, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let session = |port: u16| {
+        let mut c = benches::conn::Conn::connect(
+            &format!("127.0.0.1:{port}"),
+            benches::args::encode_lun(0),
+        )
+        .expect("connect");
+        c.login(
+            "iqn.2026-11.io.twinsan:esx1",
+            TARGET,
+            [0x80, 1, 2, 3, 0, 1],
+            false,
+            None,
+        )
+        .expect("login");
+        c.until_ready().expect("ready");
+        c
+    };
+    // PERSISTENT RESERVE OUT, REGISTER key 0x1234 (24-byte parameter list).
+    let mut c = session(a.iscsi_port);
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5f;
+    cdb[8] = 24;
+    let mut params = [0u8; 24];
+    params[8..16].copy_from_slice(&0x1234u64.to_be_bytes());
+    let r = c.command_sync_data(&cdb, 0, &params).expect("PR OUT");
+    assert_eq!(r.status, 0, "REGISTER failed: {}", r.sense);
+    a.kill9();
+    assert!(b.admin("promote").starts_with("ok"));
+    // PERSISTENT RESERVE IN, READ KEYS on the promoted peer.
+    let mut c = session(b.iscsi_port);
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5e;
+    cdb[8] = 64;
+    let r = c.command_sync(&cdb, 64).expect("PR IN");
+    assert_eq!(r.status, 0, "READ KEYS failed: {}", r.sense);
+    assert_eq!(
+        u32::from_be_bytes([r.data[4], r.data[5], r.data[6], r.data[7]]),
+        8,
+        "one key expected: {:02x?}",
+        &r.data[..16]
+    );
+    assert_eq!(
+        &r.data[8..16],
+        &0x1234u64.to_be_bytes(),
+        "the registration did not reach the peer"
+    );
+}

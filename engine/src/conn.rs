@@ -666,6 +666,7 @@ impl Conn {
             pool,
             session_id: self.session_id,
             nexus: &s.nexus,
+            mirror_pr: Default::default(),
         };
         let (scsi_task, step) = match ua {
             Some(asc) => (
@@ -790,8 +791,12 @@ impl Conn {
                 pool,
                 session_id: self.session_id,
                 nexus: &s.nexus,
+                mirror_pr: Default::default(),
             };
             let step = scsi::data_ready(&mut t.scsi, &mut ctx);
+            if ctx.mirror_pr.get() {
+                mirror_pr(reg, t, idx, out);
+            }
             self.apply_step(idx, step, reg, pool, out);
             return;
         }
@@ -964,6 +969,7 @@ impl Conn {
             pool,
             session_id: self.session_id,
             nexus: &s.nexus,
+            mirror_pr: Default::default(),
         };
         let step = scsi::io_done(&mut t.scsi, res, &mut ctx);
         self.apply_step(idx, step, reg, pool, out);
@@ -1317,6 +1323,7 @@ impl Conn {
                 pool,
                 session_id: self.session_id,
                 nexus: &s.nexus,
+                mirror_pr: Default::default(),
             };
             let step = scsi::retry(&mut t.scsi, &mut ctx);
             self.apply_step(idx, step, reg, pool, out);
@@ -1403,6 +1410,25 @@ fn mirror(reg: &Registry, t: &mut Task, idx: u32, lun: usize, op: scsi::IoOp, ou
         token: idx as u64,
         lun,
         op: rep_op,
+    });
+}
+
+/// Queues the LUN's new reservation state for the peer; the PERSISTENT RESERVE OUT that
+/// changed it completes once the peer stored it.
+fn mirror_pr(reg: &Registry, t: &mut Task, idx: u32, out: &mut Out) {
+    use crate::replication::{RepOp, RepReq};
+    let Some(rep) = reg.replication.get() else {
+        return;
+    };
+    if !rep.replicates() || t.lun == usize::MAX {
+        return;
+    }
+    let state = reg.luns[t.lun].with_pr(|st| st.encode());
+    t.rep_inflight += 1;
+    out.rep.push(RepReq {
+        token: idx as u64,
+        lun: t.lun,
+        op: RepOp::PrState(state),
     });
 }
 

@@ -54,6 +54,8 @@ pub enum RepOp {
         unmap: bool,
     },
     Flush,
+    /// The LUN's persistent reservation state changed (encoded `PrState`).
+    PrState(Vec<u8>),
 }
 
 /// A core's request: `token` names the task (slot and task index) for the answer.
@@ -693,6 +695,14 @@ impl Replication {
                     len,
                 ),
                 RepOp::Flush => (Message::Flush { lun_key: key }, 0, 0),
+                RepOp::PrState(state) => (
+                    Message::PrState {
+                        lun_key: key,
+                        state,
+                    },
+                    0,
+                    0,
+                ),
             };
             link.pending
                 .lock()
@@ -821,7 +831,7 @@ impl Replication {
         let range = match &req.op {
             RepOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
             RepOp::Zero { offset, len, .. } => Some((*offset, *len)),
-            RepOp::Flush => None,
+            RepOp::Flush | RepOp::PrState(_) => None,
         };
         if let Some((off, len)) = range {
             let mut m = lun.meta.lock().unwrap_or_else(|p| p.into_inner());

@@ -290,6 +290,8 @@ pub struct ExecCtx<'a> {
     pub pool: &'a mut BufPool,
     pub session_id: u64,
     pub nexus: &'a proto::scsi::pr::Nexus,
+    /// Set when the command changed the LUN's reservation state (conn.rs mirrors it).
+    pub mirror_pr: std::cell::Cell<bool>,
 }
 
 /// Commands that a pending unit attention does not block (SAM-5 section 5.14 / SPC-4
@@ -1230,6 +1232,11 @@ fn pr_out(
     });
     match r {
         Ok(effect) => {
+            if effect.changed {
+                // The reservation state is one per LUN on the pair: the peer stores it too, so
+                // initiators find the same reservations after a failover.
+                ctx.mirror_pr.set(true);
+            }
             for (nexus, asc) in &effect.unit_attentions {
                 lun.ua.raise_to(crate::conn::nexus_tag(nexus), *asc);
             }
