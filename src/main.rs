@@ -42,6 +42,17 @@ enum Cmd {
     Promote(AdminArgs),
     /// Make this node secondary (initiators see the LUNs in standby).
     Demote(AdminArgs),
+    /// Release I/O frozen by `on_peer_loss = "suspend"`: the peer is recorded outdated.
+    OutdatePeer(AdminArgs),
+    /// Resolve a split brain on the victim: discard this node's changes; the primary
+    /// overwrites its data with a full resync.
+    Resolve {
+        /// Required: this discards data written on this node since the split.
+        #[arg(long, required = true)]
+        discard_local: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Check a configuration file and print what it would serve.
     CheckConfig {
         #[arg(long)]
@@ -174,6 +185,15 @@ fn main() -> ExitCode {
         Cmd::Status(a) => admin(a, "status"),
         Cmd::Promote(a) => admin(a, "promote"),
         Cmd::Demote(a) => admin(a, "demote"),
+        Cmd::OutdatePeer(a) => admin(a, "outdate-peer"),
+        Cmd::Resolve {
+            discard_local: true,
+            admin: a,
+        } => admin(a, "resolve-discard-local"),
+        Cmd::Resolve { .. } => {
+            eprintln!("twinsan resolve: pass --discard-local to discard this node's data");
+            ExitCode::from(2)
+        }
         Cmd::Bench(args) => match benches::run_cli(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

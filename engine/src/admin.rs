@@ -66,7 +66,7 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             None => "error: no peer configured\n".into(),
         },
         other => {
-            format!("error: unknown command `{other}` (status, promote, demote, outdate-peer)\n")
+            format!("error: unknown command `{other}` (status, promote, demote, outdate-peer, resolve-discard-local)\n")
         }
     }
 }

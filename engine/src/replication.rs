@@ -180,6 +180,8 @@ pub struct Replication {
     next_seq: AtomicU64,
 }
 
+/// Bytes of queued requests one link write may carry.
+const LINK_BATCH_BYTES: usize = 1 << 20;
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// Resync throughput cap, so a catching-up peer does not starve initiator I/O.
@@ -478,9 +480,29 @@ impl Replication {
             return Err(std::io::Error::other("both nodes are primary"));
         }
         let mut files: HashMap<usize, File> = HashMap::new();
-        let mut wbuf = Vec::new();
+        let mut acks = Vec::new();
         loop {
-            let (msg, seq) = recv(&mut s, &mut rbuf)?;
+            // Acks go out in one write just before we would block for more input: one
+            // syscall per batch of applied messages, not per message.
+            let (msg, seq) = match wire::decode_one(&rbuf) {
+                Ok(Some((m, seq, used))) => {
+                    rbuf.drain(..used);
+                    (m, seq)
+                }
+                Ok(None) => {
+                    if !acks.is_empty() {
+                        s.write_all(&acks)?;
+                        acks.clear();
+                    }
+                    recv(&mut s, &mut rbuf)?
+                }
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ))
+                }
+            };
             let status = match msg {
                 Message::Write {
                     lun_key,
@@ -570,7 +592,7 @@ impl Replication {
                 Message::Ping { .. } => AckStatus::Ok,
                 _ => AckStatus::Refused,
             };
-            send(&mut s, &Message::Ack { seq, status }, 0, &mut wbuf)?;
+            wire::encode(&Message::Ack { seq, status }, 0, &mut acks);
         }
     }
 
@@ -669,41 +691,7 @@ impl Replication {
                 }
             }
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            let key = self.luns[req.lun].key;
-            let (msg, offset, len) = match req.op {
-                RepOp::Write { offset, data, fua } => {
-                    let len = data.len() as u64;
-                    (
-                        Message::Write {
-                            lun_key: key,
-                            offset_bytes: offset,
-                            fua,
-                            data,
-                        },
-                        offset,
-                        len,
-                    )
-                }
-                RepOp::Zero { offset, len, unmap } => (
-                    Message::WriteZeroes {
-                        lun_key: key,
-                        offset_bytes: offset,
-                        len_bytes: len,
-                        unmap,
-                    },
-                    offset,
-                    len,
-                ),
-                RepOp::Flush => (Message::Flush { lun_key: key }, 0, 0),
-                RepOp::PrState(state) => (
-                    Message::PrState {
-                        lun_key: key,
-                        state,
-                    },
-                    0,
-                    0,
-                ),
-            };
+            let (msg, offset, len) = self.to_message(req.lun, req.op);
             link.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -717,11 +705,72 @@ impl Replication {
                         sent_ms: now_ms(&self.epoch),
                     },
                 );
-            let sent = stream.as_mut().map(|s| send(s, &msg, seq, &mut wbuf));
+            wbuf.clear();
+            wire::encode(&msg, seq, &mut wbuf);
+            // More requests already queued go out in the same write (bounded batch).
+            while wbuf.len() < LINK_BATCH_BYTES && self.peer_up.load(Ordering::Acquire) {
+                let Ok(more) = rx.try_recv() else { break };
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                let (msg, offset, len) = self.to_message(more.lun, more.op);
+                link.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        seq,
+                        Pending {
+                            token: more.token,
+                            lun: more.lun,
+                            offset,
+                            len,
+                            sent_ms: now_ms(&self.epoch),
+                        },
+                    );
+                wire::encode(&msg, seq, &mut wbuf);
+            }
+            let sent = stream.as_mut().map(|s| s.write_all(&wbuf));
             if !matches!(sent, Some(Ok(()))) {
                 stream = None;
                 self.peer_lost("send failed");
             }
+        }
+    }
+
+    /// The wire message for a mirrored operation, with the byte range it covers.
+    fn to_message(&self, lun: usize, op: RepOp) -> (Message, u64, u64) {
+        let key = self.luns[lun].key;
+        match op {
+            RepOp::Write { offset, data, fua } => {
+                let len = data.len() as u64;
+                (
+                    Message::Write {
+                        lun_key: key,
+                        offset_bytes: offset,
+                        fua,
+                        data,
+                    },
+                    offset,
+                    len,
+                )
+            }
+            RepOp::Zero { offset, len, unmap } => (
+                Message::WriteZeroes {
+                    lun_key: key,
+                    offset_bytes: offset,
+                    len_bytes: len,
+                    unmap,
+                },
+                offset,
+                len,
+            ),
+            RepOp::Flush => (Message::Flush { lun_key: key }, 0, 0),
+            RepOp::PrState(state) => (
+                Message::PrState {
+                    lun_key: key,
+                    state,
+                },
+                0,
+                0,
+            ),
         }
     }
 
@@ -878,6 +927,25 @@ impl Replication {
         }
     }
 
+    /// `twinsan resolve --discard-local`, on the split-brain victim (a secondary): its data
+    /// is marked outdated and inconsistent, so the primary overwrites it with a full resync
+    /// at the next connection. Refused on a primary (it would discard the data it serves).
+    pub fn discard_local(&self) -> Result<(), String> {
+        if self.is_primary() {
+            return Err("this node is primary: demote it first".into());
+        }
+        for l in &self.luns {
+            let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.flags.outdated = true;
+            m.flags.inconsistent = true;
+            l.persist(&m)
+                .map_err(|e| format!("cannot persist {}: {e}", l.meta_path.display()))?;
+            l.set_state(SyncState::Unknown);
+        }
+        tracing::warn!("local data discarded on operator request: the peer will overwrite it");
+        Ok(())
+    }
+
     /// `twinsan outdate-peer`: the operator vouches the peer is stale; suspended I/O goes on.
     pub fn outdate_peer(&self) {
         self.outdate_requested.store(true, Ordering::Release);
@@ -935,7 +1003,12 @@ impl Replication {
                     },
                 )
             };
-            let d = decide(&gen, flags, &h.gen, h.flags);
+            // A peer that ran `twinsan resolve --discard-local` gave its data up: copy all.
+            let d = if h.flags.outdated && h.flags.inconsistent && !h.flags.primary {
+                Decision::SyncSourceFull
+            } else {
+                decide(&gen, flags, &h.gen, h.flags)
+            };
             let regions = {
                 let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
                 let per = m.bitmap.region_bytes();
