@@ -438,3 +438,68 @@ fn reservations_follow_the_data_to_the_peer() {
         "the registration did not reach the peer"
     );
 }
+
+#[test]
+fn split_brain_is_detected_never_resolved_silently_and_resolved_on_purpose() {
+    let _serial = serial();
+    let (mut a, mut b) = pair(18160, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let write = |n: &Node| {
+        let o = bench(
+            &n.url(),
+            &[
+                "--rw",
+                "randwrite",
+                "--bs",
+                "16k",
+                "--runtime",
+                "1",
+                "--size",
+                "8m",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    // Partition: B hangs, A degrades and writes alone.
+    let pid = b.child.as_ref().map(|c| c.id()).unwrap();
+    let _ = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status();
+    write(&a);
+    assert!(a.admin("status").contains("PeerOutdated"));
+    a.kill9();
+    let _ = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status();
+    // B is promoted and writes alone too: both changed the data.
+    assert!(b.admin("promote").starts_with("ok"));
+    write(&b);
+    // A returns and is demoted; B meets it: a split brain, reported, not resolved.
+    a.start();
+    assert!(a.admin("demote").starts_with("ok"));
+    let t = Instant::now();
+    while !b.admin("status").contains("SplitBrain") {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "split brain not reported: {}",
+            b.admin("status")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !same_bytes(&a.lun(), &b.lun()),
+        "data was silently overwritten"
+    );
+    // The operator discards A's changes: B resyncs A fully.
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args(["resolve", "--discard-local", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(text(&o).starts_with("ok"), "{}", text(&o));
+    wait_in_sync(&b, Duration::from_secs(30));
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "not identical after resolving"
+    );
+}

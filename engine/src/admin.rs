@@ -65,6 +65,13 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             }
             None => "error: no peer configured\n".into(),
         },
+        "resolve-discard-local" => match reg.replication.get() {
+            Some(rep) => match rep.discard_local() {
+                Ok(()) => "ok: local data marked outdated; the peer resyncs it fully\n".into(),
+                Err(e) => format!("error: {e}\n"),
+            },
+            None => "error: no peer configured\n".into(),
+        },
         other => {
             format!("error: unknown command `{other}` (status, promote, demote, outdate-peer, resolve-discard-local)\n")
         }
