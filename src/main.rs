@@ -42,6 +42,13 @@ enum Cmd {
     Promote(AdminArgs),
     /// Make this node secondary (initiators see the LUNs in standby).
     Demote(AdminArgs),
+    /// Compare every region's digest with the peer's, online; `--repair` resyncs differences.
+    Verify {
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Release I/O frozen by `on_peer_loss = "suspend"`: the peer is recorded outdated.
     OutdatePeer(AdminArgs),
     /// Resolve a split brain on the victim: discard this node's changes; the primary
@@ -185,6 +192,9 @@ fn main() -> ExitCode {
         Cmd::Status(a) => admin(a, "status"),
         Cmd::Promote(a) => admin(a, "promote"),
         Cmd::Demote(a) => admin(a, "demote"),
+        Cmd::Verify { repair, admin: a } => {
+            admin(a, if repair { "verify-repair" } else { "verify" })
+        }
         Cmd::OutdatePeer(a) => admin(a, "outdate-peer"),
         Cmd::Resolve {
             discard_local: true,

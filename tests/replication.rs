@@ -503,3 +503,54 @@ fn split_brain_is_detected_never_resolved_silently_and_resolved_on_purpose() {
         "not identical after resolving"
     );
 }
+
+#[test]
+fn verify_finds_a_corrupted_region_and_repair_fixes_it() {
+    let _serial = serial();
+    let (a, b) = pair(18170, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let o = bench(
+        &a.url(),
+        &[
+            "--rw",
+            "randwrite",
+            "--bs",
+            "16k",
+            "--runtime",
+            "2",
+            "--size",
+            "16m",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let verify = |repair: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_twinsan"));
+        c.arg("verify");
+        if repair {
+            c.arg("--repair");
+        }
+        text(&c.arg("--config").arg(&a.config).output().unwrap())
+    };
+    let r = verify(false);
+    assert!(r.contains("256 regions compared, 0 differ"), "{r}");
+    // Flip one byte of region 3 on the secondary, behind twinsan's back.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(b.lun())
+            .unwrap();
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, (3 << 20) + 100).unwrap();
+        byte[0] ^= 0xff;
+        f.write_all_at(&byte, (3 << 20) + 100).unwrap();
+    }
+    let r = verify(false);
+    assert!(r.contains("1 differ: [3]"), "{r}");
+    let r = verify(true);
+    assert!(r.contains("marked for resync"), "{r}");
+    wait_in_sync(&a, Duration::from_secs(20));
+    assert!(same_bytes(&a.lun(), &b.lun()), "repair did not converge");
+    assert!(verify(false).contains("0 differ"));
+}

@@ -29,10 +29,16 @@ pub fn serve(path: &Path, reg: Arc<Registry>) -> std::io::Result<()> {
         .name("twinsan-admin".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                if let Err(e) = handle(stream, &reg) {
-                    tracing::debug!(error = %e, "admin client");
-                }
+                // One thread per client: a long `verify` must not block `status`.
+                let reg = Arc::clone(&reg);
+                let _ = std::thread::Builder::new()
+                    .name("twinsan-admin-client".into())
+                    .spawn(move || {
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                        if let Err(e) = handle(stream, &reg) {
+                            tracing::debug!(error = %e, "admin client");
+                        }
+                    });
             }
         })?;
     Ok(())
@@ -63,6 +69,13 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
                 rep.outdate_peer();
                 "ok: peer recorded outdated; suspended I/O resumes\n".into()
             }
+            None => "error: no peer configured\n".into(),
+        },
+        "verify" | "verify-repair" => match reg.replication.get() {
+            Some(rep) => match rep.verify(cmd == "verify-repair") {
+                Ok(report) => format!("ok\n{report}"),
+                Err(e) => format!("error: {e}\n"),
+            },
             None => "error: no peer configured\n".into(),
         },
         "resolve-discard-local" => match reg.replication.get() {
@@ -130,7 +143,7 @@ fn status(reg: &Registry) -> String {
 /// Client side: sends one command and returns the reply.
 pub fn request(path: &Path, cmd: &str) -> std::io::Result<String> {
     let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // No reply timeout: `verify` of a large LUN takes as long as hashing it does.
     s.write_all(cmd.as_bytes())?;
     s.write_all(b"\n")?;
     s.shutdown(std::net::Shutdown::Write)?;
