@@ -442,7 +442,7 @@ fn reservations_follow_the_data_to_the_peer() {
 #[test]
 fn split_brain_is_detected_never_resolved_silently_and_resolved_on_purpose() {
     let _serial = serial();
-    let (mut a, mut b) = pair(18160, "pair-test-psk-0123456789");
+    let (mut a, b) = pair(18160, "pair-test-psk-0123456789");
     wait_in_sync(&a, Duration::from_secs(20));
     let write = |n: &Node| {
         let o = bench(
