@@ -554,3 +554,43 @@ fn verify_finds_a_corrupted_region_and_repair_fixes_it() {
     assert!(same_bytes(&a.lun(), &b.lun()), "repair did not converge");
     assert!(verify(false).contains("0 differ"));
 }
+
+#[test]
+fn primary_crash_and_restart_converges_the_unacknowledged_tail() {
+    let _serial = serial();
+    let (mut a, b) = pair(18180, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let url = a.url();
+    let load = std::thread::spawn(move || {
+        bench(
+            &url,
+            &[
+                "--rw",
+                "randwrite",
+                "--bs",
+                "16k",
+                "--iodepth",
+                "32",
+                "--runtime",
+                "5",
+                "--size",
+                "32m",
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // Writes in flight die with the primary: some may be on one node only.
+    a.kill9();
+    let _ = load.join();
+    a.start();
+    assert!(
+        a.log().contains("unclean shutdown"),
+        "crash not noticed:\n{}",
+        a.log()
+    );
+    wait_in_sync(&a, Duration::from_secs(30));
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "the in-flight tail was not reconciled"
+    );
+}

@@ -284,6 +284,26 @@ impl Replication {
                     meta_path.display()
                 )));
             }
+            let mut meta = meta;
+            // A crash leaves the marker: writes in flight then (the unacknowledged tail) may
+            // be on this node only. Without a persisted write-intent log, treat every
+            // allocated region as possibly different, so the next resync covers the tail.
+            let marker = running_marker(&lun.path);
+            if marker.exists() {
+                let per = meta.bitmap.region_bytes();
+                let regions = allocated_regions(lun, per);
+                tracing::warn!(path = %lun.path.display(), regions = regions.len(), "unclean shutdown: allocated regions marked for resync");
+                for r in regions {
+                    meta.bitmap.set(r);
+                }
+                let tmp = meta_path.with_extension("meta.tmp");
+                let mut bytes = Vec::new();
+                meta.encode(&mut bytes);
+                std::fs::write(&tmp, &bytes)?;
+                File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &meta_path)?;
+            }
+            File::create(&marker)?.sync_all()?;
             let state = if meta.flags.peer_outdated {
                 SyncState::PeerOutdated
             } else {
@@ -1321,6 +1341,16 @@ impl Replication {
         Ok(report)
     }
 
+    /// A clean stop: no write is in flight any more, so the crash marker goes.
+    pub fn clean_shutdown(&self) {
+        for l in &self.luns {
+            let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            if l.persist(&m).is_ok() {
+                let _ = std::fs::remove_file(running_marker(&l.backing));
+            }
+        }
+    }
+
     /// Status lines for `twinsan status`.
     pub fn status(&self) -> String {
         use std::fmt::Write as _;
@@ -1373,6 +1403,13 @@ impl Replication {
     pub fn replicates(&self) -> bool {
         self.is_primary()
     }
+}
+
+/// `lun0.img.running`: present while a daemon serves the LUN with replication.
+fn running_marker(backing: &std::path::Path) -> PathBuf {
+    let mut p = backing.as_os_str().to_owned();
+    p.push(".running");
+    PathBuf::from(p)
 }
 
 /// SHA-256 of one region of a backing file (the last region may be short).

@@ -134,6 +134,11 @@ impl Server {
 
     pub fn shutdown(self) {
         self.stop.store(true, Ordering::Relaxed);
+        let reg = Arc::clone(&self.registry);
         self.join();
+        // Every core has drained: nothing is in flight, the replica state is final.
+        if let Some(rep) = reg.replication.get() {
+            rep.clean_shutdown();
+        }
     }
 }
