@@ -583,12 +583,13 @@ fn primary_crash_and_restart_converges_the_unacknowledged_tail() {
     a.kill9();
     let _ = load.join();
     a.start();
+    wait_in_sync(&a, Duration::from_secs(30));
+    // Checked after the resync: the iSCSI port opens before replication starts and logs.
     assert!(
         a.log().contains("unclean shutdown"),
         "crash not noticed:\n{}",
         a.log()
     );
-    wait_in_sync(&a, Duration::from_secs(30));
     assert!(
         same_bytes(&a.lun(), &b.lun()),
         "the in-flight tail was not reconciled"
