@@ -163,17 +163,60 @@ fn read_only_lun_refuses_writes_per_libiscsi() {
     // A LUN configured read-only: ReadOnly.ReadOnlySBC must pass, not skip (it skips on a
     // writable LUN), and a write must answer DATA PROTECT.
     let d = Daemon::simple_with_lun("conformance-ro", "64MiB", "", "read_only = true");
-    let out = std::process::Command::new("timeout")
-        .arg("300")
-        .arg("iscsi-test-cu")
-        .args(["-d", "-v", "-t", "ALL.ReadOnly", &d.url(0)])
-        .output()
-        .expect("run iscsi-test-cu (install libiscsi-bin)");
-    let got = parse(&text(&out));
+    let (got, out) = run_suite(&d, "ALL.ReadOnly");
     assert_eq!(
         got.get("ReadOnly.ReadOnlySBC"),
         Some(&Outcome::Passed),
-        "{}",
-        text(&out)
+        "{out}"
     );
+}
+
+/// Runs one libiscsi suite (destructive tests allowed) on LUN 0 of `d` over one session.
+fn run_suite(d: &Daemon, suite: &str) -> (BTreeMap<String, Outcome>, String) {
+    let out = std::process::Command::new("timeout")
+        .arg("300")
+        .arg("iscsi-test-cu")
+        .args(["-d", "-v", "-t", suite, &d.url(0)])
+        .output()
+        .expect("run iscsi-test-cu (install libiscsi-bin)");
+    let t = text(&out);
+    (parse(&t), t)
+}
+
+#[test]
+fn physical_block_size_is_reported_and_512_satisfies_unmap_single() {
+    // The default reports the 4 KiB file-system block as the physical block (READ CAPACITY
+    // (16) LBPPBE = 3 on 512-byte blocks); `physical_block_size = 512` reports LBPPBE = 0,
+    // under which libiscsi's GetLBAStatus.UnmapSingle (which contradicts SBC-4 for LBPPB > 1)
+    // passes. Both must keep GET LBA STATUS correct for the rest of the suite.
+    for (extra, exp, name) in [
+        ("", 3u8, "conformance-pb4k"),
+        ("physical_block_size = 512", 0, "conformance-pb512"),
+    ] {
+        let d = Daemon::simple_with_lun(name, "64MiB", "", extra);
+        let out = std::process::Command::new("iscsi-readcapacity16")
+            .arg(d.url(0))
+            .output()
+            .expect("run iscsi-readcapacity16 (install libiscsi-bin)");
+        let t = text(&out);
+        assert!(
+            t.contains(&format!(
+                "LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:{exp}\n"
+            )),
+            "{extra:?}: {t}"
+        );
+        let (got, out) = run_suite(&d, "ALL.GetLBAStatus");
+        assert_eq!(
+            got.get("GetLBAStatus.Simple"),
+            Some(&Outcome::Passed),
+            "{out}"
+        );
+        if exp == 0 {
+            assert_eq!(
+                got.get("GetLBAStatus.UnmapSingle"),
+                Some(&Outcome::Passed),
+                "{out}"
+            );
+        }
+    }
 }

@@ -24,6 +24,12 @@ pub const MAX_ISCSI_NAME_LEN: usize = 223;
 /// Default soft threshold for thin LUNs: warn initiators (ESXi shows it as an out-of-space
 /// warning) while a tenth of the pool is still free.
 pub const DEFAULT_SOFT_THRESHOLD_PERCENT: u8 = 90;
+/// Backing files sit on 4 KiB file-system blocks: that is the unit a write can allocate,
+/// punch or rewrite without a read-modify-write, so it is what initiators should align to.
+pub const DEFAULT_PHYSICAL_BLOCK_BYTES: u32 = 4096;
+/// The dirty-region size bounds it: a "physical block" larger than a replication region
+/// would say nothing true about the device.
+pub const MAX_PHYSICAL_BLOCK_BYTES: u32 = 1 << 20;
 /// How long a primary waits for the peer's acknowledgement before it declares the peer lost:
 /// well under the 8 s an ESXi ATS heartbeat tolerates, so a degrade completes in time.
 pub const DEFAULT_REPLICA_TIMEOUT_MS: u64 = 2_000;
@@ -169,6 +175,7 @@ struct RawLun {
     path: String,
     size: Option<toml::Value>,
     block_size: Option<u32>,
+    physical_block_size: Option<u32>,
     read_only: Option<bool>,
     cache: Option<CacheMode>,
     serial: Option<String>,
@@ -249,6 +256,9 @@ pub struct LunConfig {
     pub path: PathBuf,
     pub size_bytes: u64,
     pub block_size: u32,
+    /// The unit initiators should align writes to (READ CAPACITY (16) LBPPBE): a power of
+    /// two multiple of `block_size`.
+    pub physical_block_size: u32,
     pub read_only: bool,
     pub cache: CacheMode,
     pub thin: bool,
@@ -472,6 +482,18 @@ impl Config {
                         format!("{block_size} is not 512 or 4096"),
                     ));
                 }
+                let physical_block_size = l
+                    .physical_block_size
+                    .unwrap_or(DEFAULT_PHYSICAL_BLOCK_BYTES.max(block_size));
+                if !physical_block_size.is_power_of_two()
+                    || physical_block_size < block_size
+                    || physical_block_size > MAX_PHYSICAL_BLOCK_BYTES
+                {
+                    return Err(bad(
+                        &format!("{lk}.physical_block_size"),
+                        format!("{physical_block_size} must be a power of two from the block size {block_size} to {MAX_PHYSICAL_BLOCK_BYTES}"),
+                    ));
+                }
                 let size_bytes = match &l.size {
                     None => None,
                     Some(v) => Some(parse_size(v).map_err(|m| bad(&format!("{lk}.size"), m))?),
@@ -506,6 +528,7 @@ impl Config {
                     size_bytes: size_bytes.unwrap_or(0),
                     path,
                     block_size,
+                    physical_block_size,
                     read_only: l.read_only.unwrap_or(false),
                     cache: l.cache.unwrap_or(default_cache),
                     thin: l.thin.unwrap_or(true),
@@ -787,6 +810,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("target[0].name"), "{e}");
+    }
+
+    #[test]
+    fn physical_block_size_defaults_to_the_file_system_block_and_is_checked() {
+        let lun = |extra: &str| {
+            parse(&format!("[[target]]\nname = \"iqn.2026-11.x:a\"\n[[target.lun]]\nid = 0\npath = \"a.img\"\nsize = 1048576\n{extra}\n"))
+        };
+        let c = lun("").unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_size, 4096);
+        let c = lun("block_size = 4096").unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_size, 4096);
+        let c = lun("physical_block_size = 512").unwrap();
+        assert_eq!(c.targets[0].luns[0].physical_block_size, 512);
+        for bad in [
+            "physical_block_size = 3000",
+            "physical_block_size = 256",
+            "block_size = 4096\nphysical_block_size = 512",
+            "physical_block_size = 2097152",
+        ] {
+            let e = lun(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("target[0].lun[0].physical_block_size"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Lun {
     pub path: PathBuf,
     pub size_bytes: u64,
     pub block_size: u32,
+    /// Logical blocks per physical block, as a power of two (READ CAPACITY (16) LBPPBE).
+    pub physical_block_exp: u8,
     pub read_only: bool,
     pub cache: CacheMode,
     pub thin: bool,
@@ -163,6 +165,7 @@ impl Lun {
             path: cfg.path.clone(),
             size_bytes,
             block_size: cfg.block_size,
+            physical_block_exp: (cfg.physical_block_size / cfg.block_size).trailing_zeros() as u8,
             read_only: cfg.read_only,
             cache: cfg.cache,
             thin: cfg.thin,

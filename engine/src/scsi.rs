@@ -315,11 +315,9 @@ pub fn lun_info(lun: &Lun) -> LunInfo {
     // EXTENDED COPY (LID1) is supported: the 3PC bit in standard INQUIRY says so.
     i.extended_copy = true;
     i.max_xfer_blocks = (MAX_XFER_BYTES / lun.block_size as usize) as u32;
-    // LBPPBE stays 0 (physical block = logical block) although files sit on 4 KiB
-    // file-system blocks: GET LBA STATUS must start its first descriptor at the requested
-    // LBA, and libiscsi's GetLBAStatus.UnmapSingle only accepts that when LBPPB = 1.
-    // docs/limitations.md explains the trade.
-    i.physical_block_exp = 0;
+    // From `physical_block_size` (4 KiB by default: the file-system block). See
+    // docs/limitations.md for how it meets libiscsi's GetLBAStatus.UnmapSingle.
+    i.physical_block_exp = lun.physical_block_exp;
     // Unmap in file-system blocks (4 KiB divides 1 MiB): smaller punches only zero.
     i.unmap_granularity_blocks = (4096 / lun.block_size).max(1);
     // WRITE SAME up to 16 MiB: large enough for ESXi's zeroing, small enough that one
