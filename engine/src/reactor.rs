@@ -79,6 +79,8 @@ pub struct Reactor {
     pool: BufPool,
     /// The fd per LUN, in registry order; registered as fixed files at the same indexes.
     _files: Vec<std::fs::File>,
+    /// Plain buffered writes done on this thread (see inline_write.rs).
+    inline_writes: crate::inline_write::InlineWrites,
     tick_ts: Box<types::Timespec>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
@@ -119,6 +121,7 @@ impl Reactor {
             free: Vec::new(),
             pool: BufPool::new(),
             _files: files,
+            inline_writes: Default::default(),
             tick_ts: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
             epoch: Instant::now(),
             stop,
@@ -438,6 +441,26 @@ impl Reactor {
                         // the task's buffer.
                         let ptr = unsafe { base.add(buf_off as usize) };
                         match req.op {
+                            IoOp::Write {
+                                fua: false, offset, ..
+                            } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
+                                // SAFETY: ptr..ptr+len lies inside the task's buffer (asserted
+                                // above), which the task owns until on_io_done below; the fd
+                                // is one of ours and stays open for the reactor's lifetime.
+                                let res = unsafe {
+                                    self.inline_writes.pwrite(
+                                        self._files[req.lun].as_raw_fd(),
+                                        ptr,
+                                        len,
+                                        offset,
+                                    )
+                                };
+                                let mut o = Out::default();
+                                s.conn
+                                    .on_io_done(req.task, res, &self.reg, &mut self.pool, &mut o);
+                                pending.push(o);
+                                continue;
+                            }
                             IoOp::Write { fua, .. } => {
                                 // FUA: durable before GOOD (RWF_DSYNC = a per-write fdatasync).
                                 let flags = if fua { libc::RWF_DSYNC } else { 0 };

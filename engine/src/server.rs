@@ -76,6 +76,16 @@ impl Server {
                 source,
             })?);
         }
+        // Each connection to the core thread on the CPU that handles its packets (steer.rs).
+        if !cores.is_empty() {
+            let cpu_of: Vec<usize> = (0..n).map(|i| cores[i % cores.len()].id).collect();
+            if let Some(prog) = crate::steer::program(&cpu_of) {
+                if let Err(e) = crate::steer::attach(&listeners[0], &prog) {
+                    // Still correct without it: the kernel hashes connections to threads.
+                    tracing::warn!(error = %e, "connection steering unavailable");
+                }
+            }
+        }
         // The replica link, when a peer is configured: one link per core.
         let mut links: Vec<Option<crate::replication::CoreLink>> = (0..n).map(|_| None).collect();
         if registry.config.peer.is_some() {
