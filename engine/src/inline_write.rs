@@ -34,6 +34,18 @@ pub const CHUNK_BYTES: u32 = 16 << 10;
 /// How long writes go through io_uring after a slow one.
 pub const BACKOFF_MS: u64 = 100;
 
+/// `write_all_at` in [`CHUNK_BYTES`] pieces, for the blocking writers (the secondary's
+/// apply threads, resync, SANITIZE) so that they too leave small folios behind.
+pub fn write_all_chunked(f: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut off = offset;
+    for c in data.chunks(CHUNK_BYTES as usize) {
+        f.write_all_at(c, off)?;
+        off += c.len() as u64;
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct InlineWrites {
     /// Writes go through io_uring until then.

@@ -530,7 +530,7 @@ impl Replication {
                     fua,
                     data,
                 } => self.apply(&mut files, lun_key, |f| {
-                    f.write_all_at(&data, offset_bytes)?;
+                    crate::inline_write::write_all_chunked(f, &data, offset_bytes)?;
                     if fua {
                         f.sync_data()?;
                     }
@@ -556,7 +556,7 @@ impl Replication {
                         if data.iter().all(|&b| b == 0) {
                             punch(f, offset_bytes, data.len() as u64)
                         } else {
-                            f.write_all_at(&data, offset_bytes)
+                            crate::inline_write::write_all_chunked(f, &data, offset_bytes)
                         }
                     })
                 }

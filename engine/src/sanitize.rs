@@ -7,7 +7,6 @@
 //! progress indication. Erasure is guaranteed at the file level: what the host file system
 //! and device keep below it (e.g. without discard) is the host administrator's concern.
 
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -136,7 +135,7 @@ fn run(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                     let mut off = start;
                     while off < start + len {
                         let n = (start + len - off).min(CHUNK_BYTES as u64) as usize;
-                        f.write_all_at(&chunk[..n], off)?;
+                        crate::inline_write::write_all_chunked(&f, &chunk[..n], off)?;
                         off += n as u64;
                         pacer.wrote(n as u64);
                         let done = off - start;
