@@ -64,9 +64,13 @@ fn auth(c: &Option<ChapConfig>) -> Auth {
 }
 
 /// What we offer in negotiation. 256 KiB segments and 1 MiB bursts keep large writes to a
-/// few PDUs; InitialR2T=No with 64 KiB first bursts saves a round trip for small writes.
+/// few PDUs; InitialR2T=No saves a round trip, and a 256 KiB first burst (what Linux and
+/// ESXi initiators offer) extends that to writes up to 256 KiB.
 pub fn limits() -> TargetLimits {
-    TargetLimits::default()
+    TargetLimits {
+        first_burst_len_bytes: 262_144,
+        ..TargetLimits::default()
+    }
 }
 
 /// The login view of the configuration (built once, shared by every connection).
