@@ -140,9 +140,32 @@ fn status(reg: &Registry) -> String {
     s
 }
 
+/// How long a client waits for the admin socket of a daemon that is still starting: the
+/// iSCSI port opens before the socket is bound, so `serve` followed at once by `demote`
+/// (scripts, tests) would otherwise meet a refused or missing socket.
+const CONNECT_WAIT_MS: u64 = 2_000;
+
+fn connect_waiting(path: &Path) -> std::io::Result<UnixStream> {
+    let started = std::time::Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && started.elapsed() < Duration::from_millis(CONNECT_WAIT_MS) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Client side: sends one command and returns the reply.
 pub fn request(path: &Path, cmd: &str) -> std::io::Result<String> {
-    let mut s = UnixStream::connect(path)?;
+    let mut s = connect_waiting(path)?;
     // No reply timeout: `verify` of a large LUN takes as long as hashing it does.
     s.write_all(cmd.as_bytes())?;
     s.write_all(b"\n")?;

@@ -67,6 +67,22 @@ impl RangeLock {
         })
     }
 
+    /// Waits for `[start, end)` (polling every `poll`). For background threads only
+    /// (resync, verify, sanitize): a core thread never blocks, it retries from its loop.
+    pub fn lock_waiting(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        poll: std::time::Duration,
+    ) -> RangeGuard {
+        loop {
+            if let Some(g) = self.try_lock(start, end) {
+                return g;
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
     /// Like [`try_lock`](Self::try_lock), and readers of the range wait until it is released.
     pub fn try_lock_atomic(self: &Arc<Self>, start: u64, end: u64) -> Option<RangeGuard> {
         let mut g = self.try_lock(start, end)?;

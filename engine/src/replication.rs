@@ -184,6 +184,8 @@ pub struct Replication {
 const LINK_BATCH_BYTES: usize = 1 << 20;
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
+/// The first bytes of a resync, always sent as data (see `copy_all`).
+const HEAD_CHUNK_BYTES: u64 = 4096;
 /// Resync throughput cap, so a catching-up peer does not starve initiator I/O.
 pub const RESYNC_RATE_BYTES_PER_S: u64 = 256 << 20;
 /// Frames we read at most while waiting for one (handshake): bounds a hostile peer.
@@ -296,6 +298,10 @@ impl Replication {
                 for r in regions {
                     meta.bitmap.set(r);
                 }
+                // And tell the peer at the next connect: the tail may also sit where the
+                // other node has holes, or this node may become the sync target (after a
+                // failover), so that resync compares every region (see `resync`).
+                meta.flags.crashed = true;
                 let tmp = meta_path.with_extension("meta.tmp");
                 let mut bytes = Vec::new();
                 meta.encode(&mut bytes);
@@ -402,6 +408,7 @@ impl Replication {
                         outdated: m.flags.outdated,
                         inconsistent: m.flags.inconsistent,
                         primary,
+                        crashed: m.flags.crashed,
                     },
                 }
             })
@@ -584,6 +591,8 @@ impl Replication {
                         m.gen.resync_done_target(&gen);
                         m.flags.inconsistent = false;
                         m.flags.outdated = false;
+                        // Every region now equals the source's: a tail from a crash is gone.
+                        m.flags.crashed = false;
                         m.bitmap.clear_all();
                         match l.persist(&m) {
                             Ok(()) => {
@@ -985,6 +994,8 @@ impl Replication {
             let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
             m.flags.outdated = true;
             m.flags.inconsistent = true;
+            // Our own changes may sit where the peer has holes: compare every region.
+            m.flags.crashed = true;
             l.persist(&m)
                 .map_err(|e| format!("cannot persist {}: {e}", l.meta_path.display()))?;
             l.set_state(SyncState::Unknown);
@@ -1047,6 +1058,7 @@ impl Replication {
                         outdated: m.flags.outdated,
                         inconsistent: m.flags.inconsistent,
                         primary: true,
+                        crashed: m.flags.crashed,
                     },
                 )
             };
@@ -1077,6 +1089,26 @@ impl Replication {
                         return Err(std::io::Error::other("refusing resync"));
                     }
                 }
+            };
+            // A node that crashed since its last resync may hold writes nobody acknowledged
+            // anywhere, including where this node has holes: compare every region (holes
+            // travel as small WriteZeroes, see `copy_region`).
+            let regions = if flags.crashed || h.flags.crashed {
+                let per = l
+                    .meta
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .bitmap
+                    .region_bytes();
+                tracing::warn!(
+                    lun = l.key,
+                    local_crashed = flags.crashed,
+                    peer_crashed = h.flags.crashed,
+                    "a node stopped uncleanly: resync covers every region"
+                );
+                (0..reg.luns[i].size_bytes.div_ceil(per)).collect()
+            } else {
+                regions
             };
             plans.push((i, regions, matches!(d, Decision::InitialSync { .. })));
         }
@@ -1138,6 +1170,21 @@ impl Replication {
                 "resync started"
             );
             let file = File::open(&l.backing)?;
+            // The target marks itself inconsistent on the first ResyncData: send the start
+            // of the first region as data even if it is a hole, before any hole region goes
+            // as WriteZeroes (which the target cannot tell from a mirrored write).
+            if let Some(&first) = regions.first() {
+                let lun = &reg.luns[i];
+                let start = first * region_bytes;
+                let end = start + (lun.size_bytes - start).min(HEAD_CHUNK_BYTES);
+                let bs = lun.block_size as u64;
+                let _guard = lun.ranges.lock_waiting(
+                    start / bs,
+                    end.div_ceil(bs),
+                    Duration::from_micros(200),
+                );
+                copied += self.copy_range(s, rbuf, wbuf, &file, l, start, end)?;
+            }
             for region in regions {
                 copied +=
                     self.copy_region(s, rbuf, wbuf, &file, &reg.luns[i], l, region, region_bytes)?;
@@ -1155,6 +1202,7 @@ impl Replication {
                 }
                 m.gen.resync_done_source();
                 m.flags.peer_outdated = false;
+                m.flags.crashed = false;
                 l.persist(&m)?;
                 m.gen
             };
@@ -1208,12 +1256,48 @@ impl Replication {
         let bs = lun.block_size as u64;
         let start = region * region_bytes;
         let end = (start + region_bytes).min(lun.size_bytes);
-        let _guard = loop {
-            if let Some(g) = lun.ranges.try_lock(start / bs, end.div_ceil(bs)) {
-                break g;
-            }
-            std::thread::sleep(Duration::from_micros(200));
+        let _guard =
+            lun.ranges
+                .lock_waiting(start / bs, end.div_ceil(bs), Duration::from_micros(200));
+        let hole = lun.seek(start, true).is_none_or(|d| d >= end);
+        let sent = if hole {
+            // Nothing allocated here: the peer deallocates the range (and reads zeros).
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            send(
+                s,
+                &Message::WriteZeroes {
+                    lun_key: l.key,
+                    offset_bytes: start,
+                    len_bytes: end - start,
+                    unmap: true,
+                },
+                seq,
+                wbuf,
+            )?;
+            expect_ok(recv(s, rbuf)?.0, "resync hole")?;
+            0
+        } else {
+            self.copy_range(s, rbuf, wbuf, file, l, start, end)?
         };
+        let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+        m.bitmap.clear(region);
+        Ok(sent)
+    }
+
+    /// Sends `start..end` of the source file as ResyncData chunks, each acknowledged.
+    /// The caller holds the range lock (or, for the head chunk, the data is rewritten under
+    /// it by the region copy that follows).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_range(
+        &self,
+        s: &mut TcpStream,
+        rbuf: &mut Vec<u8>,
+        wbuf: &mut Vec<u8>,
+        file: &File,
+        l: &RepLun,
+        start: u64,
+        end: u64,
+    ) -> std::io::Result<u64> {
         let mut off = start;
         let mut sent = 0;
         while off < end {
@@ -1231,22 +1315,10 @@ impl Replication {
                 seq,
                 wbuf,
             )?;
-            match recv(s, rbuf)?.0 {
-                Message::Ack {
-                    status: AckStatus::Ok,
-                    ..
-                } => {}
-                other => {
-                    return Err(std::io::Error::other(format!(
-                        "peer failed resync data: {other:?}"
-                    )))
-                }
-            }
+            expect_ok(recv(s, rbuf)?.0, "resync data")?;
             off += n as u64;
             sent += n as u64;
         }
-        let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
-        m.bitmap.clear(region);
         Ok(sent)
     }
 
@@ -1284,12 +1356,11 @@ impl Replication {
                     region * region_bytes,
                     ((region + 1) * region_bytes).min(lun.size_bytes),
                 );
-                let _guard = loop {
-                    if let Some(g) = lun.ranges.try_lock(start / bs, end.div_ceil(bs)) {
-                        break g;
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                };
+                let _guard = lun.ranges.lock_waiting(
+                    start / bs,
+                    end.div_ceil(bs),
+                    Duration::from_micros(200),
+                );
                 let local =
                     region_digest(&l.backing, region, region_bytes).map_err(|e| e.to_string())?;
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -1436,6 +1507,19 @@ fn region_digest(
 }
 
 /// Regions holding data (SEEK_DATA), for the first sync of a thin LUN.
+/// An Ack with status Ok, or an error naming `what`.
+fn expect_ok(m: Message, what: &str) -> std::io::Result<()> {
+    match m {
+        Message::Ack {
+            status: AckStatus::Ok,
+            ..
+        } => Ok(()),
+        other => Err(std::io::Error::other(format!(
+            "peer failed {what}: {other:?}"
+        ))),
+    }
+}
+
 fn allocated_regions(lun: &crate::lun::Lun, region_bytes: u64) -> Vec<u64> {
     let mut v: Vec<u64> = Vec::new();
     let mut pos = 0;

@@ -91,12 +91,7 @@ fn run(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
     // Writes that were in flight when the sanitize began finish first; new ones are
     // refused (NOT READY) while it runs.
     let blocks = lun.num_blocks();
-    let _guard = loop {
-        if let Some(g) = lun.ranges.try_lock(0, blocks) {
-            break g;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let _guard = lun.ranges.lock_waiting(0, blocks, Duration::from_millis(1));
     let f = std::fs::OpenOptions::new().write(true).open(&lun.path)?;
     let size = lun.size_bytes;
     match kind {

@@ -36,6 +36,9 @@ pub struct GenFlags {
     pub inconsistent: bool,
     /// Currently the writer for this LUN.
     pub primary: bool,
+    /// Stopped uncleanly since its last resync: writes in flight then may be on this node
+    /// only, anywhere. The next resync must make every region equal, holes included.
+    pub crashed: bool,
 }
 
 /// What to do when two nodes' LUNs meet (see [`decide`]).
@@ -228,16 +231,19 @@ mod tests {
         outdated: false,
         inconsistent: false,
         primary: false,
+        crashed: false,
     };
     const PRI: GenFlags = GenFlags {
         outdated: false,
         inconsistent: false,
         primary: true,
+        crashed: false,
     };
     const INCONS: GenFlags = GenFlags {
         outdated: false,
         inconsistent: true,
         primary: false,
+        crashed: false,
     };
 
     fn ids(current: u64, bitmap: u64, history: [u64; 2]) -> GenIds {

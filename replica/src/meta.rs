@@ -33,7 +33,9 @@ const FLAG_OUTDATED: u8 = 1 << 0;
 const FLAG_INCONSISTENT: u8 = 1 << 1;
 const FLAG_PRIMARY: u8 = 1 << 2;
 const FLAG_PEER_OUTDATED: u8 = 1 << 3;
-const FLAGS_KNOWN: u8 = FLAG_OUTDATED | FLAG_INCONSISTENT | FLAG_PRIMARY | FLAG_PEER_OUTDATED;
+const FLAG_CRASHED: u8 = 1 << 4;
+const FLAGS_KNOWN: u8 =
+    FLAG_OUTDATED | FLAG_INCONSISTENT | FLAG_PRIMARY | FLAG_PEER_OUTDATED | FLAG_CRASHED;
 
 /// Why metadata could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,6 +79,9 @@ pub struct MetaFlags {
     pub primary: bool,
     /// The peer is recorded as outdated: this node completes writes without it (degraded).
     pub peer_outdated: bool,
+    /// This node stopped uncleanly and has not completed a resync since (see
+    /// `GenFlags::crashed`).
+    pub crashed: bool,
 }
 
 /// The replication metadata of one LUN.
@@ -119,7 +124,8 @@ impl Meta {
         let flags = (u8::from(self.flags.outdated) * FLAG_OUTDATED)
             | (u8::from(self.flags.inconsistent) * FLAG_INCONSISTENT)
             | (u8::from(self.flags.primary) * FLAG_PRIMARY)
-            | (u8::from(self.flags.peer_outdated) * FLAG_PEER_OUTDATED);
+            | (u8::from(self.flags.peer_outdated) * FLAG_PEER_OUTDATED)
+            | (u8::from(self.flags.crashed) * FLAG_CRASHED);
         out.push(flags);
         out.extend_from_slice(&[0; 2]);
         for value in [self.lun_key, self.size_bytes, self.region_bytes] {
@@ -188,6 +194,7 @@ impl Meta {
                 inconsistent: flags & FLAG_INCONSISTENT != 0,
                 primary: flags & FLAG_PRIMARY != 0,
                 peer_outdated: flags & FLAG_PEER_OUTDATED != 0,
+                crashed: flags & FLAG_CRASHED != 0,
             },
             bitmap,
         };

@@ -409,6 +409,7 @@ impl Primary {
                 outdated: self.flags.outdated,
                 inconsistent: self.flags.inconsistent,
                 primary: true,
+                crashed: false,
             },
         }
     }
@@ -754,6 +755,7 @@ impl Primary {
             outdated: self.flags.outdated,
             inconsistent: false,
             primary: true,
+            crashed: false,
         };
         let decision = decide(&self.gen, local_flags, &peer.gen, peer.flags);
         match decision {

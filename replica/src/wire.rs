@@ -262,6 +262,7 @@ impl Message {
 const LUN_FLAG_OUTDATED: u8 = 1;
 const LUN_FLAG_INCONSISTENT: u8 = 2;
 const LUN_FLAG_PRIMARY: u8 = 4;
+const LUN_FLAG_CRASHED: u8 = 8;
 const LUN_HELLO_BYTES: usize = 8 * 3 + 8 * 4 + 1;
 
 fn put_u64(out: &mut Vec<u8>, value: u64) {
@@ -303,7 +304,8 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
                 out.push(
                     (u8::from(lun.flags.outdated) * LUN_FLAG_OUTDATED)
                         | (u8::from(lun.flags.inconsistent) * LUN_FLAG_INCONSISTENT)
-                        | (u8::from(lun.flags.primary) * LUN_FLAG_PRIMARY),
+                        | (u8::from(lun.flags.primary) * LUN_FLAG_PRIMARY)
+                        | (u8::from(lun.flags.crashed) * LUN_FLAG_CRASHED),
                 );
             }
         }
@@ -527,13 +529,20 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
                 let region_bytes = reader.u64()?;
                 let gen = reader.gen()?;
                 let flags = reader.u8()?;
-                if flags & !(LUN_FLAG_OUTDATED | LUN_FLAG_INCONSISTENT | LUN_FLAG_PRIMARY) != 0 {
+                if flags
+                    & !(LUN_FLAG_OUTDATED
+                        | LUN_FLAG_INCONSISTENT
+                        | LUN_FLAG_PRIMARY
+                        | LUN_FLAG_CRASHED)
+                    != 0
+                {
                     return Err(WireError::BadField("lun flags"));
                 }
                 let flags = GenFlags {
                     outdated: flags & LUN_FLAG_OUTDATED != 0,
                     inconsistent: flags & LUN_FLAG_INCONSISTENT != 0,
                     primary: flags & LUN_FLAG_PRIMARY != 0,
+                    crashed: flags & LUN_FLAG_CRASHED != 0,
                 };
                 luns.push(LunHello {
                     lun_key,
@@ -773,10 +782,16 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             arb_gen(),
-            any::<[bool; 3]>(),
+            any::<[bool; 4]>(),
         )
             .prop_map(
-                |(lun_key, size_bytes, region_bytes, gen, [outdated, inconsistent, primary])| {
+                |(
+                    lun_key,
+                    size_bytes,
+                    region_bytes,
+                    gen,
+                    [outdated, inconsistent, primary, crashed],
+                )| {
                     LunHello {
                         lun_key,
                         size_bytes,
@@ -786,6 +801,7 @@ mod tests {
                             outdated,
                             inconsistent,
                             primary,
+                            crashed,
                         },
                     }
                 },

@@ -81,6 +81,7 @@ impl Secondary {
                 outdated: false,
                 inconsistent: self.inconsistent,
                 primary: self.still_primary,
+                crashed: false,
             },
         }
     }
