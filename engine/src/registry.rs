@@ -124,6 +124,9 @@ impl Registry {
         let prev = self.role.swap(role_code(role), Ordering::AcqRel);
         if prev != role_code(role) {
             tracing::warn!(?role, "role changed");
+            if let Some(rep) = self.replication.get() {
+                rep.note_role(role == crate::config::Role::Primary);
+            }
         }
         match prev {
             0 => crate::config::Role::Primary,

@@ -131,19 +131,7 @@ impl RepLun {
         self.state.store(s as u8, Ordering::Release);
     }
     fn persist(&self, m: &Meta) -> std::io::Result<()> {
-        let mut bytes = Vec::new();
-        m.encode(&mut bytes);
-        let tmp = self.meta_path.with_extension("meta.tmp");
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.meta_path)?;
-        if let Some(dir) = self.meta_path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        write_meta(&self.meta_path, m)
     }
 }
 
@@ -298,16 +286,18 @@ impl Replication {
                 for r in regions {
                     meta.bitmap.set(r);
                 }
-                // And tell the peer at the next connect: the tail may also sit where the
-                // other node has holes, or this node may become the sync target (after a
-                // failover), so that resync compares every region (see `resync`).
-                meta.flags.crashed = true;
-                let tmp = meta_path.with_extension("meta.tmp");
-                let mut bytes = Vec::new();
-                meta.encode(&mut bytes);
-                std::fs::write(&tmp, &bytes)?;
-                File::open(&tmp)?.sync_all()?;
-                std::fs::rename(&tmp, &meta_path)?;
+                // A primary's tail may also sit where the other node has holes, or this
+                // node may become the sync target (after a failover): tell the peer at the
+                // next connect, so that resync compares every region (see `resync`). A
+                // secondary originates no writes: what it applied alone is in the primary's
+                // dirty bitmap already (an unacknowledged mirror marks its region).
+                meta.flags.crashed |= meta.flags.primary;
+            }
+            // The role we start in, for the crash check above at the next start.
+            let primary = reg.role() == Role::Primary;
+            if marker.exists() || meta.flags.primary != primary {
+                meta.flags.primary = primary;
+                write_meta(&meta_path, &meta)?;
             }
             File::create(&marker)?.sync_all()?;
             let state = if meta.flags.peer_outdated {
@@ -386,6 +376,20 @@ impl Replication {
 
     fn registry(&self) -> Option<Arc<Registry>> {
         self.reg.upgrade()
+    }
+
+    /// Records the node's role in every LUN's metadata (a role change: promote or demote),
+    /// so that a crash is known at the next start to have been a primary's.
+    pub fn note_role(&self, primary: bool) {
+        for l in &self.luns {
+            let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            if m.flags.primary != primary {
+                m.flags.primary = primary;
+                if let Err(e) = l.persist(&m) {
+                    tracing::error!(path = %l.meta_path.display(), error = %e, "cannot record the role");
+                }
+            }
+        }
     }
 
     fn is_primary(&self) -> bool {
@@ -1507,6 +1511,26 @@ fn region_digest(
 }
 
 /// Regions holding data (SEEK_DATA), for the first sync of a thin LUN.
+/// Replaces the metadata file atomically and durably: a temporary file, synced, renamed
+/// over the old one, and the directory synced so the rename survives a crash.
+fn write_meta(path: &std::path::Path, m: &Meta) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    m.encode(&mut bytes);
+    let tmp = path.with_extension("meta.tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 /// An Ack with status Ok, or an error naming `what`.
 fn expect_ok(m: Message, what: &str) -> std::io::Result<()> {
     match m {

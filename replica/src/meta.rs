@@ -228,6 +228,7 @@ mod tests {
         };
         meta.flags.peer_outdated = true;
         meta.flags.primary = true;
+        meta.flags.crashed = true;
         meta.bitmap.mark(3 << 20, 5);
         meta
     }
