@@ -643,3 +643,51 @@ fn failed_over_primary_rejoins_and_its_unacknowledged_tail_is_replaced() {
         b.log()
     );
 }
+
+#[test]
+fn sanitize_on_the_primary_reaches_the_secondary() {
+    // SANITIZE rewrites the medium outside the mirrored write path; the secondary must not
+    // keep the erased data.
+    let _serial = serial();
+    let (a, b) = pair(18200, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let o = bench(
+        &a.url(),
+        &["--rw", "write", "--bs", "64k", "--size", "8m", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg("iscsi-test-cu")
+        .args(["-d", "-S", "-v", "-t", "ALL.Sanitize.BlockErase", &a.url()])
+        .output()
+        .expect("run iscsi-test-cu (install libiscsi-bin)");
+    let t = text(&out);
+    assert!(t.contains("BlockErase ...") && !t.contains("FAILED"), "{t}");
+    let started = Instant::now();
+    while !a.log().contains("SANITIZE rewrote the LUN") {
+        assert!(started.elapsed() < Duration::from_secs(30), "{}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_in_sync(&a, Duration::from_secs(30));
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "the secondary kept data the primary sanitized"
+    );
+    let allocated = |p: &Path| {
+        let o = Command::new("du")
+            .args(["--block-size=1"])
+            .arg(p)
+            .output()
+            .unwrap();
+        text(&o)
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    assert!(
+        allocated(&b.lun()) <= allocated(&a.lun()) + (1 << 20),
+        "block erase left data allocated on the secondary"
+    );
+}

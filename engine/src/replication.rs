@@ -378,6 +378,27 @@ impl Replication {
         self.reg.upgrade()
     }
 
+    /// The whole LUN `index` changed outside the mirrored write path (SANITIZE): every
+    /// region is marked dirty and the peer is declared outdated, so the manager reconnects
+    /// and copies them (holes as deallocations). The caller still holds the LUN's range
+    /// lock, so the copy waits for it and sees the final data.
+    pub fn lun_rewritten(&self, index: usize, why: &str) {
+        let Some(l) = self.luns.get(index) else {
+            return;
+        };
+        {
+            let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            let regions = m.bitmap.regions();
+            for r in 0..regions {
+                m.bitmap.set(r);
+            }
+            if let Err(e) = l.persist(&m) {
+                tracing::error!(path = %l.meta_path.display(), error = %e, "cannot record the rewritten LUN");
+            }
+        }
+        self.peer_lost(why);
+    }
+
     /// Records the node's role in every LUN's metadata (a role change: promote or demote),
     /// so that a crash is known at the next start to have been a primary's.
     pub fn note_role(&self, primary: bool) {

@@ -51,8 +51,12 @@ impl Sanitize {
     }
 }
 
+/// What runs once the medium is rewritten, still under the whole-LUN range lock (no write
+/// can slip in before it): replication uses it to send every region to the peer.
+pub type AfterErase = Box<dyn FnOnce() + Send>;
+
 /// Starts a sanitize of `lun`. Returns false if one is already running.
-pub fn start(lun: Arc<Lun>, kind: Kind) -> bool {
+pub fn start(lun: Arc<Lun>, kind: Kind, after: Option<AfterErase>) -> bool {
     if lun.sanitize.active.swap(true, Ordering::AcqRel) {
         return false;
     }
@@ -66,7 +70,7 @@ pub fn start(lun: Arc<Lun>, kind: Kind) -> bool {
         .spawn({
             let lun = Arc::clone(&lun);
             move || {
-                let r = run(&lun, &kind);
+                let r = run(&lun, &kind, after);
                 if let Err(e) = &r {
                     tracing::error!(path = %lun.path.display(), error = %e, "sanitize failed");
                 } else {
@@ -87,11 +91,20 @@ pub fn start(lun: Arc<Lun>, kind: Kind) -> bool {
     true
 }
 
-fn run(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
+fn run(lun: &Lun, kind: &Kind, after: Option<AfterErase>) -> std::io::Result<()> {
     // Writes that were in flight when the sanitize began finish first; new ones are
     // refused (NOT READY) while it runs.
     let blocks = lun.num_blocks();
     let _guard = lun.ranges.lock_waiting(0, blocks, Duration::from_millis(1));
+    let r = erase(lun, kind);
+    // Also after a failure: a partial erase changed the medium too.
+    if let Some(f) = after {
+        f();
+    }
+    r
+}
+
+fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
     let f = std::fs::OpenOptions::new().write(true).open(&lun.path)?;
     let size = lun.size_bytes;
     match kind {

@@ -1278,7 +1278,18 @@ fn start_sanitize(
     let Some(lun) = ctx_lun(ctx) else {
         return Step::Done(Reply::check(Sense::lun_not_supported()));
     };
-    if !crate::sanitize::start(std::sync::Arc::clone(lun), kind) {
+    // A replicated LUN: the peer gets every region again once the erase is done.
+    let after = match (ctx.reg.replication.get(), ctx.lun) {
+        (Some(rep), Some(index)) => {
+            let rep = std::sync::Arc::clone(rep);
+            Some(
+                Box::new(move || rep.lun_rewritten(index, "SANITIZE rewrote the LUN"))
+                    as crate::sanitize::AfterErase,
+            )
+        }
+        _ => None,
+    };
+    if !crate::sanitize::start(std::sync::Arc::clone(lun), kind, after) {
         return Step::Done(Reply::check(Sense::not_ready(
             Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS,
         )));
