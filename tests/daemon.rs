@@ -206,6 +206,28 @@ fn bad_config_names_the_key_and_does_not_start() {
 }
 
 #[test]
+fn a_second_daemon_on_the_same_data_refuses_to_start() {
+    let d = Daemon::simple("twice", "16MiB", "");
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args(["serve", "--config"])
+        .arg(d.dir.join("twinsan.toml"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&d.dir)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "second daemon started: {}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("in use by another process"), "{t}");
+    // The first one is untouched and still serves.
+    let out = tool("iscsi-inq", &[&d.url(0)]);
+    assert!(
+        out.status.success(),
+        "first daemon stopped serving: {}",
+        text(&out)
+    );
+}
+
+#[test]
 fn data_written_reads_back_and_lun_stays_sparse() {
     let d = Daemon::simple("rw", "1GiB", "");
     // iscsi-perf is a read-only load; use iscsi-dd from a file for writes when present,

@@ -190,6 +190,15 @@ impl Conn {
         BHS_LEN + 1024 + 8 + self.max_recv_data_bytes() + 4
     }
 
+    /// The total length of the PDU whose header starts `buf`, once the header is there;
+    /// None before that or for a header on_recv will refuse (it closes the connection).
+    pub fn frame_bytes(&self, buf: &[u8]) -> Option<usize> {
+        let bhs: &[u8; BHS_LEN] = buf.get(..BHS_LEN)?.try_into().ok()?;
+        frame_len(bhs, self.digests, self.max_recv_data_bytes())
+            .ok()
+            .map(|f| f.total_len_bytes)
+    }
+
     fn max_recv_data_bytes(&self) -> usize {
         match &self.phase {
             Phase::Login(_) => LOGIN_MAX_DATA_BYTES,

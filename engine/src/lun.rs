@@ -31,6 +31,8 @@ pub enum LunError {
         actual: u64,
         configured: u64,
     },
+    #[error("{path}: in use by another process (another twinsan serving the same data?); refusing to serve it twice")]
+    InUse { path: PathBuf },
     #[error("{path}: no size is configured and the file does not exist")]
     NoSize { path: PathBuf },
     #[error("{path}: persistent reservation state is unreadable ({reason}); move the file aside to start without it")]
@@ -135,6 +137,21 @@ impl Lun {
             tracing::info!(path = %cfg.path.display(), size_bytes, "created sparse backing file");
         }
         let meta_fd = File::open(&cfg.path).map_err(io("opening the backing file"))?;
+        // Held for the LUN's lifetime (released by the kernel when the process exits, even on
+        // SIGKILL). Why: a second daemon started on the same data would serve the same blocks
+        // with its own caches, reservations and replica state, and the two would corrupt each
+        // other's writes; SO_REUSEPORT would even let it share the listening port silently.
+        match meta_fd.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LunError::InUse {
+                    path: cfg.path.clone(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io("locking the backing file")(e));
+            }
+        }
         let pr_path = pr_path_for(&cfg.path);
         let pr = match std::fs::read(&pr_path) {
             Ok(bytes) => {
