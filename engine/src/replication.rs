@@ -229,6 +229,9 @@ pub struct RxBuf {
     end: usize,
 }
 
+/// The secondary sends its acks after at most this many applied messages.
+const ACK_BATCH: usize = 8;
+
 /// Bytes asked of the socket per read, at least.
 const RX_READ_BYTES: usize = 256 << 10;
 
@@ -574,6 +577,7 @@ impl Replication {
         }
         let mut files: HashMap<usize, File> = HashMap::new();
         let mut acks = Vec::new();
+        let mut pending_acks = 0usize;
         loop {
             // Acks go out in one write just before we would block for more input: one
             // syscall per batch of applied messages, not per message.
@@ -583,6 +587,7 @@ impl Replication {
                     if !acks.is_empty() {
                         s.write_all(&acks)?;
                         acks.clear();
+                        pending_acks = 0;
                     }
                     rbuf.fill(&mut s)?;
                     continue;
@@ -707,6 +712,14 @@ impl Replication {
                 _ => AckStatus::Refused,
             };
             wire::encode(&Message::Ack { seq, status }, 0, &mut acks);
+            pending_acks += 1;
+            if pending_acks >= ACK_BATCH {
+                // Do not hold early acks until a whole read's worth of writes is applied:
+                // the primary's queue depth is only refilled as acks arrive.
+                s.write_all(&acks)?;
+                acks.clear();
+                pending_acks = 0;
+            }
         }
     }
 
