@@ -228,6 +228,48 @@ fn a_second_daemon_on_the_same_data_refuses_to_start() {
 }
 
 #[test]
+fn a_second_daemon_on_a_busy_port_refuses_to_start() {
+    let d = Daemon::simple("port-a", "16MiB", "");
+    // Another data directory, the first daemon's address.
+    let dir = common::scratch("port-b");
+    std::fs::write(
+        dir.join("twinsan.toml"),
+        "[[target]]\nname = \"iqn.2026-11.io.twinsan:other\"\n[[target.lun]]\nid = 0\npath = \"b.img\"\nsize = \"16MiB\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args(["serve", "--config"])
+        .arg(dir.join("twinsan.toml"))
+        .args(["--listen", &d.addr, "--data-dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It must exit on its own; one still running after 10 s serves beside the first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+            panic!("second daemon started on a port already in use");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success(), "second daemon: {}", text(&o));
+    assert!(text(&o).contains("address in use"), "{}", text(&o));
+    let out = tool("iscsi-ls", &[&format!("iscsi://{}", d.addr)]);
+    assert!(
+        text(&out).contains(TARGET),
+        "first daemon disturbed: {}",
+        text(&out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn data_written_reads_back_and_lun_stays_sparse() {
     let d = Daemon::simple("rw", "1GiB", "");
     // iscsi-perf is a read-only load; use iscsi-dd from a file for writes when present,

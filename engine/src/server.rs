@@ -54,6 +54,34 @@ fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(s.into())
 }
 
+/// Fails if anything already listens on `addr`. Why: our listeners share the port with
+/// SO_REUSEPORT, and the kernel lets any other process of the same user join that group, so
+/// a second daemon (say, with another data directory) would silently receive a share of the
+/// connections. A socket without SO_REUSEPORT cannot bind beside a listener, so a probe bind
+/// tells. Port 0 asks for a fresh port and needs no probe.
+fn ensure_port_free(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    // Lets us bind over connections in TIME_WAIT from a previous run, not beside a listener.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(
+                e.kind(),
+                "address in use: another twinsan or another iSCSI target already listens there",
+            )
+        } else {
+            e
+        }
+    })
+}
+
 impl Server {
     /// Opens every LUN, binds the listeners and starts one pinned thread per core.
     pub fn start(config: Config) -> Result<Server, ServeError> {
@@ -63,6 +91,7 @@ impl Server {
             0 => cores.len().max(1),
             n => n,
         };
+        ensure_port_free(want).map_err(|source| ServeError::Listen { addr: want, source })?;
         let first = listener(want).map_err(|source| ServeError::Listen { addr: want, source })?;
         let local_addr = first
             .local_addr()
