@@ -39,13 +39,20 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
 }
 
-fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A TCP socket for `addr` with SO_REUSEADDR: binding over connections in TIME_WAIT from a
+/// previous run is fine, binding beside a listener is not.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     let s = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.cloexec(),
         Some(Protocol::TCP),
     )?;
     s.set_reuse_address(true)?;
+    Ok(s)
+}
+
+fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = tcp_socket(addr)?;
     // One listener per core on the same port: the kernel spreads connections across them,
     // so each connection lands on one core and stays there.
     s.set_reuse_port(true)?;
@@ -63,13 +70,7 @@ fn ensure_port_free(addr: SocketAddr) -> std::io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let probe = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    // Lets us bind over connections in TIME_WAIT from a previous run, not beside a listener.
-    probe.set_reuse_address(true)?;
+    let probe = tcp_socket(addr)?;
     probe.bind(&addr.into()).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             std::io::Error::new(
