@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand};
 use engine::config::{Config, Overrides};
 use engine::server::Server;
 
+/// mimalloc instead of glibc malloc: replicated writes allocate a buffer on a core thread and
+/// free it on a link thread, and glibc serializes such cross-thread frees on the arena lock
+/// (perf showed the lock's futex wakes on the write path).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "twinsan",
