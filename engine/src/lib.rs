@@ -2,6 +2,7 @@
 //! on sparse files.
 
 pub mod admin;
+pub mod affinity;
 pub mod bufpool;
 pub mod config;
 pub mod conn;

@@ -96,6 +96,8 @@ pub struct Reactor {
     link: Option<crate::replication::CoreLink>,
     /// Where the eventfd read lands (8 bytes; boxed so its address is stable).
     efd_buf: Box<[u8; 8]>,
+    /// Acknowledgements taken from the link, reused across wake-ups.
+    rep_done: Vec<crate::replication::RepDone>,
 }
 
 impl Reactor {
@@ -135,6 +137,7 @@ impl Reactor {
             last_space_check_s: 0,
             link,
             efd_buf: Box::new([0u8; 8]),
+            rep_done: Vec::new(),
         })
     }
 
@@ -187,22 +190,32 @@ impl Reactor {
         self.push(sqe);
     }
 
-    /// Delivers acknowledged mirrored operations to their tasks.
+    /// Delivers acknowledged mirrored operations to their tasks: consecutive acks for one
+    /// connection are carried out together (one send queue append, one submission).
     fn on_rep(&mut self) {
         let Some(l) = &self.link else { return };
-        let done: Vec<crate::replication::RepDone> = l.done_rx.try_iter().collect();
-        for d in done {
-            let (slot, task) = ((d.token >> 32) as usize, d.token as u32);
+        let mut done = std::mem::take(&mut self.rep_done);
+        done.extend(l.done_rx.try_iter());
+        let mut i = 0;
+        while i < done.len() {
+            let slot = (done[i].token >> 32) as usize;
+            let mut out = Out::default();
             let Some(s) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) else {
+                i += 1;
                 continue;
             };
-            let mut out = Out::default();
-            s.conn.on_rep_done(task, d.ok, &mut self.pool, &mut out);
+            while let Some(d) = done.get(i).filter(|d| (d.token >> 32) as usize == slot) {
+                s.conn
+                    .on_rep_done(d.token as u32, d.ok, &mut self.pool, &mut out);
+                i += 1;
+            }
             if !s.dead {
                 self.apply(slot, out);
             }
             self.maybe_free(slot);
         }
+        done.clear();
+        self.rep_done = done;
         self.post_efd();
     }
 

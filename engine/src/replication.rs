@@ -35,7 +35,7 @@ use rand::RngCore;
 use replica::auth::{Role as AuthRole, Transcript};
 use replica::genid::{decide, Decision, GenFlags};
 use replica::meta::Meta;
-use replica::wire::{self, AckStatus, LunHello, Message};
+use replica::wire::{self, AckStatus, Frame, LunHello, Message, LINK_NONE};
 
 use crate::config::{OnPeerLoss, PeerConfig, Role};
 use crate::registry::Registry;
@@ -166,6 +166,8 @@ pub struct Replication {
     outdate_requested: AtomicBool,
     epoch: Instant,
     next_seq: AtomicU64,
+    /// The CPU each core thread is pinned to (empty when unknown): link threads keep off it.
+    core_cpus: Vec<usize>,
 }
 
 /// Bytes of queued requests one link write may carry.
@@ -238,14 +240,32 @@ const RX_READ_BYTES: usize = 256 << 10;
 impl RxBuf {
     /// The next complete message, if one is buffered.
     fn next(&mut self) -> std::io::Result<Option<(Message, u64)>> {
-        match wire::decode_one(&self.buf[self.start..self.end]) {
-            Ok(Some((m, seq, used))) => {
+        Ok(self.next_ref()?.map(|(frame, seq)| match frame {
+            Frame::Write(w) => (
+                Message::Write {
+                    lun_key: w.lun_key,
+                    offset_bytes: w.offset_bytes,
+                    fua: w.fua,
+                    data: w.data.to_vec(),
+                },
+                seq,
+            ),
+            Frame::Other(m) => (m, seq),
+        }))
+    }
+
+    /// The next complete message, a write's data borrowed from the buffer.
+    fn next_ref(&mut self) -> std::io::Result<Option<(Frame<'_>, u64)>> {
+        match wire::decode_one_ref(&self.buf[self.start..self.end]) {
+            Ok(Some((frame, seq, used))) => {
                 self.start += used;
                 if self.start == self.end {
+                    // Nothing buffered after it: the next read may start at the front
+                    // (the frame's bytes stay valid until then).
                     self.start = 0;
                     self.end = 0;
                 }
-                Ok(Some((m, seq)))
+                Ok(Some((frame, seq)))
             }
             Ok(None) => Ok(None),
             Err(e) => Err(std::io::Error::new(
@@ -293,6 +313,7 @@ impl Replication {
     pub fn start(
         reg: &Arc<Registry>,
         cores: usize,
+        core_cpus: Vec<usize>,
     ) -> std::io::Result<(Arc<Replication>, Vec<CoreLink>)> {
         let cfg = reg
             .config
@@ -392,6 +413,7 @@ impl Replication {
             outdate_requested: AtomicBool::new(false),
             epoch: Instant::now(),
             next_seq: AtomicU64::new(1),
+            core_cpus,
         });
         // A primary that restarts finds its peer state on disk; until the manager has
         // spoken with the peer, writes are tracked in the bitmap (never acked unmirrored
@@ -461,7 +483,7 @@ impl Replication {
         self.registry().is_some_and(|r| r.role() == Role::Primary)
     }
 
-    fn hello(&self) -> Message {
+    fn hello(&self, link: u16) -> Message {
         let primary = self.is_primary();
         let luns = self
             .luns
@@ -485,16 +507,19 @@ impl Replication {
         Message::Hello {
             node_id: self.node_id.clone(),
             luns,
+            link,
         }
     }
 
-    /// Mutual challenge-response over the pre-shared key. Returns the peer's hello.
+    /// Mutual challenge-response over the pre-shared key. We announce this connection as
+    /// our link `link`; returns the peer's LUNs and the link number it announced.
     fn handshake(
         &self,
         s: &mut TcpStream,
         rbuf: &mut RxBuf,
         role: AuthRole,
-    ) -> std::io::Result<Vec<LunHello>> {
+        link: u16,
+    ) -> std::io::Result<(Vec<LunHello>, u16)> {
         s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
         let mut wbuf = Vec::new();
         let mut nonce = [0u8; 32];
@@ -502,10 +527,14 @@ impl Replication {
         let bad = |what: &str| {
             std::io::Error::new(std::io::ErrorKind::PermissionDenied, what.to_string())
         };
-        send(s, &self.hello(), 0, &mut wbuf)?;
+        send(s, &self.hello(link), 0, &mut wbuf)?;
         send(s, &Message::AuthChallenge { nonce }, 0, &mut wbuf)?;
-        let (peer_id, peer_luns) = match recv(s, rbuf)?.0 {
-            Message::Hello { node_id, luns } => (node_id, luns),
+        let (peer_id, peer_luns, peer_link) = match recv(s, rbuf)?.0 {
+            Message::Hello {
+                node_id,
+                luns,
+                link,
+            } => (node_id, luns, link),
             _ => return Err(bad("expected hello")),
         };
         let peer_nonce = match recv(s, rbuf)?.0 {
@@ -543,7 +572,17 @@ impl Replication {
             return Err(bad("authentication failed"));
         }
         s.set_read_timeout(None)?;
-        Ok(peer_luns)
+        Ok((peer_luns, peer_link))
+    }
+
+    /// Moves the calling link thread off the CPU of the core thread it works for
+    /// (affinity.rs says why).
+    fn keep_off_core(&self, core: usize) {
+        if let Some(&cpu) = self.core_cpus.get(core) {
+            if let Err(e) = crate::affinity::keep_off_cpu(cpu) {
+                tracing::debug!(core, cpu, error = %e, "link thread placement failed");
+            }
+        }
     }
 
     fn lun_by_key(&self, key: u64) -> Option<usize> {
@@ -569,11 +608,15 @@ impl Replication {
     fn apply_conn(&self, mut s: TcpStream) -> std::io::Result<()> {
         let _ = s.set_nodelay(true);
         let mut rbuf = RxBuf::default();
-        self.handshake(&mut s, &mut rbuf, AuthRole::Acceptor)?;
+        let (_, peer_link) = self.handshake(&mut s, &mut rbuf, AuthRole::Acceptor, LINK_NONE)?;
         if self.is_primary() {
             // Two primaries would both accept writes: refuse, loudly (split-brain guard).
             tracing::error!("refusing replica connection: this node is primary too");
             return Err(std::io::Error::other("both nodes are primary"));
+        }
+        if peer_link != LINK_NONE {
+            // On a one-machine pair the peer's core thread for this link runs there.
+            self.keep_off_core(usize::from(peer_link));
         }
         let mut files: HashMap<usize, File> = HashMap::new();
         let mut acks = Vec::new();
@@ -581,7 +624,7 @@ impl Replication {
         loop {
             // Acks go out in one write just before we would block for more input: one
             // syscall per batch of applied messages, not per message.
-            let (msg, seq) = match rbuf.next()? {
+            let (frame, seq) = match rbuf.next_ref()? {
                 Some(m) => m,
                 None => {
                     if !acks.is_empty() {
@@ -593,24 +636,24 @@ impl Replication {
                     continue;
                 }
             };
-            let status = match msg {
-                Message::Write {
-                    lun_key,
-                    offset_bytes,
-                    fua,
-                    data,
-                } => self.apply(&mut files, lun_key, |f| {
-                    crate::inline_write::write_all_chunked(f, &data, offset_bytes)?;
-                    if fua {
+            let msg = match frame {
+                // The hot path: straight from the receive buffer to the file.
+                Frame::Write(w) => Err(self.apply(&mut files, w.lun_key, |f| {
+                    crate::inline_write::write_all_chunked(f, w.data, w.offset_bytes)?;
+                    if w.fua {
                         f.sync_data()?;
                     }
                     Ok(())
-                }),
-                Message::ResyncData {
+                })),
+                Frame::Other(m) => Ok(m),
+            };
+            let status = match msg {
+                Err(status) => status,
+                Ok(Message::ResyncData {
                     lun_key,
                     offset_bytes,
                     data,
-                } => {
+                }) => {
                     if let Some(i) = self.lun_by_key(lun_key) {
                         let l = &self.luns[i];
                         if l.state() != SyncState::SyncTarget {
@@ -630,20 +673,22 @@ impl Replication {
                         }
                     })
                 }
-                Message::WriteZeroes {
+                Ok(Message::WriteZeroes {
                     lun_key,
                     offset_bytes,
                     len_bytes,
                     unmap,
-                } => self.apply(&mut files, lun_key, |f| {
+                }) => self.apply(&mut files, lun_key, |f| {
                     if unmap {
                         punch(f, offset_bytes, len_bytes)
                     } else {
                         zero_range(f, offset_bytes, len_bytes)
                     }
                 }),
-                Message::Flush { lun_key } => self.apply(&mut files, lun_key, |f| f.sync_data()),
-                Message::ResyncDone { lun_key, gen } => match self.lun_by_key(lun_key) {
+                Ok(Message::Flush { lun_key }) => {
+                    self.apply(&mut files, lun_key, |f| f.sync_data())
+                }
+                Ok(Message::ResyncDone { lun_key, gen }) => match self.lun_by_key(lun_key) {
                     None => AckStatus::Refused,
                     Some(i) => {
                         let l = &self.luns[i];
@@ -667,7 +712,7 @@ impl Replication {
                         }
                     }
                 },
-                Message::PrState { lun_key, state } => {
+                Ok(Message::PrState { lun_key, state }) => {
                     match (self.lun_by_key(lun_key), self.registry()) {
                         (Some(i), Some(reg)) => match proto::scsi::pr::PrState::decode(&state) {
                             Ok(st) => {
@@ -681,7 +726,7 @@ impl Replication {
                         _ => AckStatus::Refused,
                     }
                 }
-                Message::VerifyRequest { lun_key, region } => {
+                Ok(Message::VerifyRequest { lun_key, region }) => {
                     let reply = match self.lun_by_key(lun_key) {
                         Some(i) => {
                             let region_bytes = self.luns[i]
@@ -708,7 +753,7 @@ impl Replication {
                         Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
                     }
                 }
-                Message::Ping { .. } => AckStatus::Ok,
+                Ok(Message::Ping { .. }) => AckStatus::Ok,
                 _ => AckStatus::Refused,
             };
             wire::encode(&Message::Ack { seq, status }, 0, &mut acks);
@@ -756,21 +801,23 @@ impl Replication {
 
     // ---------------------------------------------------------------- primary links
 
-    fn connect(&self) -> std::io::Result<(TcpStream, RxBuf, Vec<LunHello>)> {
+    fn connect(&self, link: u16) -> std::io::Result<(TcpStream, RxBuf, Vec<LunHello>)> {
         let mut s = TcpStream::connect_timeout(
             &self.cfg.address,
             Duration::from_millis(self.cfg.replica_timeout_ms),
         )?;
         let _ = s.set_nodelay(true);
         let mut rbuf = RxBuf::default();
-        let hellos = self.handshake(&mut s, &mut rbuf, AuthRole::Initiator)?;
+        let (hellos, _) = self.handshake(&mut s, &mut rbuf, AuthRole::Initiator, link)?;
         Ok((s, rbuf, hellos))
     }
 
     fn link_writer(self: Arc<Self>, core: usize, rx: Receiver<RepReq>) {
+        self.keep_off_core(core);
         let link = &self.links[core];
         let mut stream: Option<TcpStream> = None;
         let mut wbuf = Vec::new();
+        let mut batch: Vec<(u64, Pending)> = Vec::new();
         loop {
             let req = match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(r) => Some(r),
@@ -792,7 +839,7 @@ impl Replication {
                 }
             }
             if stream.is_none() {
-                match self.connect() {
+                match self.connect(u16::try_from(core).unwrap_or(LINK_NONE)) {
                     Ok((s, rbuf, _)) => {
                         if let Ok(r) = s.try_clone() {
                             let rep = Arc::clone(&self);
@@ -817,43 +864,34 @@ impl Replication {
                     }
                 }
             }
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            let (msg, offset, len) = self.to_message(req.lun, req.op);
-            link.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
+            wbuf.clear();
+            batch.clear();
+            let sent_ms = now_ms(&self.epoch);
+            // More requests already queued go out in the same write (bounded batch).
+            let mut next = Some(req);
+            while let Some(req) = next.take() {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                let (msg, offset, len) = self.to_message(req.lun, req.op);
+                wire::encode(&msg, seq, &mut wbuf);
+                batch.push((
                     seq,
                     Pending {
                         token: req.token,
                         lun: req.lun,
                         offset,
                         len,
-                        sent_ms: now_ms(&self.epoch),
+                        sent_ms,
                     },
-                );
-            wbuf.clear();
-            wire::encode(&msg, seq, &mut wbuf);
-            // More requests already queued go out in the same write (bounded batch).
-            while wbuf.len() < LINK_BATCH_BYTES && self.peer_up.load(Ordering::Acquire) {
-                let Ok(more) = rx.try_recv() else { break };
-                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-                let (msg, offset, len) = self.to_message(more.lun, more.op);
-                link.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(
-                        seq,
-                        Pending {
-                            token: more.token,
-                            lun: more.lun,
-                            offset,
-                            len,
-                            sent_ms: now_ms(&self.epoch),
-                        },
-                    );
-                wire::encode(&msg, seq, &mut wbuf);
+                ));
+                if wbuf.len() < LINK_BATCH_BYTES && self.peer_up.load(Ordering::Acquire) {
+                    next = rx.try_recv().ok();
+                }
             }
+            // Recorded before the bytes leave: an ack can only follow the write.
+            link.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(batch.drain(..));
             let sent = stream.as_mut().map(|s| s.write_all(&wbuf));
             if !matches!(sent, Some(Ok(()))) {
                 stream = None;
@@ -902,54 +940,52 @@ impl Replication {
     }
 
     fn link_reader(self: Arc<Self>, core: usize, mut s: TcpStream, mut rbuf: RxBuf) {
+        self.keep_off_core(core);
         let link = &self.links[core];
-        // The core thread is woken once per read's worth of acks, not once per ack.
-        let mut acked = false;
+        // Acks are taken a read's worth at a time: one lock of the pending map and one
+        // wake-up of the core thread per read, not per ack.
+        let mut acks: Vec<(u64, AckStatus)> = Vec::new();
         loop {
-            let got = match rbuf.next() {
-                Ok(None) => {
-                    if std::mem::take(&mut acked) {
-                        wake(&link.efd);
-                    }
-                    match rbuf.fill(&mut s) {
-                        Ok(()) => continue,
-                        Err(e) => Err(e),
-                    }
+            let ended = loop {
+                match rbuf.next() {
+                    Ok(Some((Message::Ack { seq, status }, _))) => acks.push((seq, status)),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
                 }
-                Ok(Some(m)) => Ok(m),
-                Err(e) => Err(e),
             };
-            match got {
-                Ok((Message::Ack { seq, status }, _)) => {
-                    let p = link
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&seq);
-                    if let Some(p) = p {
-                        let ok = status == AckStatus::Ok;
-                        if !ok {
-                            tracing::error!(
-                                ?status,
-                                lun = p.lun,
-                                offset = p.offset,
-                                "peer failed a mirrored write"
-                            );
-                        }
-                        let _ = link.done_tx.send(RepDone { token: p.token, ok });
-                        acked = true;
+            if !acks.is_empty() {
+                let done: Vec<(Pending, AckStatus)> = {
+                    let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    acks.drain(..)
+                        .filter_map(|(seq, status)| pending.remove(&seq).map(|p| (p, status)))
+                        .collect()
+                };
+                for (p, status) in &done {
+                    let ok = *status == AckStatus::Ok;
+                    if !ok {
+                        tracing::error!(
+                            ?status,
+                            lun = p.lun,
+                            offset = p.offset,
+                            "peer failed a mirrored write"
+                        );
                     }
+                    let _ = link.done_tx.send(RepDone { token: p.token, ok });
                 }
-                Ok(_) => {}
-                Err(_) => {
-                    if acked {
-                        wake(&link.efd);
-                    }
-                    if self.peer_up.load(Ordering::Acquire) {
-                        self.peer_lost("link closed");
-                    }
-                    return;
+                if !done.is_empty() {
+                    wake(&link.efd);
                 }
+            }
+            let failed = match ended {
+                Some(e) => Some(e),
+                None => rbuf.fill(&mut s).err(),
+            };
+            if failed.is_some() {
+                if self.peer_up.load(Ordering::Acquire) {
+                    self.peer_lost("link closed");
+                }
+                return;
             }
         }
     }
@@ -1112,7 +1148,7 @@ impl Replication {
             if self.peer_up.load(Ordering::Acquire) || !self.is_primary() {
                 continue;
             }
-            match self.connect() {
+            match self.connect(LINK_NONE) {
                 Ok((s, rbuf, hellos)) => {
                     if let Err(e) = self.resync(s, rbuf, &hellos) {
                         tracing::warn!(error = %e, "resync interrupted");
@@ -1424,7 +1460,7 @@ impl Replication {
             return Err("shutting down".into());
         };
         let (mut s, mut rbuf, _) = self
-            .connect()
+            .connect(LINK_NONE)
             .map_err(|e| format!("peer unreachable: {e}"))?;
         let mut wbuf = Vec::new();
         let mut report = String::new();

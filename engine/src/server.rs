@@ -119,7 +119,11 @@ impl Server {
         // The replica link, when a peer is configured: one link per core.
         let mut links: Vec<Option<crate::replication::CoreLink>> = (0..n).map(|_| None).collect();
         if registry.config.peer.is_some() {
-            let (rep, core_links) = crate::replication::Replication::start(&registry, n)
+            let cpu_of = match cores.is_empty() {
+                true => Vec::new(),
+                false => (0..n).map(|i| cores[i % cores.len()].id).collect(),
+            };
+            let (rep, core_links) = crate::replication::Replication::start(&registry, n, cpu_of)
                 .map_err(|source| ServeError::Replica { source })?;
             let _ = registry.replication.set(rep);
             for (i, l) in core_links.into_iter().enumerate() {

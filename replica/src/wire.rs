@@ -21,7 +21,7 @@ use crate::genid::{GenFlags, GenIds};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"TWRP";
 /// Wire protocol version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 24;
 /// Largest data payload of one message (write, resync, PR state, bitmap).
@@ -32,6 +32,8 @@ pub const BODY_BYTES_MAX: usize = DATA_BYTES_MAX + 64;
 pub const NODE_ID_BYTES_MAX: usize = 64;
 /// Most LUNs in one hello.
 pub const LUNS_MAX: usize = 4096;
+/// [`Message::Hello::link`] of a connection that is not a per-core write link.
+pub const LINK_NONE: u16 = u16::MAX;
 /// Largest persistent-reservation state blob.
 pub const PR_STATE_BYTES_MAX: usize = 1 << 20;
 /// Most bytes a [`Decoder`] buffers: one whole frame of the largest size.
@@ -114,6 +116,10 @@ pub enum Message {
         node_id: String,
         /// Every replicated LUN.
         luns: Vec<LunHello>,
+        /// Which of the sender's per-core links this connection is ([`LINK_NONE`] for the
+        /// resync and verify connection), so that the receiver can keep the thread that
+        /// serves it off that core's CPU.
+        link: u16,
     },
     /// Our nonce for the mutual challenge-response (see [`crate::auth`]).
     AuthChallenge {
@@ -290,11 +296,16 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&0u32.to_le_bytes()); // checksum, patched below
     let body_start = out.len();
     match msg {
-        Message::Hello { node_id, luns } => {
+        Message::Hello {
+            node_id,
+            luns,
+            link,
+        } => {
             assert!(node_id.len() <= NODE_ID_BYTES_MAX, "node id too long");
             assert!(luns.len() <= LUNS_MAX, "too many LUNs in hello");
             out.push(node_id.len() as u8);
             out.extend_from_slice(node_id.as_bytes());
+            out.extend_from_slice(&link.to_le_bytes());
             out.extend_from_slice(&(luns.len() as u32).to_le_bytes());
             for lun in luns {
                 put_u64(out, lun.lun_key);
@@ -484,12 +495,14 @@ impl<'a> Reader<'a> {
     }
 
     fn rest(&mut self, limit: usize, name: &'static str) -> Result<Vec<u8>, WireError> {
+        self.rest_ref(limit, name).map(<[u8]>::to_vec)
+    }
+
+    fn rest_ref(&mut self, limit: usize, name: &'static str) -> Result<&'a [u8], WireError> {
         if self.bytes.len() > limit {
             return Err(WireError::BadField(name));
         }
-        let rest = self.bytes.to_vec();
-        self.bytes = &[];
-        Ok(rest)
+        Ok(std::mem::take(&mut self.bytes))
     }
 
     fn finish(self) -> Result<(), WireError> {
@@ -499,6 +512,38 @@ impl<'a> Reader<'a> {
             Err(self.short())
         }
     }
+}
+
+/// A [`Message::Write`] whose data stays where it was received: the secondary applies
+/// every mirrored write from its receive buffer, without a copy per write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteRef<'a> {
+    /// LUN.
+    pub lun_key: u64,
+    /// Where.
+    pub offset_bytes: u64,
+    /// Durable before the ack.
+    pub fua: bool,
+    /// The bytes.
+    pub data: &'a [u8],
+}
+
+/// One decoded frame: a write borrowed from the input, any other message owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A mirrored write.
+    Write(WriteRef<'a>),
+    /// Anything else.
+    Other(Message),
+}
+
+fn parse_write<'a>(reader: &mut Reader<'a>) -> Result<WriteRef<'a>, WireError> {
+    Ok(WriteRef {
+        lun_key: reader.u64()?,
+        offset_bytes: reader.u64()?,
+        fua: reader.bool("fua")?,
+        data: reader.rest_ref(DATA_BYTES_MAX, "write data length")?,
+    })
 }
 
 fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
@@ -517,6 +562,7 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
             let node_id = std::str::from_utf8(reader.take(id_len)?)
                 .map_err(|_| WireError::BadField("node_id utf-8"))?
                 .to_owned();
+            let link = u16::from_le_bytes([reader.u8()?, reader.u8()?]);
             let count = le_u32(reader.take(4)?) as usize;
             // The count is checked against the limit and the bytes present before allocating.
             if count > LUNS_MAX || reader.bytes.len() != count * LUN_HELLO_BYTES {
@@ -552,7 +598,11 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
                     flags,
                 });
             }
-            Message::Hello { node_id, luns }
+            Message::Hello {
+                node_id,
+                luns,
+                link,
+            }
         }
         AUTH_CHALLENGE => Message::AuthChallenge {
             nonce: reader.array32()?,
@@ -560,12 +610,15 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
         AUTH_RESPONSE => Message::AuthResponse {
             mac: reader.array32()?,
         },
-        WRITE => Message::Write {
-            lun_key: reader.u64()?,
-            offset_bytes: reader.u64()?,
-            fua: reader.bool("fua")?,
-            data: reader.rest(DATA_BYTES_MAX, "write data length")?,
-        },
+        WRITE => {
+            let w = parse_write(&mut reader)?;
+            Message::Write {
+                lun_key: w.lun_key,
+                offset_bytes: w.offset_bytes,
+                fua: w.fua,
+                data: w.data.to_vec(),
+            }
+        }
         WRITE_ZEROES => Message::WriteZeroes {
             lun_key: reader.u64()?,
             offset_bytes: reader.u64()?,
@@ -631,6 +684,35 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
 /// Returns `Ok(None)` if more bytes are needed (the header, when present, has been validated), or the
 /// message, its sequence number and how many bytes it used.
 pub fn decode_one(bytes: &[u8]) -> Result<Option<(Message, u64, usize)>, WireError> {
+    let Some((msg_type, seq, body, frame_len)) = checked_frame(bytes)? else {
+        return Ok(None);
+    };
+    Ok(Some((parse_body(msg_type, body)?, seq, frame_len)))
+}
+
+/// Like [`decode_one`], but a WRITE's data is borrowed from `bytes`.
+pub fn decode_one_ref(bytes: &[u8]) -> Result<Option<(Frame<'_>, u64, usize)>, WireError> {
+    let Some((msg_type, seq, body, frame_len)) = checked_frame(bytes)? else {
+        return Ok(None);
+    };
+    let frame = if msg_type == msg_type::WRITE {
+        let mut reader = Reader {
+            bytes: body,
+            msg_type,
+            len: body.len(),
+        };
+        let w = parse_write(&mut reader)?;
+        reader.finish()?;
+        Frame::Write(w)
+    } else {
+        Frame::Other(parse_body(msg_type, body)?)
+    };
+    Ok(Some((frame, seq, frame_len)))
+}
+
+/// The first frame of `bytes` with its checksum verified: (type, seq, body, frame length).
+#[allow(clippy::type_complexity)]
+fn checked_frame(bytes: &[u8]) -> Result<Option<(u8, u64, &[u8], usize)>, WireError> {
     if bytes.len() < HEADER_BYTES {
         // Reject a bad magic as early as possible, from whatever prefix is present.
         let prefix = bytes.len().min(4);
@@ -649,8 +731,7 @@ pub fn decode_one(bytes: &[u8]) -> Result<Option<(Message, u64, usize)>, WireErr
     if crc != header.crc {
         return Err(WireError::BadChecksum);
     }
-    let msg = parse_body(header.msg_type, body)?;
-    Ok(Some((msg, header.seq, frame_len)))
+    Ok(Some((header.msg_type, header.seq, body, frame_len)))
 }
 
 /// Incremental decoder: feed bytes as they arrive, pull complete messages.
@@ -732,10 +813,26 @@ impl Decoder {
 /// Fuzz entry point: decoding arbitrary bytes must never panic, and anything that decodes must
 /// re-encode to the same frame.
 pub fn fuzz(data: &[u8]) {
-    if let Ok(Some((msg, seq, used))) = decode_one(data) {
+    let owned = decode_one(data);
+    if let Ok(Some((msg, seq, used))) = &owned {
         let mut again = Vec::new();
-        encode(&msg, seq, &mut again);
-        assert_eq!(again, data[..used], "decode/encode not canonical");
+        encode(msg, *seq, &mut again);
+        assert_eq!(again, data[..*used], "decode/encode not canonical");
+    }
+    // The borrowing decoder accepts and rejects exactly what the owning one does.
+    match (decode_one_ref(data), owned) {
+        (Ok(Some((Frame::Write(w), seq, used))), Ok(Some((m, seq2, used2)))) => {
+            let as_msg = Message::Write {
+                lun_key: w.lun_key,
+                offset_bytes: w.offset_bytes,
+                fua: w.fua,
+                data: w.data.to_vec(),
+            };
+            assert_eq!((as_msg, seq, used), (m, seq2, used2));
+        }
+        (Ok(Some((Frame::Other(m), seq, used))), Ok(Some(o))) => assert_eq!((m, seq, used), o),
+        (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+        (r, o) => panic!("decoders disagree: {r:?} vs {o:?}"),
     }
     let mut decoder = Decoder::new();
     for chunk in data.chunks(7) {
@@ -816,9 +913,14 @@ mod tests {
         prop_oneof![
             (
                 "[a-z0-9.-]{0,64}",
-                proptest::collection::vec(arb_lun(), 0..5)
+                proptest::collection::vec(arb_lun(), 0..5),
+                any::<u16>()
             )
-                .prop_map(|(node_id, luns)| Message::Hello { node_id, luns }),
+                .prop_map(|(node_id, luns, link)| Message::Hello {
+                    node_id,
+                    luns,
+                    link,
+                }),
             any::<[u8; 32]>().prop_map(|nonce| Message::AuthChallenge { nonce }),
             any::<[u8; 32]>().prop_map(|mac| Message::AuthResponse { mac }),
             (any::<u64>(), any::<u64>(), any::<bool>(), bytes()).prop_map(

@@ -41,6 +41,7 @@ fn a_hello_with_the_crashed_bit_survives_the_fuzz_body() {
                 ..GenFlags::default()
             },
         }],
+        link: 1,
     };
     let mut bytes = Vec::new();
     replica::wire::encode(&msg, 9, &mut bytes);
