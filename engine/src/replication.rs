@@ -13,11 +13,14 @@
 //! resumes mirroring.
 //!
 //! Secondary: an apply server takes the link, authenticates it with the pre-shared key, and
-//! applies writes with positioned I/O, acking after each (after fdatasync for FUA and flush).
+//! applies writes with positioned I/O straight from its receive buffer, acking every
+//! `ACK_BATCH` messages or before it would block (after fdatasync for FUA and flush).
+//! Link threads of core k on either node keep off core k's CPU (affinity.rs).
 //!
-//! Not yet here (docs/limitations.md): a write-intent bitmap for a crashed primary's
-//! in-flight tail, online verify, resolve --discard-local, and per-core connections on the
-//! secondary's io_uring (it applies with blocking threads).
+//! Not yet here (docs/limitations.md): a persisted write-intent log naming exactly the
+//! regions a crashed primary may have written alone (a crash makes the next resync compare
+//! every region instead), and applying on the secondary's io_uring cores rather than one
+//! blocking thread per link.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
