@@ -270,6 +270,20 @@ fn a_second_daemon_on_a_busy_port_refuses_to_start() {
 }
 
 #[test]
+fn a_daemon_restarted_right_after_a_crash_serves_again() {
+    // A killed daemon's io_uring keeps its listening sockets for a moment after the process
+    // is gone; the restart must wait for them rather than fail with "address in use".
+    let mut d = Daemon::simple("crash-restart", "16MiB", "");
+    for _ in 0..3 {
+        // Open connections too: their accept and receive requests sit in the ring.
+        let _held = TcpStream::connect(&d.addr).unwrap();
+        d.crash_and_restart();
+        let out = tool("iscsi-inq", &[&d.url(0)]);
+        assert!(out.status.success(), "after restart: {}", text(&out));
+    }
+}
+
+#[test]
 fn data_written_reads_back_and_lun_stays_sparse() {
     let d = Daemon::simple("rw", "1GiB", "");
     // iscsi-perf is a read-only load; use iscsi-dd from a file for writes when present,

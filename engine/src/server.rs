@@ -66,22 +66,41 @@ fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// a second daemon (say, with another data directory) would silently receive a share of the
 /// connections. A socket without SO_REUSEPORT cannot bind beside a listener, so a probe bind
 /// tells. Port 0 asks for a fresh port and needs no probe.
+///
+/// A daemon that was just killed keeps listening for a moment: its io_uring holds the
+/// listeners (pending accepts) until the kernel tears the ring down after the process has
+/// gone, 0.1 to 0.15 s here. So a busy port is probed again for up to
+/// [`PORT_BUSY_WAIT_MS`] before we give up: a restart right after a crash (systemd's
+/// `Restart=`) must not fail, and a live listener never goes away.
 fn ensure_port_free(addr: SocketAddr) -> std::io::Result<()> {
     if addr.port() == 0 {
         return Ok(());
     }
-    let probe = tcp_socket(addr)?;
-    probe.bind(&addr.into()).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            std::io::Error::new(
-                e.kind(),
-                "address in use: another twinsan or another iSCSI target already listens there",
-            )
-        } else {
-            e
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        let probe = tcp_socket(addr)?;
+        match probe.bind(&addr.into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if started.elapsed() >= std::time::Duration::from_millis(PORT_BUSY_WAIT_MS) {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        "address in use: another twinsan or another iSCSI target already listens there",
+                    ));
+                }
+                if !std::mem::replace(&mut told, true) {
+                    tracing::info!(%addr, "address busy, waiting for it to be released (a daemon that just stopped?)");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
         }
-    })
+    }
 }
+
+/// How long a busy listening address may take to be released before the start fails.
+const PORT_BUSY_WAIT_MS: u64 = 3000;
 
 impl Server {
     /// Opens every LUN, binds the listeners and starts one pinned thread per core.

@@ -33,21 +33,7 @@ impl Daemon {
     }
 
     pub fn start_in(dir: PathBuf) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_twinsan"))
-            .args(["serve", "--config"])
-            .arg(dir.join("twinsan.toml"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn twinsan");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read daemon stdout");
+        let (child, line) = spawn(&dir, "127.0.0.1:0", Stdio::inherit());
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -73,6 +59,37 @@ impl Daemon {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// SIGKILL, reaped, and started again at once on the same address and data, as a
+    /// supervisor restarts a crashed daemon.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, line) = spawn(&self.dir, &self.addr, Stdio::piped());
+        if !line.starts_with("listening on ") {
+            let o = child.wait_with_output().expect("restarted daemon");
+            panic!("restart failed: {line:?} {}", text(&o));
+        }
+        self.child = child;
+    }
+}
+
+/// Starts `twinsan serve` on the directory's config; returns it and its first stdout line.
+fn spawn(dir: &Path, listen: &str, stderr: Stdio) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args(["serve", "--config"])
+        .arg(dir.join("twinsan.toml"))
+        .args(["--listen", listen, "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn twinsan");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    (child, line)
 }
 
 impl Drop for Daemon {
