@@ -7,6 +7,7 @@ pub mod bufpool;
 pub mod config;
 pub mod conn;
 pub mod inline_write;
+pub mod intent;
 pub mod login;
 pub mod lun;
 pub mod range_lock;

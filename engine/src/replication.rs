@@ -17,10 +17,12 @@
 //! `ACK_BATCH` messages or before it would block (after fdatasync for FUA and flush).
 //! Link threads of core k on either node keep off core k's CPU (affinity.rs).
 //!
-//! Not yet here (docs/limitations.md): a persisted write-intent log naming exactly the
-//! regions a crashed primary may have written alone (a crash makes the next resync compare
-//! every region instead), and applying on the secondary's io_uring cores rather than one
-//! blocking thread per link.
+//! Write intents: before a write is issued, its regions are in the persisted metadata
+//! (intent.rs; `keep_intents` writes it), so a crashed primary's resync covers exactly them.
+//!
+//! Not yet here (docs/limitations.md): the rejoining crashed primary's log is not sent to the
+//! new primary (that resync compares every region), and the secondary applies with one
+//! blocking thread per link rather than on its io_uring cores.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -41,6 +43,7 @@ use replica::meta::Meta;
 use replica::wire::{self, AckStatus, Frame, LunHello, Message, LINK_NONE};
 
 use crate::config::{OnPeerLoss, PeerConfig, Role};
+use crate::intent::IntentLog;
 use crate::registry::Registry;
 
 /// One mirrored operation.
@@ -124,6 +127,11 @@ pub struct RepLun {
     pub resync_total_bytes: AtomicU64,
     pub resync_done_bytes: AtomicU64,
     resync_started_ms: AtomicU64,
+    /// Regions writes may be issued to (intent.rs); persisted with every metadata write.
+    intent: IntentLog,
+    /// This node crashed under metadata without a write-intent log (an older version): the
+    /// next resync must compare every region, as nothing names the in-flight ones.
+    crash_unlogged: AtomicBool,
 }
 
 impl RepLun {
@@ -133,8 +141,20 @@ impl RepLun {
     fn set_state(&self, s: SyncState) {
         self.state.store(s as u8, Ordering::Release);
     }
+    /// Persists `m` with every durable write-intent region set in the bitmap on disk.
     fn persist(&self, m: &Meta) -> std::io::Result<()> {
-        write_meta(&self.meta_path, m)
+        self.persist_with(m, &self.intent.durable_regions())
+    }
+
+    /// Persists `m` with `regions` also set in the bitmap on disk (the memory copy keeps
+    /// only what is really out of sync).
+    fn persist_with(&self, m: &Meta, regions: &[u64]) -> std::io::Result<()> {
+        let mut disk = m.clone();
+        disk.flags.intent_log = true;
+        for &r in regions {
+            disk.bitmap.set(r);
+        }
+        write_meta(&self.meta_path, &disk)
     }
 }
 
@@ -171,7 +191,16 @@ pub struct Replication {
     next_seq: AtomicU64,
     /// The CPU each core thread is pinned to (empty when unknown): link threads keep off it.
     core_cpus: Vec<usize>,
+    /// Set (and `intent_cv` notified) when a writer wants write-intent regions persisted.
+    intent_asked: Mutex<bool>,
+    intent_cv: std::sync::Condvar,
 }
+
+/// Write-intent regions no write touched for this long are forgotten (persisted as clean),
+/// so a crash resyncs what was recently written, not everything ever written.
+const INTENT_COOL_MS: u64 = 5000;
+/// The keeper's longest sleep when nobody asks (retries a failed persist at this period).
+const INTENT_POLL_MS: u64 = 100;
 
 /// Bytes of queued requests one link write may carry.
 const LINK_BATCH_BYTES: usize = 1 << 20;
@@ -347,24 +376,33 @@ impl Replication {
             // be on this node only. Without a persisted write-intent log, treat every
             // allocated region as possibly different, so the next resync covers the tail.
             let marker = running_marker(&lun.path);
-            if marker.exists() {
+            let crash_unlogged = marker.exists() && !meta.flags.intent_log;
+            if marker.exists() && meta.flags.intent_log {
+                // The bitmap on disk holds the write-intent regions: exactly where writes
+                // may have been in flight. They stay set until a resync copies them.
+                tracing::warn!(path = %lun.path.display(), regions = meta.bitmap.dirty_count(), "unclean shutdown: the write-intent regions will be resynced");
+            } else if marker.exists() {
                 let per = meta.bitmap.region_bytes();
                 let regions = allocated_regions(lun, per);
-                tracing::warn!(path = %lun.path.display(), regions = regions.len(), "unclean shutdown: allocated regions marked for resync");
+                tracing::warn!(path = %lun.path.display(), regions = regions.len(), "unclean shutdown without a write-intent log: allocated regions marked for resync");
                 for r in regions {
                     meta.bitmap.set(r);
                 }
-                // A primary's tail may also sit where the other node has holes, or this
-                // node may become the sync target (after a failover): tell the peer at the
-                // next connect, so that resync compares every region (see `resync`). A
-                // secondary originates no writes: what it applied alone is in the primary's
-                // dirty bitmap already (an unacknowledged mirror marks its region).
+            }
+            if marker.exists() {
+                // This node may become the sync target (after a failover), and the peer
+                // does not know our write-intent regions: tell it at the next connect, so
+                // that its resync compares every region (see `resync`). As the sync source
+                // our own bitmap suffices. A secondary originates no writes: what it applied
+                // alone is in the primary's dirty bitmap already (an unacknowledged mirror
+                // marks its region).
                 meta.flags.crashed |= meta.flags.primary;
             }
             // The role we start in, for the crash check above at the next start.
             let primary = reg.role() == Role::Primary;
-            if marker.exists() || meta.flags.primary != primary {
+            if marker.exists() || meta.flags.primary != primary || !meta.flags.intent_log {
                 meta.flags.primary = primary;
+                meta.flags.intent_log = true;
                 write_meta(&meta_path, &meta)?;
             }
             File::create(&marker)?.sync_all()?;
@@ -373,7 +411,10 @@ impl Replication {
             } else {
                 SyncState::Unknown
             };
+            let intent = IntentLog::new(meta.size_bytes, meta.bitmap.region_bytes());
             luns.push(RepLun {
+                intent,
+                crash_unlogged: AtomicBool::new(crash_unlogged),
                 key: lun.naa_id,
                 meta: Mutex::new(meta),
                 meta_path,
@@ -417,6 +458,8 @@ impl Replication {
             epoch: Instant::now(),
             next_seq: AtomicU64::new(1),
             core_cpus,
+            intent_asked: Mutex::new(false),
+            intent_cv: std::sync::Condvar::new(),
         });
         // A primary that restarts finds its peer state on disk; until the manager has
         // spoken with the peer, writes are tracked in the bitmap (never acked unmirrored
@@ -439,6 +482,12 @@ impl Replication {
             std::thread::Builder::new()
                 .name("twinsan-replica-manager".into())
                 .spawn(move || rep.manage())?;
+        }
+        {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name("twinsan-intent".into())
+                .spawn(move || rep.keep_intents())?;
         }
         Ok((rep, core_links))
     }
@@ -1218,10 +1267,11 @@ impl Replication {
                     }
                 }
             };
-            // A node that crashed since its last resync may hold writes nobody acknowledged
-            // anywhere, including where this node has holes: compare every region (holes
-            // travel as small WriteZeroes, see `copy_region`).
-            let regions = if flags.crashed || h.flags.crashed {
+            // A peer that crashed as primary since its last resync may hold writes nobody
+            // acknowledged, in regions only its own write-intent log names: compare every
+            // region (holes travel as small WriteZeroes, see `copy_region`). Our own crash
+            // is in our bitmap (the write-intent regions), unless it predates the log.
+            let regions = if h.flags.crashed || l.crash_unlogged.load(Ordering::Acquire) {
                 let per = l
                     .meta
                     .lock()
@@ -1248,6 +1298,11 @@ impl Replication {
             self.peer_up.store(true, Ordering::Release);
         }
         let r = self.copy_all(&reg, &mut s, &mut rbuf, &mut wbuf, plans);
+        if r.is_ok() {
+            for l in &self.luns {
+                l.crash_unlogged.store(false, Ordering::Release);
+            }
+        }
         if let Err(e) = &r {
             // Whatever was not copied stays dirty; stop mirroring to a half-synced peer.
             self.peer_lost(&format!("resync failed: {e}"));
@@ -1544,7 +1599,8 @@ impl Replication {
     pub fn clean_shutdown(&self) {
         for l in &self.luns {
             let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
-            if l.persist(&m).is_ok() {
+            // Nothing is in flight any more: no write-intent region needs to survive.
+            if l.persist_with(&m, &[]).is_ok() {
                 let _ = std::fs::remove_file(running_marker(&l.backing));
             }
         }
@@ -1601,6 +1657,86 @@ impl Replication {
     /// Whether writes to LUN `lun` are mirrored (or tracked) by this node.
     pub fn replicates(&self) -> bool {
         self.is_primary()
+    }
+
+    /// Whether a write to `[offset, offset + len)` of LUN `lun` may be issued now: on the
+    /// primary, every region it touches must be in the persisted write-intent log first.
+    /// `false`: the regions are asked for; retry shortly (with the range lock released).
+    pub fn write_intent_ready(&self, lun: usize, offset: u64, len: u64) -> bool {
+        let Some(l) = self.luns.get(lun) else {
+            return true;
+        };
+        if l.intent.ready(offset, len) || !self.is_primary() {
+            return true;
+        }
+        *self.intent_asked.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.intent_cv.notify_one();
+        false
+    }
+
+    /// The write-intent keeper: persists wanted regions (one metadata write for everything
+    /// asked meanwhile) and cools idle ones (intent.rs).
+    fn keep_intents(self: Arc<Self>) {
+        let mut last_cool = Instant::now();
+        loop {
+            {
+                let asked = self.intent_asked.lock().unwrap_or_else(|p| p.into_inner());
+                let (mut asked, _) = self
+                    .intent_cv
+                    .wait_timeout_while(asked, Duration::from_millis(INTENT_POLL_MS), |a| !*a)
+                    .unwrap_or_else(|p| p.into_inner());
+                *asked = false;
+            }
+            for l in &self.luns {
+                let wanted = l.intent.take_wanted();
+                if wanted.is_empty() {
+                    continue;
+                }
+                let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                let mut all = l.intent.durable_regions();
+                all.extend_from_slice(&wanted);
+                match l.persist_with(&m, &all) {
+                    Ok(()) => l.intent.made_durable(&wanted),
+                    Err(e) => {
+                        // Writes to these regions wait: issuing them unrecorded could lose
+                        // track of a divergence after a crash.
+                        tracing::error!(lun = l.key, error = %e, "cannot persist the write-intent log; writes to new regions wait");
+                        l.intent.want_again(&wanted);
+                    }
+                }
+            }
+            if last_cool.elapsed() >= Duration::from_millis(INTENT_COOL_MS) {
+                last_cool = Instant::now();
+                self.cool_intents();
+            }
+        }
+    }
+
+    /// Forgets write-intent regions nobody wrote during the last period, each under its
+    /// range lock (so no write to it is in flight), and persists the result.
+    fn cool_intents(&self) {
+        let Some(reg) = self.registry() else { return };
+        for (i, l) in self.luns.iter().enumerate() {
+            let Some(lun) = reg.luns.get(i) else { continue };
+            let per = l.intent.region_bytes();
+            let bs = u64::from(lun.block_size);
+            let mut forgot = 0usize;
+            for r in l.intent.idle_regions() {
+                let (lo, hi) = ((r * per) / bs, ((r + 1) * per).div_ceil(bs));
+                if let Some(guard) = lun.ranges.try_lock(lo, hi) {
+                    l.intent.forget(r);
+                    drop(guard);
+                    forgot += 1;
+                }
+            }
+            if forgot > 0 {
+                let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = l.persist(&m) {
+                    // The old, larger set stays on disk: only a longer resync after a crash.
+                    tracing::warn!(lun = l.key, error = %e, "cannot persist the cooled write-intent log");
+                }
+            }
+        }
     }
 }
 

@@ -1076,6 +1076,20 @@ fn ctx_lun<'a>(ctx: &ExecCtx<'a>) -> Option<&'a std::sync::Arc<Lun>> {
     ctx.lun.map(|i| &ctx.reg.luns[i])
 }
 
+/// Whether the write-intent log lets a write to these blocks of registry LUN `lun` be
+/// issued now (replication.rs); when not, the caller drops its range lock and retries.
+fn intent_ready(ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64) -> bool {
+    let Some(rep) = ctx.reg.replication.get() else {
+        return true;
+    };
+    let bs = u64::from(ctx.reg.luns[lun].block_size);
+    rep.write_intent_ready(
+        lun,
+        lba.saturating_mul(bs),
+        blocks.max(1).saturating_mul(bs),
+    )
+}
+
 /// Takes the range lock for `then`, or parks the task until it is free.
 fn lock_then(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, then: Stage) -> Step {
     lock_then_mode(task, ctx, lba, blocks, false, then)
@@ -1098,6 +1112,9 @@ fn lock_then_mode(
     } else {
         lun.ranges.try_lock(lba, end)
     };
+    // Checked under the range lock: the write-intent keeper forgets a region only while
+    // holding its lock (intent.rs).
+    let got = got.filter(|_| ctx.lun.is_none_or(|i| intent_ready(ctx, i, lba, blocks)));
     match got {
         Some(g) => {
             task.guard = Some(g);
@@ -1186,7 +1203,11 @@ fn lock_on(
     blocks: u64,
     then: Stage,
 ) -> Step {
-    match ctx.reg.luns[lun].ranges.try_lock(lba, lba + blocks.max(1)) {
+    let got = ctx.reg.luns[lun]
+        .ranges
+        .try_lock(lba, lba + blocks.max(1))
+        .filter(|_| intent_ready(ctx, lun, lba, blocks));
+    match got {
         Some(g) => {
             task.guard = Some(g);
             task.stage = then;

@@ -34,8 +34,13 @@ const FLAG_INCONSISTENT: u8 = 1 << 1;
 const FLAG_PRIMARY: u8 = 1 << 2;
 const FLAG_PEER_OUTDATED: u8 = 1 << 3;
 const FLAG_CRASHED: u8 = 1 << 4;
-const FLAGS_KNOWN: u8 =
-    FLAG_OUTDATED | FLAG_INCONSISTENT | FLAG_PRIMARY | FLAG_PEER_OUTDATED | FLAG_CRASHED;
+const FLAG_INTENT_LOG: u8 = 1 << 5;
+const FLAGS_KNOWN: u8 = FLAG_OUTDATED
+    | FLAG_INCONSISTENT
+    | FLAG_PRIMARY
+    | FLAG_PEER_OUTDATED
+    | FLAG_CRASHED
+    | FLAG_INTENT_LOG;
 
 /// Why metadata could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,6 +87,10 @@ pub struct MetaFlags {
     /// This node stopped uncleanly and has not completed a resync since (see
     /// `GenFlags::crashed`).
     pub crashed: bool,
+    /// The bitmap also holds the write-intent regions: every region a write may have been
+    /// issued to is set before the write is (metadata written by an engine with a
+    /// write-intent log). Without it, a crash leaves no record of the in-flight regions.
+    pub intent_log: bool,
 }
 
 /// The replication metadata of one LUN.
@@ -125,7 +134,8 @@ impl Meta {
             | (u8::from(self.flags.inconsistent) * FLAG_INCONSISTENT)
             | (u8::from(self.flags.primary) * FLAG_PRIMARY)
             | (u8::from(self.flags.peer_outdated) * FLAG_PEER_OUTDATED)
-            | (u8::from(self.flags.crashed) * FLAG_CRASHED);
+            | (u8::from(self.flags.crashed) * FLAG_CRASHED)
+            | (u8::from(self.flags.intent_log) * FLAG_INTENT_LOG);
         out.push(flags);
         out.extend_from_slice(&[0; 2]);
         for value in [self.lun_key, self.size_bytes, self.region_bytes] {
@@ -195,6 +205,7 @@ impl Meta {
                 primary: flags & FLAG_PRIMARY != 0,
                 peer_outdated: flags & FLAG_PEER_OUTDATED != 0,
                 crashed: flags & FLAG_CRASHED != 0,
+                intent_log: flags & FLAG_INTENT_LOG != 0,
             },
             bitmap,
         };
@@ -229,6 +240,7 @@ mod tests {
         meta.flags.peer_outdated = true;
         meta.flags.primary = true;
         meta.flags.crashed = true;
+        meta.flags.intent_log = true;
         meta.bitmap.mark(3 << 20, 5);
         meta
     }
