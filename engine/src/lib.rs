@@ -6,6 +6,7 @@ pub mod affinity;
 pub mod bufpool;
 pub mod config;
 pub mod conn;
+pub mod doorbell;
 pub mod inline_write;
 pub mod intent;
 pub mod login;

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -27,6 +27,9 @@ const LARGE_PDU_BYTES: usize = 32 << 10;
 const MAX_CONNS_PER_CORE: usize = 4096;
 /// How often tasks parked on a range lock retry (50 µs: a lock is held for one disk I/O).
 const WAIT_POLL_NS: u32 = 50_000;
+/// How long a core thread with mirrored writes in flight polls for their acks before it
+/// blocks (see `poll_for_acks`).
+const ACK_POLL_US: u64 = 50;
 /// Tick period for timers (NOP-In pings, login timeouts, shutdown checks).
 const TICK_MS: u64 = 250;
 
@@ -98,6 +101,8 @@ pub struct Reactor {
     efd_buf: Box<[u8; 8]>,
     /// Acknowledgements taken from the link, reused across wake-ups.
     rep_done: Vec<crate::replication::RepDone>,
+    /// Mirrored operations handed to the link and not yet acknowledged.
+    reps_out: usize,
 }
 
 impl Reactor {
@@ -138,6 +143,7 @@ impl Reactor {
             link,
             efd_buf: Box::new([0u8; 8]),
             rep_done: Vec::new(),
+            reps_out: 0,
         })
     }
 
@@ -194,8 +200,12 @@ impl Reactor {
     /// connection are carried out together (one send queue append, one submission).
     fn on_rep(&mut self) {
         let Some(l) = &self.link else { return };
+        if l.done_rx.is_empty() {
+            return;
+        }
         let mut done = std::mem::take(&mut self.rep_done);
         done.extend(l.done_rx.try_iter());
+        self.reps_out = self.reps_out.saturating_sub(done.len());
         let mut i = 0;
         while i < done.len() {
             let slot = (done[i].token >> 32) as usize;
@@ -216,7 +226,30 @@ impl Reactor {
         }
         done.clear();
         self.rep_done = done;
-        self.post_efd();
+    }
+
+    /// With mirrored writes in flight, polls (yielding the CPU between looks) for up to
+    /// [`ACK_POLL_US`] for a completion or an ack before the loop blocks. Why: the ack reader
+    /// runs on another CPU, and waking a blocked core thread from there is an
+    /// inter-processor interrupt, a VM exit on a virtual machine; the next ack is usually
+    /// microseconds away. Yielding lets a client on the same CPU (a benchmark, or another
+    /// daemon's thread) run meanwhile.
+    fn poll_for_acks(&mut self) {
+        let Some(l) = &self.link else { return };
+        if let Err(e) = self.ring.submit() {
+            tracing::debug!(core = self.core, error = %e, "io_uring submit failed");
+            return;
+        }
+        let start = Instant::now();
+        loop {
+            if !l.done_rx.is_empty() || !self.ring.completion().is_empty() {
+                return;
+            }
+            if start.elapsed() >= Duration::from_micros(ACK_POLL_US) {
+                return;
+            }
+            std::thread::yield_now();
+        }
     }
 
     pub fn run(&mut self) {
@@ -229,7 +262,19 @@ impl Reactor {
         let poll_ts = types::Timespec::new().nsec(WAIT_POLL_NS);
         loop {
             let waiting = self.slots.iter().flatten().any(|s| s.conn.has_waiting());
-            let r = if waiting {
+            if self.reps_out > 0 {
+                self.poll_for_acks();
+            }
+            // Acks that arrived while we were busy were handed over without an eventfd
+            // write (see doorbell.rs): look once more after announcing the sleep, and do
+            // not block if there are some.
+            let acks_queued = self.link.as_ref().is_some_and(|l| {
+                l.bell.going_to_sleep();
+                !l.done_rx.is_empty()
+            });
+            let r = if acks_queued {
+                self.ring.submit()
+            } else if waiting {
                 let args = types::SubmitArgs::new().timespec(&poll_ts);
                 self.ring.submitter().submit_with_args(1, &args)
             } else {
@@ -242,11 +287,15 @@ impl Reactor {
                     tracing::error!(core = self.core, error = %e, "io_uring wait failed");
                 }
             }
+            if let Some(l) = &self.link {
+                l.bell.awake();
+            }
             cqes.clear();
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             for &(ud, res) in &cqes {
                 self.on_cqe(ud, res);
             }
+            self.on_rep();
             if waiting {
                 self.retry_parked();
             }
@@ -274,7 +323,8 @@ impl Reactor {
             k if k == Kind::Send as u8 => self.on_send(slot, res),
             k if k == Kind::Disk as u8 => self.on_disk(slot, task, res),
             k if k == Kind::Tick as u8 => self.on_tick(),
-            k if k == Kind::Rep as u8 => self.on_rep(),
+            // The eventfd woke us: re-arm it; the acks are taken after this batch.
+            k if k == Kind::Rep as u8 => self.post_efd(),
             _ => debug_assert!(false, "unknown completion kind {kind}"),
         }
     }
@@ -438,6 +488,8 @@ impl Reactor {
                     r.token |= (idx as u64) << 32;
                     if l.req_tx.send(r).is_err() {
                         tracing::error!("replica link thread gone");
+                    } else {
+                        self.reps_out += 1;
                     }
                 }
             }
