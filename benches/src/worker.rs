@@ -1,6 +1,7 @@
 //! One session's I/O loop: keeps `iodepth` READ(16)/WRITE(16) commands in flight on one
 //! connection, tagged by ITT (the slot index), inside the target's CmdSN window.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -129,7 +130,8 @@ pub struct Worker<'a> {
     slots: Vec<Slot>,
     free: Vec<usize>,
     inflight: usize,
-    pattern: Vec<u8>,
+    /// What unverified writes send, shared with the send queue (sent in place).
+    pattern: Arc<[u8]>,
     rng: Rng,
     seq_cursor: u64,
     region: (u64, u64),
@@ -161,7 +163,7 @@ impl<'a> Worker<'a> {
             .collect();
         // A non-zero pattern, so written blocks are real data on both targets.
         let mut rng = Rng::new(0x5eed ^ (idx as u64) << 20 ^ std::process::id() as u64);
-        let pattern: Vec<u8> = (0..plan.bs / 8)
+        let pattern: Arc<[u8]> = (0..plan.bs / 8)
             .flat_map(|_| rng.next_u64().to_le_bytes())
             .collect();
         let per = (plan.units / job.sessions as u64).max(1);
@@ -337,10 +339,10 @@ impl<'a> Worker<'a> {
         let cdb = rw16(write, lba, blocks);
         let p = self.conn.params;
         let itt = i as u32;
-        let data: &[u8] = if self.plan.tracker.is_some() {
-            &s.buf
+        let data = if self.plan.tracker.is_some() {
+            Payload::Copy(&s.buf)
         } else {
-            &self.pattern
+            Payload::Shared(&self.pattern)
         };
         let imm = if write && p.immediate_data {
             (bs as u32).min(p.first_burst).min(p.target_mrdsl)
@@ -359,7 +361,7 @@ impl<'a> Worker<'a> {
             imm,
         );
         self.conn.cmd_sn = self.conn.cmd_sn.wrapping_add(1);
-        self.conn.queue(&b, &data[..imm as usize]);
+        data.queue(&mut self.conn, &b, 0..imm as usize);
         if write && !p.initial_r2t {
             let unsolicited_end = (bs as u32).min(p.first_burst);
             send_data_out(
@@ -406,10 +408,10 @@ impl<'a> Worker<'a> {
                 if !self.slots[i].write {
                     bail!("R2T for a read (ITT {:#x})", v.itt);
                 }
-                let data: &[u8] = if self.plan.tracker.is_some() {
-                    &self.slots[i].buf
+                let data = if self.plan.tracker.is_some() {
+                    Payload::Copy(&self.slots[i].buf)
                 } else {
-                    &self.pattern
+                    Payload::Shared(&self.pattern)
                 };
                 let (off, len) = (v.buffer_offset, v.word44);
                 if off as u64 + len as u64 > data.len() as u64 {
@@ -534,8 +536,33 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// The data of a write: a slot's own stamped buffer (verify mode: copied into the send
+/// queue, since the slot is restamped for its next write) or the shared pattern (sent in
+/// place).
+#[derive(Clone, Copy)]
+enum Payload<'b> {
+    Copy(&'b [u8]),
+    Shared(&'b Arc<[u8]>),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Copy(b) => b.len(),
+            Payload::Shared(b) => b.len(),
+        }
+    }
+
+    fn queue(&self, conn: &mut Conn, bhs: &[u8; proto::pdu::BHS_LEN], range: Range<usize>) {
+        match self {
+            Payload::Copy(b) => conn.queue(bhs, &b[range]),
+            Payload::Shared(b) => conn.queue_shared(bhs, b, range),
+        }
+    }
+}
+
 /// Queues Data-Out PDUs for `data[from..to]`, each at most the target's MRDSL, DataSN from 0.
-fn send_data_out(conn: &mut Conn, data: &[u8], itt: u32, ttt: u32, from: u32, to: u32) {
+fn send_data_out(conn: &mut Conn, data: Payload, itt: u32, ttt: u32, from: u32, to: u32) {
     let max = conn.params.target_mrdsl;
     let mut off = from;
     let mut data_sn = 0;
@@ -543,7 +570,7 @@ fn send_data_out(conn: &mut Conn, data: &[u8], itt: u32, ttt: u32, from: u32, to
         let n = (to - off).min(max);
         let last = off + n == to;
         let b = initiator::data_out(last, conn.lun, itt, ttt, conn.exp_stat_sn, data_sn, off, n);
-        conn.queue(&b, &data[off as usize..(off + n) as usize]);
+        data.queue(conn, &b, off as usize..(off + n) as usize);
         data_sn += 1;
         off += n;
     }

@@ -894,17 +894,29 @@ impl TargetPdu {
 /// Appends one complete PDU (BHS, header digest, padded data, data digest) to `out`.
 /// Used by transports that gather PDUs into a contiguous send buffer.
 pub fn write_pdu(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], data: &[u8], digests: Digests) {
+    write_pdu_head(out, bhs, data.len(), digests);
+    out.extend_from_slice(data);
+    write_pdu_tail(out, data, digests);
+}
+
+/// The bytes of a PDU before its data segment: the BHS and its header digest. With
+/// [`write_pdu_tail`], lets a sender queue the data segment itself without copying it
+/// (`writev`).
+pub fn write_pdu_head(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], data_len: usize, digests: Digests) {
     debug_assert_eq!(
         Bhs(bhs).data_segment_len_bytes(),
-        data.len(),
+        data_len,
         "BHS length must match data"
     );
     out.extend_from_slice(bhs);
     if digests.header {
         out.extend_from_slice(&digest::to_wire(digest::crc32c(bhs)));
     }
+}
+
+/// The bytes of a PDU after its data segment: the pad to 4 bytes and the data digest.
+pub fn write_pdu_tail(out: &mut Vec<u8>, data: &[u8], digests: Digests) {
     if !data.is_empty() {
-        out.extend_from_slice(data);
         let pad = pad_len(data.len());
         out.extend_from_slice(&[0u8; 3][..pad]);
         if digests.data {
