@@ -9,6 +9,7 @@ pub mod conn;
 pub mod doorbell;
 pub mod inline_write;
 pub mod intent;
+pub mod log_limit;
 pub mod login;
 pub mod lun;
 pub mod range_lock;

@@ -1740,7 +1740,11 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
     let bs = ctx_lun(ctx).map(|l| l.block_size).unwrap_or(512);
     let transfer = task.transfer;
     let fail = |res: i32, writing: bool, offset: u64| {
-        tracing::warn!(errno = -res, offset, writing, "disk I/O failed");
+        // At most 10 lines a second: a full file system fails every write (log_limit.rs).
+        static DISK_ERRORS: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new(10);
+        if let Some(suppressed) = DISK_ERRORS.allow() {
+            tracing::warn!(errno = -res, offset, writing, suppressed, "disk I/O failed");
+        }
         Step::Done(Reply::check(if res == 0 {
             io_error(libc::EIO, writing)
         } else {
