@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{allocated_bytes, scratch, text};
+use common::{allocated_bytes, bench, scratch, text};
 
 const TARGET: &str = "iqn.2026-11.io.twinsan:pair";
 
@@ -133,17 +133,6 @@ fn wait_in_sync(node: &Node, timeout: Duration) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn bench(url: &str, args: &[&str]) -> std::process::Output {
-    Command::new("timeout")
-        .arg("120")
-        .arg(env!("CARGO_BIN_EXE_twinsan"))
-        .arg("bench")
-        .arg(url)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn same_bytes(a: &Path, b: &Path) -> bool {

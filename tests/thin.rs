@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use benches::conn::Conn;
-use common::{allocated_bytes, scratch, text, Daemon, TARGET};
+use common::{allocated_bytes, bench, scratch, text, Daemon, TARGET};
 
 fn session(d: &Daemon) -> Conn {
     let mut c = Conn::connect(&d.addr, benches::args::encode_lun(0)).expect("connect");
@@ -36,17 +36,6 @@ fn unmap_params(lba: u64, blocks: u32) -> [u8; 24] {
     p[8..16].copy_from_slice(&lba.to_be_bytes());
     p[16..20].copy_from_slice(&blocks.to_be_bytes());
     p
-}
-
-fn bench(url: &str, args: &[&str]) -> std::process::Output {
-    Command::new("timeout")
-        .arg("120")
-        .arg(env!("CARGO_BIN_EXE_twinsan"))
-        .arg("bench")
-        .arg(url)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -16,9 +16,16 @@ pub const MAX_BUF_BYTES: usize = 32 << 20;
 const KEEP_PER_CLASS: usize = 64;
 
 /// A heap buffer aligned to [`ALIGN_BYTES`], owned by one core.
+///
+/// It may be narrowed to a window that starts `head` bytes into the allocation (see
+/// [`AlignedBuf::narrow`]): a receive buffer handed to a task as its data buffer, so that a
+/// large write's data is not copied out of the buffer it was received into. A narrowed
+/// buffer is not aligned, so it serves buffered I/O only.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     cap: usize,
+    /// Where the window starts in the allocation; 0 unless narrowed.
+    head: usize,
     len: usize,
 }
 
@@ -37,7 +44,12 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size (asserted above).
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Self { ptr, cap, len: 0 }
+        Self {
+            ptr,
+            cap,
+            head: 0,
+            len: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -48,35 +60,53 @@ impl AlignedBuf {
         self.len == 0
     }
 
+    /// Bytes in the whole allocation (also of a narrowed buffer).
     pub fn capacity(&self) -> usize {
         self.cap
+    }
+
+    /// Whether the window starts at the allocation, i.e. is aligned to [`ALIGN_BYTES`].
+    pub fn is_aligned(&self) -> bool {
+        self.head == 0
     }
 
     /// Sets the logical length; bytes beyond the previous length keep whatever a previous
     /// user left (callers fill them before reading: disk reads or Data-Out copies).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "length beyond capacity");
+        assert!(len <= self.cap - self.head, "length beyond capacity");
+        self.len = len;
+    }
+
+    /// Narrows the window to `len` bytes starting `start` bytes into the current window.
+    pub fn narrow(&mut self, start: usize, len: usize) {
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "window outside the buffer"
+        );
+        self.head += start;
         self.len = len;
     }
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
+        // SAFETY: head <= cap (narrow keeps the window inside), so this stays inside (or one
+        // past the end of) the allocation.
+        unsafe { self.ptr.as_ptr().add(self.head) }
     }
 }
 
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for cap >= len bytes, initialised (alloc_zeroed), and
+        // SAFETY: ptr is valid for cap >= head + len bytes, initialised (alloc_zeroed), and
         // uniquely owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(self.head), self.len) }
     }
 }
 
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in Deref, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.head), self.len) }
     }
 }
 
@@ -119,8 +149,9 @@ impl BufPool {
         b
     }
 
-    /// Returns a buffer for reuse.
-    pub fn put(&mut self, buf: AlignedBuf) {
+    /// Returns a buffer for reuse (a narrowed one whole again).
+    pub fn put(&mut self, mut buf: AlignedBuf) {
+        buf.head = 0;
         let (idx, size) = class_of(buf.capacity());
         if size != buf.capacity() {
             return; // not one of ours; drop it
@@ -154,5 +185,36 @@ mod tests {
             "same class reuses the buffer"
         );
         assert_eq!(c.len(), 8000);
+    }
+
+    #[test]
+    fn a_narrowed_buffer_is_a_window_and_comes_back_whole() {
+        let mut p = BufPool::new();
+        let mut b = p.get(16384);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+        let base = b.as_mut_ptr() as usize;
+        b.narrow(48, 8192);
+        assert_eq!((b.len(), b.capacity()), (8192, 16384));
+        assert!(!b.is_aligned());
+        assert_eq!(b.as_mut_ptr() as usize, base + 48);
+        assert_eq!(b[0], 48);
+        assert_eq!(b[8191], ((48 + 8191) % 251) as u8);
+        // Narrowing again is relative to the window.
+        b.narrow(2, 10);
+        assert_eq!(b[0], 50);
+        p.put(b);
+        let mut c = p.get(16384);
+        assert_eq!(c.as_mut_ptr() as usize, base);
+        assert!(c.is_aligned());
+        assert_eq!(c.len(), 16384);
+    }
+
+    #[test]
+    #[should_panic(expected = "window outside the buffer")]
+    fn a_window_cannot_reach_past_the_buffer() {
+        let mut b = BufPool::new().get(4096);
+        b.narrow(4000, 97);
     }
 }

@@ -64,6 +64,18 @@ pub enum CacheMode {
     Writeback,
 }
 
+/// Whether large buffered writes may move to a core's helper thread (engine/src/spill.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpillWrites {
+    /// While the core's CPU is saturated and another CPU has room (the default).
+    Auto,
+    /// Every large buffered write (for tests, or a machine whose other CPUs are idle anyway).
+    Always,
+    /// Never: every write stays on the core thread that received it.
+    Off,
+}
+
 /// The default cache mode, chosen by measurement (docs/performance.md): 4 KiB random
 /// writes at queue depth 32 into a fresh sparse LUN ran at the same IOPS either way (62.4K
 /// buffered vs 61.7K O_DIRECT) with p99 latency 1.2 ms buffered vs 3.2 ms direct.
@@ -95,6 +107,7 @@ struct RawServer {
     queue_depth: Option<u32>,
     role: Option<Role>,
     admin_socket: Option<String>,
+    spill_writes: Option<SpillWrites>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -308,6 +321,8 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// The role this node starts in.
     pub role: Role,
+    /// Where large buffered writes run (engine/src/spill.rs).
+    pub spill_writes: SpillWrites,
     pub peer: Option<PeerConfig>,
     /// The admin socket (`twinsan status`, `promote`, `demote`).
     pub admin_socket: PathBuf,
@@ -624,6 +639,7 @@ impl Config {
             discovery_chap,
             targets,
             role,
+            spill_writes: raw.server.spill_writes.unwrap_or(SpillWrites::Auto),
             peer,
             admin_socket,
         })

@@ -46,6 +46,49 @@ pub fn write_all_chunked(f: &std::fs::File, data: &[u8], offset: u64) -> std::io
     Ok(())
 }
 
+/// pwrite(2) of `len` bytes at `offset` in [`CHUNK_BYTES`] pieces; returns what an io_uring
+/// CQE would: the bytes written (short if a piece was short; the caller writes the rest, or
+/// meets the error, next time), or -errno if nothing was written.
+///
+/// # Safety
+/// `ptr..ptr + len` must be readable memory that stays valid for the call, and `fd` an open
+/// file descriptor.
+pub unsafe fn pwrite_chunked(fd: RawFd, ptr: *const u8, len: u32, offset: u64) -> i32 {
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return -libc::EINVAL;
+    };
+    let mut done: u32 = 0;
+    let mut res = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK_BYTES);
+        // SAFETY: done + n <= len, so the chunk lies inside the caller's buffer.
+        let w = unsafe {
+            libc::pwrite(
+                fd,
+                ptr.add(done as usize).cast(),
+                n as usize,
+                off + done as libc::off_t,
+            )
+        };
+        if w < 0 {
+            res = -std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            break;
+        }
+        // 0 <= w <= n: a short write ends this call like a short CQE would.
+        done += w as u32;
+        if (w as u32) < n {
+            break;
+        }
+    }
+    if done > 0 {
+        done as i32
+    } else {
+        res
+    }
+}
+
 #[derive(Debug)]
 pub struct InlineWrites {
     /// Writes go through io_uring until then.
@@ -85,37 +128,9 @@ impl InlineWrites {
     /// `ptr..ptr + len` must be readable memory that stays valid for the call, and `fd` an
     /// open file descriptor.
     pub unsafe fn pwrite(&mut self, fd: RawFd, ptr: *const u8, len: u32, offset: u64) -> i32 {
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return -libc::EINVAL;
-        };
         let started = Instant::now();
-        let mut done: u32 = 0;
-        let mut res = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK_BYTES);
-            // SAFETY: done + n <= len, so the chunk lies inside the caller's buffer.
-            let w = unsafe {
-                libc::pwrite(
-                    fd,
-                    ptr.add(done as usize).cast(),
-                    n as usize,
-                    off + done as libc::off_t,
-                )
-            };
-            if w < 0 {
-                res = -std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(libc::EIO);
-                break;
-            }
-            // 0 <= w <= n: a short write ends this call like a short CQE would.
-            done += w as u32;
-            if (w as u32) < n {
-                break;
-            }
-        }
-        // Bytes written if any (the caller writes the rest, or meets the error, next time).
-        let res = if done > 0 { done as i32 } else { res };
+        // SAFETY: the caller's contract is ours.
+        let res = unsafe { pwrite_chunked(fd, ptr, len, offset) };
         self.inline_count += 1;
         let took = started.elapsed();
         if took > Duration::from_micros(SLOW_WRITE_US) {
@@ -131,14 +146,15 @@ impl InlineWrites {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
     use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
 
-    #[test]
-    fn writes_land_and_errors_come_back_as_negative_errno() {
-        let dir = std::env::temp_dir().join(format!("twinsan-inline-{}", std::process::id()));
+    /// A fresh empty file (read-write) in a scratch directory of its own.
+    pub(crate) fn scratch_file(tag: &str) -> (PathBuf, PathBuf, std::fs::File) {
+        let dir = std::env::temp_dir().join(format!("twinsan-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
         let f = std::fs::OpenOptions::new()
@@ -148,6 +164,12 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
+        (dir, path, f)
+    }
+
+    #[test]
+    fn writes_land_and_errors_come_back_as_negative_errno() {
+        let (dir, path, f) = scratch_file("inline");
         let mut w = InlineWrites::new();
         assert!(w.allowed(CacheMode::Writeback));
         assert!(!w.allowed(CacheMode::Direct));

@@ -19,6 +19,7 @@ pub mod replication;
 pub mod sanitize;
 pub mod scsi;
 pub mod server;
+pub mod spill;
 pub mod steer;
 pub mod ua;
 pub mod xcopy;

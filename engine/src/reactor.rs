@@ -14,6 +14,7 @@ use crate::bufpool::BufPool;
 use crate::conn::{Conn, Out};
 use crate::registry::Registry;
 use crate::scsi::IoOp;
+use proto::pdu::BHS_LEN;
 
 /// Submission queue entries per ring: enough for every connection's recv + send plus a
 /// full queue of disk I/O; overflow is handled by submitting early.
@@ -43,6 +44,8 @@ enum Kind {
     Tick = 5,
     /// The replica link's eventfd: mirrored operations were acknowledged.
     Rep = 6,
+    /// The spill helper's eventfd: large writes it was handed are done (spill.rs).
+    Spill = 7,
 }
 
 fn user_data(kind: Kind, slot: usize, task: u32) -> u64 {
@@ -63,10 +66,13 @@ struct Slot {
     /// Received bytes not yet consumed are rbuf[rstart..rlen]. Why a start offset: moving
     /// a partial 128 KiB PDU to the front after every receive was a quarter of the daemon's
     /// CPU for large writes; now bytes move only when a PDU would not fit.
-    rbuf: Vec<u8>,
+    rbuf: crate::bufpool::AlignedBuf,
     rstart: usize,
     rlen: usize,
     recv_posted: bool,
+    /// The buffer was lent to a write and nothing followed that PDU yet: receive the next
+    /// header on its own (see post_recv).
+    after_lend: bool,
     sending: Vec<u8>,
     sent: usize,
     send_posted: bool,
@@ -103,6 +109,12 @@ pub struct Reactor {
     rep_done: Vec<crate::replication::RepDone>,
     /// Mirrored operations handed to the link and not yet acknowledged.
     reps_out: usize,
+    /// The helper that takes large writes while this core's CPU is saturated (spill.rs).
+    spill: Option<crate::spill::Spill>,
+    /// Where the spill eventfd read lands.
+    spill_efd_buf: Box<[u8; 8]>,
+    /// Spilled writes that came back, reused across wake-ups.
+    spill_done: Vec<crate::spill::Done>,
 }
 
 impl Reactor {
@@ -112,6 +124,7 @@ impl Reactor {
         reg: Arc<Registry>,
         stop: Arc<AtomicBool>,
         link: Option<crate::replication::CoreLink>,
+        spill: Option<(Arc<crate::spill::SpillGates>, Option<usize>)>,
     ) -> std::io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let mut files = Vec::new();
@@ -125,6 +138,16 @@ impl Reactor {
             let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
             ring.submitter().register_files(&fds)?;
         }
+        let spill = match spill {
+            Some((gates, cpu)) => {
+                let mut own = Vec::with_capacity(files.len());
+                for f in &files {
+                    own.push(f.try_clone()?);
+                }
+                Some(crate::spill::Spill::start(core, cpu, own, gates)?)
+            }
+            None => None,
+        };
         Ok(Reactor {
             core,
             ring,
@@ -144,6 +167,9 @@ impl Reactor {
             efd_buf: Box::new([0u8; 8]),
             rep_done: Vec::new(),
             reps_out: 0,
+            spill,
+            spill_efd_buf: Box::new([0u8; 8]),
+            spill_done: Vec::new(),
         })
     }
 
@@ -185,15 +211,46 @@ impl Reactor {
         self.push(sqe);
     }
 
-    /// Runs until the stop flag is set and every connection has drained.
+    /// Keeps a read posted on the replica link's doorbell eventfd.
     fn post_efd(&mut self) {
         let Some(l) = &self.link else { return };
         let fd = crate::replication::efd_raw(l);
         let ptr = self.efd_buf.as_mut_ptr();
+        self.post_bell_read(fd, ptr, Kind::Rep);
+    }
+
+    /// Keeps a read posted on the spill helper's doorbell eventfd.
+    fn post_spill_efd(&mut self) {
+        let Some(sp) = &self.spill else { return };
+        let fd = sp.bell.raw_fd();
+        let ptr = self.spill_efd_buf.as_mut_ptr();
+        self.post_bell_read(fd, ptr, Kind::Spill);
+    }
+
+    /// An 8-byte eventfd read into `ptr` (a boxed buffer of ours that outlives the ring).
+    fn post_bell_read(&mut self, fd: RawFd, ptr: *mut u8, kind: Kind) {
         let sqe = opcode::Read::new(types::Fd(fd), ptr, 8)
             .build()
-            .user_data(user_data(Kind::Rep, 0, 0));
+            .user_data(user_data(kind, 0, 0));
         self.push(sqe);
+    }
+
+    /// Delivers spilled writes that the helper finished to their tasks, as on_disk does for
+    /// io_uring completions.
+    fn on_spill(&mut self) {
+        let Some(sp) = self.spill.as_mut() else {
+            return;
+        };
+        if !sp.has_done() {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.spill_done);
+        sp.take_done(&mut done);
+        for d in &done {
+            self.on_disk(d.slot, d.task, d.res);
+        }
+        done.clear();
+        self.spill_done = done;
     }
 
     /// Delivers acknowledged mirrored operations to their tasks: consecutive acks for one
@@ -235,14 +292,15 @@ impl Reactor {
     /// microseconds away. Yielding lets a client on the same CPU (a benchmark, or another
     /// daemon's thread) run meanwhile.
     fn poll_for_acks(&mut self) {
-        let Some(l) = &self.link else { return };
         if let Err(e) = self.ring.submit() {
             tracing::debug!(core = self.core, error = %e, "io_uring submit failed");
             return;
         }
         let start = Instant::now();
         loop {
-            if !l.done_rx.is_empty() || !self.ring.completion().is_empty() {
+            let acked = self.link.as_ref().is_some_and(|l| !l.done_rx.is_empty());
+            let spilled = self.spill.as_ref().is_some_and(|s| s.has_done());
+            if acked || spilled || !self.ring.completion().is_empty() {
                 return;
             }
             if start.elapsed() >= Duration::from_micros(ACK_POLL_US) {
@@ -252,17 +310,19 @@ impl Reactor {
         }
     }
 
+    /// Runs until the stop flag is set and every connection has drained.
     pub fn run(&mut self) {
         self.post_accept();
         self.post_tick();
         self.post_efd();
+        self.post_spill_efd();
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
         // Parked tasks wait for a lock that another core may release: poll them at this
         // period instead of sleeping until the next completion.
         let poll_ts = types::Timespec::new().nsec(WAIT_POLL_NS);
         loop {
             let waiting = self.slots.iter().flatten().any(|s| s.conn.has_waiting());
-            if self.reps_out > 0 {
+            if self.reps_out > 0 || self.spill.as_ref().is_some_and(|s| s.inflight > 0) {
                 self.poll_for_acks();
             }
             // Acks that arrived while we were busy were handed over without an eventfd
@@ -272,6 +332,11 @@ impl Reactor {
                 l.bell.going_to_sleep();
                 !l.done_rx.is_empty()
             });
+            let spills_queued = self.spill.as_ref().is_some_and(|s| {
+                s.bell.going_to_sleep();
+                s.has_done()
+            });
+            let acks_queued = acks_queued || spills_queued;
             let r = if acks_queued {
                 self.ring.submit()
             } else if waiting {
@@ -290,12 +355,16 @@ impl Reactor {
             if let Some(l) = &self.link {
                 l.bell.awake();
             }
+            if let Some(s) = &self.spill {
+                s.bell.awake();
+            }
             cqes.clear();
             cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             for &(ud, res) in &cqes {
                 self.on_cqe(ud, res);
             }
             self.on_rep();
+            self.on_spill();
             if waiting {
                 self.retry_parked();
             }
@@ -325,6 +394,7 @@ impl Reactor {
             k if k == Kind::Tick as u8 => self.on_tick(),
             // The eventfd woke us: re-arm it; the acks are taken after this batch.
             k if k == Kind::Rep as u8 => self.post_efd(),
+            k if k == Kind::Spill as u8 => self.post_spill_efd(),
             _ => debug_assert!(false, "unknown completion kind {kind}"),
         }
     }
@@ -361,10 +431,11 @@ impl Reactor {
         let slot = Slot {
             stream,
             conn,
-            rbuf: vec![0u8; RECV_BUF_BYTES],
+            rbuf: self.pool.get(RECV_BUF_BYTES),
             rstart: 0,
             rlen: 0,
             recv_posted: false,
+            after_lend: false,
             sending: Vec::new(),
             sent: 0,
             send_posted: false,
@@ -395,7 +466,12 @@ impl Reactor {
         }
         let max_pdu = s.conn.max_pdu_bytes();
         if s.rbuf.len() < max_pdu {
-            s.rbuf.resize(max_pdu, 0);
+            let mut bigger = self.pool.get(max_pdu);
+            let have = s.rlen - s.rstart;
+            bigger[..have].copy_from_slice(&s.rbuf[s.rstart..s.rlen]);
+            self.pool.put(std::mem::replace(&mut s.rbuf, bigger));
+            s.rstart = 0;
+            s.rlen = have;
         }
         // The PDU that starts at rstart, if its header is here: how long it is in total.
         let partial = s.conn.frame_bytes(&s.rbuf[s.rstart..s.rlen]);
@@ -415,9 +491,17 @@ impl Reactor {
         let mut len = s.rbuf.len() - s.rlen;
         let have = s.rlen - s.rstart;
         if let Some(total) = partial.filter(|&t| t >= LARGE_PDU_BYTES && t > have) {
-            // Stop at the end of a large PDU, so that the buffer is usually empty after it and
-            // the next PDU starts at offset 0 instead of being moved there later.
-            len = len.min(total - have);
+            // Stop at the end of a large PDU and the header after it, so that little
+            // follows it in the buffer: a write whose buffer is lent to its task (conn.rs,
+            // LEND_MIN_BYTES) leaves at most that header to move into the fresh buffer, and
+            // the next large PDU is again received up to its end in one receive.
+            len = len.min(total - have + BHS_LEN);
+        } else if partial.is_none() && have < BHS_LEN && (have > 0 || s.after_lend) {
+            // No header, or part of one, after a lent write: complete the header first, or
+            // this receive takes the whole buffer and a large PDU in it cannot be lent
+            // without moving everything after it into the fresh buffer. (A stream of small
+            // PDUs is still received many at a time: it lends nothing.)
+            len = len.min(BHS_LEN - have);
         }
         let fd = s.stream.as_raw_fd();
         let ptr = s.rbuf[s.rlen..].as_mut_ptr();
@@ -448,14 +532,36 @@ impl Reactor {
         }
         s.rlen += res as usize;
         let mut out = Out::default();
-        let used = s.conn.on_recv(
-            &s.rbuf[s.rstart..s.rlen],
-            &reg,
-            &mut self.pool,
-            now,
-            &mut out,
-        );
-        s.rstart += used;
+        s.after_lend = false;
+        loop {
+            let r = s.conn.on_recv(
+                &s.rbuf[s.rstart..s.rlen],
+                &reg,
+                &mut self.pool,
+                now,
+                &mut out,
+            );
+            s.rstart += r.used_bytes;
+            let Some(total) = r.lend_bytes else {
+                s.after_lend &= r.used_bytes == 0;
+                break;
+            };
+            // Lend the buffer holding this PDU to its task (conn.rs, LEND_MIN_BYTES) and go
+            // on in a fresh one that starts with whatever followed it (usually nothing: a
+            // receive stops at the end of a large PDU).
+            let end = s.rstart + total;
+            debug_assert!(end <= s.rlen, "a lent PDU is whole");
+            let mut fresh = self.pool.get(s.rbuf.len());
+            let tail = s.rlen - end;
+            fresh[..tail].copy_from_slice(&s.rbuf[end..s.rlen]);
+            let mut lent = std::mem::replace(&mut s.rbuf, fresh);
+            lent.narrow(s.rstart, total);
+            s.rstart = 0;
+            s.rlen = tail;
+            s.conn
+                .on_recv_lent(lent, &reg, &mut self.pool, now, &mut out);
+            s.after_lend = true;
+        }
         if s.rstart == s.rlen {
             s.rstart = 0;
             s.rlen = 0;
@@ -538,6 +644,24 @@ impl Reactor {
                             IoOp::Write {
                                 fua: false, offset, ..
                             } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
+                                if let Some(sp) = self.spill.as_mut() {
+                                    // SAFETY: the task keeps its buffer, unchanged, while
+                                    // its disk operation is in flight (io_inflight), and the
+                                    // slot stays while ops > 0; both last until on_spill
+                                    // delivers the completion.
+                                    let w = crate::spill::SpillWrite {
+                                        lun: req.lun,
+                                        ptr,
+                                        len,
+                                        offset,
+                                        slot: idx,
+                                        task: req.task,
+                                    };
+                                    if unsafe { sp.offer(w) } {
+                                        s.ops += 1;
+                                        continue;
+                                    }
+                                }
                                 // SAFETY: ptr..ptr+len lies inside the task's buffer (asserted
                                 // above), which the task owns until on_io_done below; the fd
                                 // is one of ours and stays open for the reactor's lifetime.

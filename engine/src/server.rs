@@ -8,10 +8,11 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
-use crate::config::Config;
+use crate::config::{Config, SpillWrites};
 use crate::lun::LunError;
 use crate::reactor::Reactor;
 use crate::registry::Registry;
+use crate::spill::SpillGates;
 
 /// Pending connections per listener before the kernel refuses more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -149,14 +150,44 @@ impl Server {
                 links[i] = Some(l);
             }
         }
+        // Large writes may move to a helper while a core's CPU is saturated and another CPU
+        // has room (spill.rs); with one CPU there is nowhere to move them.
+        let spill_gates = match registry.config.spill_writes {
+            SpillWrites::Auto => (cores.len() >= 2).then(|| Arc::new(SpillGates::new(n))),
+            SpillWrites::Always => Some(Arc::new(SpillGates::always())),
+            SpillWrites::Off => None,
+        };
+        let sample = registry.config.spill_writes == SpillWrites::Auto;
         // Build every ring before starting any thread, so a failure leaves nothing running.
         let mut reactors = Vec::new();
         for ((core, l), link) in listeners.into_iter().enumerate().zip(links) {
-            let r = Reactor::new(core, l, Arc::clone(&registry), Arc::clone(&stop), link)
-                .map_err(|source| ServeError::Ring { core, source })?;
+            let spill = spill_gates.as_ref().map(|g| {
+                (
+                    Arc::clone(g),
+                    cores.get(core % cores.len().max(1)).map(|c| c.id),
+                )
+            });
+            let r = Reactor::new(
+                core,
+                l,
+                Arc::clone(&registry),
+                Arc::clone(&stop),
+                link,
+                spill,
+            )
+            .map_err(|source| ServeError::Ring { core, source })?;
             reactors.push(r);
         }
         let mut threads = Vec::new();
+        if let Some(gates) = spill_gates.filter(|_| sample) {
+            let cpu_of: Vec<usize> = (0..n).map(|i| cores[i % cores.len()].id).collect();
+            let stop = Arc::clone(&stop);
+            let t = std::thread::Builder::new()
+                .name("twinsan-cpuload".into())
+                .spawn(move || crate::spill::run_sampler(gates, cpu_of, stop))
+                .map_err(|source| ServeError::Ring { core: 0, source })?;
+            threads.push(t);
+        }
         for (core, mut r) in reactors.into_iter().enumerate() {
             let pin = cores.get(core % cores.len().max(1)).copied();
             let t = std::thread::Builder::new()

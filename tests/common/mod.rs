@@ -111,6 +111,18 @@ pub fn tool(prog: &str, args: &[&str]) -> Output {
     out
 }
 
+/// Runs `twinsan bench URL ARGS...` (with a timeout, so a hung target fails the test).
+pub fn bench(url: &str, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_twinsan"))
+        .arg("bench")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("run twinsan bench")
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
