@@ -47,6 +47,10 @@ const MAX_HELD_COMMANDS: usize = 1024;
 /// write once the page-cache copy had moved to the spill helper (`perf`, memmove).
 pub const LEND_MIN_BYTES: usize = 32 << 10;
 
+/// A read's Data-In segment at least this long goes out from the task's buffer instead of a
+/// copy in the send queue (sendq.rs); shorter ones cost less to copy than an iovec.
+pub const SEND_IN_PLACE_MIN_BYTES: usize = 16 << 10;
+
 /// What [`Conn::on_recv`] did with the bytes it was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
@@ -88,6 +92,11 @@ pub struct IoReq {
 pub struct Out {
     /// Bytes to append to the socket's send queue.
     pub send: Vec<u8>,
+    /// Data segments sent from task buffers in place, spliced into `send` (sendq.rs).
+    pub send_refs: Vec<crate::sendq::SendRef>,
+    /// The buffers `send_refs` point into, each released once the first `.0` bytes of
+    /// `send` (and the refs before that point) have gone out.
+    pub send_holds: Vec<(usize, AlignedBuf)>,
     pub io: Vec<IoReq>,
     /// Close once everything queued so far has been sent.
     pub close_after_send: bool,
@@ -1175,6 +1184,11 @@ impl Conn {
             Phase::Login(_) => max_seg,
         };
         let good = reply.status == status::GOOD && reply.sense.is_none();
+        // Data from the task's buffer goes out in place when large (the buffer is held in
+        // the send queue until it has); inline data and short reads are copied.
+        let in_place = good
+            && matches!(reply.data, ReplyData::Buf(_))
+            && sendable.len() >= SEND_IN_PLACE_MIN_BYTES;
         let mut data_sn = 0u32;
         if !sendable.is_empty() {
             let mut offset = 0usize;
@@ -1216,13 +1230,31 @@ impl Conn {
                     data_len: n as u32,
                 }
                 .encode_bhs();
-                pdu::write_pdu(&mut buf, &bhs, &sendable[off..off + n], self.digests);
+                let seg = &sendable[off..off + n];
+                if in_place {
+                    pdu::write_pdu_head(&mut buf, &bhs, n, self.digests);
+                    out.send_refs.push(crate::sendq::SendRef {
+                        at: buf.len(),
+                        ptr: seg.as_ptr(),
+                        len: n,
+                    });
+                    pdu::write_pdu_tail(&mut buf, seg, self.digests);
+                } else {
+                    pdu::write_pdu(&mut buf, &bhs, seg, self.digests);
+                }
                 data_sn += 1;
             }
+            let end = buf.len();
             out.send = buf;
             if good {
                 if let Some(b) = task_buf {
-                    pool.put(b);
+                    if in_place {
+                        // The refs point into this buffer's heap allocation, which moving
+                        // the AlignedBuf does not move.
+                        out.send_holds.push((end, b));
+                    } else {
+                        pool.put(b);
+                    }
                 }
                 self.free_task(idx, pool);
                 return;

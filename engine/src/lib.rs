@@ -18,6 +18,7 @@ pub mod registry;
 pub mod replication;
 pub mod sanitize;
 pub mod scsi;
+pub mod sendq;
 pub mod server;
 pub mod spill;
 pub mod steer;

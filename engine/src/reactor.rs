@@ -73,10 +73,9 @@ struct Slot {
     /// The buffer was lent to a write and nothing followed that PDU yet: receive the next
     /// header on its own (see post_recv).
     after_lend: bool,
-    sending: Vec<u8>,
-    sent: usize,
+    /// What is to be sent (sendq.rs).
+    sendq: crate::sendq::SendQueue,
     send_posted: bool,
-    queued: Vec<u8>,
     close_after_send: bool,
     /// The socket is shut down; the slot is freed when no operation references it.
     dead: bool,
@@ -436,10 +435,8 @@ impl Reactor {
             rlen: 0,
             recv_posted: false,
             after_lend: false,
-            sending: Vec::new(),
-            sent: 0,
+            sendq: Default::default(),
             send_posted: false,
-            queued: Vec::new(),
             close_after_send: false,
             dead: false,
             ops: 0,
@@ -580,13 +577,7 @@ impl Reactor {
             let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
                 return;
             };
-            if !out.send.is_empty() {
-                if s.queued.is_empty() {
-                    s.queued = out.send;
-                } else {
-                    s.queued.extend_from_slice(&out.send);
-                }
-            }
+            s.sendq.push(out.send, out.send_refs, out.send_holds);
             s.close_after_send |= out.close_after_send;
             close_now |= out.close_now;
             if let Some(l) = &self.link {
@@ -711,24 +702,18 @@ impl Reactor {
         if s.send_posted || s.dead {
             return;
         }
-        if s.sent == s.sending.len() {
-            if s.queued.is_empty() {
-                if s.close_after_send {
-                    self.kill(idx);
-                }
-                return;
+        if s.sendq.is_empty() {
+            if s.close_after_send {
+                self.kill(idx);
             }
-            std::mem::swap(&mut s.sending, &mut s.queued);
-            s.queued.clear();
-            s.sent = 0;
+            return;
         }
+        let msg = s.sendq.prepare_msg();
         let fd = s.stream.as_raw_fd();
-        let ptr = s.sending[s.sent..].as_ptr();
-        let len = (s.sending.len() - s.sent) as u32;
         s.send_posted = true;
         s.ops += 1;
-        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
+        let sqe = opcode::SendMsg::new(types::Fd(fd), msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
             .build()
             .user_data(user_data(Kind::Send, idx, 0));
         self.push(sqe);
@@ -740,14 +725,13 @@ impl Reactor {
         };
         s.ops -= 1;
         s.send_posted = false;
+        let pool = &mut self.pool;
         if res < 0 {
+            s.sendq.sent(0, &mut |b| pool.put(b));
+            s.sendq.clear(&mut |b| pool.put(b));
             self.kill(idx);
         } else {
-            s.sent += res as usize;
-            if s.sent == s.sending.len() {
-                s.sending.clear();
-                s.sent = 0;
-            }
+            s.sendq.sent(res as usize, &mut |b| pool.put(b));
             self.flush_send(idx);
         }
         self.maybe_free(idx);
