@@ -140,6 +140,20 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
     o.status.success()
 }
 
+/// The pair stayed connected (every write mirrored, none completed degraded) and its
+/// backing files are byte-identical after `what`.
+fn assert_mirrored_identically(a: &Node, b: &Node, what: &str) {
+    assert!(
+        !a.log().contains("peer lost"),
+        "the peer was lost during {what}:\n{}",
+        a.log()
+    );
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "backing files differ after {what}"
+    );
+}
+
 fn pair(base: u16, psk_b: &str) -> (Node, Node) {
     let (ia, ib, ra, rb) = (base, base + 1, base + 2, base + 3);
     let b = Node::new(
@@ -233,15 +247,7 @@ fn writes_land_on_both_nodes_identically() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        !a.log().contains("peer lost"),
-        "the peer was lost during the run:\n{}",
-        a.log()
-    );
-    assert!(
-        same_bytes(&a.lun(), &b.lun()),
-        "backing files differ after mirrored writes"
-    );
+    assert_mirrored_identically(&a, &b, "mirrored writes");
     // A secondary serves no writes: the LUN answers standby NOT READY.
     let o = bench(
         &b.url(),
@@ -680,25 +686,34 @@ fn failed_over_primary_rejoins_and_its_unacknowledged_tail_is_replaced() {
     );
 }
 
+/// Waits for the pair to be in sync, writes the first `fill` bytes of A once (data to
+/// compare against, erase, unmap and copy from), then runs iscsi-test-cu's `tests` with
+/// `flags` against A; returns its output.
+fn filled_then_cu(a: &Node, fill: &str, flags: &[&str], tests: &[&str]) -> String {
+    wait_in_sync(a, Duration::from_secs(20));
+    let o = bench(
+        &a.url(),
+        &["--rw", "write", "--bs", "64k", "--size", fill, "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = Command::new("timeout")
+        .arg("300")
+        .arg("iscsi-test-cu")
+        .arg("-d")
+        .args(flags)
+        .args(["-v", "-t", &tests.join(","), &a.url(), &a.url()])
+        .output()
+        .expect("run iscsi-test-cu (install libiscsi-bin)");
+    text(&out)
+}
+
 #[test]
 fn sanitize_on_the_primary_reaches_the_secondary() {
     // SANITIZE rewrites the medium outside the mirrored write path; the secondary must not
     // keep the erased data.
     let _serial = serial();
     let (a, b) = pair(18200, "pair-test-psk-0123456789");
-    wait_in_sync(&a, Duration::from_secs(20));
-    let o = bench(
-        &a.url(),
-        &["--rw", "write", "--bs", "64k", "--size", "8m", "--once"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    let out = Command::new("timeout")
-        .arg("120")
-        .arg("iscsi-test-cu")
-        .args(["-d", "-S", "-v", "-t", "ALL.Sanitize.BlockErase", &a.url()])
-        .output()
-        .expect("run iscsi-test-cu (install libiscsi-bin)");
-    let t = text(&out);
+    let t = filled_then_cu(&a, "8m", &["-S"], &["ALL.Sanitize.BlockErase"]);
     assert!(t.contains("BlockErase ...") && !t.contains("FAILED"), "{t}");
     let started = Instant::now();
     while !a.log().contains("SANITIZE rewrote the LUN") {
@@ -726,4 +741,30 @@ fn sanitize_on_the_primary_reaches_the_secondary() {
         allocated(&b.lun()) <= allocated(&a.lun()) + (1 << 20),
         "block erase left data allocated on the secondary"
     );
+}
+
+/// The VAAI commands ESXi relies on (COMPARE AND WRITE, WRITE SAME, UNMAP, EXTENDED COPY)
+/// and ORWRITE change the secondary exactly as the primary: each is mirrored as its
+/// resulting write, zeroing or deallocation, whether its data was framed from the task's
+/// own buffer (a final write) or from a copy (WRITE SAME fills and copy chunks reuse it).
+#[test]
+fn vaai_commands_leave_both_nodes_identical() {
+    let _serial = serial();
+    let (a, b) = pair(18210, "pair-test-psk-0123456789");
+    let suites = [
+        "ALL.CompareAndWrite",
+        "ALL.WriteSame10",
+        "ALL.WriteSame16",
+        "ALL.Unmap",
+        "ALL.ExtendedCopy",
+        "ALL.OrWrite",
+    ];
+    // ExtendedCopy wants a second URL (the same LUN) for its copy target.
+    let t = filled_then_cu(&a, "16m", &[], &suites);
+    assert!(t.contains("Run Summary"), "iscsi-test-cu did not run:\n{t}");
+    for suite in ["CompareAndWrite", "WriteSame10", "Unmap", "ExtendedCopy"] {
+        assert!(t.contains(suite), "suite {suite} did not run:\n{t}");
+    }
+    // Every command completed only after the peer acknowledged it: nothing is in flight.
+    assert_mirrored_identically(&a, &b, "the VAAI commands");
 }

@@ -1560,7 +1560,7 @@ impl Conn {
 /// Queues the peer's copy of a modifying disk operation (protocol C), when this node
 /// replicates. Reads are local only.
 fn mirror(reg: &Registry, t: &mut Task, idx: u32, lun: usize, op: scsi::IoOp, out: &mut Out) {
-    use crate::replication::{RepOp, RepReq};
+    use crate::replication::{LentBytes, RepData, RepOp, RepReq};
     let Some(rep) = reg.replication.get() else {
         return;
     };
@@ -1579,11 +1579,17 @@ fn mirror(reg: &Registry, t: &mut Task, idx: u32, lun: usize, op: scsi::IoOp, ou
             };
             let (a, b) = (buf_off as usize, buf_off as usize + len as usize);
             let Some(data) = buf.get(a..b) else { return };
-            RepOp::Write {
-                offset,
-                data: data.to_vec(),
-                fua,
-            }
+            let data = if scsi::buffer_is_final(&t.scsi) {
+                // SAFETY: no later step of the command writes the buffer (buffer_is_final),
+                // and the task keeps it until rep_inflight drops to 0, i.e. until the core
+                // has this request's RepDone; the slot stays while any task has a mirror
+                // in flight (io_inflight), and the reactor leaks rather than frees buffers
+                // if torn down with mirrors out (Reactor's Drop).
+                RepData::Lent(unsafe { LentBytes::new(data) })
+            } else {
+                RepData::Copied(data.to_vec())
+            };
+            RepOp::Write { offset, data, fua }
         }
         scsi::IoOp::Fallocate { offset, len, mode } => RepOp::Zero {
             offset,

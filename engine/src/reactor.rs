@@ -116,6 +116,17 @@ pub struct Reactor {
     spill_done: Vec<crate::spill::Done>,
 }
 
+impl Drop for Reactor {
+    /// A reactor torn down with mirrors out (a panic on the core thread: `run` itself only
+    /// returns once every slot is free) leaks its connections rather than free task
+    /// buffers that the link writer may still be framing (replication::LentBytes).
+    fn drop(&mut self) {
+        if self.reps_out > 0 {
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
+    }
+}
+
 impl Reactor {
     pub fn new(
         core: usize,

@@ -1386,6 +1386,14 @@ pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
     }
 }
 
+/// Whether no later step of the command writes the task's buffer: it is in its final
+/// write (a plain write, or the write-back of COMPARE AND WRITE or ORWRITE), and only a
+/// flush or the status can follow. Replication then frames the buffer itself instead of
+/// a copy (conn.rs `mirror`).
+pub fn buffer_is_final(task: &ScsiTask) -> bool {
+    matches!(task.stage, Stage::Writing { .. })
+}
+
 /// The first operation of a (locked) stage.
 fn begin(task: &mut ScsiTask) -> Step {
     match task.stage {

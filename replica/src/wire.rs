@@ -286,15 +286,7 @@ fn put_gen(out: &mut Vec<u8>, gen: &GenIds) {
 /// Panics if the message breaks a limit (payload over [`DATA_BYTES_MAX`], node id over 64 bytes,
 /// more than [`LUNS_MAX`] LUNs): the sender builds these, so that is a bug, not bad input.
 pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(msg.type_code());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes()); // body length, patched below
-    put_u64(out, seq);
-    out.extend_from_slice(&0u32.to_le_bytes()); // checksum, patched below
-    let body_start = out.len();
+    let start = begin_frame(msg.type_code(), seq, out);
     match msg {
         Message::Hello {
             node_id,
@@ -327,13 +319,15 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
             offset_bytes,
             fua,
             data,
-        } => {
-            assert!(data.len() <= DATA_BYTES_MAX, "write payload too long");
-            put_u64(out, *lun_key);
-            put_u64(out, *offset_bytes);
-            out.push(u8::from(*fua));
-            out.extend_from_slice(data);
-        }
+        } => put_write_body(
+            &WriteRef {
+                lun_key: *lun_key,
+                offset_bytes: *offset_bytes,
+                fua: *fua,
+                data,
+            },
+            out,
+        ),
         Message::WriteZeroes {
             lun_key,
             offset_bytes,
@@ -396,11 +390,48 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
             out.extend_from_slice(bitmap);
         }
     }
+    finish_frame(start, out);
+}
+
+/// Appends the frame of a mirrored write whose bytes are borrowed (the primary frames the
+/// task's own buffer, without first copying it into a [`Message::Write`]). The bytes are
+/// exactly those of `encode` for the same `Message::Write`.
+pub fn encode_write(write: &WriteRef<'_>, seq: u64, out: &mut Vec<u8>) {
+    let start = begin_frame(msg_type::WRITE, seq, out);
+    put_write_body(write, out);
+    finish_frame(start, out);
+}
+
+/// Appends a frame header with the length and checksum left zero; returns where it starts.
+fn begin_frame(msg_type: u8, seq: u64, out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(msg_type);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes()); // body length, patched by finish_frame
+    put_u64(out, seq);
+    out.extend_from_slice(&0u32.to_le_bytes()); // checksum, patched by finish_frame
+    debug_assert_eq!(out.len() - start, HEADER_BYTES);
+    start
+}
+
+/// Patches the body length and checksum of the frame that starts at `start`.
+fn finish_frame(start: usize, out: &mut [u8]) {
+    let body_start = start + HEADER_BYTES;
     let body_len = out.len() - body_start;
     assert!(body_len <= BODY_BYTES_MAX);
     out[start + 8..start + 12].copy_from_slice(&(body_len as u32).to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..start + 20]), &out[body_start..]);
     out[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn put_write_body(write: &WriteRef<'_>, out: &mut Vec<u8>) {
+    assert!(write.data.len() <= DATA_BYTES_MAX, "write payload too long");
+    put_u64(out, write.lun_key);
+    put_u64(out, write.offset_bytes);
+    out.push(u8::from(write.fua));
+    out.extend_from_slice(write.data);
 }
 
 /// A validated frame header.
@@ -1008,6 +1039,30 @@ mod tests {
             // Any single corruption is caught by the checksum or the header checks.
             prop_assert!(!matches!(decode_one(&frame), Ok(Some((ref m, 7, _))) if *m == msg));
         }
+    }
+
+    #[test]
+    fn borrowed_write_frames_decode_as_the_write() {
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let write = WriteRef {
+            lun_key: 0x1234,
+            offset_bytes: 1 << 30,
+            fua: true,
+            data: &data,
+        };
+        let mut frame = Vec::new();
+        encode_write(&write, 99, &mut frame);
+        let msg = Message::Write {
+            lun_key: 0x1234,
+            offset_bytes: 1 << 30,
+            fua: true,
+            data: data.clone(),
+        };
+        assert_eq!(decode_one(&frame), Ok(Some((msg, 99, frame.len()))));
+        assert_eq!(
+            decode_one_ref(&frame),
+            Ok(Some((Frame::Write(write), 99, frame.len())))
+        );
     }
 
     #[test]
