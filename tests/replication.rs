@@ -768,3 +768,43 @@ fn vaai_commands_leave_both_nodes_identical() {
     // Every command completed only after the peer acknowledged it: nothing is in flight.
     assert_mirrored_identically(&a, &b, "the VAAI commands");
 }
+
+/// A hung secondary (stopped, its sockets open) under large writes: the socket buffers
+/// fill and the primary's sends stop making progress. The primary must still declare the
+/// peer lost after `replica_timeout_ms` (1000 here) and go on degraded, its longest write
+/// under the timeout + 1 s, instead of waiting on the stopped node forever.
+#[test]
+fn a_hung_secondary_under_large_writes_is_declared_lost_in_time() {
+    let _serial = serial();
+    let (a, b) = pair(18220, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let load = random_writes(
+        a.url(),
+        "1m",
+        "32",
+        "6",
+        "128m",
+        &["--sessions", "2", "--json", "--quiet"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = b.child.as_ref().map(|c| c.id()).unwrap();
+    let _ = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status();
+    let o = load.join().unwrap();
+    let _ = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status();
+    assert!(
+        o.status.success(),
+        "writes hung on the stopped peer: {}",
+        text(&o)
+    );
+    assert!(a.log().contains("replication peer lost"), "{}", a.log());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json report");
+    let max_us = report["latency_us"]["max"].as_u64().expect("max latency");
+    assert!(
+        max_us < 2_000_000,
+        "longest write {max_us} us: over replica_timeout_ms + 1 s"
+    );
+}

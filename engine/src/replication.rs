@@ -307,6 +307,9 @@ fn recv_polling<T>(
         std::thread::yield_now();
     }
 }
+/// How long a link send waits without progress before the writer looks at the ack
+/// deadlines (`replica_timeout_ms`, at least 100 ms) again.
+const SEND_POLL: Duration = Duration::from_millis(50);
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// The first bytes of a resync, always sent as data (see `copy_all`).
@@ -972,7 +975,14 @@ impl Replication {
                 }
             }
             if stream.is_none() {
-                match self.connect(u16::try_from(core).unwrap_or(LINK_NONE)) {
+                let connected = self
+                    .connect(u16::try_from(core).unwrap_or(LINK_NONE))
+                    .and_then(|(s, rbuf, h)| {
+                        // Sends give up waiting now and then (send_watched says why).
+                        s.set_write_timeout(Some(SEND_POLL))?;
+                        Ok((s, rbuf, h))
+                    });
+                match connected {
                     Ok((s, rbuf, _)) => {
                         if let Ok(r) = s.try_clone() {
                             let rep = Arc::clone(&self);
@@ -1025,12 +1035,41 @@ impl Replication {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(batch.drain(..));
-            let sent = stream.as_mut().map(|s| s.write_all(&wbuf));
-            if !matches!(sent, Some(Ok(()))) {
+            let sent = stream.as_mut().map(|s| self.send_watched(s, &wbuf));
+            if let Some(Err(e)) = sent {
+                tracing::debug!(core, error = %e, "replica link send failed");
                 stream = None;
                 self.peer_lost("send failed");
             }
         }
+    }
+
+    /// Writes all of `bytes` to the link, checking the acknowledgement deadlines whenever
+    /// the socket makes no progress for [`SEND_POLL`] (its write timeout). Why: a hung
+    /// peer stops reading, the socket buffers fill and a plain blocking write would hold
+    /// the link writer, the one thread that notices late acks, forever; and a write timeout
+    /// alone restarts with every partial write. Fails once the peer is declared lost.
+    fn send_watched(&self, s: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            match s.write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.check_timeouts();
+                    if !self.peer_up.load(Ordering::Acquire) {
+                        return Err(e);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Appends the frame of a mirrored operation to `wbuf`; returns the byte range it
