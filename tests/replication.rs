@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{allocated_bytes, bench, scratch, text};
+use common::{allocated_bytes, bench, read_back, scratch, text, verified_fill, Tmpfs};
 
 const TARGET: &str = "iqn.2026-11.io.twinsan:pair";
 
@@ -313,19 +313,7 @@ fn secondary_killed_under_load_resyncs_only_what_changed() {
         "resynced {copied} bytes for 32 MiB of changed regions"
     );
     // Every acknowledged write reads back from the primary.
-    let o = bench(
-        &a.url(),
-        &[
-            "--rw",
-            "read",
-            "--bs",
-            "16k",
-            "--size",
-            "32m",
-            "--verify-state",
-            state.to_str().unwrap(),
-        ],
-    );
+    let o = read_back(&a.url(), "16k", "32m", &state);
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -361,19 +349,7 @@ fn primary_killed_then_secondary_promoted_keeps_every_acked_write() {
     a.kill9();
     let _ = load.join().unwrap(); // the load fails when its target dies: expected
     assert!(b.admin("promote").starts_with("ok"));
-    let o = bench(
-        &b.url(),
-        &[
-            "--rw",
-            "read",
-            "--bs",
-            "8k",
-            "--size",
-            "32m",
-            "--verify-state",
-            state.to_str().unwrap(),
-        ],
-    );
+    let o = read_back(&b.url(), "8k", "32m", &state);
     assert!(
         o.status.success(),
         "an acknowledged write is missing on the promoted secondary: {}",
@@ -807,4 +783,54 @@ fn a_hung_secondary_under_large_writes_is_declared_lost_in_time() {
         max_us < 2_000_000,
         "longest write {max_us} us: over replica_timeout_ms + 1 s"
     );
+}
+
+/// A secondary whose file system fills up (a thin LUN on a small volume) cannot store a
+/// mirrored write. The nodes must not silently differ: the primary, which has the space,
+/// records the range in its dirty bitmap, declares the peer outdated and completes the
+/// writes alone; once the secondary has room again, the resync makes both identical.
+#[test]
+fn a_secondary_out_of_space_is_outdated_then_caught_up() {
+    let _serial = serial();
+    let (ia, ib, ra, rb) = (18230, 18231, 18232, 18233);
+    let psk = "pair-test-psk-0123456789";
+    let dir = scratch("full-b");
+    // Declared before B: dropped after it, so the daemon is gone before the unmount.
+    let pool = Tmpfs::mount(&dir.join("data"), "24m");
+    let mut b = Node {
+        child: None,
+        config: dir.join("node.toml"),
+        dir,
+        iscsi_port: ib,
+    };
+    std::fs::write(&b.config, node_toml(ib, rb, ra, "secondary", psk, "256MiB")).unwrap();
+    b.start();
+    let a = Node::new(
+        "full-a",
+        node_toml(ia, ra, rb, "primary", psk, "256MiB"),
+        ia,
+    );
+    wait_in_sync(&a, Duration::from_secs(20));
+    let state = a.dir.join("acks");
+    let o = verified_fill(&a.url(), "48m", &state);
+    assert!(
+        o.status.success(),
+        "writes failed although the primary has room: {}",
+        text(&o)
+    );
+    let s = a.admin("status");
+    assert!(s.contains("PeerOutdated"), "{s}");
+    assert!(
+        !s.contains("dirty=0 bytes"),
+        "nothing recorded as dirty: {s}"
+    );
+    // The operator gives the secondary room: a resync attempt catches it up.
+    pool.resize("256m");
+    wait_in_sync(&a, Duration::from_secs(60));
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "backing files differ after the resync"
+    );
+    let o = read_back(&a.url(), "64k", "48m", &state);
+    assert!(o.status.success(), "{}", text(&o));
 }

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::process::Command;
-
 use benches::conn::Conn;
-use common::{allocated_bytes, bench, scratch, text, Daemon, TARGET};
+use common::{
+    allocated_bytes, bench, read_back, scratch, text, verified_fill, Daemon, Tmpfs, TARGET,
+};
 
 fn session(d: &Daemon) -> Conn {
     let mut c = Conn::connect(&d.addr, benches::args::encode_lun(0)).expect("connect");
@@ -76,31 +76,11 @@ fn unmap_gives_the_space_back() {
     let _ = c.logout();
 }
 
-/// A tmpfs mounted for the test and unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_file_system_answers_space_allocation_failed_and_keeps_acked_data() {
     let dir = scratch("thin-full");
     let mnt = dir.join("pool");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "mounting a 24 MiB tmpfs failed: this test needs root (CI runs as root)"
-    );
-    let _guard = Tmpfs(mnt.clone());
+    let _guard = Tmpfs::mount(&mnt, "24m");
     // A 128 MiB thin LUN on a 24 MiB file system.
     std::fs::write(
         dir.join("twinsan.toml"),
@@ -109,23 +89,7 @@ fn full_file_system_answers_space_allocation_failed_and_keeps_acked_data() {
     .unwrap();
     let mut d = Daemon::start_in(dir.clone());
     let state = dir.join("acks");
-    let o = bench(
-        &d.url(0),
-        &[
-            "--rw",
-            "write",
-            "--bs",
-            "64k",
-            "--iodepth",
-            "4",
-            "--size",
-            "128m",
-            "--once",
-            "--verify",
-            "--verify-state",
-            state.to_str().unwrap(),
-        ],
-    );
+    let o = verified_fill(&d.url(0), "128m", &state);
     let t = text(&o);
     assert!(
         !o.status.success(),
@@ -137,19 +101,7 @@ fn full_file_system_answers_space_allocation_failed_and_keeps_acked_data() {
     );
     assert!(d.is_running(), "daemon died on a full file system");
     // Everything acknowledged before the pool filled reads back intact.
-    let o = bench(
-        &d.url(0),
-        &[
-            "--rw",
-            "read",
-            "--bs",
-            "64k",
-            "--size",
-            "128m",
-            "--verify-state",
-            state.to_str().unwrap(),
-        ],
-    );
+    let o = read_back(&d.url(0), "64k", "128m", &state);
     assert!(
         o.status.success(),
         "acknowledged data lost or unreadable:\n{}",

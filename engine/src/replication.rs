@@ -310,6 +310,10 @@ fn recv_polling<T>(
 /// How long a link send waits without progress before the writer looks at the ack
 /// deadlines (`replica_timeout_ms`, at least 100 ms) again.
 const SEND_POLL: Duration = Duration::from_millis(50);
+/// How often the manager looks for a lost peer to reconnect and resync.
+const RECONNECT_MS: u64 = 500;
+/// The longest wait between resync attempts that keep failing.
+const RESYNC_RETRY_MAX_MS: u64 = 30_000;
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// The first bytes of a resync, always sent as data (see `copy_all`).
@@ -1128,11 +1132,23 @@ impl Replication {
                     Err(e) => break Some(e),
                 }
             };
+            // A write or zeroing the peer could not store (out of space, I/O error,
+            // refused) leaves the nodes different: it stays pending and the peer is
+            // declared lost below, so the range is recorded in the dirty bitmap and the
+            // write completes on this node alone, as DRBD's detach does, instead of
+            // failing with both copies silently different (and status saying UpToDate).
+            let mut peer_failed_data: Option<(AckStatus, u64)> = None;
             if !acks.is_empty() {
                 let done: Vec<(Pending, AckStatus)> = {
                     let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
                     acks.drain(..)
-                        .filter_map(|(seq, status)| pending.remove(&seq).map(|p| (p, status)))
+                        .filter_map(|(seq, status)| match pending.get(&seq) {
+                            Some(p) if status != AckStatus::Ok && p.len > 0 => {
+                                peer_failed_data.get_or_insert((status, p.offset));
+                                None
+                            }
+                            _ => pending.remove(&seq).map(|p| (p, status)),
+                        })
                         .collect()
                 };
                 for (p, status) in &done {
@@ -1150,6 +1166,14 @@ impl Replication {
                 if !done.is_empty() {
                     link.bell.ring();
                 }
+            }
+            if let Some((status, offset)) = peer_failed_data {
+                tracing::error!(
+                    ?status,
+                    offset,
+                    "the peer failed a mirrored write: declaring it lost, this node goes on alone"
+                );
+                self.peer_lost("the peer failed a mirrored write");
             }
             let failed = match ended {
                 Some(e) => Some(e),
@@ -1317,17 +1341,22 @@ impl Replication {
     // ---------------------------------------------------------------- resync
 
     fn manage(self: Arc<Self>) {
+        let mut retry_ms = RECONNECT_MS;
         loop {
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(retry_ms));
             if self.peer_up.load(Ordering::Acquire) || !self.is_primary() {
                 continue;
             }
             match self.connect(LINK_NONE) {
-                Ok((s, rbuf, hellos)) => {
-                    if let Err(e) = self.resync(s, rbuf, &hellos) {
-                        tracing::warn!(error = %e, "resync interrupted");
+                Ok((s, rbuf, hellos)) => match self.resync(s, rbuf, &hellos) {
+                    Ok(()) => retry_ms = RECONNECT_MS,
+                    Err(e) => {
+                        // A peer that keeps failing the resync (out of space, a bad disk,
+                        // a split brain) is retried less and less often, not every 500 ms.
+                        retry_ms = (retry_ms * 2).min(RESYNC_RETRY_MAX_MS);
+                        tracing::warn!(error = %e, retry_ms, "resync interrupted");
                     }
-                }
+                },
                 Err(e) => tracing::debug!(error = %e, "peer not reachable"),
             }
         }

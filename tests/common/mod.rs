@@ -123,6 +123,49 @@ pub fn bench(url: &str, args: &[&str]) -> Output {
         .expect("run twinsan bench")
 }
 
+/// Writes the first `size` bytes of `url` once, in 64 KiB self-describing writes at queue
+/// depth 4, recording every acknowledged one in `state` (for `read_back`).
+pub fn verified_fill(url: &str, size: &str, state: &Path) -> Output {
+    let state = state.to_str().expect("UTF-8 scratch path");
+    bench(
+        url,
+        &[
+            "--rw",
+            "write",
+            "--bs",
+            "64k",
+            "--iodepth",
+            "4",
+            "--size",
+            size,
+            "--once",
+            "--verify",
+            "--verify-state",
+            state,
+        ],
+    )
+}
+
+/// Reads the first `size` bytes of `url` in `bs` reads and checks every block whose
+/// acknowledged write `--verify-state` recorded in `state` (`twinsan bench` exits non-zero
+/// on a mismatch).
+pub fn read_back(url: &str, bs: &str, size: &str, state: &Path) -> Output {
+    let state = state.to_str().expect("UTF-8 scratch path");
+    bench(
+        url,
+        &[
+            "--rw",
+            "read",
+            "--bs",
+            bs,
+            "--size",
+            size,
+            "--verify-state",
+            state,
+        ],
+    )
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -138,4 +181,42 @@ pub fn allocated_bytes(p: &Path) -> u64 {
 
 pub fn wait_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// A tmpfs mounted for the test (a small file system to fill) and unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount's syntax: "24m") at `dir`, created if missing.
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("create mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "mounting a {size} tmpfs failed: this test needs root (CI runs as root)"
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Grows (or shrinks) the mounted file system to `size`.
+    pub fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "remounting the tmpfs with size {size} failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
