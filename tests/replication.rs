@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{allocated_bytes, bench, read_back, scratch, text, verified_fill, Tmpfs};
+use common::{
+    allocated_bytes, assert_space_allocation_failed, bench, read_back, scratch, text,
+    verified_fill, Tmpfs,
+};
 
 const TARGET: &str = "iqn.2026-11.io.twinsan:pair";
 
@@ -23,6 +26,9 @@ struct Node {
     config: PathBuf,
     dir: PathBuf,
     iscsi_port: u16,
+    /// The small file system its data directory lives on, if any (unmounted after the
+    /// daemon is killed: fields drop after `Drop::drop`).
+    _pool: Option<Tmpfs>,
 }
 
 fn node_toml(iscsi: u16, me: u16, peer: u16, role: &str, psk: &str, size: &str) -> String {
@@ -35,17 +41,32 @@ fn node_toml(iscsi: u16, me: u16, peer: u16, role: &str, psk: &str, size: &str) 
 
 impl Node {
     fn new(name: &str, toml: String, iscsi_port: u16) -> Node {
+        Node::with_pool(name, toml, iscsi_port, None)
+    }
+
+    /// A node whose data directory is a tmpfs of `size` (mount's syntax: "24m").
+    fn on_tmpfs(name: &str, toml: String, iscsi_port: u16, size: &str) -> Node {
+        Node::with_pool(name, toml, iscsi_port, Some(size))
+    }
+
+    fn with_pool(name: &str, toml: String, iscsi_port: u16, size: Option<&str>) -> Node {
         let dir = scratch(name);
         let config = dir.join("node.toml");
         std::fs::write(&config, toml).unwrap();
+        let _pool = size.map(|size| Tmpfs::mount(&dir.join("data"), size));
         let mut n = Node {
             child: None,
             config,
             dir,
             iscsi_port,
+            _pool,
         };
         n.start();
         n
+    }
+
+    fn pool(&self) -> &Tmpfs {
+        self._pool.as_ref().expect("a node on a tmpfs")
     }
 
     fn start(&mut self) {
@@ -794,17 +815,12 @@ fn a_secondary_out_of_space_is_outdated_then_caught_up() {
     let _serial = serial();
     let (ia, ib, ra, rb) = (18230, 18231, 18232, 18233);
     let psk = "pair-test-psk-0123456789";
-    let dir = scratch("full-b");
-    // Declared before B: dropped after it, so the daemon is gone before the unmount.
-    let pool = Tmpfs::mount(&dir.join("data"), "24m");
-    let mut b = Node {
-        child: None,
-        config: dir.join("node.toml"),
-        dir,
-        iscsi_port: ib,
-    };
-    std::fs::write(&b.config, node_toml(ib, rb, ra, "secondary", psk, "256MiB")).unwrap();
-    b.start();
+    let b = Node::on_tmpfs(
+        "full-b",
+        node_toml(ib, rb, ra, "secondary", psk, "256MiB"),
+        ib,
+        "24m",
+    );
     let a = Node::new(
         "full-a",
         node_toml(ia, ra, rb, "primary", psk, "256MiB"),
@@ -825,11 +841,45 @@ fn a_secondary_out_of_space_is_outdated_then_caught_up() {
         "nothing recorded as dirty: {s}"
     );
     // The operator gives the secondary room: a resync attempt catches it up.
-    pool.resize("256m");
+    b.pool().resize("256m");
     wait_in_sync(&a, Duration::from_secs(60));
     assert!(
         same_bytes(&a.lun(), &b.lun()),
         "backing files differ after the resync"
+    );
+    let o = read_back(&a.url(), "64k", "48m", &state);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// The primary's file system fills up under a replicated thin LUN: writes it cannot store
+/// fail with SPACE ALLOCATION FAILED (as without a peer; the replication metadata, which
+/// must persist first, needs no new blocks), the ones acknowledged read back, and the
+/// writes the peer stored although they failed here are undone by a resync, so the two
+/// copies end equal.
+#[test]
+fn a_primary_out_of_space_fails_writes_and_keeps_the_copies_equal() {
+    let _serial = serial();
+    let (ia, ib, ra, rb) = (18240, 18241, 18242, 18243);
+    let psk = "pair-test-psk-0123456789";
+    let a = Node::on_tmpfs(
+        "fullp-a",
+        node_toml(ia, ra, rb, "primary", psk, "256MiB"),
+        ia,
+        "24m",
+    );
+    let b = Node::new(
+        "fullp-b",
+        node_toml(ib, rb, ra, "secondary", psk, "256MiB"),
+        ib,
+    );
+    wait_in_sync(&a, Duration::from_secs(20));
+    let state = a.dir.join("acks");
+    let o = verified_fill(&a.url(), "48m", &state);
+    assert_space_allocation_failed(&o);
+    wait_in_sync(&a, Duration::from_secs(30));
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "the peer kept writes that failed on the primary"
     );
     let o = read_back(&a.url(), "64k", "48m", &state);
     assert!(o.status.success(), "{}", text(&o));

@@ -105,6 +105,9 @@ pub struct Out {
     /// Operations to mirror to the peer; `token` holds the task index (the reactor adds
     /// the connection's slot).
     pub rep: Vec<crate::replication::RepReq>,
+    /// Byte ranges (LUN, offset, length) of commands that failed here after mirroring a
+    /// change: the peer may hold what this node does not (replication.rs `diverged`).
+    pub diverged: Vec<(usize, u64, u64)>,
 }
 
 /// Write data still to arrive for a task.
@@ -144,6 +147,8 @@ struct Task {
     /// The final reply, held until the peer acknowledged every mirrored operation.
     held: Option<scsi::Reply>,
     rep_failed: bool,
+    /// The byte range (LUN, start, end) of the changes mirrored for this command.
+    mirrored: Option<(usize, u64, u64)>,
 }
 
 /// A command that arrived ahead of a CmdSN gap, with its immediate data.
@@ -847,6 +852,7 @@ impl Conn {
             rep_inflight: 0,
             held: None,
             rep_failed: false,
+            mirrored: None,
         };
         let idx = self.alloc_task(task);
         let expected = c.expected_data_len_bytes;
@@ -1152,6 +1158,13 @@ impl Conn {
             // Protocol C: GOOD only once the peer has it too.
             t.held = Some(reply);
             return;
+        }
+        if reply.status != status::GOOD {
+            if let Some(range) = t.mirrored.take() {
+                // Failed here (out of space, an I/O error) after the peer was sent the
+                // change: the copies may differ in this range.
+                out.diverged.push((range.0, range.1, range.2 - range.1));
+            }
         }
         let (itt, edtl, lun, read_dir) = (t.itt, t.edtl, encode_lun(t.lun_id), t.read_dir);
         let sense_format = match t.lun {
@@ -1599,11 +1612,29 @@ fn mirror(reg: &Registry, t: &mut Task, idx: u32, lun: usize, op: scsi::IoOp, ou
         scsi::IoOp::Flush => RepOp::Flush,
         scsi::IoOp::Read { .. } => return,
     };
+    if let RepOp::Write {
+        offset, ref data, ..
+    } = rep_op
+    {
+        note_mirrored(t, lun, offset, data.len() as u64);
+    }
+    if let RepOp::Zero { offset, len, .. } = rep_op {
+        note_mirrored(t, lun, offset, len);
+    }
     t.rep_inflight += 1;
     out.rep.push(RepReq {
         token: idx as u64,
         lun,
         op: rep_op,
+    });
+}
+
+/// Widens the task's mirrored range to cover `len` bytes at `offset` of `lun`.
+fn note_mirrored(t: &mut Task, lun: usize, offset: u64, len: u64) {
+    let end = offset.saturating_add(len);
+    t.mirrored = Some(match t.mirrored {
+        Some((l, start, stop)) if l == lun => (l, start.min(offset), stop.max(end)),
+        _ => (lun, offset, end),
     });
 }
 

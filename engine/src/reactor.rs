@@ -591,6 +591,11 @@ impl Reactor {
             s.sendq.push(out.send, out.send_refs, out.send_holds);
             s.close_after_send |= out.close_after_send;
             close_now |= out.close_now;
+            if let Some(rep) = self.reg.replication.get() {
+                for &(lun, offset, len) in &out.diverged {
+                    rep.diverged(lun, offset, len);
+                }
+            }
             if let Some(l) = &self.link {
                 for mut r in out.rep {
                     r.token |= (idx as u64) << 32;

@@ -1805,6 +1805,33 @@ impl Replication {
         s
     }
 
+    /// A command failed on this node (out of space, an I/O error) after its change to
+    /// `[offset, offset + len)` of LUN `lun` was mirrored: the peer may have stored what
+    /// this node did not, and the copies differ there. The range goes into the dirty
+    /// bitmap and the peer is declared lost, so the resync that follows at once makes the
+    /// peer's range equal to ours again (as `verify --repair` does). While the peer is
+    /// away already, the degraded path recorded the range.
+    pub fn diverged(&self, lun: usize, offset: u64, len: u64) {
+        if !self.peer_up.load(Ordering::Acquire) || len == 0 {
+            return;
+        }
+        let Some(l) = self.luns.get(lun) else { return };
+        {
+            let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.bitmap.mark(offset, len);
+            if let Err(e) = l.persist(&m) {
+                tracing::error!(error = %e, "cannot persist the dirty bitmap");
+            }
+        }
+        tracing::warn!(
+            lun = l.key,
+            offset,
+            len,
+            "a mirrored command failed on this node: resyncing its range to the peer"
+        );
+        self.peer_lost("a mirrored command failed on this node");
+    }
+
     /// Whether writes to LUN `lun` are mirrored (or tracked) by this node.
     pub fn replicates(&self) -> bool {
         self.is_primary()
@@ -1924,16 +1951,55 @@ fn region_digest(
 /// Regions holding data (SEEK_DATA), for the first sync of a thin LUN.
 /// Replaces the metadata file atomically and durably: a temporary file, synced, renamed
 /// over the old one, and the directory synced so the rename survives a crash.
+/// Replaces the metadata file atomically: the new bytes go into `<path>.tmp`, which is
+/// synced and then exchanged with `path` (renameat2 RENAME_EXCHANGE), so the old copy
+/// becomes the next `.tmp`. Why an exchange and an overwrite in place rather than
+/// create-truncate-rename: both files keep their blocks, so once they exist no metadata
+/// write needs new blocks. On a thin LUN whose file system filled up, the dirty bitmap
+/// and the write-intent log must still persist (or writes to new regions would wait
+/// forever); data writes then fail with SPACE ALLOCATION FAILED, as without a peer.
 fn write_meta(path: &std::path::Path, m: &Meta) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileExt;
     let mut bytes = Vec::new();
     m.encode(&mut bytes);
     let tmp = path.with_extension("meta.tmp");
     {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)?;
+        f.write_all_at(&bytes, 0)?;
+        if f.metadata()?.len() > bytes.len() as u64 {
+            f.set_len(bytes.len() as u64)?;
+        }
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)?;
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(&tmp)?, c(path)?);
+    // SAFETY: both are NUL-terminated paths that live across the call; renameat2 only
+    // reads them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No metadata yet (the first write), or a file system without exchange.
+            Some(libc::ENOENT) | Some(libc::EINVAL) => std::fs::rename(&tmp, path)?,
+            _ => return Err(e),
+        }
+    }
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

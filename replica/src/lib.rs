@@ -15,8 +15,10 @@
 //! Setup: read `lunN.img.meta` ([`meta::Meta::decode`], or [`meta::Meta::new`] for a new LUN) and call
 //! `Primary::new(config, meta, fresh_random_seed, now_ms)`. Call `tick(now_ms)` periodically (every
 //! ~100 ms is plenty); it runs peer timeouts, periodic flushes and resync pacing. Execute every
-//! returned action in order. `PersistMeta { version, meta }` means: encode, write `*.meta.tmp`, fsync,
-//! rename, fsync the directory, then call `persisted(version, now_ms)`; only one is ever outstanding.
+//! returned action in order. `PersistMeta { version, meta }` means: encode, overwrite `*.meta.tmp` in
+//! place, fsync, exchange it with `*.meta` (renameat2 RENAME_EXCHANGE, so neither file ever needs new
+//! blocks on a full file system), fsync the directory, then call `persisted(version, now_ms)`; only
+//! one is ever outstanding.
 //!
 //! Connect: exchange `Hello` (with [`primary::Primary::lun_hello`] for each LUN) and authenticate
 //! ([`auth::Transcript`]); the peer may also send `DirtyBitmap`. Then call

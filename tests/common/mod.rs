@@ -146,6 +146,20 @@ pub fn verified_fill(url: &str, size: &str, state: &Path) -> Output {
     )
 }
 
+/// The writes of `o` (a `twinsan bench` run past the end of a full file system) failed,
+/// with SPACE ALLOCATION FAILED WRITE PROTECT (DATA PROTECT, 27/07) rather than anything else.
+pub fn assert_space_allocation_failed(o: &Output) {
+    let t = text(o);
+    assert!(
+        !o.status.success(),
+        "writes beyond the pool succeeded?\n{t}"
+    );
+    assert!(
+        t.contains("DATA PROTECT") && t.to_ascii_uppercase().contains("27/07"),
+        "expected SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07):\n{t}"
+    );
+}
+
 /// Reads the first `size` bytes of `url` in `bs` reads and checks every block whose
 /// acknowledged write `--verify-state` recorded in `state` (`twinsan bench` exits non-zero
 /// on a mismatch).
