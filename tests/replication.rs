@@ -251,13 +251,17 @@ fn writes_land_on_both_nodes_identically() {
     let _serial = serial();
     let (a, b) = pair(18100, "pair-test-psk-0123456789");
     wait_in_sync(&a, Duration::from_secs(20));
+    // Writes of 4 KiB to 64 KiB, and reads that check every block against its last
+    // acknowledged write.
     let o = bench(
         &a.url(),
         &[
             "--rw",
-            "randwrite",
+            "randrw",
+            "--rwmix-read",
+            "30",
             "--bs",
-            "16k",
+            "4k-64k",
             "--iodepth",
             "16",
             "--runtime",
@@ -268,6 +272,11 @@ fn writes_land_on_both_nodes_identically() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !text(&o).contains("verify: 0 reads checked"),
+        "no read was verified: {}",
+        text(&o)
+    );
     assert_mirrored_identically(&a, &b, "mirrored writes");
     // A secondary serves no writes: the LUN answers standby NOT READY.
     let o = bench(

@@ -15,9 +15,10 @@ pub struct BenchArgs {
     /// Commands kept in flight per session.
     #[arg(long, default_value_t = 1)]
     pub iodepth: usize,
-    /// Block size of each I/O: bytes or with a k/m suffix (4k, 128k, 1m).
-    #[arg(long, default_value = "4k", value_parser = parse_size)]
-    pub bs: u64,
+    /// Block size of each I/O: bytes or with a k/m suffix (4k, 128k, 1m), or for random
+    /// jobs a range MIN-MAX (4k-64k: every I/O a multiple of MIN, uniformly up to MAX).
+    #[arg(long, default_value = "4k", value_parser = parse_bs)]
+    pub bs: BsRange,
     /// Access pattern.
     #[arg(long, value_enum, default_value_t = Rw::Randread)]
     pub rw: Rw,
@@ -102,6 +103,24 @@ impl Rw {
 }
 
 /// Parses `4096`, `4k`, `128K`, `1m`, `4GiB`, `2t` into bytes (binary multiples).
+/// An I/O size, or a range of sizes (`--bs 4k-64k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BsRange {
+    pub min: u64,
+    pub max: u64,
+}
+
+/// Parses `--bs`: one size, or `MIN-MAX`.
+pub fn parse_bs(s: &str) -> Result<BsRange, String> {
+    match s.split_once('-') {
+        None => parse_size(s).map(|n| BsRange { min: n, max: n }),
+        Some((a, b)) => Ok(BsRange {
+            min: parse_size(a)?,
+            max: parse_size(b)?,
+        }),
+    }
+}
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -222,7 +241,10 @@ pub struct Job {
     pub url: IscsiUrl,
     pub sessions: usize,
     pub iodepth: usize,
+    /// The I/O size, or the smallest of a range: the unit that --verify tracks.
     pub bs: u64,
+    /// The largest I/O size (a multiple of `bs`; equal to it for a fixed size).
+    pub bs_max: u64,
     pub rw: Rw,
     pub rwmix_read: u8,
     pub runtime_s: f64,
@@ -259,8 +281,18 @@ impl BenchArgs {
         if self.iodepth == 0 || self.iodepth > 4096 {
             bail!("--iodepth must be 1..=4096");
         }
-        if self.bs == 0 || !self.bs.is_multiple_of(512) || self.bs > 16 << 20 {
+        let BsRange {
+            min: bs,
+            max: bs_max,
+        } = self.bs;
+        if bs == 0 || !bs.is_multiple_of(512) || bs_max > 16 << 20 {
             bail!("--bs must be a multiple of 512 bytes and at most 16 MiB");
+        }
+        if bs_max < bs || !bs_max.is_multiple_of(bs) {
+            bail!("--bs MIN-MAX: MAX must be a multiple of MIN, and not smaller");
+        }
+        if bs_max != bs && !self.rw.random() {
+            bail!("--bs MIN-MAX is for random jobs (randread, randwrite, randrw)");
         }
         if self.ramp < 0.0 || self.runtime.is_some_and(|r| r <= 0.0) {
             bail!("--runtime must be positive and --ramp not negative");
@@ -275,7 +307,8 @@ impl BenchArgs {
             url,
             sessions: self.sessions,
             iodepth: self.iodepth,
-            bs: self.bs,
+            bs,
+            bs_max,
             rw: self.rw,
             rwmix_read: self.rwmix_read,
             runtime_s: self.runtime.unwrap_or(10.0),
@@ -390,6 +423,20 @@ mod tests {
         assert!(parse(&["iscsi://h/iqn.a:b/0", "--bs", "1000"])
             .job()
             .is_err());
+        let j = parse(&["iscsi://h/iqn.a:b/0", "--rw", "randwrite", "--bs", "4k-64k"])
+            .job()
+            .unwrap();
+        assert_eq!((j.bs, j.bs_max), (4 << 10, 64 << 10));
+        for bad in [
+            ["--rw", "write", "--bs", "4k-64k"], // sequential
+            ["--rw", "randwrite", "--bs", "64k-4k"],
+            ["--rw", "randwrite", "--bs", "4k-6k"],
+            ["--rw", "randwrite", "--bs", "4k-32m"],
+        ] {
+            let mut v = vec!["iscsi://h/iqn.a:b/0"];
+            v.extend(bad);
+            assert!(parse(&v).job().is_err(), "{bad:?} accepted");
+        }
         assert!(parse(&["iscsi://h/iqn.a:b/0", "--user", "u"])
             .job()
             .is_err());

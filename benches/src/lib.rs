@@ -209,6 +209,7 @@ pub fn run(job: &Job) -> Result<Report> {
                 let plan = Plan {
                     units,
                     bs: job.bs,
+                    max_units: job.bs_max / job.bs,
                     block_size,
                     tracker,
                     verify_list,
@@ -317,6 +318,7 @@ pub fn run(job: &Job) -> Result<Report> {
             },
             rwmix_read: job.rwmix_read,
             bs: job.bs,
+            bs_max: job.bs_max,
             sessions: job.sessions,
             iodepth: job.iodepth,
             runtime_s: job.runtime_s,

@@ -48,6 +48,8 @@ pub struct JobSummary {
     pub rw: String,
     pub rwmix_read: u8,
     pub bs: u64,
+    /// The largest I/O size (equal to `bs` unless `--bs MIN-MAX`).
+    pub bs_max: u64,
     pub sessions: usize,
     pub iodepth: usize,
     pub runtime_s: f64,
@@ -111,7 +113,11 @@ pub fn format_report(r: &Report) -> String {
         j.portal,
         j.rw,
         mix,
-        human_bytes(j.bs),
+        if j.bs_max == j.bs {
+            human_bytes(j.bs)
+        } else {
+            format!("{}-{}", human_bytes(j.bs), human_bytes(j.bs_max))
+        },
         j.sessions,
         j.iodepth,
         if j.digest { " digests=CRC32C" } else { "" },
@@ -225,6 +231,7 @@ mod tests {
                 rw: "randrw".into(),
                 rwmix_read: 70,
                 bs: 4096,
+                bs_max: 4096,
                 sessions: 1,
                 iodepth: 32,
                 runtime_s: 20.0,

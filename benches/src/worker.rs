@@ -81,7 +81,10 @@ impl SessionResult {
 #[derive(Clone)]
 pub struct Plan {
     pub units: u64,
+    /// Bytes per unit: the I/O size, or the smallest of a `--bs MIN-MAX` range.
     pub bs: u64,
+    /// Units per I/O at most (1 for a fixed size).
+    pub max_units: u64,
     pub block_size: u32,
     pub tracker: Option<Arc<Tracker>>,
     /// For a verify-only pass: the units to read, shared out round-robin.
@@ -94,11 +97,20 @@ pub struct Plan {
 struct Slot {
     busy: bool,
     write: bool,
+    /// The command covers units `unit..unit + n`.
     unit: u64,
-    gen: u64,
-    exp: (u64, u64),
+    n: u64,
+    /// Verify mode, per unit of the command: the generation written, or what a read expects.
+    gens: Vec<u64>,
+    exps: Vec<(u64, u64)>,
     start: Instant,
     buf: Vec<u8>,
+}
+
+impl Slot {
+    fn len_bytes(&self, bs: u64) -> u64 {
+        self.n * bs
+    }
 }
 
 /// A tiny xorshift PRNG: the bench's own, so runs need no entropy source.
@@ -146,16 +158,18 @@ pub struct Worker<'a> {
 impl<'a> Worker<'a> {
     pub fn new(conn: Conn, job: &'a Job, plan: Plan, shared: &'a Shared, idx: usize) -> Self {
         let verify = plan.tracker.is_some();
+        let max_bytes = plan.bs * plan.max_units;
         let slots = (0..job.iodepth)
             .map(|_| Slot {
                 busy: false,
                 write: false,
                 unit: 0,
-                gen: 0,
-                exp: (0, 0),
+                n: 1,
+                gens: Vec::new(),
+                exps: Vec::new(),
                 start: Instant::now(),
                 buf: if verify {
-                    vec![0u8; plan.bs as usize]
+                    vec![0u8; max_bytes as usize]
                 } else {
                     Vec::new()
                 },
@@ -163,7 +177,7 @@ impl<'a> Worker<'a> {
             .collect();
         // A non-zero pattern, so written blocks are real data on both targets.
         let mut rng = Rng::new(0x5eed ^ (idx as u64) << 20 ^ std::process::id() as u64);
-        let pattern: Arc<[u8]> = (0..plan.bs / 8)
+        let pattern: Arc<[u8]> = (0..max_bytes / 8)
             .flat_map(|_| rng.next_u64().to_le_bytes())
             .collect();
         let per = (plan.units / job.sessions as u64).max(1);
@@ -273,7 +287,8 @@ impl<'a> Worker<'a> {
         self.last_merge = Instant::now();
     }
 
-    fn pick_unit(&mut self) -> Option<u64> {
+    /// The units of the next command, `(first, count)`, claimed in the tracker.
+    fn pick_units(&mut self) -> Option<(u64, u64)> {
         let claim = |t: &Option<Arc<Tracker>>, u: u64| t.as_ref().is_none_or(|t| t.try_claim(u));
         if let Some(list) = &self.plan.verify_list {
             let i = self.vo_next;
@@ -283,7 +298,17 @@ impl<'a> Worker<'a> {
             }
             self.vo_next += self.job.sessions;
             let u = list[i];
-            return claim(&self.plan.tracker, u).then_some(u);
+            return claim(&self.plan.tracker, u).then_some((u, 1));
+        }
+        if self.job.rw.random() && self.plan.max_units > 1 {
+            let n = (1 + self.rng.below(self.plan.max_units)).min(self.plan.units);
+            for _ in 0..16 {
+                let u = self.rng.below(self.plan.units - n + 1);
+                if self.claim_all(u, n) {
+                    return Some((u, n));
+                }
+            }
+            return None;
         }
         for _ in 0..16 {
             let u = if self.job.rw.random() {
@@ -298,15 +323,31 @@ impl<'a> Worker<'a> {
                 u
             };
             if claim(&self.plan.tracker, u) {
-                return Some(u);
+                return Some((u, 1));
             }
         }
         None
     }
 
+    /// Claims units `u..u + n`, all or none (two commands in flight never overlap).
+    fn claim_all(&self, u: u64, n: u64) -> bool {
+        let Some(t) = &self.plan.tracker else {
+            return true;
+        };
+        for k in 0..n {
+            if !t.try_claim(u + k) {
+                for j in 0..k {
+                    t.release(u + j);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
     /// Issues one command into a free slot. False when no unit could be claimed now.
     fn issue(&mut self) -> Result<bool> {
-        let Some(unit) = self.pick_unit() else {
+        let Some((unit, n)) = self.pick_units() else {
             return Ok(false);
         };
         let i = self
@@ -320,32 +361,39 @@ impl<'a> Worker<'a> {
                 Rw::Randrw => self.rng.below(100) >= self.job.rwmix_read as u64,
             };
         let bs = self.plan.bs;
-        let first_sector = unit * bs / SECTOR as u64;
+        let len = n * bs;
         let s = &mut self.slots[i];
         s.busy = true;
         s.write = write;
         s.unit = unit;
+        s.n = n;
         s.start = Instant::now();
         if let Some(t) = &self.plan.tracker {
-            if write {
-                s.gen = t.begin_write(unit);
-                stamp(&mut s.buf, first_sector, s.gen);
-            } else {
-                s.exp = t.expect(unit);
+            s.gens.clear();
+            s.exps.clear();
+            for k in 0..n {
+                let at = (k * bs) as usize..((k + 1) * bs) as usize;
+                if write {
+                    let gen = t.begin_write(unit + k);
+                    stamp(&mut s.buf[at], (unit + k) * bs / SECTOR as u64, gen);
+                    s.gens.push(gen);
+                } else {
+                    s.exps.push(t.expect(unit + k));
+                }
             }
         }
         let lba = unit * bs / self.plan.block_size as u64;
-        let blocks = (bs / self.plan.block_size as u64) as u32;
+        let blocks = (len / self.plan.block_size as u64) as u32;
         let cdb = rw16(write, lba, blocks);
         let p = self.conn.params;
         let itt = i as u32;
         let data = if self.plan.tracker.is_some() {
-            Payload::Copy(&s.buf)
+            Payload::Copy(&s.buf[..len as usize])
         } else {
-            Payload::Shared(&self.pattern)
+            Payload::Shared(&self.pattern, len as usize)
         };
         let imm = if write && p.immediate_data {
-            (bs as u32).min(p.first_burst).min(p.target_mrdsl)
+            (len as u32).min(p.first_burst).min(p.target_mrdsl)
         } else {
             0
         };
@@ -356,14 +404,14 @@ impl<'a> Worker<'a> {
             self.conn.exp_stat_sn,
             !write,
             write,
-            bs as u32,
+            len as u32,
             &cdb,
             imm,
         );
         self.conn.cmd_sn = self.conn.cmd_sn.wrapping_add(1);
         data.queue(&mut self.conn, &b, 0..imm as usize);
         if write && !p.initial_r2t {
-            let unsolicited_end = (bs as u32).min(p.first_burst);
+            let unsolicited_end = (len as u32).min(p.first_burst);
             send_data_out(
                 &mut self.conn,
                 data,
@@ -385,7 +433,8 @@ impl<'a> Worker<'a> {
                 if self.plan.tracker.is_some() && !self.slots[i].write {
                     let off = v.buffer_offset as usize;
                     let seg = &self.conn.rbuf()[p.data.clone()];
-                    let buf = &mut self.slots[i].buf;
+                    let len = self.slots[i].len_bytes(self.plan.bs) as usize;
+                    let buf = &mut self.slots[i].buf[..len];
                     if off + seg.len() > buf.len() {
                         bail!(
                             "Data-In beyond the buffer (offset {off}, {} bytes)",
@@ -408,10 +457,11 @@ impl<'a> Worker<'a> {
                 if !self.slots[i].write {
                     bail!("R2T for a read (ITT {:#x})", v.itt);
                 }
+                let len = self.slots[i].len_bytes(self.plan.bs) as usize;
                 let data = if self.plan.tracker.is_some() {
-                    Payload::Copy(&self.slots[i].buf)
+                    Payload::Copy(&self.slots[i].buf[..len])
                 } else {
-                    Payload::Shared(&self.pattern)
+                    Payload::Shared(&self.pattern, len)
                 };
                 let (off, len) = (v.buffer_offset, v.word44);
                 if off as u64 + len as u64 > data.len() as u64 {
@@ -465,7 +515,9 @@ impl<'a> Worker<'a> {
         let s = &mut self.slots[i];
         s.busy = false;
         if let Some(t) = &self.plan.tracker {
-            t.release(s.unit);
+            for k in 0..s.n {
+                t.release(s.unit + k);
+            }
         }
         self.free.push(i);
         self.inflight -= 1;
@@ -503,11 +555,19 @@ impl<'a> Worker<'a> {
         let bs = self.plan.bs;
         let s = &self.slots[i];
         if let Some(t) = &self.plan.tracker {
-            if s.write {
-                t.ack_write(s.unit, s.gen);
-            } else if s.exp != (0, 0) {
+            for k in 0..s.n {
+                let unit = s.unit + k;
+                if s.write {
+                    t.ack_write(unit, s.gens[k as usize]);
+                    continue;
+                }
+                let exp = s.exps[k as usize];
+                if exp == (0, 0) {
+                    continue;
+                }
                 self.res.verified += 1;
-                if let Some(m) = check(&s.buf, s.unit * bs / SECTOR as u64, s.exp.0, s.exp.1) {
+                let at = (k * bs) as usize..((k + 1) * bs) as usize;
+                if let Some(m) = check(&s.buf[at], unit * bs / SECTOR as u64, exp.0, exp.1) {
                     self.res.mismatches += 1;
                     if self.shared.printed.fetch_add(1, Ordering::Relaxed) < 20 {
                         eprintln!("twinsan bench: VERIFY MISMATCH: {m}");
@@ -515,10 +575,11 @@ impl<'a> Worker<'a> {
                 }
             }
         }
+        let bytes = s.len_bytes(bs);
         let write = s.write;
         let lat = (now.duration_since(s.start).as_micros() as u64).max(1);
         self.shared.ios.fetch_add(1, Ordering::Relaxed);
-        self.shared.bytes.fetch_add(bs, Ordering::Relaxed);
+        self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
         if now >= self.plan.measure_start && self.plan.end.is_none_or(|e| now <= e) {
             let _ = self.res.all.record(lat);
             let _ = self.recent.record(lat);
@@ -530,7 +591,7 @@ impl<'a> Worker<'a> {
                 self.res.reads += 1;
             }
             self.res.ios += 1;
-            self.res.bytes += bs;
+            self.res.bytes += bytes;
         }
         self.release(i);
     }
@@ -542,21 +603,23 @@ impl<'a> Worker<'a> {
 #[derive(Clone, Copy)]
 enum Payload<'b> {
     Copy(&'b [u8]),
-    Shared(&'b Arc<[u8]>),
+    /// The first `.1` bytes of the shared pattern.
+    Shared(&'b Arc<[u8]>, usize),
 }
 
 impl Payload<'_> {
     fn len(&self) -> usize {
         match self {
             Payload::Copy(b) => b.len(),
-            Payload::Shared(b) => b.len(),
+            Payload::Shared(_, len) => *len,
         }
     }
 
     fn queue(&self, conn: &mut Conn, bhs: &[u8; proto::pdu::BHS_LEN], range: Range<usize>) {
+        debug_assert!(range.end <= self.len());
         match self {
             Payload::Copy(b) => conn.queue(bhs, &b[range]),
-            Payload::Shared(b) => conn.queue_shared(bhs, b, range),
+            Payload::Shared(b, _) => conn.queue_shared(bhs, b, range),
         }
     }
 }
