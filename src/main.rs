@@ -44,8 +44,16 @@ enum Cmd {
     Bench(benches::BenchArgs),
     /// Show role, peer, LUN states and sessions of a running daemon.
     Status(AdminArgs),
-    /// Make this node primary (serve initiator writes).
-    Promote(AdminArgs),
+    /// Make this node primary (serve initiator writes). Refused while the peer is primary
+    /// and connected, or while this node's data is outdated or inconsistent.
+    Promote {
+        /// Promote anyway (the peer's link still stands but it is gone for initiators, or
+        /// this node's data is to be served as it is).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Make this node secondary (initiators see the LUNs in standby).
     Demote(AdminArgs),
     /// Compare every region's digest with the peer's, online; `--repair` resyncs differences.
@@ -196,7 +204,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Status(a) => admin(a, "status"),
-        Cmd::Promote(a) => admin(a, "promote"),
+        Cmd::Promote { force, admin: a } => {
+            admin(a, if force { "promote-force" } else { "promote" })
+        }
         Cmd::Demote(a) => admin(a, "demote"),
         Cmd::Verify { repair, admin: a } => {
             admin(a, if repair { "verify-repair" } else { "verify" })

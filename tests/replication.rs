@@ -893,3 +893,49 @@ fn a_primary_out_of_space_fails_writes_and_keeps_the_copies_equal() {
     let o = read_back(&a.url(), "64k", "48m", &state);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// `twinsan promote` will not make a second primary: refused while the peer is primary and
+/// connected, allowed once it was demoted (a planned switchover), after which the new
+/// primary mirrors to the old one.
+#[test]
+fn promote_is_refused_while_the_peer_is_primary_then_a_switchover_works() {
+    let _serial = serial();
+    let (a, b) = pair(18250, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let r = b.admin("promote");
+    assert!(r.starts_with("error"), "a second primary was made: {r}");
+    assert!(b.admin("status").contains("role: secondary"));
+    assert!(a.admin("demote").starts_with("ok"));
+    let r = b.admin("promote");
+    assert!(r.starts_with("ok"), "switchover refused: {r}");
+    wait_in_sync(&b, Duration::from_secs(20));
+    let state = b.dir.join("acks");
+    let o = verified_fill(&b.url(), "16m", &state);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_mirrored_identically(&b, &a, "writes through the new primary");
+}
+
+/// With no I/O at all, a dead secondary is still noticed: the primary pings it over the
+/// control connection, so status stops saying "mirroring" and the next write does not
+/// wait for a peer that is gone.
+#[test]
+fn an_idle_primary_notices_a_dead_secondary() {
+    let _serial = serial();
+    let (a, mut b) = pair(18260, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    b.kill9();
+    let t = Instant::now();
+    while !a.admin("status").contains("PeerOutdated") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "an idle primary did not notice its peer died: {}",
+            a.admin("status")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        a.log().contains("the peer stopped answering pings"),
+        "{}",
+        a.log()
+    );
+}

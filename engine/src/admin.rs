@@ -56,7 +56,13 @@ fn handle(stream: UnixStream, reg: &Registry) -> std::io::Result<()> {
 pub fn execute(cmd: &str, reg: &Registry) -> String {
     match cmd {
         "status" => status(reg),
-        "promote" => {
+        "promote" | "promote-force" => {
+            let refusal = (cmd == "promote" && reg.role() != Role::Primary)
+                .then(|| reg.replication.get().and_then(|rep| rep.promote_refusal()))
+                .flatten();
+            if let Some(why) = refusal {
+                return format!("error: not promoted: {why}\n");
+            }
             let prev = reg.set_role(Role::Primary);
             format!("ok: role primary (was {})\n", role_name(prev))
         }
@@ -86,7 +92,7 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             None => "error: no peer configured\n".into(),
         },
         other => {
-            format!("error: unknown command `{other}` (status, promote, demote, outdate-peer, resolve-discard-local)\n")
+            format!("error: unknown command `{other}` (status, promote, promote-force, demote, outdate-peer, verify, verify-repair, resolve-discard-local)\n")
         }
     }
 }

@@ -31,7 +31,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -261,6 +261,9 @@ pub struct Replication {
     /// Completions held back in `suspend` mode: (core, token).
     suspended: Mutex<Vec<(usize, u64)>>,
     outdate_requested: AtomicBool,
+    /// Control connections open from a peer that is primary (on a secondary): promoting
+    /// this node meanwhile would make two primaries.
+    primary_links: AtomicUsize,
     epoch: Instant,
     next_seq: AtomicU64,
     /// The CPU each core thread is pinned to (empty when unknown): link threads keep off it.
@@ -314,6 +317,10 @@ const SEND_POLL: Duration = Duration::from_millis(50);
 const RECONNECT_MS: u64 = 500;
 /// The longest wait between resync attempts that keep failing.
 const RESYNC_RETRY_MAX_MS: u64 = 30_000;
+/// How often the primary pings an idle peer (watch_peer).
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// How long `promote` waits for the links of a peer that just went away to close.
+const PROMOTE_WAIT: Duration = Duration::from_millis(1000);
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// The first bytes of a resync, always sent as data (see `copy_all`).
@@ -543,6 +550,7 @@ impl Replication {
             transition: Mutex::new(()),
             suspended: Mutex::new(Vec::new()),
             outdate_requested: AtomicBool::new(false),
+            primary_links: AtomicUsize::new(0),
             epoch: Instant::now(),
             next_seq: AtomicU64::new(1),
             core_cpus,
@@ -607,6 +615,36 @@ impl Replication {
 
     /// Records the node's role in every LUN's metadata (a role change: promote or demote),
     /// so that a crash is known at the next start to have been a primary's.
+    /// Why `twinsan promote` (without `--force`) must not make this node primary now, if it
+    /// must not: the peer is primary and still connected (two primaries would both take
+    /// writes: a split brain made on purpose), or a LUN's data here is not usable (a resync
+    /// into it is unfinished, or it was given up with `resolve --discard-local`). A peer
+    /// that was just killed closes its links within moments: they are waited for briefly.
+    pub fn promote_refusal(&self) -> Option<String> {
+        let t = Instant::now();
+        while self.primary_links.load(Ordering::Acquire) > 0 {
+            if t.elapsed() >= PROMOTE_WAIT {
+                return Some(
+                    "the peer is primary and connected: demote it first (or, if it is \
+                     unreachable for initiators but its replica link still stands, promote --force)"
+                        .into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for l in &self.luns {
+            let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            if l.state() == SyncState::SyncTarget || m.flags.inconsistent || m.flags.outdated {
+                return Some(format!(
+                    "lun {:016x} holds outdated or inconsistent data (an unfinished resync into \
+                     it, or resolve --discard-local); promote --force serves it anyway",
+                    l.key
+                ));
+            }
+        }
+        None
+    }
+
     pub fn note_role(&self, primary: bool) {
         for l in &self.luns {
             let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -757,6 +795,26 @@ impl Replication {
         if peer_link != LINK_NONE {
             // On a one-machine pair the peer's core thread for this link runs there.
             self.keep_off_core(usize::from(peer_link));
+        }
+        // Counted down however the connection ends (error, EOF, panic).
+        struct Open<'a>(&'a AtomicUsize);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _open = (peer_link == LINK_NONE).then(|| {
+            // The primary's control connection (a resync, then pings every PING_INTERVAL
+            // while it stays primary; verify): while it is open a primary is there
+            // (promote_refusal). Silence means the primary is gone or cut off, and the
+            // connection must not go on counting. Data links may idle forever and close
+            // only with the primary's process: they do not count.
+            self.primary_links.fetch_add(1, Ordering::AcqRel);
+            Open(&self.primary_links)
+        });
+        if peer_link == LINK_NONE {
+            let quiet = Duration::from_millis(self.cfg.replica_timeout_ms.max(1000) * 2);
+            s.set_read_timeout(Some(quiet))?;
         }
         let mut files: HashMap<usize, File> = HashMap::new();
         let mut acks = Vec::new();
@@ -1454,12 +1512,51 @@ impl Replication {
                 l.crash_unlogged.store(false, Ordering::Release);
             }
         }
-        if let Err(e) = &r {
+        match &r {
             // Whatever was not copied stays dirty; stop mirroring to a half-synced peer.
-            self.peer_lost(&format!("resync failed: {e}"));
+            Err(e) => self.peer_lost(&format!("resync failed: {e}")),
+            Ok(()) => self.watch_peer(&mut s, &mut rbuf),
         }
         let _ = s.shutdown(std::net::Shutdown::Both);
         r
+    }
+
+    /// While mirroring, pings the peer over the resync connection every [`PING_INTERVAL`]
+    /// and waits up to `replica_timeout_ms` for each answer. Why: the data links only
+    /// carry writes, so an idle pair would not notice a dead or hung peer until the next
+    /// write (status would say "mirroring" meanwhile); and this connection tells the peer
+    /// that a primary is there (its `promote` refuses to make a second one). Returns when
+    /// the peer is lost or this node stops being primary (which closes the connection).
+    fn watch_peer(&self, s: &mut TcpStream, rbuf: &mut RxBuf) {
+        let timeout = Duration::from_millis(self.cfg.replica_timeout_ms);
+        if s.set_read_timeout(Some(timeout)).is_err() || s.set_write_timeout(Some(timeout)).is_err()
+        {
+            return;
+        }
+        let mut wbuf = Vec::new();
+        let watching = || self.peer_up.load(Ordering::Acquire) && self.is_primary();
+        while watching() {
+            std::thread::sleep(PING_INTERVAL);
+            if !watching() {
+                return;
+            }
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let ping = Message::Ping {
+                now_ms: now_ms(&self.epoch),
+            };
+            let answer = send(s, &ping, seq, &mut wbuf).and_then(|()| recv(s, rbuf));
+            match answer {
+                Ok((Message::Ack { seq: acked, status }, _))
+                    if acked == seq && status == AckStatus::Ok => {}
+                other => {
+                    if watching() {
+                        tracing::warn!(answer = ?other.map(|(m, _)| m), "the peer did not answer a ping");
+                        self.peer_lost("the peer stopped answering pings");
+                    }
+                    return;
+                }
+            }
+        }
     }
 
     fn copy_all(
