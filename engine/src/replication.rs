@@ -319,8 +319,9 @@ const RECONNECT_MS: u64 = 500;
 const RESYNC_RETRY_MAX_MS: u64 = 30_000;
 /// How often the primary pings an idle peer (watch_peer).
 const PING_INTERVAL: Duration = Duration::from_millis(500);
-/// How long `promote` waits for the links of a peer that just went away to close.
-const PROMOTE_WAIT: Duration = Duration::from_millis(1000);
+/// How long `promote` waits for the control connection of a peer that just went away or
+/// was demoted to close (a demoted primary notices within one PING_INTERVAL).
+const PROMOTE_WAIT: Duration = Duration::from_millis(2000);
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// The first bytes of a resync, always sent as data (see `copy_all`).
