@@ -24,6 +24,20 @@ fn discovery_lists_the_target_and_inquiry_answers() {
     assert!(out.status.success(), "iscsi-inq failed: {}", text(&out));
     let t = text(&out);
     assert!(t.contains("TWINSAN"), "vendor missing: {t}");
+    // Each of those sessions logged out again: status counts open sessions only (the
+    // daemon may take a moment to see the last connection close).
+    let t = std::time::Instant::now();
+    loop {
+        let s = d.admin("status");
+        if s.contains("sessions: 0") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "sessions left counted: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // VPD 0x80 and 0x83 carry the serial and the NAA designator.
     let out = tool("iscsi-inq", &["-e", "1", "-c", "131", &d.url(0)]);

@@ -651,8 +651,6 @@ impl Conn {
         tracing::info!(peer = %self.peer, initiator = %res.initiator_name, target = %res.target_name, kind = ?res.kind, "login complete");
         reg.sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        reg.sessions
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let window = CmdWindow::new(res.exp_cmd_sn, reg.config.queue_depth);
         let nexus = proto::scsi::pr::Nexus::new(
             &res.initiator_name,

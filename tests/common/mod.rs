@@ -52,6 +52,18 @@ impl Daemon {
         Self::start(name, &format!("[[target]]\nname = \"{TARGET}\"\n{extra}\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{size}\"\n{lun_extra}\n"))
     }
 
+    /// Runs `twinsan CMD` on the daemon's admin socket (in its data directory, `dir`) and
+    /// returns its output.
+    pub fn admin(&self, cmd: &str) -> String {
+        let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+            .arg(cmd)
+            .arg("--socket")
+            .arg(self.dir.join("twinsan.sock"))
+            .output()
+            .expect("run twinsan admin command");
+        text(&o)
+    }
+
     pub fn url(&self, lun: u32) -> String {
         format!("iscsi://{}/{TARGET}/{lun}", self.addr)
     }
