@@ -103,7 +103,12 @@ impl std::fmt::Display for Mismatch {
             self.expected
         )?;
         if self.alternative != 0 {
-            write!(f, " or {} (unacknowledged write)", self.alternative)?;
+            write!(
+                f,
+                " (or {}..={}: writes not acknowledged)",
+                self.expected + 1,
+                self.alternative
+            )?;
         }
         match self.found {
             SectorState::Gen(g) => write!(f, ", found generation {g}"),
@@ -114,16 +119,23 @@ impl std::fmt::Display for Mismatch {
     }
 }
 
-/// Checks a read buffer that starts at `first_sector` against generation `expected` (or
-/// `alternative` if non-zero). `expected == 0` means "never written": zeros or any valid
-/// stamp is accepted, since the run does not know the history. Returns the first bad sector.
+/// Checks a read buffer that starts at `first_sector` against generation `expected`, the
+/// last acknowledged write. With `alternative` non-zero (the latest write sent but not
+/// acknowledged: lost with a connection, or failed, e.g. out of space), any generation in
+/// `expected + 1 ..= alternative` is accepted too. Why a range: a unit has one command at
+/// a time and generations only grow, so a stamp for this sector in that range can only be
+/// from a write issued after the acknowledged one; a failed write may have reached the
+/// medium in part (SBC: its range is indeterminate), and a later failed write does not
+/// undo it. Older generations, zeros or other sectors' stamps are lost or misplaced data.
+/// `expected == 0` means "never written": zeros or any valid stamp is accepted, since the
+/// run does not know the history. Returns the first bad sector.
 pub fn check(buf: &[u8], first_sector: u64, expected: u64, alternative: u64) -> Option<Mismatch> {
     for (i, s) in buf.chunks_exact(SECTOR).enumerate() {
         let sector = first_sector + i as u64;
         let found = inspect(s, sector);
         let ok = match found {
             SectorState::Gen(g) => {
-                expected == 0 || g == expected || (alternative != 0 && g == alternative)
+                expected == 0 || g == expected || (g > expected && g <= alternative)
             }
             SectorState::Zero => expected == 0,
             SectorState::WrongSector(_) | SectorState::Garbage => false,
@@ -293,6 +305,13 @@ mod tests {
         );
         let m = check(&b, 80, 8, 0).unwrap();
         assert_eq!((m.sector, m.found), (80, SectorState::Gen(7)));
+        // A write after the acknowledged one that failed, then a later one that failed too:
+        // either may have landed.
+        assert_eq!(check(&b, 80, 5, 9), None);
+        // Older than the acknowledged write: the acknowledged data was lost.
+        assert_eq!(check(&b, 80, 8, 9).unwrap().found, SectorState::Gen(7));
+        // Newer than anything sent: not from this run's writes to the unit.
+        assert_eq!(check(&b, 80, 3, 6).unwrap().found, SectorState::Gen(7));
         // Misdirected: read at another LBA.
         assert_eq!(
             check(&b, 88, 7, 0).unwrap().found,
