@@ -939,3 +939,40 @@ fn an_idle_primary_notices_a_dead_secondary() {
         a.log()
     );
 }
+
+/// Two nodes configured with different sizes for the same LUN are not a pair: after a
+/// failover initiators would see the LUN shrink and lose what lies beyond. The primary
+/// refuses to mirror to (and so to resync) the smaller peer, says why, and the peer's
+/// backing file does not grow.
+#[test]
+fn a_peer_with_another_lun_size_is_refused() {
+    let _serial = serial();
+    let (ia, ib, ra, rb) = (18270, 18271, 18272, 18273);
+    let psk = "pair-test-psk-0123456789";
+    let b = Node::new(
+        "size-b",
+        node_toml(ib, rb, ra, "secondary", psk, "128MiB"),
+        ib,
+    );
+    let a = Node::new(
+        "size-a",
+        node_toml(ia, ra, rb, "primary", psk, "256MiB"),
+        ia,
+    );
+    let o = bench(
+        &a.url(),
+        &["--rw", "write", "--bs", "1m", "--size", "256m", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let t = Instant::now();
+    while !a.log().contains("differs in size or region size") {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.admin("status").contains("not mirroring"));
+    let len = std::fs::metadata(b.lun()).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        len <= 128 << 20,
+        "the smaller peer's file grew to {len} bytes"
+    );
+}

@@ -194,6 +194,8 @@ impl SyncState {
 
 pub struct RepLun {
     pub key: u64,
+    /// The LUN's size: the peer's must be the same, and nothing is applied beyond it.
+    size_bytes: u64,
     pub meta: Mutex<Meta>,
     meta_path: PathBuf,
     backing: PathBuf,
@@ -215,6 +217,15 @@ impl RepLun {
     fn set_state(&self, s: SyncState) {
         self.state.store(s as u8, Ordering::Release);
     }
+    /// Bytes per bitmap region (fixed when the metadata was created).
+    fn region_bytes(&self) -> u64 {
+        self.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bitmap
+            .region_bytes()
+    }
+
     /// Persists `m` with every durable write-intent region set in the bitmap on disk.
     fn persist(&self, m: &Meta) -> std::io::Result<()> {
         self.persist_with(m, &self.intent.durable_regions())
@@ -509,6 +520,7 @@ impl Replication {
             };
             let intent = IntentLog::new(meta.size_bytes, meta.bitmap.region_bytes());
             luns.push(RepLun {
+                size_bytes: lun.size_bytes,
                 intent,
                 crash_unlogged: AtomicBool::new(crash_unlogged),
                 key: lun.naa_id,
@@ -837,13 +849,18 @@ impl Replication {
             };
             let msg = match frame {
                 // The hot path: straight from the receive buffer to the file.
-                Frame::Write(w) => Err(self.apply(&mut files, w.lun_key, |f| {
-                    crate::inline_write::write_all_chunked(f, w.data, w.offset_bytes)?;
-                    if w.fua {
-                        f.sync_data()?;
-                    }
-                    Ok(())
-                })),
+                Frame::Write(w) => Err(self.apply(
+                    &mut files,
+                    w.lun_key,
+                    (w.offset_bytes, w.data.len() as u64),
+                    |f| {
+                        crate::inline_write::write_all_chunked(f, w.data, w.offset_bytes)?;
+                        if w.fua {
+                            f.sync_data()?;
+                        }
+                        Ok(())
+                    },
+                )),
                 Frame::Other(m) => Ok(m),
             };
             let status = match msg {
@@ -863,21 +880,26 @@ impl Replication {
                             l.set_state(SyncState::SyncTarget);
                         }
                     }
-                    self.apply(&mut files, lun_key, |f| {
-                        // Zero chunks are holes on the primary: keep them holes here too.
-                        if data.iter().all(|&b| b == 0) {
-                            punch(f, offset_bytes, data.len() as u64)
-                        } else {
-                            crate::inline_write::write_all_chunked(f, &data, offset_bytes)
-                        }
-                    })
+                    self.apply(
+                        &mut files,
+                        lun_key,
+                        (offset_bytes, data.len() as u64),
+                        |f| {
+                            // Zero chunks are holes on the primary: keep them holes here too.
+                            if data.iter().all(|&b| b == 0) {
+                                punch(f, offset_bytes, data.len() as u64)
+                            } else {
+                                crate::inline_write::write_all_chunked(f, &data, offset_bytes)
+                            }
+                        },
+                    )
                 }
                 Ok(Message::WriteZeroes {
                     lun_key,
                     offset_bytes,
                     len_bytes,
                     unmap,
-                }) => self.apply(&mut files, lun_key, |f| {
+                }) => self.apply(&mut files, lun_key, (offset_bytes, len_bytes), |f| {
                     if unmap {
                         punch(f, offset_bytes, len_bytes)
                     } else {
@@ -885,7 +907,7 @@ impl Replication {
                     }
                 }),
                 Ok(Message::Flush { lun_key }) => {
-                    self.apply(&mut files, lun_key, |f| f.sync_data())
+                    self.apply(&mut files, lun_key, (0, 0), |f| f.sync_data())
                 }
                 Ok(Message::ResyncDone { lun_key, gen }) => match self.lun_by_key(lun_key) {
                     None => AckStatus::Refused,
@@ -967,15 +989,31 @@ impl Replication {
         }
     }
 
+    /// Runs `f` on LUN `key`'s backing file if `[offset, offset + len)` lies inside the LUN
+    /// (a peer configured with a larger LUN must not grow ours).
     fn apply(
         &self,
         files: &mut HashMap<usize, File>,
         key: u64,
+        (offset, len): (u64, u64),
         f: impl FnOnce(&File) -> std::io::Result<()>,
     ) -> AckStatus {
         let Some(i) = self.lun_by_key(key) else {
             return AckStatus::Refused;
         };
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.luns[i].size_bytes)
+        {
+            tracing::error!(
+                lun = key,
+                offset,
+                len,
+                size = self.luns[i].size_bytes,
+                "peer sent an operation beyond the LUN: refused"
+            );
+            return AckStatus::Refused;
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = files.entry(i) {
             match OpenOptions::new()
                 .read(true)
@@ -1437,6 +1475,22 @@ impl Replication {
                 tracing::error!(lun = l.key, "peer does not have this LUN");
                 return Err(std::io::Error::other("LUN missing on peer"));
             };
+            let region_bytes = l.region_bytes();
+            if h.size_bytes != l.size_bytes || h.region_bytes != region_bytes {
+                // A smaller peer could not hold our data (after a failover initiators would
+                // see the LUN shrink); a different region size would make bitmaps disagree.
+                tracing::error!(
+                    lun = l.key,
+                    size_bytes = l.size_bytes,
+                    peer_size_bytes = h.size_bytes,
+                    region_bytes,
+                    peer_region_bytes = h.region_bytes,
+                    "the peer's LUN differs in size or region size: not mirroring to it (fix the configs)"
+                );
+                return Err(std::io::Error::other(
+                    "LUN size or region size differs on peer",
+                ));
+            }
             let (gen, flags) = {
                 let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
                 (
@@ -1482,12 +1536,7 @@ impl Replication {
             // region (holes travel as small WriteZeroes, see `copy_region`). Our own crash
             // is in our bitmap (the write-intent regions), unless it predates the log.
             let regions = if h.flags.crashed || l.crash_unlogged.load(Ordering::Acquire) {
-                let per = l
-                    .meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bitmap
-                    .region_bytes();
+                let per = l.region_bytes();
                 tracing::warn!(
                     lun = l.key,
                     local_crashed = flags.crashed,
@@ -1572,12 +1621,7 @@ impl Replication {
         let mut copied: u64 = 0;
         for (i, planned, initial) in plans {
             let l = &self.luns[i];
-            let region_bytes = l
-                .meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .bitmap
-                .region_bytes();
+            let region_bytes = l.region_bytes();
             // Everything planned plus everything dirty (the bitmap only shrinks from here).
             let mut regions = planned;
             regions.extend(
@@ -1774,12 +1818,7 @@ impl Replication {
         let mut differing_total = 0u64;
         for (i, l) in self.luns.iter().enumerate() {
             let lun = &reg.luns[i];
-            let region_bytes = l
-                .meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .bitmap
-                .region_bytes();
+            let region_bytes = l.region_bytes();
             let regions = lun.size_bytes.div_ceil(region_bytes);
             let mut differing = Vec::new();
             for region in 0..regions {
