@@ -1899,16 +1899,22 @@ impl Replication {
         use std::fmt::Write as _;
         let mut s = String::new();
         let up = self.peer_up.load(Ordering::Acquire);
+        let link = if !self.is_primary() {
+            // A secondary's own peer_up says nothing: whether a primary is there does.
+            if self.primary_links.load(Ordering::Acquire) > 0 {
+                "primary connected, receiving its writes"
+            } else {
+                "no primary connected"
+            }
+        } else if up {
+            "connected, mirroring"
+        } else {
+            "not mirroring"
+        };
         let _ = writeln!(
             s,
-            "peer: {} at {} ({})",
-            self.cfg.name,
-            self.cfg.address,
-            if up {
-                "connected, mirroring"
-            } else {
-                "not mirroring"
-            }
+            "peer: {} at {} ({link})",
+            self.cfg.name, self.cfg.address
         );
         let now = now_ms(&self.epoch);
         for l in &self.luns {
