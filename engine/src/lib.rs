@@ -21,6 +21,7 @@ pub mod scsi;
 pub mod sendq;
 pub mod server;
 pub mod spill;
+pub mod splice_pipe;
 pub mod steer;
 pub mod ua;
 pub mod xcopy;
