@@ -124,12 +124,6 @@ fn status(reg: &Registry) -> String {
         "sessions: {}",
         reg.sessions.load(std::sync::atomic::Ordering::Relaxed)
     );
-    let _ = writeln!(
-        s,
-        "large writes spliced: {}",
-        reg.spliced_writes
-            .load(std::sync::atomic::Ordering::Relaxed)
-    );
     for t in &reg.targets {
         for &(id, idx) in &t.luns {
             let lun = &reg.luns[idx];

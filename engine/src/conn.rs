@@ -9,7 +9,6 @@ use proto::pdu::{
     self, frame_len, parse_initiator, split_frame, Digests, InitiatorPdu, RejectReason, Residual,
     TargetPdu, TargetSns, BHS_LEN, RESERVED_TAG,
 };
-use proto::scsi::cdb::op as cdb_op;
 use proto::scsi::sense::{Asc, Sense, SenseFormat};
 use proto::seq::{CmdSnPlace, CmdWindow};
 
@@ -18,7 +17,6 @@ use crate::config::CacheMode;
 use crate::login::{LoginDone, LoginPhase, SessionKind};
 use crate::registry::Registry;
 use crate::scsi::{self, ExecCtx, ReplyData, ScsiTask, Step};
-use crate::splice_pipe::{Piped, SPLICE_MAX_BYTES, SPLICE_MIN_BYTES};
 
 /// SCSI status codes (SAM-5).
 pub mod status {
@@ -69,8 +67,6 @@ pub struct Received {
 enum ImmData<'a> {
     Borrowed(&'a [u8]),
     Lent(AlignedBuf),
-    /// Still in a pipe, spliced from the socket (splice_pipe.rs).
-    Piped(Piped),
 }
 
 impl ImmData<'_> {
@@ -78,7 +74,6 @@ impl ImmData<'_> {
         match self {
             ImmData::Borrowed(d) => d.len(),
             ImmData::Lent(b) => b.len(),
-            ImmData::Piped(p) => p.len() as usize,
         }
     }
 }
@@ -154,9 +149,6 @@ struct Task {
     rep_failed: bool,
     /// The byte range (LUN, start, end) of the changes mirrored for this command.
     mirrored: Option<(usize, u64, u64)>,
-    /// The write data, still in a pipe (splice_pipe.rs): the task's buffer holds nothing
-    /// valid until [`materialize`] reads it in.
-    piped: Option<Piped>,
 }
 
 /// A command that arrived ahead of a CmdSN gap, with its immediate data.
@@ -385,79 +377,6 @@ impl Conn {
             "a lent PDU is whole"
         );
         pool.put(frame_buf);
-    }
-
-    /// Whether the data of the PDU whose header is all of `buf` should be spliced from the
-    /// socket into a pipe (splice_pipe.rs) instead of received: a write [`Self::lendable`]
-    /// would lend, with no digests (they need the bytes) and no AHS, a 4-byte aligned data
-    /// segment (no pad bytes) of a size the pipe takes, and an opcode that writes the data
-    /// as it is (WRITE 10/12/16), while this node mirrors nothing (a mirror needs the bytes
-    /// in memory). Returns the data segment length.
-    pub fn spliceable(&self, buf: &[u8], reg: &Registry) -> Option<u32> {
-        if self.closing || buf.len() != BHS_LEN || self.digests.header || self.digests.data {
-            return None;
-        }
-        if !self.lendable(buf) || buf[4] != 0 {
-            return None;
-        }
-        let bhs: &[u8; BHS_LEN] = buf.try_into().ok()?;
-        let len = pdu::Bhs::new(bhs).data_segment_len_bytes();
-        let plain_write = matches!(
-            buf[32],
-            cdb_op::WRITE_10 | cdb_op::WRITE_12 | cdb_op::WRITE_16
-        );
-        let mirrors = reg.replication.get().is_some_and(|r| r.replicates());
-        (plain_write
-            && !mirrors
-            && len.is_multiple_of(4)
-            && (SPLICE_MIN_BYTES..=SPLICE_MAX_BYTES).contains(&len)
-            && len <= self.max_recv_data_bytes())
-        .then_some(len as u32)
-    }
-
-    /// Takes one PDU whose header on_recv left (and [`Self::spliceable`] accepted) and
-    /// whose data segment is in a pipe. An in-order write command keeps the data there for
-    /// its write; anything else reads it into memory and goes the lent way.
-    pub fn on_recv_piped(
-        &mut self,
-        bhs: &[u8; BHS_LEN],
-        mut data: Piped,
-        reg: &Registry,
-        pool: &mut BufPool,
-        now_ms: u64,
-        out: &mut Out,
-    ) {
-        self.last_rx_ms = now_ms;
-        let command = match parse_initiator(bhs, &[]) {
-            Ok(InitiatorPdu::ScsiCommand(c)) if !self.closing => match &self.phase {
-                Phase::Full(s) if c.immediate || s.window.place(c.cmd_sn) == CmdSnPlace::Next => {
-                    Some(c)
-                }
-                _ => None,
-            },
-            _ => None,
-        };
-        if let Some(c) = command {
-            if !c.immediate {
-                if let Phase::Full(s) = &mut self.phase {
-                    s.window.advance();
-                }
-            }
-            self.scsi_command(&c, ImmData::Piped(data), reg, pool, out);
-            self.run_held(reg, pool, out);
-            return;
-        }
-        let mut frame = pool.get(BHS_LEN + data.len() as usize);
-        frame[..BHS_LEN].copy_from_slice(bhs);
-        if let Err(e) = data.read_rest_into(&mut frame[BHS_LEN..]) {
-            // The bytes left the socket and cannot be had again: the stream is lost.
-            tracing::warn!(peer = %self.peer, error = %e, "spliced data unreadable; dropping connection");
-            pool.put(frame);
-            out.close_now = true;
-            self.closing = true;
-            return;
-        }
-        self.on_recv_lent(frame, reg, pool, now_ms, out);
     }
 
     /// The SCSI command in a lent frame and where its data is, if it is whole, well formed
@@ -932,7 +851,6 @@ impl Conn {
             held: None,
             rep_failed: false,
             mirrored: None,
-            piped: None,
         };
         let idx = self.alloc_task(task);
         let expected = c.expected_data_len_bytes;
@@ -995,12 +913,6 @@ impl Conn {
                         ImmData::Borrowed(d) if !d.is_empty() => accept_data(t, &mut st, 0, d),
                         ImmData::Borrowed(_) => {}
                         ImmData::Lent(b) => adopt_data(t, &mut st, b, buffered, pool),
-                        ImmData::Piped(p) => {
-                            if !adopt_piped(t, &mut st, p, buffered, pool) {
-                                out.close_now = true;
-                                self.closing = true;
-                            }
-                        }
                     }
                     t.data_out = Some(st);
                 }
@@ -1649,42 +1561,10 @@ impl Conn {
     }
 
     /// Pointer to the buffer of a task, for the reactor's SQE (valid while I/O is in flight).
-    /// Data still in a pipe is read in first; None if that fails.
     pub fn task_buf_ptr(&mut self, idx: u32) -> Option<(*mut u8, usize)> {
         let t = self.tasks.get_mut(idx as usize)?.as_mut()?;
-        if !materialize(t) {
-            return None;
-        }
         let b = t.scsi.buf.as_mut()?;
         Some((b.as_mut_ptr(), b.len()))
-    }
-
-    /// Whether a task's write data is still in a pipe.
-    pub fn has_piped(&self, idx: u32) -> bool {
-        self.tasks
-            .get(idx as usize)
-            .and_then(|t| t.as_ref())
-            .is_some_and(|t| t.piped.is_some())
-    }
-
-    /// The piped data of a task, for a write of `len` bytes from `buf_off` of its buffer
-    /// that is exactly what is left in the pipe; the reactor splices it into the file and
-    /// hands it back with [`Self::return_piped`] if any is left.
-    pub fn take_piped_write(&mut self, idx: u32, buf_off: u32, len: u32) -> Option<Piped> {
-        let t = self.tasks.get_mut(idx as usize)?.as_mut()?;
-        let p = t.piped.as_ref()?;
-        if p.at() != buf_off || p.len() - p.at() != len {
-            return None;
-        }
-        t.piped.take()
-    }
-
-    /// Gives back piped data a short write left, for the task's next write.
-    pub fn return_piped(&mut self, idx: u32, p: Piped) {
-        if let Some(Some(t)) = self.tasks.get_mut(idx as usize) {
-            debug_assert!(t.piped.is_none(), "a task has one pipe");
-            t.piped = Some(p);
-        }
     }
 }
 
@@ -1696,12 +1576,6 @@ fn mirror(reg: &Registry, t: &mut Task, idx: u32, lun: usize, op: scsi::IoOp, ou
         return;
     };
     if !rep.replicates() {
-        return;
-    }
-    // A mirror needs the bytes in memory (splice_pipe.rs); not having them fails the
-    // command rather than leave the peer without this write.
-    if !materialize(t) {
-        t.rep_failed = true;
         return;
     }
     let rep_op = match op {
@@ -1802,50 +1676,6 @@ fn adopt_data(
     }
     accept_data(t, st, 0, &data);
     pool.put(data);
-}
-
-/// Immediate data in a pipe: kept there for the write when it is exactly the task's buffer
-/// on a buffered LUN, else read into memory like any data. False: it could not be read, and
-/// the connection must close (the bytes are gone from the stream).
-fn adopt_piped(
-    t: &mut Task,
-    st: &mut DataOutState,
-    mut data: Piped,
-    buffered: bool,
-    pool: &mut BufPool,
-) -> bool {
-    let len = data.len() as usize;
-    let fits = t.scsi.buf.as_ref().is_some_and(|b| b.len() == len);
-    if buffered && fits && !st.discard {
-        st.received_bytes = st.received_bytes.saturating_add(len as u32);
-        t.piped = Some(data);
-        return true;
-    }
-    let mut tmp = pool.get(len);
-    let ok = data.read_rest_into(&mut tmp).is_ok();
-    if ok {
-        accept_data(t, st, 0, &tmp);
-    }
-    pool.put(tmp);
-    ok
-}
-
-/// Reads a task's piped data into its buffer, for any use of the bytes other than the
-/// spliced write itself; true if the buffer now holds the data (or there was no pipe).
-fn materialize(t: &mut Task) -> bool {
-    let Some(mut p) = t.piped.take() else {
-        return true;
-    };
-    let Some(buf) = t.scsi.buf.as_mut() else {
-        return false;
-    };
-    match p.read_rest_into(buf) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "spliced write data unreadable");
-            false
-        }
-    }
 }
 
 fn accept_data(t: &mut Task, st: &mut DataOutState, offset: u32, data: &[u8]) {

@@ -128,20 +128,9 @@ impl InlineWrites {
     /// `ptr..ptr + len` must be readable memory that stays valid for the call, and `fd` an
     /// open file descriptor.
     pub unsafe fn pwrite(&mut self, fd: RawFd, ptr: *const u8, len: u32, offset: u64) -> i32 {
-        // SAFETY: the caller's contract is ours.
-        self.timed(|| unsafe { pwrite_chunked(fd, ptr, len, offset) })
-    }
-
-    /// The rest of a spliced write's data (splice_pipe.rs) from its pipe into `fd` at
-    /// `offset`, timed like [`Self::pwrite`].
-    pub fn splice(&mut self, fd: RawFd, data: &mut crate::splice_pipe::Piped, offset: u64) -> i32 {
-        self.timed(|| data.write_rest_to(fd, offset))
-    }
-
-    /// Runs one inline write and starts a backoff if it was slow.
-    fn timed(&mut self, write: impl FnOnce() -> i32) -> i32 {
         let started = Instant::now();
-        let res = write();
+        // SAFETY: the caller's contract is ours.
+        let res = unsafe { pwrite_chunked(fd, ptr, len, offset) };
         self.inline_count += 1;
         let took = started.elapsed();
         if took > Duration::from_micros(SLOW_WRITE_US) {

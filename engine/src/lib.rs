@@ -21,7 +21,6 @@ pub mod scsi;
 pub mod sendq;
 pub mod server;
 pub mod spill;
-pub mod splice_pipe;
 pub mod steer;
 pub mod ua;
 pub mod xcopy;

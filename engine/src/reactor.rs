@@ -114,8 +114,6 @@ pub struct Reactor {
     spill_efd_buf: Box<[u8; 8]>,
     /// Spilled writes that came back, reused across wake-ups.
     spill_done: Vec<crate::spill::Done>,
-    /// Empty pipes for write data spliced from sockets (splice_pipe.rs).
-    pipes: crate::splice_pipe::PipePool,
 }
 
 impl Drop for Reactor {
@@ -182,7 +180,6 @@ impl Reactor {
             spill,
             spill_efd_buf: Box::new([0u8; 8]),
             spill_done: Vec::new(),
-            pipes: Default::default(),
         })
     }
 
@@ -259,25 +256,11 @@ impl Reactor {
         }
         let mut done = std::mem::take(&mut self.spill_done);
         sp.take_done(&mut done);
-        for d in done.drain(..) {
-            if let Some(p) = d.piped {
-                self.piped_back(d.slot, d.task, p);
-            }
+        for d in &done {
             self.on_disk(d.slot, d.task, d.res);
         }
+        done.clear();
         self.spill_done = done;
-    }
-
-    /// Where the pipe of a spliced write goes once its write is done: back to the pool when
-    /// empty, else (a short write) back to its task for the rest.
-    fn piped_back(&mut self, slot: usize, task: u32, p: crate::splice_pipe::Piped) {
-        if p.is_drained() {
-            if let Some(pipe) = p.into_empty_pipe() {
-                self.pipes.put(pipe);
-            }
-        } else if let Some(s) = self.slots.get_mut(slot).and_then(|s| s.as_mut()) {
-            s.conn.return_piped(task, p);
-        }
     }
 
     /// Delivers acknowledged mirrored operations to their tasks: consecutive acks for one
@@ -591,54 +574,6 @@ impl Reactor {
             s.rstart = 0;
             s.rlen = 0;
         }
-        // A large write whose header is all that is here and whose data is all in the
-        // socket: move the data into a pipe instead of receiving it (splice_pipe.rs).
-        let len = s.conn.spliceable(&s.rbuf[s.rstart..s.rlen], &reg);
-        let fd = s.stream.as_raw_fd();
-        let ready = len.filter(|&n| crate::splice_pipe::socket_readable_bytes(fd) >= n as usize);
-        if let Some((len, pipe)) = ready.and_then(|n| Some((n, self.pipes.get()?))) {
-            use crate::splice_pipe::{Piped, SpliceShort};
-            match Piped::from_socket(pipe, fd, len) {
-                Ok(data) => {
-                    let mut bhs = [0u8; BHS_LEN];
-                    bhs.copy_from_slice(&s.rbuf[s.rstart..s.rlen]);
-                    s.rstart = 0;
-                    s.rlen = 0;
-                    self.pipes.spliced_count += 1;
-                    reg.spliced_writes.fetch_add(1, Ordering::Relaxed);
-                    s.conn
-                        .on_recv_piped(&bhs, data, &reg, &mut self.pool, now, &mut out);
-                    // Receive the next header on its own, as after a lent write.
-                    s.after_lend = true;
-                }
-                Err(SpliceShort::Nothing(pipe)) => self.pipes.put(pipe),
-                Err(SpliceShort::Partial(mut data)) => {
-                    // Back into the receive buffer behind its header; the rest comes the
-                    // usual way. The buffer holds a maximal PDU once compacted.
-                    let have = s.rlen - s.rstart;
-                    s.rbuf.copy_within(s.rstart..s.rlen, 0);
-                    s.rstart = 0;
-                    s.rlen = have;
-                    let n = data.len() as usize;
-                    let got = match s.rbuf.get_mut(have..have + n) {
-                        Some(dst) => data.read_rest_into(dst).is_ok(),
-                        None => false,
-                    };
-                    if got {
-                        s.rlen += n;
-                        if let Some(pipe) = data.into_empty_pipe() {
-                            self.pipes.put(pipe);
-                        }
-                    } else {
-                        tracing::warn!(
-                            core = self.core,
-                            "spliced data unreadable; dropping connection"
-                        );
-                        out.close_now = true;
-                    }
-                }
-            }
-        }
         self.apply(idx, out);
         self.post_recv(idx);
         self.maybe_free(idx);
@@ -673,62 +608,6 @@ impl Reactor {
             }
             for req in out.io {
                 let file = types::Fixed(req.lun as u32);
-                // A plain write whose data is still in a pipe (splice_pipe.rs) goes from the
-                // pipe to the file; any other use of that data reads it into the task's buffer
-                // first (task_buf_ptr).
-                let piped = match req.op {
-                    IoOp::Write {
-                        fua: false,
-                        buf_off,
-                        len,
-                        ..
-                    } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
-                        s.conn.take_piped_write(req.task, buf_off, len)
-                    }
-                    _ => None,
-                };
-                if let (Some(mut data), IoOp::Write { offset, len, .. }) = (piped, req.op) {
-                    if let Some(sp) = self.spill.as_mut() {
-                        let w = crate::spill::SpillWrite {
-                            lun: req.lun,
-                            ptr: std::ptr::null(),
-                            len,
-                            offset,
-                            slot: idx,
-                            task: req.task,
-                            piped: Some(data),
-                        };
-                        // SAFETY: a piped write reads no memory of ours (ptr is unused);
-                        // the pipe travels with the job and comes back in its Done.
-                        match unsafe { sp.offer(w) } {
-                            Ok(()) => {
-                                s.ops += 1;
-                                continue;
-                            }
-                            Err(w) => match w.piped {
-                                Some(d) => data = d,
-                                None => unreachable!("the offered write had its pipe"),
-                            },
-                        }
-                    }
-                    let res = self.inline_writes.splice(
-                        self._files[req.lun].as_raw_fd(),
-                        &mut data,
-                        offset,
-                    );
-                    if data.is_drained() {
-                        if let Some(pipe) = data.into_empty_pipe() {
-                            self.pipes.put(pipe);
-                        }
-                    } else {
-                        s.conn.return_piped(req.task, data);
-                    }
-                    let mut o = Out::default();
-                    s.conn
-                        .on_io_done(req.task, res, &self.reg, &mut self.pool, &mut o);
-                    pending.push(o);
-                    continue;
-                }
                 let sqe = match req.op {
                     IoOp::Flush => opcode::Fsync::new(file)
                         .flags(types::FsyncFlags::DATASYNC)
@@ -784,9 +663,8 @@ impl Reactor {
                                         offset,
                                         slot: idx,
                                         task: req.task,
-                                        piped: None,
                                     };
-                                    if unsafe { sp.offer(w) }.is_ok() {
+                                    if unsafe { sp.offer(w) } {
                                         s.ops += 1;
                                         continue;
                                     }

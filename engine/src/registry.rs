@@ -38,9 +38,6 @@ pub struct Registry {
     pub replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
     /// Sessions in full feature phase, for status.
     pub sessions: std::sync::atomic::AtomicUsize,
-    /// Large write data segments spliced from the socket instead of received (splice_pipe.rs),
-    /// for status: shows the zero-copy path is in use.
-    pub spliced_writes: std::sync::atomic::AtomicU64,
     /// Held EXTENDED COPY outcomes per (session, list id), newest last, bounded.
     copy_results: std::sync::Mutex<std::collections::VecDeque<(u64, u8, crate::xcopy::CopyResult)>>,
 }
@@ -87,7 +84,6 @@ impl Registry {
             copy_results: Default::default(),
             role: std::sync::atomic::AtomicU8::new(role_code(config_role)),
             sessions: Default::default(),
-            spliced_writes: Default::default(),
             replication: std::sync::OnceLock::new(),
         })
     }

@@ -228,8 +228,7 @@ fn next_job(rx: &Receiver<SpillWrite>) -> Option<SpillWrite> {
 }
 
 /// A write to hand to the helper: `len` bytes from `ptr`, a task's buffer on the core
-/// thread (or, with `piped`, what is left in that pipe: splice_pipe.rs), to `offset` in LUN
-/// `lun`, for task `task` of connection slot `slot`.
+/// thread, to `offset` in LUN `lun`, for task `task` of connection slot `slot`.
 #[derive(Debug)]
 pub struct SpillWrite {
     pub lun: usize,
@@ -238,7 +237,6 @@ pub struct SpillWrite {
     pub offset: u64,
     pub slot: usize,
     pub task: u32,
-    pub piped: Option<crate::splice_pipe::Piped>,
 }
 
 // SAFETY: the buffer `ptr` points into is owned by a task on the core thread, which keeps it
@@ -246,14 +244,12 @@ pub struct SpillWrite {
 // helper only reads it.
 unsafe impl Send for SpillWrite {}
 
-/// What came back: the result a CQE would carry for the task's disk operation, and the
-/// pipe of a spliced write (empty, or holding what a short write left).
-#[derive(Debug)]
+/// What came back: the result a CQE would carry for the task's disk operation.
+#[derive(Debug, Clone, Copy)]
 pub struct Done {
     pub slot: usize,
     pub task: u32,
     pub res: i32,
-    pub piped: Option<crate::splice_pipe::Piped>,
 }
 
 /// A core thread's helper.
@@ -291,12 +287,11 @@ impl Spill {
                         tracing::debug!(core, error = %e, "spill helper placement");
                     }
                 }
-                while let Some(mut j) = next_job(&job_rx) {
-                    let res = match (files.get(j.lun), j.piped.as_mut()) {
-                        (Some(f), Some(p)) => p.write_rest_to(f.as_raw_fd(), j.offset),
+                while let Some(j) = next_job(&job_rx) {
+                    let res = match files.get(j.lun) {
                         // SAFETY: the job's buffer stays valid and unchanged until its Done
                         // is taken (see SpillWrite); the fd is ours and open.
-                        (Some(f), None) => unsafe {
+                        Some(f) => unsafe {
                             crate::inline_write::pwrite_chunked(
                                 f.as_raw_fd(),
                                 j.ptr,
@@ -304,13 +299,12 @@ impl Spill {
                                 j.offset,
                             )
                         },
-                        (None, _) => -libc::EBADF,
+                        None => -libc::EBADF,
                     };
                     let d = Done {
                         slot: j.slot,
                         task: j.task,
                         res,
-                        piped: j.piped,
                     };
                     if done_tx.send(d).is_err() {
                         return;
@@ -331,25 +325,23 @@ impl Spill {
     }
 
     /// Hands a plain write to the helper if it is large, the gate is open and the helper has
-    /// room; an error gives the write back for the caller to do itself.
+    /// room; false means the caller writes it itself.
     ///
     /// # Safety
-    /// If this returns Ok, `w.ptr..w.ptr + w.len` must stay valid and unchanged until the
+    /// If this returns true, `w.ptr..w.ptr + w.len` must stay valid and unchanged until the
     /// `Done` for (`w.slot`, `w.task`) has been taken with [`Spill::take_done`].
-    pub unsafe fn offer(&mut self, w: SpillWrite) -> Result<(), SpillWrite> {
+    pub unsafe fn offer(&mut self, w: SpillWrite) -> bool {
         if w.len < SPILL_MIN_BYTES || self.inflight >= MAX_SPILLED || !self.gates.is_open(self.core)
         {
-            return Err(w);
+            return false;
         }
-        let Some(jobs) = &self.jobs else {
-            return Err(w);
-        };
-        if let Err(e) = jobs.send(w) {
-            return Err(e.into_inner()); // the helper is gone (it panicked): write inline
+        let Some(jobs) = &self.jobs else { return false };
+        if jobs.send(w).is_err() {
+            return false; // the helper is gone (it panicked): write inline
         }
         self.inflight += 1;
         self.spilled_count += 1;
-        Ok(())
+        true
     }
 
     /// Whether this core's gate is open now: its CPU is saturated and another has room.
@@ -474,11 +466,10 @@ mod tests {
             offset,
             slot,
             task,
-            piped: None,
         };
         // SAFETY: the test keeps `data` alive and unchanged until it has taken every
         // completion (or dropped the Spill, which waits for the helper).
-        unsafe { s.offer(w) }.is_ok()
+        unsafe { s.offer(w) }
     }
 
     #[test]
@@ -511,7 +502,7 @@ mod tests {
         let done = wait(&mut s, 2);
         assert_eq!(done.len(), 2);
         assert_eq!(s.inflight, 0);
-        let by_task = |t: u32| done.iter().find(|d| d.task == t).unwrap();
+        let by_task = |t: u32| *done.iter().find(|d| d.task == t).unwrap();
         assert_eq!((by_task(7).slot, by_task(7).res), (3, n as i32));
         assert_eq!(by_task(8).res, -libc::EBADF);
         let back = std::fs::read(&path).unwrap();
