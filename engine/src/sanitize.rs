@@ -17,7 +17,7 @@ use crate::lun::Lun;
 pub const RATE_BYTES_PER_S: u64 = 128 << 20;
 const CHUNK_BYTES: usize = 1 << 20;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Kind {
     /// Write the pattern (inverted between passes when `invert`) `count` times.
     Overwrite {
@@ -26,6 +26,28 @@ pub enum Kind {
         count: u8,
     },
     BlockErase,
+}
+
+/// A summary, not the pattern's bytes: this goes into the log.
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kind::Overwrite {
+                pattern,
+                invert,
+                count,
+            } => {
+                let zeros = pattern.iter().all(|&b| b == 0);
+                write!(
+                    f,
+                    "Overwrite {{ pattern: {} bytes{}, invert: {invert}, count: {count} }}",
+                    pattern.len(),
+                    if zeros { " of zeros" } else { "" }
+                )
+            }
+            Kind::BlockErase => write!(f, "BlockErase"),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
