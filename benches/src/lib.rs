@@ -71,7 +71,15 @@ pub fn run_cli(args: BenchArgs) -> Result<()> {
     let report = run(&job)?;
     eprint!("{}", format_report(&report));
     if job.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        use std::io::Write as _;
+        let text = serde_json::to_string_pretty(&report)?;
+        // A reader that went away (`| head`) is not the benchmark's failure: the verdict
+        // below still decides the exit status.
+        if let Err(e) = writeln!(std::io::stdout(), "{text}") {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e.into());
+            }
+        }
     }
     if report.verify_mismatches > 0 {
         bail!("{} verify mismatches", report.verify_mismatches);
