@@ -692,6 +692,48 @@ fn failed_over_primary_rejoins_and_its_unacknowledged_tail_is_replaced() {
     );
 }
 
+/// The old primary after a failover, restarted as an operator would: with its unchanged
+/// configuration (`role = "primary"`) while the promoted peer serves newer data. It must
+/// not become a second primary serving its stale copy (a split brain made by a restart):
+/// it starts as secondary, says why in `status`, refuses initiator writes, and takes the
+/// peer's data, including the writes made while it was away.
+#[test]
+fn a_failed_over_primary_restarted_with_its_primary_config_starts_secondary() {
+    let _serial = serial();
+    let (mut a, b) = written_pair(18280, "64k", "8m");
+    a.kill9();
+    assert!(b.admin("promote").starts_with("ok"));
+    let state = b.dir.join("acks");
+    let o = verified_fill(&b.url(), "4m", &state);
+    assert!(o.status.success(), "{}", text(&o));
+    a.start();
+    wait_in_sync(&b, Duration::from_secs(30));
+    let status = a.admin("status");
+    assert!(
+        status.contains("role: secondary") && status.contains("is primary: started as secondary"),
+        "{status}\n{}",
+        a.log()
+    );
+    assert!(
+        !a.log().contains("SPLIT BRAIN") && !b.log().contains("SPLIT BRAIN"),
+        "a restart of the old primary was taken for a split brain:\n{}",
+        a.log()
+    );
+    let w = bench(
+        &a.url(),
+        &["--rw", "write", "--bs", "4k", "--size", "1m", "--once"],
+    );
+    assert!(
+        !w.status.success(),
+        "the restarted node took writes: {}",
+        text(&w)
+    );
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "the restarted node does not hold the promoted peer's data"
+    );
+}
+
 /// Waits for the pair to be in sync, writes the first `fill` bytes of A once (data to
 /// compare against, erase, unmap and copy from), then runs iscsi-test-cu's `tests` with
 /// `flags` against A; returns its output.

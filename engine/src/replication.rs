@@ -282,6 +282,8 @@ pub struct Replication {
     /// Set (and `intent_cv` notified) when a writer wants write-intent regions persisted.
     intent_asked: Mutex<bool>,
     intent_cv: std::sync::Condvar,
+    /// Why this node started in another role than its configuration says (for `status`).
+    start_note: Mutex<Option<String>>,
 }
 
 /// Write-intent regions no write touched for this long are forgotten (persisted as clean),
@@ -569,7 +571,11 @@ impl Replication {
             core_cpus,
             intent_asked: Mutex::new(false),
             intent_cv: std::sync::Condvar::new(),
+            start_note: Mutex::new(None),
         });
+        if reg.role() == Role::Primary {
+            rep.check_start_as_primary(reg);
+        }
         // A primary that restarts finds its peer state on disk; until the manager has
         // spoken with the peer, writes are tracked in the bitmap (never acked unmirrored
         // unless the peer is recorded outdated: suspend otherwise).
@@ -603,6 +609,38 @@ impl Replication {
 
     fn registry(&self) -> Option<Arc<Registry>> {
         self.reg.upgrade()
+    }
+
+    /// `role = "primary"` in the configuration is the role to start in, not an order to
+    /// make a second primary: after a failover the old primary is typically restarted with
+    /// its unchanged configuration while the peer serves as primary, with newer data. So,
+    /// like `twinsan promote`, the start asks the peer first (before any initiator is
+    /// served): if it answers as primary, this node starts as secondary and resyncs from
+    /// it. A peer that does not answer (down, unreachable, wrong key) does not stop the
+    /// start: then writes are tracked until it returns, as after any peer loss. Bounded by
+    /// the connect timeout (`replica_timeout_ms`) and `HANDSHAKE_TIMEOUT`.
+    fn check_start_as_primary(&self, reg: &Registry) {
+        let hellos = match self.connect(LINK_NONE) {
+            Ok((_stream, _rbuf, hellos)) => hellos,
+            Err(e) => {
+                tracing::info!(peer = %self.cfg.address, error = %e, "peer not reachable at start: starting as primary");
+                return;
+            }
+        };
+        if !hellos.iter().any(|h| h.flags.primary) {
+            return;
+        }
+        let why = format!(
+            "configured primary, but the peer {} ({}) is primary: started as secondary to \
+             avoid two primaries; this node resyncs from it (to switch over: `twinsan demote` \
+             there, then `twinsan promote` here)",
+            self.cfg.name, self.cfg.address
+        );
+        tracing::error!("{why}");
+        reg.set_role(Role::Secondary);
+        // `set_role` records the role through `reg.replication`, which is not set yet.
+        self.note_role(false);
+        *self.start_note.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
     /// The whole LUN `index` changed outside the mirrored write path (SANITIZE): every
@@ -659,6 +697,10 @@ impl Replication {
     }
 
     pub fn note_role(&self, primary: bool) {
+        if primary {
+            // Promoted on purpose: the note about the start no longer describes the node.
+            *self.start_note.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         for l in &self.luns {
             let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
             if m.flags.primary != primary {
@@ -1916,6 +1958,14 @@ impl Replication {
             "peer: {} at {} ({link})",
             self.cfg.name, self.cfg.address
         );
+        if let Some(note) = self
+            .start_note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = writeln!(s, "note: {note}");
+        }
         let now = now_ms(&self.epoch);
         for l in &self.luns {
             let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
