@@ -320,3 +320,87 @@ fn data_written_reads_back_and_lun_stays_sparse() {
         "LUN not sparse: {allocated} bytes allocated"
     );
 }
+
+/// RFC 7143 section 11.3.4: a write command with F = 1 says that no unsolicited Data-Out
+/// follows, even where InitialR2T=No would allow it. An initiator may send part of its
+/// first burst as immediate data and then wait: the target must solicit the rest with
+/// R2Ts (here from byte 4096 on), not wait for data that will never come. Then
+/// `twinsan bench` with ImmediateData=No sends the first burst as unsolicited Data-Out
+/// with F = 0 on the command, and every block reads back.
+#[test]
+fn a_final_write_command_with_partial_immediate_data_is_solicited_by_r2t() {
+    use benches::conn::rw16;
+    use proto::pdu::{initiator, opcode};
+    use std::time::Instant;
+    let d = Daemon::simple("final-bit", "16MiB", "");
+    let mut c = common::session_at(&d.addr, TARGET, "iqn.2026-11.io.twinsan:test-initiator", 2);
+    assert!(
+        !c.params.initial_r2t && c.params.immediate_data,
+        "the target no longer negotiates InitialR2T=No with ImmediateData=Yes: {:?}",
+        c.params
+    );
+    let data: Vec<u8> = (0..16384u32).map(|i| (i * 7 + 3) as u8).collect();
+    let itt = 0x1234;
+    let cdb = rw16(true, 64, 32);
+    let b = initiator::scsi_command(
+        c.lun,
+        itt,
+        c.cmd_sn,
+        c.exp_stat_sn,
+        false,
+        true,
+        16384,
+        &cdb,
+        4096,
+    );
+    c.cmd_sn = c.cmd_sn.wrapping_add(1);
+    c.queue(&b, &data[..4096]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    c.flush_blocking(deadline).expect("send");
+    let mut solicited = 4096u32;
+    loop {
+        let p = c
+            .recv_blocking(deadline)
+            .expect("the target neither solicited the rest of the data nor answered");
+        match p.v.opcode {
+            opcode::R2T => {
+                let (off, len) = (p.v.buffer_offset, p.v.word44);
+                assert_eq!(off, solicited, "R2T for data already sent");
+                let out =
+                    initiator::data_out(true, c.lun, itt, p.v.ttt, c.exp_stat_sn, 0, off, len);
+                c.queue(&out, &data[off as usize..(off + len) as usize]);
+                c.flush_blocking(deadline).expect("send");
+                solicited += len;
+            }
+            opcode::SCSI_RESPONSE => {
+                assert_eq!(p.v.status, 0, "the write failed");
+                break;
+            }
+            op => panic!("unexpected PDU {op:#04x}"),
+        }
+    }
+    assert_eq!(solicited, 16384, "GOOD before all data arrived");
+    let r = c.command_sync(&rw16(false, 64, 32), 16384).expect("read");
+    assert_eq!(r.status, 0);
+    assert!(r.data == data, "the write did not land as sent");
+    c.logout().expect("logout");
+
+    let o = common::bench(
+        &d.url(0),
+        &[
+            "--rw",
+            "randrw",
+            "--bs",
+            "4k-256k",
+            "--iodepth",
+            "8",
+            "--runtime",
+            "2",
+            "--verify",
+            "--immediate-data",
+            "no",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 mismatches"), "{}", text(&o));
+}

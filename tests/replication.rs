@@ -273,7 +273,7 @@ fn writes_land_on_both_nodes_identically() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        !text(&o).contains("verify: 0 reads checked"),
+        !text(&o).contains("verify: 0 blocks read back"),
         "no read was verified: {}",
         text(&o)
     );
@@ -440,21 +440,12 @@ fn reservations_follow_the_data_to_the_peer() {
     let (mut a, b) = pair(18150, "pair-test-psk-0123456789");
     wait_in_sync(&a, Duration::from_secs(20));
     let session = |port: u16| {
-        let mut c = benches::conn::Conn::connect(
+        common::session_at(
             &format!("127.0.0.1:{port}"),
-            benches::args::encode_lun(0),
-        )
-        .expect("connect");
-        c.login(
-            "iqn.2026-11.io.twinsan:esx1",
             TARGET,
-            [0x80, 1, 2, 3, 0, 1],
-            false,
-            None,
+            "iqn.2026-11.io.twinsan:esx1",
+            1,
         )
-        .expect("login");
-        c.until_ready().expect("ready");
-        c
     };
     // PERSISTENT RESERVE OUT, REGISTER key 0x1234 (24-byte parameter list).
     let mut c = session(a.iscsi_port);

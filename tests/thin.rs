@@ -10,17 +10,7 @@ use common::{
 };
 
 fn session(d: &Daemon) -> Conn {
-    let mut c = Conn::connect(&d.addr, benches::args::encode_lun(0)).expect("connect");
-    c.login(
-        "iqn.2026-11.io.twinsan:test-initiator",
-        TARGET,
-        [0x80, 0x12, 0x34, 0x56, 0, 1],
-        false,
-        None,
-    )
-    .expect("login");
-    c.until_ready().expect("unit ready");
-    c
+    common::session_at(&d.addr, TARGET, "iqn.2026-11.io.twinsan:test-initiator", 1)
 }
 
 fn unmap_cdb(param_len: u16) -> [u8; 10] {

@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Offer CRC32C header and data digests.
     #[arg(long)]
     pub digest: bool,
+    /// Offer ImmediateData at login (yes: write data rides with the command up to the
+    /// first burst; no: all of it follows as Data-Out PDUs, unsolicited or after R2T).
+    #[arg(long, value_enum, default_value_t = YesNo::Yes)]
+    pub immediate_data: YesNo,
     /// Write self-describing sectors and check every read against the last acknowledged write.
     #[arg(long)]
     pub verify: bool,
@@ -71,6 +75,13 @@ pub struct BenchArgs {
     /// Suppress the live progress line.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// A yes/no option value, spelled as iSCSI keys are.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YesNo {
+    Yes,
+    No,
 }
 
 /// Access pattern of a job.
@@ -216,6 +227,9 @@ pub fn parse_url(s: &str) -> anyhow::Result<IscsiUrl> {
     if target.is_empty() {
         bail!("{s:?}: missing target name");
     }
+    if lun > MAX_FLAT_LUN {
+        bail!("{s:?}: LUN {lun} is beyond {MAX_FLAT_LUN} (SAM flat space addressing)");
+    }
     Ok(IscsiUrl {
         host,
         port,
@@ -227,7 +241,13 @@ pub fn parse_url(s: &str) -> anyhow::Result<IscsiUrl> {
 }
 
 /// The 8-byte LUN field for a LUN number (SAM-5 peripheral or flat addressing).
+/// The largest LUN of SAM's flat space addressing (14 bits), what `encode_lun` encodes.
+pub const MAX_FLAT_LUN: u16 = 0x3fff;
+
+/// The 8-byte LUN field for `lun` (at most `MAX_FLAT_LUN`): peripheral addressing below
+/// 256, flat space addressing above.
 pub fn encode_lun(lun: u16) -> u64 {
+    debug_assert!(lun <= MAX_FLAT_LUN);
     if lun < 256 {
         (lun as u64) << 48
     } else {
@@ -252,6 +272,7 @@ pub struct Job {
     pub size: Option<u64>,
     pub initiator: String,
     pub digest: bool,
+    pub immediate_data: bool,
     pub verify: bool,
     pub verify_only: bool,
     pub verify_state: Option<PathBuf>,
@@ -316,6 +337,7 @@ impl BenchArgs {
             size: self.size,
             initiator: self.initiator.clone(),
             digest: self.digest,
+            immediate_data: self.immediate_data == YesNo::Yes,
             verify: self.verify || verify_only || self.verify_state.is_some(),
             verify_only,
             verify_state: self.verify_state.clone(),

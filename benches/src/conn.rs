@@ -71,15 +71,16 @@ impl Default for Params {
 }
 
 /// The operational keys we offer.
-pub fn offered_keys(digest: bool) -> Vec<TextPair> {
+pub fn offered_keys(digest: bool, immediate_data: bool) -> Vec<TextPair> {
     let d = if digest { "CRC32C,None" } else { "None" };
+    let imm = if immediate_data { "Yes" } else { "No" };
     vec![
         TextPair::new("HeaderDigest", d),
         TextPair::new("DataDigest", d),
         TextPair::new("MaxRecvDataSegmentLength", OUR_MRDSL.to_string()),
         TextPair::new("MaxBurstLength", (1u32 << 20).to_string()),
         TextPair::new("FirstBurstLength", (256u32 << 10).to_string()),
-        TextPair::new("ImmediateData", "Yes"),
+        TextPair::new("ImmediateData", imm),
         TextPair::new("InitialR2T", "No"),
         TextPair::new("MaxOutstandingR2T", "1"),
         TextPair::new("DataPDUInOrder", "Yes"),
@@ -211,6 +212,8 @@ pub struct Conn {
     pub lun: u64,
     pub last_rx: Instant,
     sync_itt: u32,
+    /// Offer ImmediateData=Yes at login (default); No sends all write data as Data-Out.
+    pub offer_immediate_data: bool,
 }
 
 impl Conn {
@@ -235,6 +238,7 @@ impl Conn {
             lun,
             last_rx: Instant::now(),
             sync_itt: 0x8000_0000,
+            offer_immediate_data: true,
         })
     }
 
@@ -475,7 +479,13 @@ impl Conn {
 
     /// Queues the NOP-Out that answers a target's ping.
     pub fn answer_nop(&mut self, p: &Pdu) {
-        let b = initiator::nop_out(RESERVED_TAG, p.v.ttt, self.cmd_sn, self.exp_stat_sn);
+        let b = initiator::nop_out(
+            p.v.lun,
+            RESERVED_TAG,
+            p.v.ttt,
+            self.cmd_sn,
+            self.exp_stat_sn,
+        );
         self.queue(&b, &[]);
     }
 
@@ -606,8 +616,13 @@ impl Conn {
             self.params = Params::default();
             return self.finish_login(v);
         }
-        let (mut v, answers) =
-            self.login_exchange(isid, true, Operational, FullFeature, &offered_keys(digest))?;
+        let (mut v, answers) = self.login_exchange(
+            isid,
+            true,
+            Operational,
+            FullFeature,
+            &offered_keys(digest, self.offer_immediate_data),
+        )?;
         let mut params = Params::default();
         apply_answers(&mut params, &answers)?;
         let mut rounds = 0;
@@ -745,7 +760,13 @@ impl Conn {
         if bl == 0 || !bl.is_multiple_of(512) {
             bail!("target reports block size {bl}");
         }
-        Ok(((last + 1) * bl as u64, bl))
+        let bytes = last
+            .checked_add(1)
+            .and_then(|blocks| blocks.checked_mul(bl as u64))
+            .ok_or_else(|| {
+                anyhow!("target reports an impossible capacity (last LBA {last}, {bl}-byte blocks)")
+            })?;
+        Ok((bytes, bl))
     }
 
     /// Logout (close session) and wait for the answer; PDUs for other tasks are dropped.
@@ -852,10 +873,13 @@ mod tests {
         );
         assert!(apply_answers(&mut p, &[TextPair::new("ErrorRecoveryLevel", "Reject")]).is_err());
         assert!(apply_answers(&mut p, &[TextPair::new("MaxBurstLength", "x")]).is_err());
-        let keys = offered_keys(true);
+        let keys = offered_keys(true, false);
         assert!(keys
             .iter()
             .any(|k| k.key == "HeaderDigest" && k.value == "CRC32C,None"));
+        assert!(keys
+            .iter()
+            .any(|k| k.key == "ImmediateData" && k.value == "No"));
     }
 
     #[test]

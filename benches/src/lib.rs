@@ -25,16 +25,17 @@ use report::{format_report, new_histogram, progress_line, JobSummary, Latency, R
 use verify::Tracker;
 use worker::{Plan, SessionResult, Shared, Worker};
 
+/// ISID qualifier of this process: random (type 0x80 is "random" in RFC 7143 section
+/// 11.12.5), so two bench processes with the same initiator name (in containers, PIDs
+/// repeat) never share an ISID and reinstate, i.e. close, each other's sessions.
 fn isid_for(session: usize) -> [u8; 6] {
-    let pid = std::process::id();
-    [
-        0x80,
-        (pid >> 16) as u8,
-        (pid >> 8) as u8,
-        pid as u8,
-        (session >> 8) as u8,
-        session as u8,
-    ]
+    static QUALIFIER: OnceLock<[u8; 3]> = OnceLock::new();
+    let q = QUALIFIER.get_or_init(|| {
+        let mut q = [0u8; 3];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut q);
+        q
+    });
+    [0x80, q[0], q[1], q[2], (session >> 8) as u8, session as u8]
 }
 
 fn chap_of(job: &Job) -> Result<Option<ChapInitiator>> {
@@ -52,6 +53,7 @@ fn chap_of(job: &Job) -> Result<Option<ChapInitiator>> {
 
 fn open_session(job: &Job, chap: Option<&ChapInitiator>, session: usize) -> Result<Conn> {
     let mut c = Conn::connect(&job.url.addr(), args::encode_lun(job.url.lun))?;
+    c.offer_immediate_data = job.immediate_data;
     c.login(
         &job.initiator,
         &job.url.target,
@@ -64,8 +66,10 @@ fn open_session(job: &Job, chap: Option<&ChapInitiator>, session: usize) -> Resu
     Ok(c)
 }
 
-/// Runs `twinsan bench` and prints its report. Errors (and verify mismatches, and failed
-/// commands) make it return `Err`, so the process exits non-zero.
+/// Runs `twinsan bench` and prints its report (and the JSON one), also for a run in which
+/// sessions failed: a failover test needs the figures of the run that saw the failure.
+/// Failed sessions, verify mismatches and failed commands make it return `Err`, so the
+/// process exits non-zero.
 pub fn run_cli(args: BenchArgs) -> Result<()> {
     let job = args.job()?;
     let report = run(&job)?;
@@ -81,6 +85,9 @@ pub fn run_cli(args: BenchArgs) -> Result<()> {
             }
         }
     }
+    if !report.failures.is_empty() {
+        bail!("{}", report.failures.join("; "));
+    }
     if report.verify_mismatches > 0 {
         bail!("{} verify mismatches", report.verify_mismatches);
     }
@@ -90,7 +97,8 @@ pub fn run_cli(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs one job and returns its report (failed sessions are an `Err`).
+/// Runs one job and returns its report; sessions that failed are listed in its
+/// `failures` (an `Err` is a job that could not start).
 pub fn run(job: &Job) -> Result<Report> {
     let chap = chap_of(job)?;
     // Probe: capacity and block size, on a session of its own.
@@ -231,7 +239,11 @@ pub fn run(job: &Job) -> Result<Report> {
         let t0 = *t0_cell.get_or_init(Instant::now);
         let measure_start = t0 + ramp;
         let tty = std::io::stderr().is_terminal();
+        let window_end = (!job.verify_only && !job.once).then(|| measure_start + runtime);
+        // CPU is sampled at the edges of the measured window (not the drain and logout),
+        // the interval whose I/Os it is divided by.
         let mut cpu0: Option<(u64, Option<u64>)> = None;
+        let mut cpu1: Option<(u64, Option<u64>)> = None;
         let (mut last_ios, mut last_bytes, mut last_t) = (0u64, 0u64, t0);
         let mut next_tick = t0 + Duration::from_secs(1);
         loop {
@@ -239,6 +251,12 @@ pub fn run(job: &Job) -> Result<Report> {
             let now = Instant::now();
             if cpu0.is_none() && now >= measure_start {
                 cpu0 = Some((
+                    report::self_cpu_us(),
+                    job.target_pid.and_then(report::proc_cpu_us),
+                ));
+            }
+            if cpu1.is_none() && window_end.is_some_and(|e| now >= e) {
+                cpu1 = Some((
                     report::self_cpu_us(),
                     job.target_pid.and_then(report::proc_cpu_us),
                 ));
@@ -277,10 +295,12 @@ pub fn run(job: &Job) -> Result<Report> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let end = Instant::now();
-        let cpu1 = (
-            report::self_cpu_us(),
-            job.target_pid.and_then(report::proc_cpu_us),
-        );
+        let cpu1 = cpu1.unwrap_or_else(|| {
+            (
+                report::self_cpu_us(),
+                job.target_pid.and_then(report::proc_cpu_us),
+            )
+        });
         if tty && !job.quiet {
             eprintln!();
         }
@@ -348,12 +368,14 @@ pub fn run(job: &Job) -> Result<Report> {
         read_latency_us: None,
         write_latency_us: None,
         errors: 0,
+        busy: 0,
         rejects: 0,
         verified_ios: 0,
         verify_mismatches: 0,
         bench_cpu_us_per_io: 0.0,
         target_cpu_us_per_io: None,
         target_cpu_cores: None,
+        failures: Vec::new(),
     };
     let mut failures = Vec::new();
     for s in &results {
@@ -365,6 +387,7 @@ pub fn run(job: &Job) -> Result<Report> {
         r.writes += s.writes;
         r.bytes += s.bytes;
         r.errors += s.errors;
+        r.busy += s.busy;
         r.rejects += s.rejects;
         r.verified_ios += s.verified;
         r.verify_mismatches += s.mismatches;
@@ -386,29 +409,13 @@ pub fn run(job: &Job) -> Result<Report> {
         r.target_cpu_us_per_io = Some(t as f64 / ios);
         r.target_cpu_cores = Some(t as f64 / 1e6 / secs);
     }
-    if !failures.is_empty() {
-        eprint!("{}", format_report(&r));
-        bail!("{}", failures.join("; "));
-    }
+    r.failures = failures;
     Ok(r)
 }
 
 impl Worker<'_> {
     /// An empty result, for a session that never got going.
     pub fn empty_result() -> SessionResult {
-        SessionResult {
-            all: new_histogram(),
-            read: new_histogram(),
-            write: new_histogram(),
-            ios: 0,
-            reads: 0,
-            writes: 0,
-            bytes: 0,
-            errors: 0,
-            rejects: 0,
-            verified: 0,
-            mismatches: 0,
-            failure: None,
-        }
+        SessionResult::default()
     }
 }

@@ -75,8 +75,11 @@ pub struct Report {
     pub latency_us: Latency,
     pub read_latency_us: Option<Latency>,
     pub write_latency_us: Option<Latency>,
-    /// Commands that ended in CHECK CONDITION or another non-GOOD status.
+    /// Commands that ended in CHECK CONDITION or another non-GOOD status, or moved less
+    /// data than asked with GOOD status.
     pub errors: u64,
+    /// Commands the target answered BUSY or TASK SET FULL (not run; not errors).
+    pub busy: u64,
     pub rejects: u64,
     pub verified_ios: u64,
     pub verify_mismatches: u64,
@@ -86,6 +89,8 @@ pub struct Report {
     pub target_cpu_us_per_io: Option<f64>,
     /// Fraction of one core the target used over the measured interval.
     pub target_cpu_cores: Option<f64>,
+    /// Sessions that ended in an error (connection lost, protocol violation), one line each.
+    pub failures: Vec<String>,
 }
 
 fn lat_line(out: &mut String, label: &str, l: &Latency) {
@@ -146,11 +151,18 @@ pub fn format_report(r: &Report) -> String {
         let _ = write!(out, ", target {t:.1} us ({c:.2} cores busy)");
     }
     out.push('\n');
-    let _ = writeln!(out, "  errors {}  rejects {}", r.errors, r.rejects);
+    let _ = write!(out, "  errors {}  rejects {}", r.errors, r.rejects);
+    if r.busy > 0 {
+        let _ = write!(out, "  busy {} (BUSY or TASK SET FULL, not run)", r.busy);
+    }
+    out.push('\n');
+    for f in &r.failures {
+        let _ = writeln!(out, "  FAILED {f}");
+    }
     if j.verify {
         let _ = writeln!(
             out,
-            "  verify: {} reads checked, {} mismatches",
+            "  verify: {} blocks read back and checked, {} mismatches",
             r.verified_ios, r.verify_mismatches
         );
     }
@@ -253,12 +265,14 @@ mod tests {
             read_latency_us: Some(Latency::of(&h)),
             write_latency_us: Some(Latency::of(&h)),
             errors: 0,
+            busy: 0,
             rejects: 0,
             verified_ios: 700,
             verify_mismatches: 0,
             bench_cpu_us_per_io: 12.34,
             target_cpu_us_per_io: Some(20.0),
             target_cpu_cores: Some(0.5),
+            failures: Vec::new(),
         }
     }
 
@@ -293,7 +307,10 @@ mod tests {
             s.contains("CPU per I/O: bench 12.3 us, target 20.0 us (0.50 cores busy)"),
             "{s}"
         );
-        assert!(s.contains("verify: 700 reads checked, 0 mismatches"), "{s}");
+        assert!(
+            s.contains("verify: 700 blocks read back and checked, 0 mismatches"),
+            "{s}"
+        );
     }
 
     #[test]

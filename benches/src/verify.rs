@@ -127,8 +127,10 @@ impl std::fmt::Display for Mismatch {
 /// from a write issued after the acknowledged one; a failed write may have reached the
 /// medium in part (SBC: its range is indeterminate), and a later failed write does not
 /// undo it. Older generations, zeros or other sectors' stamps are lost or misplaced data.
-/// `expected == 0` means "never written": zeros or any valid stamp is accepted, since the
-/// run does not know the history. Returns the first bad sector.
+/// `expected == 0` means "no acknowledged write in this ack log": the run does not know
+/// what the LUN held before (zeros, another tool's data, an older run's stamps), so zeros,
+/// unstamped data and any generation are accepted; only another sector's stamp (data
+/// written or read at the wrong place) is a mismatch. Returns the first bad sector.
 pub fn check(buf: &[u8], first_sector: u64, expected: u64, alternative: u64) -> Option<Mismatch> {
     for (i, s) in buf.chunks_exact(SECTOR).enumerate() {
         let sector = first_sector + i as u64;
@@ -137,8 +139,8 @@ pub fn check(buf: &[u8], first_sector: u64, expected: u64, alternative: u64) -> 
             SectorState::Gen(g) => {
                 expected == 0 || g == expected || (g > expected && g <= alternative)
             }
-            SectorState::Zero => expected == 0,
-            SectorState::WrongSector(_) | SectorState::Garbage => false,
+            SectorState::Zero | SectorState::Garbage => expected == 0,
+            SectorState::WrongSector(_) => false,
         };
         if !ok {
             return Some(Mismatch {
@@ -322,6 +324,26 @@ mod tests {
         let m = check(&b, 80, 7, 0).unwrap();
         assert_eq!((m.sector, m.found), (83, SectorState::Garbage));
         assert!(m.to_string().contains("corrupt"));
+    }
+
+    #[test]
+    fn unknown_history_accepts_foreign_data_but_not_another_sectors_block() {
+        // A unit whose only write failed (or that was never written) on a LUN that held
+        // other data before: that data is not a mismatch, a block stamped for another
+        // sector is (a write or read at the wrong place).
+        let foreign = vec![0x5au8; 1024];
+        assert_eq!(check(&foreign, 40, 0, 3), None);
+        assert_eq!(check(&foreign, 40, 0, 0), None);
+        assert_eq!(
+            check(&foreign, 40, 2, 3).unwrap().found,
+            SectorState::Garbage
+        );
+        let mut b = vec![0u8; 1024];
+        stamp(&mut b, 96, 5);
+        assert_eq!(
+            check(&b, 40, 0, 0).unwrap().found,
+            SectorState::WrongSector(96)
+        );
     }
 
     #[test]

@@ -15,6 +15,10 @@ use crate::conn::{describe_sense, rw16, Conn, Pdu};
 use crate::report::new_histogram;
 use crate::verify::{check, stamp, Tracker, SECTOR};
 
+/// SCSI status codes (SAM-5) the target uses to ask for a retry later.
+const STATUS_BUSY: u8 = 0x08;
+const STATUS_TASK_SET_FULL: u8 = 0x28;
+
 /// Counters shared with the progress printer.
 pub struct Shared {
     /// Completed I/Os (including the ramp).
@@ -52,14 +56,16 @@ pub struct SessionResult {
     pub writes: u64,
     pub bytes: u64,
     pub errors: u64,
+    /// Commands answered BUSY or TASK SET FULL (not run; the slot was reused).
+    pub busy: u64,
     pub rejects: u64,
     pub verified: u64,
     pub mismatches: u64,
     pub failure: Option<String>,
 }
 
-impl SessionResult {
-    fn new() -> Self {
+impl Default for SessionResult {
+    fn default() -> Self {
         Self {
             all: new_histogram(),
             read: new_histogram(),
@@ -69,6 +75,7 @@ impl SessionResult {
             writes: 0,
             bytes: 0,
             errors: 0,
+            busy: 0,
             rejects: 0,
             verified: 0,
             mismatches: 0,
@@ -104,6 +111,8 @@ struct Slot {
     gens: Vec<u64>,
     exps: Vec<(u64, u64)>,
     start: Instant,
+    /// Data-In bytes received for a read (a GOOD read must have delivered them all).
+    received: u64,
     buf: Vec<u8>,
 }
 
@@ -168,6 +177,7 @@ impl<'a> Worker<'a> {
                 gens: Vec::new(),
                 exps: Vec::new(),
                 start: Instant::now(),
+                received: 0,
                 buf: if verify {
                     vec![0u8; max_bytes as usize]
                 } else {
@@ -198,7 +208,7 @@ impl<'a> Worker<'a> {
             region,
             vo_next: idx,
             exhausted: false,
-            res: SessionResult::new(),
+            res: SessionResult::default(),
             recent: new_histogram(),
             last_merge: Instant::now(),
             sense_printed: 0,
@@ -367,7 +377,7 @@ impl<'a> Worker<'a> {
         s.write = write;
         s.unit = unit;
         s.n = n;
-        s.start = Instant::now();
+        s.received = 0;
         if let Some(t) = &self.plan.tracker {
             s.gens.clear();
             s.exps.clear();
@@ -382,6 +392,8 @@ impl<'a> Worker<'a> {
                 }
             }
         }
+        // Latency from here: stamping verify data is the harness's work, not the target's.
+        s.start = Instant::now();
         let lba = unit * bs / self.plan.block_size as u64;
         let blocks = (len / self.plan.block_size as u64) as u32;
         let cdb = rw16(write, lba, blocks);
@@ -397,7 +409,7 @@ impl<'a> Worker<'a> {
         } else {
             0
         };
-        let b = initiator::scsi_command(
+        let mut b = initiator::scsi_command(
             self.conn.lun,
             itt,
             self.conn.cmd_sn,
@@ -408,10 +420,19 @@ impl<'a> Worker<'a> {
             &cdb,
             imm,
         );
+        // With InitialR2T=No the first burst that immediate data did not carry follows as
+        // unsolicited Data-Out, which the command must announce (F = 0).
+        let unsolicited_end = if write && !p.initial_r2t {
+            (len as u32).min(p.first_burst)
+        } else {
+            imm
+        };
+        if unsolicited_end > imm {
+            initiator::unsolicited_data_follows(&mut b);
+        }
         self.conn.cmd_sn = self.conn.cmd_sn.wrapping_add(1);
         data.queue(&mut self.conn, &b, 0..imm as usize);
-        if write && !p.initial_r2t {
-            let unsolicited_end = (len as u32).min(p.first_burst);
+        if unsolicited_end > imm {
             send_data_out(
                 &mut self.conn,
                 data,
@@ -430,27 +451,29 @@ impl<'a> Worker<'a> {
         match v.opcode {
             opcode::DATA_IN => {
                 let i = self.slot_of(v.itt)?;
-                if self.plan.tracker.is_some() && !self.slots[i].write {
-                    let off = v.buffer_offset as usize;
+                let off = v.buffer_offset as u64;
+                let seg_len = p.data.len() as u64;
+                let len = self.slots[i].len_bytes(self.plan.bs);
+                if self.slots[i].write || off + seg_len > len {
+                    bail!(
+                        "Data-In beyond the transfer (ITT {:#x}, offset {off}, {seg_len} bytes, {len} expected)",
+                        v.itt
+                    );
+                }
+                self.slots[i].received += seg_len;
+                if self.plan.tracker.is_some() {
                     let seg = &self.conn.rbuf()[p.data.clone()];
-                    let len = self.slots[i].len_bytes(self.plan.bs) as usize;
-                    let buf = &mut self.slots[i].buf[..len];
-                    if off + seg.len() > buf.len() {
-                        bail!(
-                            "Data-In beyond the buffer (offset {off}, {} bytes)",
-                            seg.len()
-                        );
-                    }
-                    buf[off..off + seg.len()].copy_from_slice(seg);
+                    let (off, len) = (off as usize, len as usize);
+                    self.slots[i].buf[..len][off..off + seg.len()].copy_from_slice(seg);
                 }
                 if v.flags & 0x01 != 0 {
-                    self.complete(i, v.status, 0, &[]);
+                    self.complete(i, v.status, 0, v.flags, v.word44, &[]);
                 }
             }
             opcode::SCSI_RESPONSE => {
                 let i = self.slot_of(v.itt)?;
                 let sense = self.conn.rbuf()[p.data.clone()].to_vec();
-                self.complete(i, v.status, v.byte2, &sense);
+                self.complete(i, v.status, v.byte2, v.flags, v.word44, &sense);
             }
             opcode::R2T => {
                 let i = self.slot_of(v.itt)?;
@@ -476,15 +499,24 @@ impl<'a> Worker<'a> {
             }
             opcode::REJECT => {
                 self.res.rejects += 1;
+                // The data segment holds the rejected PDU's header.
                 let d = &self.conn.rbuf()[p.data.clone()];
-                let itt = if d.len() >= 20 {
-                    u32::from_be_bytes([d[16], d[17], d[18], d[19]])
+                let (rejected_op, itt) = if d.len() >= 20 {
+                    (
+                        d[0] & 0x3f,
+                        u32::from_be_bytes([d[16], d[17], d[18], d[19]]),
+                    )
                 } else {
-                    RESERVED_TAG
+                    (0xff, RESERVED_TAG)
                 };
-                eprintln!("twinsan bench: session {}: target rejected a PDU (reason {:#04x}, ITT {itt:#x})", self.idx, v.byte2);
-                if let Ok(i) = self.slot_of(itt) {
-                    self.fail(i);
+                eprintln!("twinsan bench: session {}: target rejected a PDU (reason {:#04x}, opcode {rejected_op:#04x}, ITT {itt:#x})", self.idx, v.byte2);
+                // A rejected command never became a task: its slot is free again. A rejected
+                // Data-Out (a data digest error, say) belongs to a task the target still
+                // ends with a response (RFC 7143 section 11.17.1), which frees the slot.
+                if rejected_op == opcode::SCSI_COMMAND {
+                    if let Ok(i) = self.slot_of(itt) {
+                        self.fail(i);
+                    }
                 }
             }
             opcode::ASYNC_MESSAGE => {
@@ -529,8 +561,43 @@ impl<'a> Worker<'a> {
         self.release(i);
     }
 
-    fn complete(&mut self, i: usize, status: u8, response: u8, sense: &[u8]) {
+    /// A command ended with `status` (and, from a SCSI Response, iSCSI `response`); `flags`
+    /// and `residual` are the final PDU's (U = 0x02, O = 0x04).
+    fn complete(
+        &mut self,
+        i: usize,
+        status: u8,
+        response: u8,
+        flags: u8,
+        residual: u32,
+        sense: &[u8],
+    ) {
         let now = Instant::now();
+        if response == 0 && matches!(status, STATUS_BUSY | STATUS_TASK_SET_FULL) {
+            // The target did not run it and asks us to retry later: flow control, not a
+            // failed command. The slot goes back; a write's generation stays pending.
+            self.res.busy += 1;
+            self.release(i);
+            return;
+        }
+        let len = self.slots[i].len_bytes(self.plan.bs);
+        let short = flags & 0x06 != 0 && residual != 0
+            || (!self.slots[i].write && status == 0 && self.slots[i].received != len);
+        if response == 0 && status == 0 && short {
+            if self.sense_printed < 10 {
+                self.sense_printed += 1;
+                let s = &self.slots[i];
+                eprintln!(
+                    "twinsan bench: session {}: {} at byte {} ended GOOD but moved {} of {len} bytes (residual {residual}, flags {flags:#04x})",
+                    self.idx,
+                    if s.write { "WRITE(16)" } else { "READ(16)" },
+                    s.unit * self.plan.bs,
+                    if s.write { len.saturating_sub(residual as u64) } else { s.received },
+                );
+            }
+            self.fail(i);
+            return;
+        }
         if response != 0 || status != 0 {
             if self.sense_printed < 10 {
                 self.sense_printed += 1;
@@ -561,11 +628,12 @@ impl<'a> Worker<'a> {
                     t.ack_write(unit, s.gens[k as usize]);
                     continue;
                 }
+                // A unit never written in this ack log is checked too: whatever it held
+                // before, it must not hold another sector's block.
                 let exp = s.exps[k as usize];
-                if exp == (0, 0) {
-                    continue;
+                if exp != (0, 0) {
+                    self.res.verified += 1;
                 }
-                self.res.verified += 1;
                 let at = (k * bs) as usize..((k + 1) * bs) as usize;
                 if let Some(m) = check(&s.buf[at], unit * bs / SECTOR as u64, exp.0, exp.1) {
                     self.res.mismatches += 1;
@@ -580,14 +648,22 @@ impl<'a> Worker<'a> {
         let lat = (now.duration_since(s.start).as_micros() as u64).max(1);
         self.shared.ios.fetch_add(1, Ordering::Relaxed);
         self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
-        if now >= self.plan.measure_start && self.plan.end.is_none_or(|e| now <= e) {
+        // Latency: every command issued in the measured window, also one that completes
+        // after it (in the drain): the slowest commands, a stall at the end of a failover
+        // test, would otherwise be the ones left out. Throughput: completions inside it.
+        if s.start >= self.plan.measure_start {
             let _ = self.res.all.record(lat);
             let _ = self.recent.record(lat);
+            let _ = if write {
+                self.res.write.record(lat)
+            } else {
+                self.res.read.record(lat)
+            };
+        }
+        if now >= self.plan.measure_start && self.plan.end.is_none_or(|e| now <= e) {
             if write {
-                let _ = self.res.write.record(lat);
                 self.res.writes += 1;
             } else {
-                let _ = self.res.read.record(lat);
                 self.res.reads += 1;
             }
             self.res.ios += 1;

@@ -886,8 +886,10 @@ impl Conn {
                     );
                     return;
                 }
-                // Unsolicited data allowed: immediate + (if InitialR2T=No) Data-Out up to FirstBurstLength.
-                let unsolicited = if initial_r2t {
+                // Unsolicited data: immediate + (if InitialR2T=No) Data-Out up to
+                // FirstBurstLength, unless F = 1 says none follows (RFC 7143 section
+                // 11.3.4): then everything after the immediate data is solicited by R2T.
+                let unsolicited = if initial_r2t || c.final_ {
                     data.len() as u32
                 } else {
                     first_burst.min(expected).max(data.len() as u32)

@@ -956,6 +956,15 @@ pub mod initiator {
         b
     }
 
+    /// Marks a SCSI Command BHS (from `scsi_command`, which sets F) as followed by
+    /// unsolicited Data-Out PDUs. RFC 7143 section 11.3.4: F = 1 on a write says that no
+    /// unsolicited Data-Out follows, and a target then solicits the rest with R2Ts; an
+    /// initiator that sends its first burst partly as Data-Out (InitialR2T=No) must clear it.
+    pub fn unsolicited_data_follows(bhs: &mut [u8; BHS_LEN]) {
+        debug_assert_eq!(bhs[0] & 0x3f, opcode::SCSI_COMMAND);
+        bhs[1] &= !0x80;
+    }
+
     /// A Data-Out BHS.
     #[allow(clippy::too_many_arguments)]
     pub fn data_out(
@@ -1018,10 +1027,13 @@ pub mod initiator {
     }
 
     /// A NOP-Out BHS.
-    pub fn nop_out(itt: u32, ttt: u32, cmd_sn: u32, exp_stat_sn: u32) -> [u8; BHS_LEN] {
+    /// A NOP-Out. Answering a ping (`ttt` not 0xffffffff), `lun` must be the NOP-In's LUN
+    /// (RFC 7143 section 11.18.2); otherwise it is sent as given (0 is customary).
+    pub fn nop_out(lun: u64, itt: u32, ttt: u32, cmd_sn: u32, exp_stat_sn: u32) -> [u8; BHS_LEN] {
         let mut b = [0u8; BHS_LEN];
         b[0] = 0x40 | opcode::NOP_OUT;
         b[1] = 0x80;
+        put64(&mut b, 8, lun);
         put32(&mut b, 16, itt);
         put32(&mut b, 20, ttt);
         put32(&mut b, 24, cmd_sn);
@@ -1035,6 +1047,8 @@ pub mod initiator {
 pub struct TargetView {
     pub opcode: u8,
     pub flags: u8,
+    /// LUN field (bytes 8..16): a NOP-In ping's must be echoed in the answer.
+    pub lun: u64,
     pub byte2: u8,
     pub status: u8,
     pub itt: u32,
@@ -1056,6 +1070,7 @@ pub fn parse_target(bhs: &[u8; BHS_LEN]) -> TargetView {
     TargetView {
         opcode: bhs[0] & 0x3f,
         flags: bhs[1],
+        lun: be64(bhs, 8),
         byte2: bhs[2],
         status: bhs[3],
         itt: be32(bhs, 16),

@@ -246,3 +246,19 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A logged-in session (from `twinsan bench`'s initiator) to LUN 0 of `target` at `addr`,
+/// as `initiator`, with ISID qualifier `isid_low` (sessions of one name must differ).
+pub fn session_at(addr: &str, target: &str, initiator: &str, isid_low: u8) -> benches::conn::Conn {
+    let mut c = benches::conn::Conn::connect(addr, benches::args::encode_lun(0)).expect("connect");
+    c.login(
+        initiator,
+        target,
+        [0x80, 0x12, 0x34, 0x56, 0, isid_low],
+        false,
+        None,
+    )
+    .expect("login");
+    c.until_ready().expect("unit ready");
+    c
+}
