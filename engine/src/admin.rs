@@ -14,6 +14,13 @@ use crate::registry::Registry;
 /// Longest command line accepted: the commands are single words plus a LUN.
 const MAX_LINE_BYTES: usize = 256;
 
+/// How long `demote` waits for running writes: long enough for a hung peer to be declared
+/// lost (`replica_timeout_ms`) and the writes to complete without it.
+fn demote_drain(reg: &Registry) -> Duration {
+    let timeout_ms = reg.config.peer.as_ref().map_or(0, |p| p.replica_timeout_ms);
+    Duration::from_millis(timeout_ms + 2_000)
+}
+
 /// Binds the socket (replacing a stale one) and serves it on a background thread.
 pub fn serve(path: &Path, reg: Arc<Registry>) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
@@ -63,12 +70,34 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             if let Some(why) = refusal {
                 return format!("error: not promoted: {why}\n");
             }
+            if let Some(rep) = reg.replication.get() {
+                if !rep.fence_for_promotion() {
+                    tracing::warn!(
+                        "a message from the old primary was still being applied at promotion"
+                    );
+                }
+            }
             let prev = reg.set_role(Role::Primary);
             format!("ok: role primary (was {})\n", role_name(prev))
         }
         "demote" => {
             let prev = reg.set_role(Role::Secondary);
-            format!("ok: role secondary (was {})\n", role_name(prev))
+            // New commands are refused from here; those already running finish mirrored,
+            // so the peer holds every write this node acknowledged before it is promoted.
+            let drained = reg
+                .replication
+                .get()
+                .is_none_or(|rep| rep.drain_after_demotion(reg, demote_drain(reg)));
+            if drained {
+                format!("ok: role secondary (was {})\n", role_name(prev))
+            } else {
+                format!(
+                    "ok: role secondary (was {}); warning: writes still running after {} ms \
+                     (the peer may be hung): check `twinsan status` before promoting the peer\n",
+                    role_name(prev),
+                    demote_drain(reg).as_millis()
+                )
+            }
         }
         "outdate-peer" => match reg.replication.get() {
             Some(rep) => {

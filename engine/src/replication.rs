@@ -284,6 +284,12 @@ pub struct Replication {
     intent_cv: std::sync::Condvar,
     /// Why this node started in another role than its configuration says (for `status`).
     start_note: Mutex<Option<String>>,
+    /// Set while this node is (or is becoming) primary: the apply side takes no more
+    /// messages from a peer that still thinks it is primary (its links may outlive our
+    /// promotion: `promote --force`, a healed partition).
+    apply_fenced: AtomicBool,
+    /// Messages being applied right now (a promotion waits for them).
+    applying: AtomicUsize,
 }
 
 /// Write-intent regions no write touched for this long are forgotten (persisted as clean),
@@ -343,6 +349,9 @@ const HEAD_CHUNK_BYTES: u64 = 4096;
 pub const RESYNC_RATE_BYTES_PER_S: u64 = 256 << 20;
 /// Frames we read at most while waiting for one (handshake): bounds a hostile peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra passes over regions dirtied again during a resync before it gives up (and retries
+/// later): each pass is only what failed behind the last one.
+const RESYNC_PASSES_MAX: u32 = 4;
 
 fn now_ms(epoch: &Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
@@ -485,7 +494,15 @@ impl Replication {
             // be on this node only. Without a persisted write-intent log, treat every
             // allocated region as possibly different, so the next resync covers the tail.
             let marker = running_marker(&lun.path);
-            let crash_unlogged = marker.exists() && !meta.flags.intent_log;
+            // The machine rebooted since (power loss, kernel crash), not just the process:
+            // the page cache went with it, so writes acknowledged here (or mirrored here)
+            // since the last flush may be missing anywhere, not only in the write-intent
+            // regions. Only a copy of every region makes the two nodes equal again.
+            let rebooted = marker.exists() && !same_boot(&marker);
+            if rebooted {
+                tracing::warn!(path = %lun.path.display(), "the machine restarted since this LUN was last open: every region will be resynced");
+            }
+            let crash_unlogged = marker.exists() && (!meta.flags.intent_log || rebooted);
             if marker.exists() && meta.flags.intent_log {
                 // The bitmap on disk holds the write-intent regions: exactly where writes
                 // may have been in flight. They stay set until a resync copies them.
@@ -505,7 +522,7 @@ impl Replication {
                 // our own bitmap suffices. A secondary originates no writes: what it applied
                 // alone is in the primary's dirty bitmap already (an unacknowledged mirror
                 // marks its region).
-                meta.flags.crashed |= meta.flags.primary;
+                meta.flags.crashed |= meta.flags.primary || rebooted;
             }
             // The role we start in, for the crash check above at the next start.
             let primary = reg.role() == Role::Primary;
@@ -514,7 +531,11 @@ impl Replication {
                 meta.flags.intent_log = true;
                 write_meta(&meta_path, &meta)?;
             }
-            File::create(&marker)?.sync_all()?;
+            {
+                let mut f = File::create(&marker)?;
+                f.write_all(boot_id().as_bytes())?;
+                f.sync_all()?;
+            }
             let state = if meta.flags.peer_outdated {
                 SyncState::PeerOutdated
             } else {
@@ -572,6 +593,8 @@ impl Replication {
             intent_asked: Mutex::new(false),
             intent_cv: std::sync::Condvar::new(),
             start_note: Mutex::new(None),
+            apply_fenced: AtomicBool::new(reg.role() == Role::Primary),
+            applying: AtomicUsize::new(0),
         });
         if reg.role() == Role::Primary {
             rep.check_start_as_primary(reg);
@@ -620,27 +643,74 @@ impl Replication {
     /// start: then writes are tracked until it returns, as after any peer loss. Bounded by
     /// the connect timeout (`replica_timeout_ms`) and `HANDSHAKE_TIMEOUT`.
     fn check_start_as_primary(&self, reg: &Registry) {
-        let hellos = match self.connect(LINK_NONE) {
-            Ok((_stream, _rbuf, hellos)) => hellos,
-            Err(e) => {
-                tracing::info!(peer = %self.cfg.address, error = %e, "peer not reachable at start: starting as primary");
-                return;
+        // Our own data first: a resync into this node that did not finish (or a
+        // `resolve --discard-local`) left it unusable, whatever the peer says.
+        let unusable = self.luns.iter().find(|l| {
+            let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.flags.inconsistent || m.flags.outdated
+        });
+        let why = if let Some(l) = unusable {
+            Some(format!(
+                "configured primary, but lun {:016x} here holds outdated or inconsistent data \
+                 (an unfinished resync into it): started as secondary; it resyncs from the \
+                 peer (`twinsan promote --force` serves it anyway)",
+                l.key
+            ))
+        } else {
+            match self.connect(LINK_NONE) {
+                Ok((_stream, _rbuf, hellos)) => self.peer_forbids_primary(&hellos),
+                Err(e) => {
+                    tracing::info!(peer = %self.cfg.address, error = %e, "peer not reachable at start: starting as primary");
+                    None
+                }
             }
         };
-        if !hellos.iter().any(|h| h.flags.primary) {
-            return;
-        }
-        let why = format!(
-            "configured primary, but the peer {} ({}) is primary: started as secondary to \
-             avoid two primaries; this node resyncs from it (to switch over: `twinsan demote` \
-             there, then `twinsan promote` here)",
-            self.cfg.name, self.cfg.address
-        );
+        let Some(why) = why else { return };
         tracing::error!("{why}");
         reg.set_role(Role::Secondary);
         // `set_role` records the role through `reg.replication`, which is not set yet.
         self.note_role(false);
+        self.apply_fenced.store(false, Ordering::Release);
         *self.start_note.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Why the peer that sent `hellos` at our start must stay the source: it is primary,
+    /// or it holds newer data than ours for some LUN (it was promoted while we were away
+    /// and restarted since as secondary).
+    fn peer_forbids_primary(&self, hellos: &[LunHello]) -> Option<String> {
+        let peer = format!("the peer {} ({})", self.cfg.name, self.cfg.address);
+        if hellos.iter().any(|h| h.flags.primary) {
+            return Some(format!(
+                "configured primary, but {peer} is primary: started as secondary to avoid two \
+                 primaries; this node resyncs from it (to switch over: `twinsan demote` there, \
+                 then `twinsan promote` here)"
+            ));
+        }
+        for l in &self.luns {
+            let Some(h) = hellos.iter().find(|h| h.lun_key == l.key) else {
+                continue;
+            };
+            let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            let ours = GenFlags {
+                outdated: m.flags.outdated,
+                inconsistent: m.flags.inconsistent,
+                primary: true,
+                crashed: m.flags.crashed,
+            };
+            let d = decide(&m.gen, ours, &h.gen, h.flags);
+            if matches!(
+                d,
+                Decision::SyncTargetBitmap | Decision::SyncTargetFull | Decision::SplitBrain
+            ) {
+                return Some(format!(
+                    "configured primary, but {peer} holds newer data for lun {:016x} ({d:?}): \
+                     started as secondary; promote it, or `twinsan promote` here once the \
+                     data is settled",
+                    l.key
+                ));
+            }
+        }
+        None
     }
 
     /// The whole LUN `index` changed outside the mirrored write path (SANITIZE): every
@@ -696,7 +766,68 @@ impl Replication {
         None
     }
 
+    /// This node's copy of LUN `key` can no longer be trusted anywhere (a failed fsync may
+    /// have dropped written pages): recorded like a crash, so the primary's next resync
+    /// copies every region into it.
+    fn distrust_local(&self, key: u64, why: &str) {
+        let Some(i) = self.lun_by_key(key) else {
+            return;
+        };
+        let l = &self.luns[i];
+        let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+        m.flags.crashed = true;
+        tracing::error!(
+            lun = key,
+            reason = why,
+            "local copy distrusted: the next resync copies every region"
+        );
+        if let Err(e) = l.persist(&m) {
+            tracing::error!(lun = key, error = %e, "cannot record the distrusted copy");
+        }
+    }
+
+    /// Before this node becomes primary: no message from the old primary is applied from
+    /// now on (its connections close), and the ones being applied finish first. Bounded by
+    /// one write's time; returns whether the apply side went quiet.
+    pub fn fence_for_promotion(&self) -> bool {
+        self.apply_fenced.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        while self.applying.load(Ordering::SeqCst) > 0 {
+            if t.elapsed() >= PROMOTE_WAIT {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// After a demotion, with initiators refused already: waits (up to `timeout`) until
+    /// the writes that were running finished, each mirrored and answered. Returns whether
+    /// they did.
+    pub fn drain_after_demotion(&self, reg: &Registry, timeout: Duration) -> bool {
+        let t = Instant::now();
+        loop {
+            let quiet = reg.luns.iter().all(|l| l.ranges.held() == 0)
+                && self.links.iter().all(|l| {
+                    l.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_empty()
+                });
+            if quiet {
+                return true;
+            }
+            if t.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn note_role(&self, primary: bool) {
+        if !primary {
+            self.apply_fenced.store(false, Ordering::Release);
+        }
         if primary {
             // Promoted on purpose: the note about the start no longer describes the node.
             *self.start_note.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -889,6 +1020,22 @@ impl Replication {
                     continue;
                 }
             };
+            // Counted before the fence is read, so a promotion that set the fence either
+            // stops this message or waits for it (fence_for_promotion).
+            self.applying.fetch_add(1, Ordering::SeqCst);
+            struct Applying<'a>(&'a AtomicUsize);
+            impl Drop for Applying<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _applying = Applying(&self.applying);
+            if self.apply_fenced.load(Ordering::SeqCst) {
+                tracing::warn!(
+                    "this node is primary now: closing the old primary's replica connection"
+                );
+                return Err(std::io::Error::other("this node was promoted"));
+            }
             let msg = match frame {
                 // The hot path: straight from the receive buffer to the file.
                 Frame::Write(w) => Err(self.apply(
@@ -949,14 +1096,25 @@ impl Replication {
                     }
                 }),
                 Ok(Message::Flush { lun_key }) => {
-                    self.apply(&mut files, lun_key, (0, 0), |f| f.sync_data())
+                    let status = self.apply(&mut files, lun_key, (0, 0), |f| f.sync_data());
+                    if status != AckStatus::Ok {
+                        self.distrust_local(lun_key, "a flush failed");
+                    }
+                    status
                 }
                 Ok(Message::ResyncDone { lun_key, gen }) => match self.lun_by_key(lun_key) {
                     None => AckStatus::Refused,
-                    Some(i) => {
+                    Some(i) => 'done: {
                         let l = &self.luns[i];
-                        if let Some(f) = files.get(&i) {
-                            let _ = f.sync_data();
+                        // Everything copied (and punched) must be on stable storage before
+                        // the source forgets which regions it copied.
+                        let synced = match files.get(&i) {
+                            Some(f) => f.sync_data(),
+                            None => File::open(&l.backing).and_then(|f| f.sync_data()),
+                        };
+                        if let Err(e) = synced {
+                            self.distrust_local(lun_key, "the resync's flush failed");
+                            break 'done AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO));
                         }
                         let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
                         m.gen.resync_done_target(&gen);
@@ -1173,11 +1331,26 @@ impl Replication {
                     next = rx.try_recv().ok();
                 }
             }
-            // Recorded before the bytes leave: an ack can only follow the write.
-            link.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(batch.drain(..));
+            // Recorded before the bytes leave: an ack can only follow the write. Under the
+            // transition lock: a peer loss since the check above drained `pending` already,
+            // and what it did not see must be recorded like any write while the peer is away
+            // (nothing would ever answer it otherwise).
+            {
+                let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+                if self.peer_up.load(Ordering::Acquire) {
+                    link.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(batch.drain(..));
+                }
+            }
+            if !batch.is_empty() {
+                for (_, p) in batch.drain(..) {
+                    let range = (p.len > 0).then_some((p.offset, p.len));
+                    self.degraded_range(core, p.token, p.lun, range);
+                }
+                continue;
+            }
             let sent = stream.as_mut().map(|s| self.send_watched(s, &wbuf));
             if let Some(Err(e)) = sent {
                 tracing::debug!(core, error = %e, "replica link send failed");
@@ -1282,7 +1455,9 @@ impl Replication {
                     let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
                     acks.drain(..)
                         .filter_map(|(seq, status)| match pending.get(&seq) {
-                            Some(p) if status != AckStatus::Ok && p.len > 0 => {
+                            // Any failure detaches the peer: a failed flush may have lost
+                            // its pages, a refused reservation leaves its state different.
+                            Some(p) if status != AckStatus::Ok => {
                                 peer_failed_data.get_or_insert((status, p.offset));
                                 None
                             }
@@ -1394,15 +1569,27 @@ impl Replication {
         if self.peer_up.load(Ordering::Acquire) {
             return Some(req);
         }
-        let lun = &self.luns[req.lun];
         let range = match &req.op {
             RepOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
             RepOp::Zero { offset, len, .. } => Some((*offset, *len)),
             RepOp::Flush | RepOp::PrState(_) => None,
         };
+        drop(_t);
+        self.degraded_range(core, req.token, req.lun, range);
+        None
+    }
+
+    /// Records `range` of LUN `lun` (if any) as changed while the peer is away, durably
+    /// when new, and answers request `token` (degrade) or holds it (suspend).
+    fn degraded_range(&self, core: usize, token: u64, lun_index: usize, range: Option<(u64, u64)>) {
+        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+        let lun = &self.luns[lun_index];
         if let Some((off, len)) = range {
             let mut m = lun.meta.lock().unwrap_or_else(|p| p.into_inner());
-            if !m.bitmap.covers(off, len) {
+            // Covered regions alone are not a record: after a restart they are the
+            // write-intent regions, and the peer is not yet recorded outdated (nor the
+            // generation bumped) until this write makes it so.
+            if !m.bitmap.covers(off, len) || !m.flags.peer_outdated {
                 m.bitmap.mark(off, len);
                 if !m.flags.peer_outdated {
                     m.flags.peer_outdated = true;
@@ -1410,17 +1597,13 @@ impl Replication {
                 }
                 if let Err(e) = lun.persist(&m) {
                     tracing::error!(error = %e, "cannot persist the dirty bitmap; failing the write");
-                    let _ = self.links[core].done_tx.send(RepDone {
-                        token: req.token,
-                        ok: false,
-                    });
+                    let _ = self.links[core].done_tx.send(RepDone { token, ok: false });
                     self.links[core].bell.ring();
-                    return None;
+                    return;
                 }
             }
         }
-        self.complete_degraded(core, req.token, req.lun);
-        None
+        self.complete_degraded(core, token, lun_index);
     }
 
     fn complete_degraded(&self, core: usize, token: u64, lun: usize) {
@@ -1703,27 +1886,78 @@ impl Replication {
                 );
                 copied += self.copy_range(s, rbuf, wbuf, &file, l, start, end)?;
             }
-            for region in regions {
-                copied +=
-                    self.copy_region(s, rbuf, wbuf, &file, &reg.luns[i], l, region, region_bytes)?;
-                l.resync_done_bytes
-                    .fetch_add(region_bytes, Ordering::Relaxed);
-                let due = Duration::from_secs_f64(copied as f64 / RESYNC_RATE_BYTES_PER_S as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(wait);
+            // Passes until the bitmap is clean: a region can be dirtied again behind the
+            // pass (a mirrored write the peer failed, a write that failed here after being
+            // mirrored), and the peer may only hear "done" when it holds everything.
+            let mut pass = regions;
+            let mut passes = 0;
+            let gen = loop {
+                for region in pass {
+                    if !self.peer_up.load(Ordering::Acquire) {
+                        return Err(std::io::Error::other("the peer was lost during the resync"));
+                    }
+                    copied += self.copy_region(
+                        s,
+                        rbuf,
+                        wbuf,
+                        &file,
+                        &reg.luns[i],
+                        l,
+                        region,
+                        region_bytes,
+                    )?;
+                    l.resync_done_bytes
+                        .fetch_add(region_bytes, Ordering::Relaxed);
+                    let due =
+                        Duration::from_secs_f64(copied as f64 / RESYNC_RATE_BYTES_PER_S as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
                 }
-            }
-            let gen = {
+                // Under the transition lock: a peer loss either happened before (and its
+                // record stands: no completion) or comes after the completion is persisted
+                // (and records the peer outdated again).
+                let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+                if !self.peer_up.load(Ordering::Acquire) {
+                    return Err(std::io::Error::other("the peer was lost during the resync"));
+                }
                 let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
-                if initial || m.gen.current == 0 {
-                    m.gen.bump(random8());
+                let dirty: Vec<u64> = m.bitmap.iter_dirty().collect();
+                if dirty.is_empty() {
+                    if initial || m.gen.current == 0 {
+                        m.gen.bump(random8());
+                    }
+                    m.gen.resync_done_source();
+                    m.flags.peer_outdated = false;
+                    m.flags.crashed = false;
+                    l.persist(&m)?;
+                    break m.gen;
                 }
-                m.gen.resync_done_source();
-                m.flags.peer_outdated = false;
-                m.flags.crashed = false;
-                l.persist(&m)?;
-                m.gen
+                passes += 1;
+                if passes > RESYNC_PASSES_MAX {
+                    return Err(std::io::Error::other(format!(
+                        "{} regions keep getting dirty during the resync",
+                        dirty.len()
+                    )));
+                }
+                l.resync_total_bytes
+                    .fetch_add(dirty.len() as u64 * region_bytes, Ordering::Relaxed);
+                pass = dirty;
             };
+            // Reservations changed while the peer was away were not mirrored: the peer
+            // takes the current state before it is declared up to date.
+            let pr = reg.luns[i].with_pr(|st| st.encode());
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            send(
+                s,
+                &Message::PrState {
+                    lun_key: l.key,
+                    state: pr,
+                },
+                seq,
+                wbuf,
+            )?;
+            expect_ok(recv(s, rbuf)?.0, "resync reservations")?;
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
             send(
                 s,
@@ -1751,6 +1985,12 @@ impl Replication {
                 copied_bytes = copied,
                 "resync complete; mirroring"
             );
+        }
+        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.peer_up.load(Ordering::Acquire) {
+            // Held writes were recorded by the loss; they stay held (suspend) until the
+            // next resync or `outdate-peer`.
+            return Err(std::io::Error::other("the peer was lost during the resync"));
         }
         self.outdate_requested.store(false, Ordering::Release);
         self.release_suspended();
@@ -2027,7 +2267,9 @@ impl Replication {
 
     /// Whether writes to LUN `lun` are mirrored (or tracked) by this node.
     pub fn replicates(&self) -> bool {
-        self.is_primary()
+        // Not the role: initiators' writes reach only a primary, but a write that was
+        // running when the node was demoted is still mirrored (drain_after_demotion).
+        true
     }
 
     /// Whether a write to `[offset, offset + len)` of LUN `lun` may be issued now: on the
@@ -2037,7 +2279,7 @@ impl Replication {
         let Some(l) = self.luns.get(lun) else {
             return true;
         };
-        if l.intent.ready(offset, len) || !self.is_primary() {
+        if l.intent.ready(offset, len) {
             return true;
         }
         *self.intent_asked.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -2112,6 +2354,20 @@ impl Replication {
 }
 
 /// `lun0.img.running`: present while a daemon serves the LUN with replication.
+/// This boot's id (Linux: a random UUID per boot); empty when unknown.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether the running marker was written during this boot (an unknown boot counts as
+/// another: the safe answer, a full resync).
+fn same_boot(marker: &std::path::Path) -> bool {
+    let now = boot_id();
+    !now.is_empty() && std::fs::read_to_string(marker).is_ok_and(|then| then.trim() == now)
+}
+
 fn running_marker(backing: &std::path::Path) -> PathBuf {
     let mut p = backing.as_os_str().to_owned();
     p.push(".running");
