@@ -1648,12 +1648,12 @@ fn mirror_pr(reg: &Registry, t: &mut Task, idx: u32, out: &mut Out) {
     if !rep.replicates() || t.lun == usize::MAX {
         return;
     }
-    let state = reg.luns[t.lun].with_pr(|st| st.encode());
+    let (state, version) = reg.luns[t.lun].pr_snapshot();
     t.rep_inflight += 1;
     out.rep.push(RepReq {
         token: idx as u64,
         lun: t.lun,
-        op: RepOp::PrState(state),
+        op: RepOp::PrState { state, version },
     });
 }
 

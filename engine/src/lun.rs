@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::config::{derive_naa_id, CacheMode, LunConfig};
 use crate::range_lock::RangeLock;
 use crate::ua::UaLog;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proto::scsi::mode::ModeState;
@@ -76,6 +76,9 @@ pub struct Lun {
     /// Persistent reservations and SPC-2 reservations: one state per LUN, the single place
     /// the replica link mirrors to the peer.
     pub pr: Mutex<PrState>,
+    /// Counts changes of `pr` as mirrored (pr_snapshot): the peer applies snapshots in
+    /// this order, whichever core's link carried them.
+    pub pr_version: AtomicU64,
     /// Whether any registration or reservation exists: commands on a LUN nobody reserved
     /// skip the lock entirely.
     pub pr_active: AtomicBool,
@@ -174,6 +177,7 @@ impl Lun {
             soft_threshold_percent: cfg.soft_threshold_percent,
             sanitize: Default::default(),
             pr: Mutex::new(pr),
+            pr_version: AtomicU64::new(0),
             pr_active,
             pr_path,
             threshold_raised: AtomicBool::new(false),
@@ -228,6 +232,15 @@ impl Lun {
         let r = f(&mut st);
         self.pr_active.store(pr_in_use(&st), Ordering::Release);
         r
+    }
+
+    /// The reservation state, encoded, with its version: taken under the state's lock,
+    /// so a later version is never an older state.
+    pub fn pr_snapshot(&self) -> (Vec<u8>, u64) {
+        self.with_pr(|st| {
+            let version = self.pr_version.fetch_add(1, Ordering::Relaxed) + 1;
+            (st.encode(), version)
+        })
     }
 
     /// Whether commands must be checked against reservations.

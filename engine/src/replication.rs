@@ -134,8 +134,12 @@ pub enum RepOp {
         unmap: bool,
     },
     Flush,
-    /// The LUN's persistent reservation state changed (encoded `PrState`).
-    PrState(Vec<u8>),
+    /// The LUN's persistent reservation state changed (encoded `PrState`, and its
+    /// `Lun::pr_snapshot` version).
+    PrState {
+        state: Vec<u8>,
+        version: u64,
+    },
 }
 
 /// A core's request: `token` names the task (slot and task index) for the answer.
@@ -208,6 +212,8 @@ pub struct RepLun {
     /// This node crashed under metadata without a write-intent log (an older version): the
     /// next resync must compare every region, as nothing names the in-flight ones.
     crash_unlogged: AtomicBool,
+    /// On a secondary: the (origin, version) of the reservation state applied last.
+    pr_applied: Mutex<(u64, u64)>,
 }
 
 impl RepLun {
@@ -290,6 +296,8 @@ pub struct Replication {
     apply_fenced: AtomicBool,
     /// Messages being applied right now (a promotion waits for them).
     applying: AtomicUsize,
+    /// This process's instance id, the `origin` of the reservation snapshots it sends.
+    instance: u64,
 }
 
 /// Write-intent regions no write touched for this long are forgotten (persisted as clean),
@@ -546,6 +554,7 @@ impl Replication {
                 size_bytes: lun.size_bytes,
                 intent,
                 crash_unlogged: AtomicBool::new(crash_unlogged),
+                pr_applied: Mutex::new((0, 0)),
                 key: lun.naa_id,
                 meta: Mutex::new(meta),
                 meta_path,
@@ -595,6 +604,7 @@ impl Replication {
             start_note: Mutex::new(None),
             apply_fenced: AtomicBool::new(reg.role() == Role::Primary),
             applying: AtomicUsize::new(0),
+            instance: u64::from_le_bytes(random8()),
         });
         if reg.role() == Role::Primary {
             rep.check_start_as_primary(reg);
@@ -1133,14 +1143,35 @@ impl Replication {
                         }
                     }
                 },
-                Ok(Message::PrState { lun_key, state }) => {
+                Ok(Message::PrState {
+                    lun_key,
+                    origin,
+                    version,
+                    state,
+                }) => {
                     match (self.lun_by_key(lun_key), self.registry()) {
                         (Some(i), Some(reg)) => match proto::scsi::pr::PrState::decode(&state) {
                             Ok(st) => {
-                                let lun = &reg.luns[i];
-                                lun.with_pr(|cur| *cur = st.clone());
-                                let _ = lun.persist_pr(&st);
-                                AckStatus::Ok
+                                // Checked and applied under one lock: PR snapshots arrive on
+                                // every core's link, and an older one (overtaken on another
+                                // link) must not replace a newer state.
+                                let mut applied = self.luns[i]
+                                    .pr_applied
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner());
+                                if pr_snapshot_supersedes(*applied, (origin, version)) {
+                                    *applied = (origin, version);
+                                    let lun = &reg.luns[i];
+                                    lun.with_pr(|cur| *cur = st.clone());
+                                    match lun.persist_pr(&st) {
+                                        Ok(()) => AckStatus::Ok,
+                                        Err(e) => AckStatus::IoError(
+                                            e.raw_os_error().unwrap_or(libc::EIO),
+                                        ),
+                                    }
+                                } else {
+                                    AckStatus::Ok
+                                }
                             }
                             Err(_) => AckStatus::Refused,
                         },
@@ -1416,9 +1447,11 @@ impl Replication {
                 len,
             ),
             RepOp::Flush => (Message::Flush { lun_key: key }, 0, 0),
-            RepOp::PrState(state) => (
+            RepOp::PrState { state, version } => (
                 Message::PrState {
                     lun_key: key,
+                    origin: self.instance,
+                    version,
                     state,
                 },
                 0,
@@ -1572,7 +1605,7 @@ impl Replication {
         let range = match &req.op {
             RepOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
             RepOp::Zero { offset, len, .. } => Some((*offset, *len)),
-            RepOp::Flush | RepOp::PrState(_) => None,
+            RepOp::Flush | RepOp::PrState { .. } => None,
         };
         drop(_t);
         self.degraded_range(core, req.token, req.lun, range);
@@ -1946,12 +1979,14 @@ impl Replication {
             };
             // Reservations changed while the peer was away were not mirrored: the peer
             // takes the current state before it is declared up to date.
-            let pr = reg.luns[i].with_pr(|st| st.encode());
+            let (pr, version) = reg.luns[i].pr_snapshot();
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
             send(
                 s,
                 &Message::PrState {
                     lun_key: l.key,
+                    origin: self.instance,
+                    version,
                     state: pr,
                 },
                 seq,
@@ -2354,6 +2389,13 @@ impl Replication {
 }
 
 /// `lun0.img.running`: present while a daemon serves the LUN with replication.
+/// Whether reservation snapshot `next` (origin, version) replaces the one applied last:
+/// a newer version from the same primary instance, or anything from another instance (a
+/// new primary, or the same one restarted: its versions start again).
+fn pr_snapshot_supersedes(applied: (u64, u64), next: (u64, u64)) -> bool {
+    applied.0 != next.0 || next.1 > applied.1
+}
+
 /// This boot's id (Linux: a random UUID per boot); empty when unknown.
 fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -2551,6 +2593,18 @@ mod tests {
             self.bytes = &self.bytes[n..];
             Ok(n)
         }
+    }
+
+    #[test]
+    fn an_overtaken_reservation_snapshot_does_not_replace_a_newer_one() {
+        let applied = (7, 5);
+        assert!(
+            !pr_snapshot_supersedes(applied, (7, 4)),
+            "older, other link"
+        );
+        assert!(!pr_snapshot_supersedes(applied, (7, 5)), "the same again");
+        assert!(pr_snapshot_supersedes(applied, (7, 6)));
+        assert!(pr_snapshot_supersedes(applied, (9, 1)), "a new primary");
     }
 
     #[test]

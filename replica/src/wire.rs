@@ -162,6 +162,12 @@ pub enum Message {
     PrState {
         /// LUN.
         lun_key: u64,
+        /// The sending primary's instance (random per start): versions compare only
+        /// within one instance.
+        origin: u64,
+        /// Increases with every state change at `origin`: PR OUTs on different cores
+        /// travel on different links, and an older snapshot must not replace a newer one.
+        version: u64,
         /// Opaque encoded state.
         state: Vec<u8>,
     },
@@ -340,9 +346,16 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
             out.push(u8::from(*unmap));
         }
         Message::Flush { lun_key } => put_u64(out, *lun_key),
-        Message::PrState { lun_key, state } => {
+        Message::PrState {
+            lun_key,
+            origin,
+            version,
+            state,
+        } => {
             assert!(state.len() <= PR_STATE_BYTES_MAX, "PR state too long");
             put_u64(out, *lun_key);
+            put_u64(out, *origin);
+            put_u64(out, *version);
             out.extend_from_slice(state);
         }
         Message::Ack { seq, status } => {
@@ -661,6 +674,8 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
         },
         PR_STATE => Message::PrState {
             lun_key: reader.u64()?,
+            origin: reader.u64()?,
+            version: reader.u64()?,
             state: reader.rest(PR_STATE_BYTES_MAX, "pr state length")?,
         },
         ACK => {
@@ -971,8 +986,14 @@ mod tests {
                 }
             ),
             any::<u64>().prop_map(|lun_key| Message::Flush { lun_key }),
-            (any::<u64>(), bytes())
-                .prop_map(|(lun_key, state)| Message::PrState { lun_key, state }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), bytes()).prop_map(
+                |(lun_key, origin, version, state)| Message::PrState {
+                    lun_key,
+                    origin,
+                    version,
+                    state
+                }
+            ),
             (any::<u64>(), arb_status()).prop_map(|(seq, status)| Message::Ack { seq, status }),
             (any::<u64>(), any::<u64>(), bytes()).prop_map(|(lun_key, offset_bytes, data)| {
                 Message::ResyncData {
