@@ -1773,11 +1773,16 @@ impl Replication {
                 match d {
                     Decision::InSync => m.bitmap.iter_dirty().collect::<Vec<_>>(),
                     Decision::SyncSourceBitmap => m.bitmap.iter_dirty().collect(),
-                    // Copy only allocated regions: a thin LUN stays thin on the peer.
+                    // Every region, but only allocated ones travel as data: a hole
+                    // goes as a deallocation (copy_region), so a thin LUN stays thin on
+                    // the peer, and whatever the peer's file held there before (a reused
+                    // image, a lost metadata file) does not survive as a difference.
                     Decision::InitialSync {
                         source_is_local: true,
                     }
-                    | Decision::SyncSourceFull => allocated_regions(&reg.luns[i], per),
+                    | Decision::SyncSourceFull => {
+                        (0..reg.luns[i].size_bytes.div_ceil(per)).collect()
+                    }
                     Decision::SplitBrain => {
                         l.set_state(SyncState::SplitBrain);
                         tracing::error!(lun = l.key, local = ?gen, peer = ?h.gen, "SPLIT BRAIN: both nodes changed the data; not resolved automatically");
