@@ -776,6 +776,40 @@ impl Replication {
         None
     }
 
+    /// On a secondary, when a primary's control connection arrives: every LUN for which it
+    /// holds newer data is recorded outdated here before any resync starts, so that a
+    /// promotion of this node while the resync is still on its way (to this LUN, or to
+    /// one before it) is refused instead of serving stale data. The resync's completion
+    /// clears it.
+    fn note_primary_ahead(&self, hellos: &[LunHello]) {
+        for l in &self.luns {
+            let Some(h) = hellos.iter().find(|h| h.lun_key == l.key) else {
+                continue;
+            };
+            let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+            let ours = GenFlags {
+                outdated: m.flags.outdated,
+                inconsistent: m.flags.inconsistent,
+                primary: false,
+                crashed: m.flags.crashed,
+            };
+            let behind = matches!(
+                decide(&m.gen, ours, &h.gen, h.flags),
+                Decision::SyncTargetBitmap
+                    | Decision::SyncTargetFull
+                    | Decision::InitialSync {
+                        source_is_local: false
+                    }
+            );
+            if behind && !m.flags.outdated {
+                m.flags.outdated = true;
+                if let Err(e) = l.persist(&m) {
+                    tracing::error!(lun = l.key, error = %e, "cannot record this node outdated");
+                }
+            }
+        }
+    }
+
     /// This node's copy of LUN `key` can no longer be trusted anywhere (a failed fsync may
     /// have dropped written pages): recorded like a crash, so the primary's next resync
     /// copies every region into it.
@@ -966,23 +1000,46 @@ impl Replication {
     // ---------------------------------------------------------------- secondary
 
     fn serve(self: Arc<Self>, listener: TcpListener) {
+        // A peer needs one link per core plus a control connection (and one per running
+        // `verify`); anything beyond that is not our peer, and each connection costs a
+        // thread and a receive buffer before it has even authenticated.
+        let max_conns = self.links.len() * 2 + 8;
+        let open = Arc::new(AtomicUsize::new(0));
         for stream in listener.incoming().flatten() {
+            if open.load(Ordering::Acquire) >= max_conns {
+                tracing::warn!(peer = ?stream.peer_addr().ok(), max_conns, "too many replica connections: refusing one");
+                continue;
+            }
+            open.fetch_add(1, Ordering::AcqRel);
             let rep = Arc::clone(&self);
-            let _ = std::thread::Builder::new()
+            let count = Arc::clone(&open);
+            let spawned = std::thread::Builder::new()
                 .name("twinsan-replica-apply".into())
                 .spawn(move || {
+                    // Counted down however the thread ends (a panic unwinds through it).
+                    struct Open(Arc<AtomicUsize>);
+                    impl Drop for Open {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
+                    let _open = Open(count);
                     let peer = stream.peer_addr().ok();
                     if let Err(e) = rep.apply_conn(stream) {
                         tracing::info!(?peer, error = %e, "replica connection ended");
                     }
                 });
+            if spawned.is_err() {
+                open.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
     fn apply_conn(&self, mut s: TcpStream) -> std::io::Result<()> {
         let _ = s.set_nodelay(true);
         let mut rbuf = RxBuf::default();
-        let (_, peer_link) = self.handshake(&mut s, &mut rbuf, AuthRole::Acceptor, LINK_NONE)?;
+        let (peer_hellos, peer_link) =
+            self.handshake(&mut s, &mut rbuf, AuthRole::Acceptor, LINK_NONE)?;
         if self.is_primary() {
             // Two primaries would both accept writes: refuse, loudly (split-brain guard).
             tracing::error!("refusing replica connection: this node is primary too");
@@ -1009,6 +1066,7 @@ impl Replication {
             Open(&self.primary_links)
         });
         if peer_link == LINK_NONE {
+            self.note_primary_ahead(&peer_hellos);
             let quiet = Duration::from_millis(self.cfg.replica_timeout_ms.max(1000) * 2);
             s.set_read_timeout(Some(quiet))?;
         }
@@ -1762,7 +1820,11 @@ impl Replication {
                 )
             };
             // A peer that ran `twinsan resolve --discard-local` gave its data up: copy all.
-            let d = if h.flags.outdated && h.flags.inconsistent && !h.flags.primary {
+            // (Outdated and inconsistent alone is a resync into it that was interrupted:
+            // the generation ids still say where it stands.)
+            let discarded =
+                h.flags.outdated && h.flags.inconsistent && h.flags.crashed && !h.flags.primary;
+            let d = if discarded {
                 Decision::SyncSourceFull
             } else {
                 decide(&gen, flags, &h.gen, h.flags)
