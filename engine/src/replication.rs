@@ -728,20 +728,25 @@ impl Replication {
     /// and copies them (holes as deallocations). The caller still holds the LUN's range
     /// lock, so the copy waits for it and sees the final data.
     pub fn lun_rewritten(&self, index: usize, why: &str) {
-        let Some(l) = self.luns.get(index) else {
-            return;
-        };
-        {
-            let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
-            let regions = m.bitmap.regions();
-            for r in 0..regions {
-                m.bitmap.set(r);
-            }
-            if let Err(e) = l.persist(&m) {
-                tracing::error!(path = %l.meta_path.display(), error = %e, "cannot record the rewritten LUN");
-            }
+        if let Err(e) = self.mark_lun_dirty(index) {
+            tracing::error!(lun = index, error = %e, "cannot record the rewritten LUN");
         }
         self.peer_lost(why);
+    }
+
+    /// Marks every region of LUN `index` dirty, durably: before a change outside the
+    /// mirrored write path (SANITIZE) begins, so that a crash in its middle still resyncs
+    /// the whole LUN (the write-intent log knows nothing of it).
+    pub fn mark_lun_dirty(&self, index: usize) -> std::io::Result<()> {
+        let Some(l) = self.luns.get(index) else {
+            return Ok(());
+        };
+        let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let regions = m.bitmap.regions();
+        for r in 0..regions {
+            m.bitmap.set(r);
+        }
+        l.persist(&m)
     }
 
     /// Records the node's role in every LUN's metadata (a role change: promote or demote),

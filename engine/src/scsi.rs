@@ -1299,9 +1299,14 @@ fn start_sanitize(
     let Some(lun) = ctx_lun(ctx) else {
         return Step::Done(Reply::check(Sense::lun_not_supported()));
     };
-    // A replicated LUN: the peer gets every region again once the erase is done.
+    // A replicated LUN: the peer gets every region again once the erase is done, and
+    // every region is recorded dirty before it starts (a crash in its middle).
     let after = match (ctx.reg.replication.get(), ctx.lun) {
         (Some(rep), Some(index)) => {
+            if let Err(e) = rep.mark_lun_dirty(index) {
+                tracing::error!(error = %e, "cannot record the LUN dirty before SANITIZE");
+                return Step::Done(Reply::check(Sense::internal_target_failure()));
+            }
             let rep = std::sync::Arc::clone(rep);
             Some(
                 Box::new(move || rep.lun_rewritten(index, "SANITIZE rewrote the LUN"))
