@@ -118,6 +118,31 @@ fn chap_mutual_authenticates_the_target_too() {
         "initiator accepted a target with the wrong mutual secret: {}",
         text(&o)
     );
+    // The same with `twinsan bench` as the initiator.
+    let url = format!("iscsi://alice%correct-horse-battery@{}/{TARGET}/0", d.addr);
+    let run = |target_secret: &str| {
+        common::bench(
+            &url,
+            &[
+                "--rw",
+                "randread",
+                "--runtime",
+                "0.5",
+                "--target-user",
+                "tgt",
+                "--target-secret",
+                target_secret,
+            ],
+        )
+    };
+    let o = run("target-secret-99");
+    assert!(o.status.success(), "bench with mutual CHAP: {}", text(&o));
+    let o = run("not-the-secret-at-all");
+    assert!(
+        !o.status.success() && text(&o).contains("mutual CHAP"),
+        "bench accepted a target with the wrong mutual secret: {}",
+        text(&o)
+    );
 }
 
 #[test]

@@ -40,6 +40,13 @@ pub struct BenchArgs {
     /// CHAP secret.
     #[arg(long)]
     pub secret: Option<String>,
+    /// Mutual CHAP: the user the target must answer with (needs --target-secret and a
+    /// one-way user and secret; the login then insists on CHAP).
+    #[arg(long)]
+    pub target_user: Option<String>,
+    /// Mutual CHAP: the target's secret (must differ from --secret).
+    #[arg(long)]
+    pub target_secret: Option<String>,
     /// Initiator name to log in with.
     #[arg(long, default_value = "iqn.2026-11.io.twinsan:bench")]
     pub initiator: String,
@@ -271,6 +278,8 @@ pub struct Job {
     pub ramp_s: f64,
     pub size: Option<u64>,
     pub initiator: String,
+    /// Mutual CHAP: the target's (user, secret).
+    pub target_chap: Option<(String, String)>,
     pub digest: bool,
     pub immediate_data: bool,
     pub verify: bool,
@@ -296,6 +305,12 @@ impl BenchArgs {
         if url.user.is_some() != url.secret.is_some() {
             bail!("CHAP needs both a user and a secret");
         }
+        let target_chap = match (&self.target_user, &self.target_secret) {
+            (None, None) => None,
+            (Some(u), Some(s)) if url.user.is_some() => Some((u.clone(), s.clone())),
+            (Some(_), Some(_)) => bail!("mutual CHAP needs the one-way --user and --secret too"),
+            _ => bail!("mutual CHAP needs both --target-user and --target-secret"),
+        };
         if self.sessions == 0 || self.sessions > 1024 {
             bail!("--sessions must be 1..=1024");
         }
@@ -336,6 +351,7 @@ impl BenchArgs {
             ramp_s: self.ramp,
             size: self.size,
             initiator: self.initiator.clone(),
+            target_chap,
             digest: self.digest,
             immediate_data: self.immediate_data == YesNo::Yes,
             verify: self.verify || verify_only || self.verify_state.is_some(),

@@ -16,7 +16,7 @@ use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use proto::login::chap::ChapInitiator;
+use proto::login::chap::{ChapEntropy, ChapInitiator, CHALLENGE_LEN_BYTES};
 use proto::login::ChapCredentials;
 
 pub use args::{BenchArgs, Job, Rw};
@@ -43,8 +43,25 @@ fn chap_of(job: &Job) -> Result<Option<ChapInitiator>> {
         (Some(u), Some(s)) => {
             let creds = ChapCredentials::new(u.clone(), s.as_bytes().to_vec())
                 .map_err(|e| anyhow::anyhow!("CHAP credentials: {e}"))?;
+            let mutual = match &job.target_chap {
+                None => None,
+                Some((tu, ts)) => {
+                    let target = ChapCredentials::new(tu.clone(), ts.as_bytes().to_vec())
+                        .map_err(|e| anyhow::anyhow!("mutual CHAP credentials: {e}"))?;
+                    // Our challenge to the target: fresh and unpredictable per run.
+                    let mut e = ChapEntropy {
+                        id: 0,
+                        challenge: [0; CHALLENGE_LEN_BYTES],
+                    };
+                    let mut id = [0u8; 1];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut e.challenge);
+                    e.id = id[0];
+                    Some((target, e))
+                }
+            };
             Ok(Some(
-                ChapInitiator::new(creds, None).map_err(|e| anyhow::anyhow!("CHAP: {e}"))?,
+                ChapInitiator::new(creds, mutual).map_err(|e| anyhow::anyhow!("CHAP: {e}"))?,
             ))
         }
         _ => Ok(None),
@@ -127,6 +144,9 @@ pub fn run(job: &Job) -> Result<Report> {
         bail!("--size {size} holds no block of --bs {}", job.bs);
     }
 
+    if job.verify {
+        verify::check_units(units, job.bs)?;
+    }
     let state_exists = job.verify_state.as_ref().is_some_and(|p| p.exists());
     let tracker = if !job.verify {
         None

@@ -163,6 +163,23 @@ pub struct Tracker {
     next_gen: AtomicU64,
 }
 
+/// Most units a tracker follows: 17 bytes of memory each, so 2^28 units is 4.25 GiB
+/// (1 TiB at --bs 4k, 16 TiB at 64k). Beyond, --size verifies a part of the LUN.
+pub const MAX_UNITS: u64 = 1 << 28;
+
+/// Refuses a tracker of `units` units (before anything is allocated).
+pub fn check_units(units: u64, unit_bytes: u64) -> anyhow::Result<()> {
+    if units > MAX_UNITS {
+        bail!(
+            "--verify over {units} blocks of {unit_bytes} bytes needs {} MiB of memory for \
+             its expectations; at most {MAX_UNITS} blocks: use --size for a part of the LUN \
+             or a larger --bs",
+            (units * 17) >> 20
+        );
+    }
+    Ok(())
+}
+
 impl Tracker {
     /// A tracker for `units` units of `unit_bytes` each, nothing known.
     pub fn new(unit_bytes: u64, units: u64) -> Self {
@@ -264,9 +281,10 @@ impl Tracker {
         let unit_bytes = word()?;
         let units = word()?;
         let next_gen = word()?;
-        if unit_bytes == 0 || !unit_bytes.is_multiple_of(SECTOR as u64) || units > 1 << 32 {
+        if unit_bytes == 0 || !unit_bytes.is_multiple_of(SECTOR as u64) {
             bail!("{}: corrupt header", path.display());
         }
+        check_units(units, unit_bytes).with_context(|| path.display().to_string())?;
         let t = Tracker::new(unit_bytes, units);
         t.next_gen.store(next_gen.max(1), Ordering::Relaxed);
         loop {

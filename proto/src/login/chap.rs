@@ -316,6 +316,11 @@ impl ChapInitiator {
         Ok(Self { creds, mutual })
     }
 
+    /// Whether the target is authenticated too (mutual CHAP).
+    pub fn is_mutual(&self) -> bool {
+        self.mutual.is_some()
+    }
+
     /// Answers the target's `CHAP_A`/`CHAP_I`/`CHAP_C`: returns `CHAP_N`,
     /// `CHAP_R` and, for mutual CHAP, our `CHAP_I`/`CHAP_C`.
     pub fn respond(
