@@ -1005,46 +1005,44 @@ impl Replication {
     // ---------------------------------------------------------------- secondary
 
     fn serve(self: Arc<Self>, listener: TcpListener) {
-        // A peer needs one link per core plus a control connection (and one per running
-        // `verify`); anything beyond that is not our peer, and each connection costs a
-        // thread and a receive buffer before it has even authenticated.
-        let max_conns = self.links.len() * 2 + 8;
-        let open = Arc::new(AtomicUsize::new(0));
+        // Connections still authenticating cost a thread and a receive buffer each, for up
+        // to the handshake's timeouts: a bounded number of them (our peer opens one link
+        // per core and a control connection, one at a time each).
+        let max_unauthenticated = self.links.len() * 2 + 8;
+        let unauthenticated = Arc::new(AtomicUsize::new(0));
         for stream in listener.incoming().flatten() {
-            if open.load(Ordering::Acquire) >= max_conns {
-                tracing::warn!(peer = ?stream.peer_addr().ok(), max_conns, "too many replica connections: refusing one");
+            if unauthenticated.load(Ordering::Acquire) >= max_unauthenticated {
+                tracing::warn!(peer = ?stream.peer_addr().ok(), max_unauthenticated, "too many replica connections authenticating: refusing one");
                 continue;
             }
-            open.fetch_add(1, Ordering::AcqRel);
+            unauthenticated.fetch_add(1, Ordering::AcqRel);
             let rep = Arc::clone(&self);
-            let count = Arc::clone(&open);
+            let count = Arc::clone(&unauthenticated);
             let spawned = std::thread::Builder::new()
                 .name("twinsan-replica-apply".into())
                 .spawn(move || {
-                    // Counted down however the thread ends (a panic unwinds through it).
-                    struct Open(Arc<AtomicUsize>);
-                    impl Drop for Open {
-                        fn drop(&mut self) {
-                            self.0.fetch_sub(1, Ordering::AcqRel);
-                        }
-                    }
-                    let _open = Open(count);
                     let peer = stream.peer_addr().ok();
-                    if let Err(e) = rep.apply_conn(stream) {
+                    if let Err(e) = rep.apply_conn(stream, Authenticating::new(count)) {
                         tracing::info!(?peer, error = %e, "replica connection ended");
                     }
                 });
             if spawned.is_err() {
-                open.fetch_sub(1, Ordering::AcqRel);
+                unauthenticated.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
 
-    fn apply_conn(&self, mut s: TcpStream) -> std::io::Result<()> {
+    fn apply_conn(&self, mut s: TcpStream, authenticating: Authenticating) -> std::io::Result<()> {
         let _ = s.set_nodelay(true);
+        // A primary that lost power never closes its links: keepalive ends them (and their
+        // threads) within about 11 s instead of never.
+        if let Err(e) = keep_alive(&s) {
+            tracing::debug!(error = %e, "replica link keepalive unavailable");
+        }
         let mut rbuf = RxBuf::default();
         let (peer_hellos, peer_link) =
             self.handshake(&mut s, &mut rbuf, AuthRole::Acceptor, LINK_NONE)?;
+        drop(authenticating);
         if self.is_primary() {
             // Two primaries would both accept writes: refuse, loudly (split-brain guard).
             tracing::error!("refusing replica connection: this node is primary too");
@@ -1430,20 +1428,19 @@ impl Replication {
             // and what it did not see must be recorded like any write while the peer is away
             // (nothing would ever answer it otherwise).
             {
-                let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+                let t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
                 if self.peer_up.load(Ordering::Acquire) {
                     link.pending
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .extend(batch.drain(..));
+                } else {
+                    for (_, p) in batch.drain(..) {
+                        let range = (p.len > 0).then_some((p.offset, p.len));
+                        self.degraded_range(&t, core, p.token, p.lun, range);
+                    }
+                    continue;
                 }
-            }
-            if !batch.is_empty() {
-                for (_, p) in batch.drain(..) {
-                    let range = (p.len > 0).then_some((p.offset, p.len));
-                    self.degraded_range(core, p.token, p.lun, range);
-                }
-                continue;
             }
             let sent = stream.as_mut().map(|s| self.send_watched(s, &wbuf));
             if let Some(Err(e)) = sent {
@@ -1670,15 +1667,22 @@ impl Replication {
             RepOp::Zero { offset, len, .. } => Some((*offset, *len)),
             RepOp::Flush | RepOp::PrState { .. } => None,
         };
-        drop(_t);
-        self.degraded_range(core, req.token, req.lun, range);
+        self.degraded_range(&_t, core, req.token, req.lun, range);
         None
     }
 
     /// Records `range` of LUN `lun` (if any) as changed while the peer is away, durably
-    /// when new, and answers request `token` (degrade) or holds it (suspend).
-    fn degraded_range(&self, core: usize, token: u64, lun_index: usize, range: Option<(u64, u64)>) {
-        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+    /// when new, and answers request `token` (degrade) or holds it (suspend). Runs in the
+    /// same critical section (`_transition`) as the check that found the peer away: a
+    /// resync completing in between would otherwise miss this write.
+    fn degraded_range(
+        &self,
+        _transition: &std::sync::MutexGuard<'_, ()>,
+        core: usize,
+        token: u64,
+        lun_index: usize,
+        range: Option<(u64, u64)>,
+    ) {
         let lun = &self.luns[lun_index];
         if let Some((off, len)) = range {
             let mut m = lun.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -1953,14 +1957,21 @@ impl Replication {
             let l = &self.luns[i];
             let region_bytes = l.region_bytes();
             // Everything planned plus everything dirty (the bitmap only shrinks from here).
+            // The plan goes into the bitmap, durably, first: a full or initial copy that is
+            // interrupted must resume with what it did not copy yet, not from a bitmap that
+            // never named it.
             let mut regions = planned;
-            regions.extend(
-                l.meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .bitmap
-                    .iter_dirty(),
-            );
+            {
+                let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
+                let mut fresh = 0;
+                for &r in &regions {
+                    fresh += usize::from(m.bitmap.set(r));
+                }
+                if fresh > 0 {
+                    l.persist(&m)?;
+                }
+                regions.extend(m.bitmap.iter_dirty());
+            }
             regions.sort_unstable();
             regions.dedup();
             l.set_state(SyncState::SyncSource);
@@ -2466,6 +2477,51 @@ impl Replication {
 /// new primary, or the same one restarted: its versions start again).
 fn pr_snapshot_supersedes(applied: (u64, u64), next: (u64, u64)) -> bool {
     applied.0 != next.0 || next.1 > applied.1
+}
+
+/// Counts a replica connection as authenticating until dropped (also by a panic's unwind).
+struct Authenticating(Arc<AtomicUsize>);
+
+impl Authenticating {
+    /// Takes over one count already added by the acceptor.
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        Authenticating(count)
+    }
+}
+
+impl Drop for Authenticating {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// TCP keepalive on a replica socket: first probe after 5 s idle, then every 2 s, given up
+/// after 3 unanswered probes.
+fn keep_alive(s: &TcpStream) -> std::io::Result<()> {
+    let fd = s.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+    ] {
+        let v: libc::c_int = value;
+        // SAFETY: `fd` is a live socket owned by `s`; the option value is a c_int on our
+        // stack whose size we pass.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// This boot's id (Linux: a random UUID per boot); empty when unknown.

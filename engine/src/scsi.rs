@@ -1095,6 +1095,18 @@ fn lock_then(task: &mut ScsiTask, ctx: &ExecCtx, lba: u64, blocks: u64, then: St
     lock_then_mode(task, ctx, lba, blocks, false, then)
 }
 
+/// A modifying command that was admitted while this node was primary but reaches its
+/// range lock (the moment before it changes anything) after a demotion: refused like any
+/// command on a secondary, so the initiator retries it on the new primary instead of it
+/// landing here after `demote` has drained (twinsan promote on the peer may follow at once).
+fn demoted_meanwhile(ctx: &ExecCtx) -> Option<Step> {
+    (ctx.reg.role() == crate::config::Role::Secondary).then(|| {
+        Step::Done(Reply::check(Sense::not_ready(
+            Asc::LOGICAL_UNIT_NOT_ACCESSIBLE_STANDBY,
+        )))
+    })
+}
+
 fn lock_then_mode(
     task: &mut ScsiTask,
     ctx: &ExecCtx,
@@ -1106,6 +1118,9 @@ fn lock_then_mode(
     let Some(lun) = ctx_lun(ctx) else {
         return Step::Done(Reply::check(Sense::lun_not_supported()));
     };
+    if let Some(refused) = demoted_meanwhile(ctx) {
+        return refused;
+    }
     let end = lba + blocks.max(1);
     let got = if atomic {
         lun.ranges.try_lock_atomic(lba, end)
@@ -1203,6 +1218,9 @@ fn lock_on(
     blocks: u64,
     then: Stage,
 ) -> Step {
+    if let Some(refused) = demoted_meanwhile(ctx) {
+        return refused;
+    }
     let got = ctx.reg.luns[lun]
         .ranges
         .try_lock(lba, lba + blocks.max(1))

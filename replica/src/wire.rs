@@ -21,7 +21,7 @@ use crate::genid::{GenFlags, GenIds};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"TWRP";
 /// Wire protocol version.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 24;
 /// Largest data payload of one message (write, resync, PR state, bitmap).
