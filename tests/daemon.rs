@@ -166,6 +166,14 @@ fn initiator_acl_refuses_strangers() {
         &["-i", "iqn.2026-11.io.example:stranger", &d.url(0)],
     );
     assert!(!o.status.success(), "stranger admitted: {}", text(&o));
+    // Discovery lists the target only to initiators that may log in to it.
+    let portal = format!("iscsi://{}", d.addr);
+    let listed = |who: &str| text(&tool("iscsi-ls", &["-i", who, &portal])).contains(TARGET);
+    assert!(listed("iqn.2026-11.io.example:allowed"));
+    assert!(
+        !listed("iqn.2026-11.io.example:stranger"),
+        "SendTargets listed a target the initiator may not log in to"
+    );
 }
 
 #[test]

@@ -187,6 +187,8 @@ enum Phase {
 pub struct Conn {
     pub session_id: u64,
     peer: SocketAddr,
+    /// Our end of the connection (what SendTargets advertises behind a wildcard listen).
+    local: Option<SocketAddr>,
     phase: Phase,
     digests: Digests,
     stat_sn: u32,
@@ -209,11 +211,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(reg: &Registry, peer: SocketAddr, now_ms: u64) -> Self {
+    pub fn new(reg: &Registry, peer: SocketAddr, local: Option<SocketAddr>, now_ms: u64) -> Self {
         let session_id = reg.new_session_id();
         Conn {
             session_id,
             peer,
+            local,
             phase: Phase::Login(Box::new(LoginPhase::new(reg, peer))),
             digests: Digests::default(),
             stat_sn: 0,
@@ -708,8 +711,16 @@ impl Conn {
             return;
         };
         let target = reg.targets.get(s.target).map(|t| t.cfg.name.clone());
-        let reply =
-            crate::login::text_reply(reg, peer, s.kind, &mut s.params, target.as_deref(), data);
+        let reply = crate::login::text_reply(
+            reg,
+            peer,
+            self.local,
+            &s.nexus.initiator,
+            s.kind,
+            &mut s.params,
+            target.as_deref(),
+            data,
+        );
         let (itt, lun) = (t.itt, t.lun);
         match reply {
             Some(mut reply) => {

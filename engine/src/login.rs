@@ -251,19 +251,46 @@ impl LoginPhase {
     }
 }
 
+/// The address SendTargets names: the listen address, unless it is a wildcard (0.0.0.0,
+/// [::]), which no initiator can connect to; then the address this connection reached us
+/// on (an IPv4 address seen through an IPv6 socket as itself, without a scope id).
+pub fn advertised_portal(listen: SocketAddr, local: Option<SocketAddr>) -> SocketAddr {
+    if !listen.ip().is_unspecified() {
+        return listen;
+    }
+    let Some(local) = local else { return listen };
+    let ip = match local.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
 /// Answers a full-feature Text request (SendTargets and text negotiation). `None` means the
 /// request was malformed and deserves a Reject.
+#[allow(clippy::too_many_arguments)]
 pub fn text_reply(
     reg: &Registry,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
+    initiator: &str,
     kind: SessionKind,
     params: &mut SessionParams,
     session_target: Option<&str>,
     data: &[u8],
 ) -> Option<Vec<u8>> {
-    let addr = target_address(reg.portal, PORTAL_GROUP_TAG);
+    let addr = target_address(advertised_portal(reg.portal, local), PORTAL_GROUP_TAG);
+    // Only targets this initiator may log in to: the others would fail its login.
     let visible: Vec<DiscoveryTarget> = reg
         .visible_to(peer.ip())
+        .filter(|t| {
+            t.cfg
+                .allowed_initiators
+                .as_ref()
+                .is_none_or(|acl| acl.iter().any(|a| a.eq_ignore_ascii_case(initiator)))
+        })
         .map(|t| DiscoveryTarget {
             name: t.cfg.name.clone(),
             addresses: vec![addr.clone()],
@@ -279,5 +306,38 @@ pub fn text_reply(
             tracing::debug!(%peer, error = %e, "malformed text request");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_portal;
+    use std::net::SocketAddr;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn send_targets_never_advertises_a_wildcard_address() {
+        // A concrete listen address is advertised as configured.
+        assert_eq!(
+            advertised_portal(a("198.18.0.1:3260"), Some(a("198.18.0.1:3260"))),
+            a("198.18.0.1:3260")
+        );
+        // 0.0.0.0 and [::] are not addresses an initiator can log in to: the address the
+        // discovery connection came in on is.
+        assert_eq!(
+            advertised_portal(a("0.0.0.0:3260"), Some(a("198.18.0.7:3260"))),
+            a("198.18.0.7:3260")
+        );
+        assert_eq!(
+            advertised_portal(a("[::]:3260"), Some(a("[::ffff:198.18.0.7]:3260"))),
+            a("198.18.0.7:3260")
+        );
+        assert_eq!(
+            advertised_portal(a("[::]:3260"), Some(a("[2001:db8::5]:3260"))),
+            a("[2001:db8::5]:3260")
+        );
     }
 }

@@ -437,7 +437,7 @@ impl Reactor {
         // Latency matters more than segment efficiency for SCSI responses.
         let _ = stream.set_nodelay(true);
         tracing::debug!(core = self.core, %peer, "connection accepted");
-        let conn = Conn::new(&self.reg, peer, self.now_ms());
+        let conn = Conn::new(&self.reg, peer, stream.local_addr().ok(), self.now_ms());
         let slot = Slot {
             stream,
             conn,
