@@ -437,3 +437,61 @@ fn a_final_write_command_with_partial_immediate_data_is_solicited_by_r2t() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("0 mismatches"), "{}", text(&o));
 }
+
+/// MaxCmdSN opens as commands finish, not as they arrive: with `queue_depth = 4`, four
+/// writes waiting for their data (R2T sent, no Data-Out yet) close the window, so an
+/// initiator cannot pile up more commands (and their buffers) than the target allows.
+/// Each answered command opens it by one again.
+#[test]
+fn the_command_window_counts_unfinished_commands() {
+    use benches::conn::rw16;
+    use proto::pdu::{initiator, opcode};
+    use std::time::Instant;
+    let d = Daemon::start(
+        "window",
+        &format!("[server]\nqueue_depth = 4\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"16MiB\"\n"),
+    );
+    let mut c = common::session_at(&d.addr, TARGET, "iqn.2026-11.io.twinsan:test-initiator", 3);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut r2ts = Vec::new();
+    for i in 0..4u32 {
+        assert!(c.window_open(), "the window closed after {i} commands");
+        // F = 1 and no immediate data: the target solicits all 4 KiB by R2T.
+        let b = initiator::scsi_command(
+            c.lun,
+            i,
+            c.cmd_sn,
+            c.exp_stat_sn,
+            false,
+            true,
+            4096,
+            &rw16(true, u64::from(i) * 8, 8),
+            0,
+        );
+        c.cmd_sn = c.cmd_sn.wrapping_add(1);
+        c.queue(&b, &[]);
+    }
+    c.flush_blocking(deadline).expect("send");
+    while r2ts.len() < 4 {
+        let p = c.recv_blocking(deadline).expect("R2T");
+        assert_eq!(p.v.opcode, opcode::R2T, "expected an R2T");
+        r2ts.push((p.v.itt, p.v.ttt));
+    }
+    assert!(
+        !c.window_open(),
+        "four unfinished commands left room for more (ExpCmdSN {}, MaxCmdSN {})",
+        c.exp_cmd_sn,
+        c.max_cmd_sn
+    );
+    // Answer the first R2T: its response reopens the window by one.
+    let (itt, ttt) = r2ts[0];
+    let out = initiator::data_out(true, c.lun, itt, ttt, c.exp_stat_sn, 0, 0, 4096);
+    c.queue(&out, &[0x5a; 4096]);
+    c.flush_blocking(deadline).expect("send");
+    let p = c.recv_blocking(deadline).expect("response");
+    assert_eq!((p.v.opcode, p.v.status), (opcode::SCSI_RESPONSE, 0));
+    assert!(
+        c.window_open(),
+        "the window did not reopen after a command finished"
+    );
+}

@@ -198,6 +198,8 @@ pub struct Conn {
     next_ttt: u32,
     /// Tasks parked on a range lock, retried by the reactor (FIFO).
     waiting: Vec<u32>,
+    /// 1 while a task's final response is being framed (it is freed right after).
+    answering: u32,
     /// Tasks waiting for something slow (a sanitize), retried on the timer tick.
     waiting_slow: Vec<u32>,
     /// TMF responses that wait for aborted tasks' in-flight I/O to finish.
@@ -226,6 +228,7 @@ impl Conn {
             next_ttt: 1,
             deferred_tmf: Vec::new(),
             waiting: Vec::new(),
+            answering: 0,
             waiting_slow: Vec::new(),
             last_rx_ms: now_ms,
             ping: None,
@@ -256,9 +259,16 @@ impl Conn {
         }
     }
 
-    fn sns(&self) -> TargetSns {
-        let (exp, max) = match &self.phase {
-            Phase::Full(s) => (s.window.exp_cmd_sn(), s.window.max_cmd_sn()),
+    fn sns(&mut self) -> TargetSns {
+        // Commands in the target: tasks not yet answered, and those held for a CmdSN gap.
+        let live =
+            (self.tasks.len() - self.free_tasks.len()).saturating_sub(self.answering as usize);
+        let busy = (live + self.held.len()) as u32;
+        let (exp, max) = match &mut self.phase {
+            Phase::Full(s) => {
+                s.window.open_for(busy);
+                (s.window.exp_cmd_sn(), s.window.max_cmd_sn())
+            }
             Phase::Login(l) => (l.exp_cmd_sn(), l.exp_cmd_sn()),
         };
         TargetSns {
@@ -444,6 +454,17 @@ impl Conn {
             let (ahs, data) = match split_frame(whole, &frame, self.digests) {
                 Ok(x) => x,
                 Err(e) => match e.reject_reason() {
+                    Some(r) if matches!(e, pdu::PduError::DataDigest) => {
+                        // At ErrorRecoveryLevel 0 nothing retransmits the PDU (no recovery
+                        // R2T, no command retry): a command's CmdSN would stay a hole that
+                        // stalls every later command, a Data-Out's task would wait forever.
+                        // Session recovery is what ERL 0 has: reject, then close.
+                        tracing::warn!(peer = %self.peer, "data digest error: closing the connection (ErrorRecoveryLevel 0)");
+                        self.reject(out, r, &bhs);
+                        out.close_after_send = true;
+                        self.closing = true;
+                        return used;
+                    }
                     Some(r) => {
                         self.reject(out, r, &bhs);
                         continue;
@@ -771,6 +792,7 @@ impl Conn {
     }
 
     fn free_task(&mut self, idx: u32, pool: &mut BufPool) {
+        self.answering = 0;
         if let Some(t) = self.tasks.get_mut(idx as usize).and_then(|t| t.take()) {
             if let Some(b) = t.scsi.buf {
                 pool.put(b);
@@ -1170,6 +1192,12 @@ impl Conn {
             t.held = Some(reply);
             return;
         }
+        // This task's slot counts as free in the MaxCmdSN its own response carries (it is
+        // freed right after): otherwise a full window would stay shut (sns).
+        self.answering = 1;
+        let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
+            return;
+        };
         if reply.status != status::GOOD {
             if let Some(range) = t.mirrored.take() {
                 // Failed here (out of space, an I/O error) after the peer was sent the

@@ -26,12 +26,15 @@ pub enum CmdSnPlace {
 
 /// The target's command window for one session.
 ///
-/// Invariant: `max_cmd_sn` is `exp_cmd_sn + depth - 1` in serial arithmetic, so at most
-/// `depth` commands are ever queued by a well-behaved initiator.
+/// MaxCmdSN opens as commands *finish*, not as they arrive (`open_for`): at most `depth`
+/// commands are in the target at once, however many an initiator would queue. It never
+/// moves back (initiators keep the largest MaxCmdSN they saw), so a command that used up
+/// room without a CmdSN (an immediate one) only delays the next opening.
 #[derive(Debug, Clone)]
 pub struct CmdWindow {
     exp_cmd_sn: u32,
     depth: u32,
+    max_cmd_sn: u32,
 }
 
 impl CmdWindow {
@@ -41,6 +44,18 @@ impl CmdWindow {
         Self {
             exp_cmd_sn: first_cmd_sn,
             depth,
+            max_cmd_sn: first_cmd_sn.wrapping_add(depth - 1),
+        }
+    }
+
+    /// Opens the window as far as `busy` commands still in the target leave room for
+    /// (never closing it: MaxCmdSN does not decrease).
+    pub fn open_for(&mut self, busy: u32) {
+        let room = self.depth.saturating_sub(busy);
+        // room 0: ExpCmdSN - 1, the closed window.
+        let want = self.exp_cmd_sn.wrapping_add(room).wrapping_sub(1);
+        if sn_lt(self.max_cmd_sn, want) {
+            self.max_cmd_sn = want;
         }
     }
 
@@ -51,12 +66,15 @@ impl CmdWindow {
 
     /// The highest CmdSN the initiator may send now.
     pub fn max_cmd_sn(&self) -> u32 {
-        self.exp_cmd_sn.wrapping_add(self.depth - 1)
+        self.max_cmd_sn
     }
 
     /// Classifies a non-immediate command's CmdSN.
     pub fn place(&self, cmd_sn: u32) -> CmdSnPlace {
-        if cmd_sn == self.exp_cmd_sn {
+        if !sn_le(cmd_sn, self.max_cmd_sn) {
+            // Beyond MaxCmdSN, also ExpCmdSN itself when the window is closed.
+            CmdSnPlace::Outside
+        } else if cmd_sn == self.exp_cmd_sn {
             CmdSnPlace::Next
         } else if sn_lt(self.exp_cmd_sn, cmd_sn) && sn_le(cmd_sn, self.max_cmd_sn()) {
             CmdSnPlace::Ahead
@@ -87,6 +105,25 @@ mod tests {
         assert_eq!(w.place(1), CmdSnPlace::Ahead);
         assert_eq!(w.place(2), CmdSnPlace::Outside);
         assert_eq!(w.place(u32::MAX - 2), CmdSnPlace::Outside);
+    }
+
+    #[test]
+    fn the_window_opens_as_commands_finish_not_as_they_arrive() {
+        let mut w = CmdWindow::new(10, 4);
+        assert_eq!(w.max_cmd_sn(), 13);
+        for _ in 0..4 {
+            w.advance(); // four commands arrive, none finished
+        }
+        w.open_for(4);
+        assert_eq!(w.max_cmd_sn(), 13, "closed: ExpCmdSN 14, MaxCmdSN 13");
+        assert_eq!(w.place(14), CmdSnPlace::Outside);
+        w.open_for(3); // one finished
+        assert_eq!(w.max_cmd_sn(), 14);
+        assert_eq!(w.place(14), CmdSnPlace::Next);
+        w.open_for(4); // an immediate command took the room: the window does not shrink
+        assert_eq!(w.max_cmd_sn(), 14);
+        w.open_for(0);
+        assert_eq!(w.max_cmd_sn(), 17);
     }
 
     proptest! {
