@@ -495,3 +495,51 @@ fn the_command_window_counts_unfinished_commands() {
         "the window did not reopen after a command finished"
     );
 }
+
+/// Session reinstatement (RFC 7143 section 6.3.5): a login with the initiator name and
+/// ISID of a live session (what open-iscsi, ESXi and Windows do when they reconnect after
+/// a path failure) closes the old session at once, instead of leaving it to time out with
+/// commands that could still land after the initiator retried them. A reservation the new
+/// session takes survives the old session's end.
+#[test]
+fn a_login_with_a_live_sessions_isid_reinstates_it() {
+    use std::time::Instant;
+    let d = Daemon::simple("reinstate", "16MiB", "");
+    let who = "iqn.2026-11.io.twinsan:test-initiator";
+    let mut old = common::session_at(&d.addr, TARGET, who, 7);
+    let mut new = common::session_at(&d.addr, TARGET, who, 7);
+    // RESERVE(6) on the new session, before the old one is gone.
+    let r = new
+        .command_sync(&[0x16, 0, 0, 0, 0, 0], 0)
+        .expect("RESERVE(6)");
+    assert_eq!(r.status, 0, "RESERVE(6): {}", r.sense);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let closed = loop {
+        match old.recv_blocking(deadline) {
+            Err(e) => break !e.to_string().contains("timed out"),
+            Ok(_) => continue,
+        }
+    };
+    assert!(closed, "the reinstated session was not closed");
+    std::thread::sleep(Duration::from_millis(500));
+    // Another initiator meets the new session's reservation: it was not released.
+    // (Logged in without `until_ready`: its TEST UNIT READY meets the reservation too.)
+    let mut other =
+        benches::conn::Conn::connect(&d.addr, benches::args::encode_lun(0)).expect("connect");
+    other
+        .login(
+            "iqn.2026-11.io.twinsan:other",
+            TARGET,
+            [0x80, 9, 9, 9, 0, 1],
+            false,
+            None,
+        )
+        .expect("login");
+    let read = benches::conn::rw16(false, 0, 1);
+    let r = other.command_sync(&read, 512).expect("READ(16)");
+    assert_eq!(r.status, 0x18, "the new session's reservation was lost");
+    let r = new
+        .command_sync(&[0x00, 0, 0, 0, 0, 0], 0)
+        .expect("TUR on the new session");
+    assert_eq!(r.status, 0, "the new session does not work: {}", r.sense);
+}

@@ -210,6 +210,9 @@ pub struct Conn {
     pub closing: bool,
     /// Whether this session was already subtracted from the registry's session count.
     counted_out: bool,
+    /// Set by a newer login of the same initiator, ISID and target (reinstatement): this
+    /// session closes at the next tick, its I_T nexus already lost.
+    reinstated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Conn {
@@ -235,6 +238,7 @@ impl Conn {
             started_ms: now_ms,
             closing: false,
             counted_out: false,
+            reinstated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -682,6 +686,28 @@ impl Conn {
             crate::login::PORTAL_GROUP_TAG,
         );
         let nexus_tag = nexus_tag(&nexus);
+        if res.kind == SessionKind::Normal {
+            let key = (nexus.initiator.clone(), res.isid, res.target);
+            if let Some(old) =
+                reg.session_started(key, self.session_id, Arc::clone(&self.reinstated))
+            {
+                // RFC 7143 section 6.3.5: the old session is closed and its tasks end; its
+                // I_T nexus is lost now, before this one can reserve anything (the old
+                // connection, closing on its own core, no longer releases it).
+                tracing::warn!(peer = %self.peer, initiator = %res.initiator_name, old_session = old, "session reinstatement: closing the old session");
+                for &(_, index) in reg
+                    .targets
+                    .get(res.target)
+                    .map(|t| &t.luns[..])
+                    .unwrap_or(&[])
+                {
+                    let lun = &reg.luns[index];
+                    if lun.pr_in_use() {
+                        lun.with_pr(|st| proto::scsi::pr::nexus_lost(st, &nexus));
+                    }
+                }
+            }
+        }
         self.phase = Phase::Full(Box::new(Session {
             kind: res.kind,
             target: res.target,
@@ -1461,6 +1487,12 @@ impl Conn {
         if self.closing {
             return;
         }
+        if self.reinstated.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::info!(peer = %self.peer, "closing a session its initiator reinstated");
+            out.close_now = true;
+            self.closing = true;
+            return;
+        }
         if !self.waiting_slow.is_empty() {
             self.retry_list(true, reg, pool, out);
         }
@@ -1582,15 +1614,24 @@ impl Conn {
     /// nexus is lost: its SPC-2 reservations go (persistent ones stay, SPC-4 5.12).
     pub fn shutdown(&mut self, reg: &Registry, pool: &mut BufPool) {
         self.closing = true;
+        let reinstated = self.reinstated.load(std::sync::atomic::Ordering::Acquire);
         if let Phase::Full(s) = &self.phase {
             if !self.counted_out {
                 reg.sessions
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 self.counted_out = true;
+                if s.kind == SessionKind::Normal {
+                    reg.session_ended(
+                        &(s.nexus.initiator.clone(), s.nexus.isid, s.target),
+                        self.session_id,
+                    );
+                }
             }
             for l in &s.luns {
                 let lun = &reg.luns[l.index];
-                if lun.pr_in_use() {
+                // A reinstated session's nexus was lost at the new login: releasing again
+                // now would take what the new session reserved since.
+                if lun.pr_in_use() && !reinstated {
                     tracing::debug!(initiator = %s.nexus.initiator, isid = ?s.nexus.isid, "I_T nexus lost");
                     lun.with_pr(|st| proto::scsi::pr::nexus_lost(st, &s.nexus));
                 }

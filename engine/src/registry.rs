@@ -38,8 +38,43 @@ pub struct Registry {
     pub replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
     /// Sessions in full feature phase, for status.
     pub sessions: std::sync::atomic::AtomicUsize,
+    /// Normal sessions by (initiator name, ISID, target index): the one a new login with
+    /// the same key reinstates (RFC 7143 section 6.3.5), with its session id and the flag
+    /// that tells its core to close it.
+    live_sessions: std::sync::Mutex<
+        std::collections::HashMap<SessionKey, (u64, Arc<std::sync::atomic::AtomicBool>)>,
+    >,
     /// Held EXTENDED COPY outcomes per (session, list id), newest last, bounded.
     copy_results: std::sync::Mutex<std::collections::VecDeque<(u64, u8, crate::xcopy::CopyResult)>>,
+}
+
+/// What identifies a session for reinstatement: initiator name (lowercase), ISID, target.
+pub type SessionKey = (String, [u8; 6], usize);
+
+impl Registry {
+    /// Records session `id` under `key`; returns the kill flag of the session it
+    /// reinstates (already set), if one was live.
+    pub fn session_started(
+        &self,
+        key: SessionKey,
+        id: u64,
+        kill: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Option<u64> {
+        let mut m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let old = m.insert(key, (id, kill));
+        old.map(|(old_id, flag)| {
+            flag.store(true, Ordering::Release);
+            old_id
+        })
+    }
+
+    /// Forgets session `id` under `key` (unless a newer session has taken the key).
+    pub fn session_ended(&self, key: &SessionKey, id: u64) {
+        let mut m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(key).is_some_and(|(live, _)| *live == id) {
+            m.remove(key);
+        }
+    }
 }
 
 /// Copy results kept for RECEIVE COPY RESULTS; older ones are forgotten (SPC-4 allows a
@@ -84,6 +119,7 @@ impl Registry {
             copy_results: Default::default(),
             role: std::sync::atomic::AtomicU8::new(role_code(config_role)),
             sessions: Default::default(),
+            live_sessions: Default::default(),
             replication: std::sync::OnceLock::new(),
         })
     }
