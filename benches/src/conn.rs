@@ -137,6 +137,7 @@ pub fn login_status_text(class: u8, detail: u8) -> &'static str {
         (2, 0x03) => "target not found",
         (2, 0x04) => "target removed",
         (2, 0x07) => "missing parameter",
+        (2, 0x0a) => "session does not exist",
         (2, _) => "initiator error",
         (3, _) => "target error",
         _ => "unknown status",

@@ -33,6 +33,8 @@ mod tmf_response {
     pub const FUNCTION_COMPLETE: u8 = 0;
     pub const TASK_DOES_NOT_EXIST: u8 = 1;
     pub const LUN_DOES_NOT_EXIST: u8 = 2;
+    /// RFC 7143 section 11.6.1: TASK REASSIGN below ErrorRecoveryLevel 2.
+    pub const REASSIGNMENT_NOT_SUPPORTED: u8 = 4;
     pub const NOT_SUPPORTED: u8 = 5;
 }
 
@@ -1430,7 +1432,8 @@ impl Conn {
                 }
                 tmf_response::FUNCTION_COMPLETE
             }
-            ClearAca | TaskReassign | Other(_) => tmf_response::NOT_SUPPORTED,
+            TaskReassign => tmf_response::REASSIGNMENT_NOT_SUPPORTED,
+            ClearAca | Other(_) => tmf_response::NOT_SUPPORTED,
         };
         let waiting = self
             .tasks
@@ -1778,13 +1781,9 @@ fn accept_data(t: &mut Task, st: &mut DataOutState, offset: u32, data: &[u8]) {
 
 /// LUN field to LUN id (SAM-5 section 4.7: peripheral (00b) and flat (01b) addressing).
 pub fn decode_lun(field: u64) -> u64 {
-    let b = field.to_be_bytes();
-    match b[0] >> 6 {
-        0 => b[1] as u64 | ((b[0] as u64 & 0x3f) << 8),
-        1 => ((b[0] as u64 & 0x3f) << 8) | b[1] as u64,
-        // Other methods name LUNs we never export.
-        _ => u64::MAX,
-    }
+    // One decoder for the whole target (SAM-5 single-level peripheral or flat space
+    // addressing): a multi-level or other-method LUN names nothing we export, not LUN 0.
+    proto::scsi::report_luns::decode_lun(field.to_be_bytes()).unwrap_or(u64::MAX)
 }
 
 /// LUN id to the LUN field we send back.

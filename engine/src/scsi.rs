@@ -1064,7 +1064,11 @@ fn report_luns(ctx: &ExecCtx, select_report: u8, alloc_len: u32) -> Reply {
     if alloc_len < 16 {
         return Reply::check(Sense::invalid_field_in_cdb(6, None));
     }
-    let ids: Vec<u64> = ctx.target.luns.iter().map(|&(id, _)| id).collect();
+    // SELECT REPORT 01h asks for well-known logical units only: we have none.
+    let ids: Vec<u64> = match select_report {
+        1 => Vec::new(),
+        _ => ctx.target.luns.iter().map(|&(id, _)| id).collect(),
+    };
     Reply::data(
         proto::scsi::report_luns::report_luns(&ids),
         alloc_len as usize,

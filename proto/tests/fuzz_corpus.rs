@@ -268,7 +268,7 @@ fn login_seeds_fail_with_the_right_status() {
         ("missing-initiator-name", (2, 7)),
         ("address-not-allowed", (2, 2)),
         ("version-min-1", (2, 5)),
-        ("tsih-nonzero", (2, 6)),
+        ("tsih-nonzero", (2, 0x0a)),
         ("isid-changes", (2, 0)),
         ("duplicate-key", (2, 0)),
     ] {

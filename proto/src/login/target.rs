@@ -148,6 +148,8 @@ pub enum LoginStatus {
     MissingParameter,
     /// 0x0209 session type not supported.
     SessionTypeNotSupported,
+    /// 0x020A session does not exist (a login naming a TSIH we have no session for).
+    SessionDoesNotExist,
     /// 0x0300 target error (e.g. invalid configuration).
     TargetError,
 }
@@ -165,6 +167,7 @@ impl LoginStatus {
             Self::TooManyConnections => (0x02, 0x06),
             Self::MissingParameter => (0x02, 0x07),
             Self::SessionTypeNotSupported => (0x02, 0x09),
+            Self::SessionDoesNotExist => (0x02, 0x0a),
             Self::TargetError => (0x03, 0x00),
         }
     }
@@ -494,11 +497,14 @@ impl TargetLogin {
         }
         match self.header {
             None => {
-                // A non-zero TSIH asks to add this connection to an existing
-                // session; we negotiate MaxConnections=1, so that is never
-                // possible here.
+                // A non-zero TSIH asks to add a connection to an existing session,
+                // or to reinstate its connection (RFC 7143 6.3.4). With
+                // MaxConnections=1 and ErrorRecoveryLevel=0 no session takes either:
+                // "session does not exist" sends the initiator to a new session
+                // (TSIH 0), which reinstates the old one if it still lives. "Too
+                // many connections" would make it give up.
                 if req.tsih != 0 {
-                    return Err(S::TooManyConnections);
+                    return Err(S::SessionDoesNotExist);
                 }
                 self.header = Some((req.isid, req.tsih, req.cid));
             }
