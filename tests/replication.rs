@@ -1144,3 +1144,44 @@ fn an_initial_sync_over_a_reused_image_leaves_no_stale_data() {
         "the secondary is no longer thin"
     );
 }
+
+/// A primary whose metadata file cannot be written (here: a directory where its temporary
+/// copy goes) cannot record where new writes go, so it must not issue them; but it fails
+/// them within seconds with a sense an initiator acts on, instead of holding them until
+/// the initiator's own timeouts declare the LUN dead. Once the metadata is writable again,
+/// writes succeed.
+#[test]
+fn writes_fail_in_time_while_the_metadata_cannot_be_written() {
+    let _serial = serial();
+    let (a, _b) = pair(18330, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let tmp = a.dir.join("data/lun0.img.meta.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::create_dir(&tmp).unwrap();
+    let started = Instant::now();
+    let o = random_writes(a.url(), "4k", "4", "4", "256m", &[])
+        .join()
+        .unwrap();
+    let t = text(&o);
+    assert!(
+        !o.status.success(),
+        "writes to unrecorded regions succeeded?\n{t}"
+    );
+    assert!(
+        t.contains("MEDIUM ERROR") && !t.contains("unanswered"),
+        "expected writes to fail with MEDIUM ERROR, not to hang:\n{t}"
+    );
+    // The run itself is 4 s; a hang would add the harness's 30 s drain limit.
+    assert!(started.elapsed() < Duration::from_secs(20), "{t}");
+    std::fs::remove_dir(&tmp).unwrap();
+    // The keeper retries the failed record every 100 ms (INTENT_POLL_MS) on its own.
+    std::thread::sleep(Duration::from_secs(1));
+    let o = random_writes(a.url(), "4k", "4", "2", "256m", &[])
+        .join()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "writes still fail after the metadata recovered:\n{}",
+        text(&o)
+    );
+}

@@ -214,6 +214,10 @@ pub struct RepLun {
     crash_unlogged: AtomicBool,
     /// On a secondary: the (origin, version) of the reservation state applied last.
     pr_applied: Mutex<(u64, u64)>,
+    /// When (ms since `Replication::epoch`, never 0) the write-intent log first failed to
+    /// persist, 0 while it persists; and that failure's errno.
+    intent_failing_since_ms: AtomicU64,
+    intent_errno: std::sync::atomic::AtomicI32,
 }
 
 impl RepLun {
@@ -305,6 +309,10 @@ pub struct Replication {
 const INTENT_COOL_MS: u64 = 5000;
 /// The keeper's longest sleep when nobody asks (retries a failed persist at this period).
 const INTENT_POLL_MS: u64 = 100;
+/// How long a write waits for its write-intent record while the metadata cannot be
+/// written before it fails (write_intent_ready): well inside an initiator's command
+/// timeout (ESXi's ATS heartbeat gives up after 8 s).
+const INTENT_PERSIST_WAIT_MS: u64 = 2000;
 
 /// Bytes of queued requests one link write may carry.
 const LINK_BATCH_BYTES: usize = 1 << 20;
@@ -555,6 +563,8 @@ impl Replication {
                 intent,
                 crash_unlogged: AtomicBool::new(crash_unlogged),
                 pr_applied: Mutex::new((0, 0)),
+                intent_failing_since_ms: AtomicU64::new(0),
+                intent_errno: std::sync::atomic::AtomicI32::new(0),
                 key: lun.naa_id,
                 meta: Mutex::new(meta),
                 meta_path,
@@ -2393,16 +2403,26 @@ impl Replication {
     /// Whether a write to `[offset, offset + len)` of LUN `lun` may be issued now: on the
     /// primary, every region it touches must be in the persisted write-intent log first.
     /// `false`: the regions are asked for; retry shortly (with the range lock released).
-    pub fn write_intent_ready(&self, lun: usize, offset: u64, len: u64) -> bool {
+    ///
+    /// `Err(errno)` once the metadata file has failed to take the log for
+    /// [`INTENT_PERSIST_WAIT_MS`]: the write fails with that error's sense (MEDIUM ERROR, or
+    /// SPACE ALLOCATION FAILED on a full file system) instead of waiting without end, which
+    /// an initiator sees as a hung LUN (ESXi aborts and retries, then declares the path
+    /// dead). Writes to regions already recorded go on.
+    pub fn write_intent_ready(&self, lun: usize, offset: u64, len: u64) -> Result<bool, i32> {
         let Some(l) = self.luns.get(lun) else {
-            return true;
+            return Ok(true);
         };
         if l.intent.ready(offset, len) {
-            return true;
+            return Ok(true);
+        }
+        let since = l.intent_failing_since_ms.load(Ordering::Acquire);
+        if since != 0 && now_ms(&self.epoch).saturating_sub(since) >= INTENT_PERSIST_WAIT_MS {
+            return Err(l.intent_errno.load(Ordering::Acquire));
         }
         *self.intent_asked.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.intent_cv.notify_one();
-        false
+        Ok(false)
     }
 
     /// The write-intent keeper: persists wanted regions (one metadata write for everything
@@ -2418,6 +2438,7 @@ impl Replication {
                     .unwrap_or_else(|p| p.into_inner());
                 *asked = false;
             }
+            let mut failed = false;
             for l in &self.luns {
                 let wanted = l.intent.take_wanted();
                 if wanted.is_empty() {
@@ -2427,18 +2448,43 @@ impl Replication {
                 let mut all = l.intent.durable_regions();
                 all.extend_from_slice(&wanted);
                 match l.persist_with(&m, &all) {
-                    Ok(()) => l.intent.made_durable(&wanted),
+                    Ok(()) => {
+                        l.intent.made_durable(&wanted);
+                        l.intent_failing_since_ms.store(0, Ordering::Release);
+                    }
                     Err(e) => {
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        l.intent_errno.store(errno, Ordering::Release);
+                        // Never 0 (which means "not failing"), even in the first millisecond.
+                        let now = now_ms(&self.epoch).max(1);
+                        let _ = l.intent_failing_since_ms.compare_exchange(
+                            0,
+                            now,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
                         // Writes to these regions wait: issuing them unrecorded could lose
                         // track of a divergence after a crash.
-                        tracing::error!(lun = l.key, error = %e, "cannot persist the write-intent log; writes to new regions wait");
+                        // Retried every INTENT_POLL_MS while writes ask: at most one line a
+                        // second (log_limit.rs).
+                        static FAILED: crate::log_limit::LogLimit =
+                            crate::log_limit::LogLimit::new(1);
+                        if let Some(suppressed) = FAILED.allow() {
+                            tracing::error!(lun = l.key, error = %e, suppressed, "cannot persist the write-intent log; writes to new regions wait, and fail after {INTENT_PERSIST_WAIT_MS} ms");
+                        }
                         l.intent.want_again(&wanted);
+                        failed = true;
                     }
                 }
             }
             if last_cool.elapsed() >= Duration::from_millis(INTENT_COOL_MS) {
                 last_cool = Instant::now();
                 self.cool_intents();
+            }
+            if failed {
+                // Every waiting write asks again at once: retry at the poll period, not in
+                // a loop of failing metadata writes.
+                std::thread::sleep(Duration::from_millis(INTENT_POLL_MS));
             }
         }
     }

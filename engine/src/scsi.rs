@@ -1082,9 +1082,10 @@ fn ctx_lun<'a>(ctx: &ExecCtx<'a>) -> Option<&'a std::sync::Arc<Lun>> {
 
 /// Whether the write-intent log lets a write to these blocks of registry LUN `lun` be
 /// issued now (replication.rs); when not, the caller drops its range lock and retries.
-fn intent_ready(ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64) -> bool {
+/// `Err(errno)`: the metadata has not been writable for a while (the write fails).
+fn intent_ready(ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64) -> Result<bool, i32> {
     let Some(rep) = ctx.reg.replication.get() else {
-        return true;
+        return Ok(true);
     };
     let bs = u64::from(ctx.reg.luns[lun].block_size);
     rep.write_intent_ready(
@@ -1133,7 +1134,14 @@ fn lock_then_mode(
     };
     // Checked under the range lock: the write-intent keeper forgets a region only while
     // holding its lock (intent.rs).
-    let got = got.filter(|_| ctx.lun.is_none_or(|i| intent_ready(ctx, i, lba, blocks)));
+    let ready = match (&got, ctx.lun) {
+        (Some(_), Some(i)) => intent_ready(ctx, i, lba, blocks),
+        _ => Ok(true),
+    };
+    let got = match ready {
+        Ok(ready) => got.filter(|_| ready),
+        Err(errno) => return Step::Done(Reply::check(io_error(errno, true))),
+    };
     match got {
         Some(g) => {
             task.guard = Some(g);
@@ -1225,10 +1233,12 @@ fn lock_on(
     if let Some(refused) = demoted_meanwhile(ctx) {
         return refused;
     }
-    let got = ctx.reg.luns[lun]
-        .ranges
-        .try_lock(lba, lba + blocks.max(1))
-        .filter(|_| intent_ready(ctx, lun, lba, blocks));
+    let got = ctx.reg.luns[lun].ranges.try_lock(lba, lba + blocks.max(1));
+    let got = match got.as_ref().map(|_| intent_ready(ctx, lun, lba, blocks)) {
+        Some(Err(errno)) => return Step::Done(Reply::check(io_error(errno, true))),
+        Some(Ok(false)) => None,
+        _ => got,
+    };
     match got {
         Some(g) => {
             task.guard = Some(g);
