@@ -1185,3 +1185,150 @@ fn writes_fail_in_time_while_the_metadata_cannot_be_written() {
         text(&o)
     );
 }
+
+/// One replica connection to a secondary, played by the test the way a primary speaks:
+/// so that a message can be made to arrive late, deterministically.
+struct FakePrimary {
+    s: std::net::TcpStream,
+    rx: Vec<u8>,
+    seq: u64,
+}
+
+impl FakePrimary {
+    /// Connects as the primary's link `link` (`LINK_NONE`: its resync connection) and
+    /// authenticates; returns the connection and the secondary's LUNs.
+    fn connect(port: u16, psk: &str, link: u16) -> (FakePrimary, Vec<replica::wire::LunHello>) {
+        use replica::auth::{Role, Transcript};
+        use replica::wire::Message;
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut p = FakePrimary {
+            s,
+            rx: Vec::new(),
+            seq: 0,
+        };
+        let Message::Hello { node_id, luns, .. } = p.recv().expect("the secondary's hello") else {
+            panic!("expected a hello");
+        };
+        let Some(Message::AuthChallenge { nonce: theirs }) = p.recv() else {
+            panic!("expected a challenge");
+        };
+        let mut ours_as_primary = luns.clone();
+        for l in &mut ours_as_primary {
+            l.flags.primary = true;
+        }
+        let mine = [7u8; 32];
+        p.send(&Message::Hello {
+            node_id: "fake-primary".into(),
+            luns: ours_as_primary,
+            link,
+        });
+        p.send(&Message::AuthChallenge { nonce: mine });
+        let t = Transcript {
+            initiator_id: "fake-primary".into(),
+            acceptor_id: node_id,
+            initiator_nonce: mine,
+            acceptor_nonce: theirs,
+        };
+        let mac = t.mac(psk.as_bytes(), Role::Initiator).unwrap();
+        p.send(&Message::AuthResponse { mac });
+        let Some(Message::AuthResponse { mac }) = p.recv() else {
+            panic!("expected the secondary's proof");
+        };
+        t.verify(psk.as_bytes(), Role::Acceptor, &mac).unwrap();
+        (p, luns)
+    }
+
+    fn send(&mut self, m: &replica::wire::Message) {
+        use std::io::Write as _;
+        self.seq += 1;
+        let mut out = Vec::new();
+        replica::wire::encode(m, self.seq, &mut out);
+        self.s.write_all(&out).unwrap();
+    }
+
+    /// The next message, or None once the secondary closed the connection.
+    fn recv(&mut self) -> Option<replica::wire::Message> {
+        use std::io::Read as _;
+        loop {
+            if let Some((m, _, used)) = replica::wire::decode_one(&self.rx).unwrap() {
+                self.rx.drain(..used);
+                return Some(m);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.rx.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Sends `m` and returns whether the secondary acknowledged it as done.
+    fn acked(&mut self, m: &replica::wire::Message) -> bool {
+        use replica::wire::{AckStatus, Message};
+        self.send(m);
+        matches!(self.recv(), Some(Message::Ack { seq, status: AckStatus::Ok }) if seq == self.seq)
+    }
+}
+
+/// A node that was paused (or cut off) while the primary went on: when it runs again its
+/// socket buffers still hold writes the primary gave up on, recorded dirty, and already
+/// resyncs from a newer connection. Such a write must not land after the resync's copy
+/// of its region, or the copies differ while both sides say UpToDate.
+#[test]
+fn a_write_from_before_a_resync_never_lands_after_the_resyncs_copy() {
+    use replica::wire::{Message, LINK_NONE};
+    let _serial = serial();
+    let (iscsi, me, peer) = (18340, 18341, 18342);
+    let psk = "pair-test-psk-0123456789";
+    let b = Node::new(
+        "stale-b",
+        node_toml(iscsi, me, peer, "secondary", psk, "64MiB"),
+        iscsi,
+    );
+    let write = |lun_key, offset_bytes, byte| Message::Write {
+        lun_key,
+        offset_bytes,
+        fua: false,
+        data: vec![byte; 4096],
+    };
+    let (mut old_link, luns) = FakePrimary::connect(me, psk, 0);
+    let key = luns[0].lun_key;
+    assert!(
+        old_link.acked(&write(key, 0, 0xaa)),
+        "the data link applies writes"
+    );
+    // The primary lost the peer, came back with a new control connection and copies the
+    // region (with its newer data) ...
+    let (mut resync, _) = FakePrimary::connect(me, psk, LINK_NONE);
+    let copy = Message::ResyncData {
+        lun_key: key,
+        offset_bytes: 0,
+        data: vec![0xbb; 4096],
+    };
+    assert!(resync.acked(&copy), "the resync's copy is applied");
+    // ... and only now does the old link's last write come out of the buffers.
+    assert!(
+        !old_link.acked(&write(key, 0, 0xcc)),
+        "a write from the old round was acknowledged after the resync's copy"
+    );
+    let mut head = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(b.lun()).unwrap(), &mut head, 0)
+        .unwrap();
+    assert!(
+        head.iter().all(|&x| x == 0xbb),
+        "the region holds {:#x}, not the resync's copy",
+        head[0]
+    );
+    // The new round's data links mirror as usual.
+    let (mut new_link, _) = FakePrimary::connect(me, psk, 0);
+    assert!(
+        new_link.acked(&write(key, 4096, 0xdd)),
+        "a data link after the resync applies writes"
+    );
+    assert!(
+        b.log().contains("from before the primary's current resync"),
+        "{}",
+        b.log()
+    );
+}

@@ -300,6 +300,14 @@ pub struct Replication {
     apply_fenced: AtomicBool,
     /// Messages being applied right now (a promotion waits for them).
     applying: AtomicUsize,
+    /// On a secondary: the number of the last replica connection accepted. Accept order
+    /// is the primary's connect order (it connects a resync's control connection, and
+    /// only once that is authenticated its new data links).
+    conn_ids: AtomicU64,
+    /// On a secondary: connections numbered below this apply nothing more. Each message
+    /// is applied under the read lock, so raising it (`supersede_older`) waits for the
+    /// ones being applied.
+    apply_gate: std::sync::RwLock<u64>,
     /// This process's instance id, the `origin` of the reservation snapshots it sends.
     instance: u64,
 }
@@ -619,6 +627,8 @@ impl Replication {
             start_note: Mutex::new(None),
             apply_fenced: AtomicBool::new(reg.role() == Role::Primary),
             applying: AtomicUsize::new(0),
+            conn_ids: AtomicU64::new(0),
+            apply_gate: std::sync::RwLock::new(0),
             instance: u64::from_le_bytes(random8()),
         });
         if reg.role() == Role::Primary {
@@ -1031,13 +1041,14 @@ impl Replication {
                 continue;
             }
             unauthenticated.fetch_add(1, Ordering::AcqRel);
+            let conn_id = self.conn_ids.fetch_add(1, Ordering::AcqRel) + 1;
             let rep = Arc::clone(&self);
             let count = Arc::clone(&unauthenticated);
             let spawned = std::thread::Builder::new()
                 .name("twinsan-replica-apply".into())
                 .spawn(move || {
                     let peer = stream.peer_addr().ok();
-                    if let Err(e) = rep.apply_conn(stream, Authenticating::new(count)) {
+                    if let Err(e) = rep.apply_conn(stream, conn_id, Authenticating::new(count)) {
                         tracing::info!(?peer, error = %e, "replica connection ended");
                     }
                 });
@@ -1047,7 +1058,12 @@ impl Replication {
         }
     }
 
-    fn apply_conn(&self, mut s: TcpStream, authenticating: Authenticating) -> std::io::Result<()> {
+    fn apply_conn(
+        &self,
+        mut s: TcpStream,
+        conn_id: u64,
+        authenticating: Authenticating,
+    ) -> std::io::Result<()> {
         let _ = s.set_nodelay(true);
         // A primary that lost power never closes its links: keepalive ends them (and their
         // threads) within about 11 s instead of never.
@@ -1091,6 +1107,7 @@ impl Replication {
         let mut files: HashMap<usize, File> = HashMap::new();
         let mut acks = Vec::new();
         let mut pending_acks = 0usize;
+        let mut superseded_older = false;
         loop {
             // Acks go out in one write just before we would block for more input: one
             // syscall per batch of applied messages, not per message.
@@ -1106,6 +1123,20 @@ impl Replication {
                     continue;
                 }
             };
+            if peer_link == LINK_NONE
+                && !superseded_older
+                && matches!(
+                    frame,
+                    Frame::Other(
+                        Message::ResyncData { .. }
+                            | Message::WriteZeroes { .. }
+                            | Message::ResyncDone { .. }
+                    )
+                )
+            {
+                self.supersede_older(conn_id);
+                superseded_older = true;
+            }
             // Counted before the fence is read, so a promotion that set the fence either
             // stops this message or waits for it (fence_for_promotion).
             self.applying.fetch_add(1, Ordering::SeqCst);
@@ -1121,6 +1152,14 @@ impl Replication {
                     "this node is primary now: closing the old primary's replica connection"
                 );
                 return Err(std::io::Error::other("this node was promoted"));
+            }
+            let gate = self.apply_gate.read().unwrap_or_else(|p| p.into_inner());
+            if conn_id < *gate {
+                tracing::warn!(
+                    "closing a replica connection from before the primary's current resync: \
+                     what it still carries is stale"
+                );
+                return Err(std::io::Error::other("superseded by a newer resync"));
             }
             let msg = match frame {
                 // The hot path: straight from the receive buffer to the file.
@@ -1284,6 +1323,9 @@ impl Replication {
                 Ok(Message::Ping { .. }) => AckStatus::Ok,
                 _ => AckStatus::Refused,
             };
+            // Not held while acks are written: a stale connection's write may block on a
+            // peer that stopped reading, and a resync waits for this lock.
+            drop(gate);
             wire::encode(&Message::Ack { seq, status }, 0, &mut acks);
             pending_acks += 1;
             if pending_acks >= ACK_BATCH {
@@ -1294,6 +1336,18 @@ impl Replication {
                 pending_acks = 0;
             }
         }
+    }
+
+    /// On a secondary, when a resync (control connection `conn_id`) starts changing data:
+    /// every connection accepted before it belongs to a mirroring round the primary gave
+    /// up on (it reset its links, recorded their unacknowledged writes dirty, and this
+    /// resync copies those regions). What such a connection still carries (the socket
+    /// buffers of a node that was paused, or of a partition that healed) must not land
+    /// after the copy: the copies would differ while both sides say UpToDate. Waits for
+    /// the messages being applied now; the old connections close at their next message.
+    fn supersede_older(&self, conn_id: u64) {
+        let mut gate = self.apply_gate.write().unwrap_or_else(|p| p.into_inner());
+        *gate = (*gate).max(conn_id);
     }
 
     /// Runs `f` on LUN `key`'s backing file if `[offset, offset + len)` lies inside the LUN
