@@ -1332,3 +1332,64 @@ fn a_write_from_before_a_resync_never_lands_after_the_resyncs_copy() {
         b.log()
     );
 }
+
+/// `[peer] resync_rate` caps the catch-up so that it does not starve initiator I/O, and
+/// `status` shows its progress and ETA meanwhile.
+#[test]
+fn a_resync_keeps_to_its_rate_and_shows_progress() {
+    let _serial = serial();
+    let (ia, ib, ra, rb) = (18350, 18351, 18352, 18353);
+    let psk = "pair-test-psk-0123456789";
+    let capped = |t: String| {
+        t.replace(
+            "on_peer_loss = \"degrade\"\n",
+            "on_peer_loss = \"degrade\"\nresync_rate = \"2MiB\"\n",
+        )
+    };
+    let mut b = Node::new(
+        "rate-b",
+        capped(node_toml(ib, rb, ra, "secondary", psk, "64MiB")),
+        ib,
+    );
+    let a = Node::new(
+        "rate-a",
+        capped(node_toml(ia, ra, rb, "primary", psk, "64MiB")),
+        ia,
+    );
+    wait_in_sync(&a, Duration::from_secs(20));
+    b.kill9();
+    // 12 one-MiB regions change while the peer is away: 6 s of resync at 2 MiB/s.
+    let o = bench(
+        &a.url(),
+        &["--rw", "write", "--bs", "1m", "--size", "12m", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let restarted = Instant::now();
+    b.start();
+    let progress = loop {
+        let s = a.admin("status");
+        if let Some(l) = s
+            .lines()
+            .find(|l| l.contains("SyncSource") && l.contains(" eta "))
+        {
+            break l.to_string();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "no resync progress shown: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(progress.contains("% eta "), "{progress}");
+    wait_in_sync(&a, Duration::from_secs(60));
+    // A lower bound, not a speed test: uncapped, 12 MiB copy in well under a second.
+    let took = restarted.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "12 MiB resynced in {took:?} at a 2 MiB/s cap"
+    );
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "backing files differ after the resync"
+    );
+}

@@ -33,6 +33,9 @@ pub const MAX_PHYSICAL_BLOCK_BYTES: u32 = 1 << 20;
 /// How long a primary waits for the peer's acknowledgement before it declares the peer lost:
 /// well under the 8 s an ESXi ATS heartbeat tolerates, so a degrade completes in time.
 pub const DEFAULT_REPLICA_TIMEOUT_MS: u64 = 2_000;
+/// Default resync throughput cap: a 1 TiB LUN resyncs in about 70 minutes, while a gigabit
+/// of the initiators' own traffic still fits beside it on a 10 GbE replica link.
+pub const DEFAULT_RESYNC_RATE_BYTES_PER_S: u64 = 256 << 20;
 /// A bound on configuration fan-out; far above any real deployment of one node.
 pub const MAX_TARGETS: usize = 256;
 pub const MAX_LUNS_PER_TARGET: usize = 256;
@@ -122,6 +125,7 @@ struct RawPeer {
     replica_timeout_ms: Option<u64>,
     on_peer_loss: Option<OnPeerLoss>,
     region_bytes: Option<toml::Value>,
+    resync_rate: Option<toml::Value>,
 }
 
 /// Which node serves initiators.
@@ -152,6 +156,9 @@ pub struct PeerConfig {
     pub replica_timeout_ms: u64,
     pub on_peer_loss: OnPeerLoss,
     pub region_bytes: u64,
+    /// Resync throughput cap (bytes per second), so a catching-up peer does not starve
+    /// initiator I/O on either node.
+    pub resync_rate_bytes_per_s: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -607,6 +614,20 @@ impl Config {
                         format!("{region_bytes} must be a power of two in 64KiB..=64MiB"),
                     ));
                 }
+                let resync_rate_bytes_per_s = match &p.resync_rate {
+                    None => DEFAULT_RESYNC_RATE_BYTES_PER_S,
+                    Some(v) => parse_size(v).map_err(|m| bad("peer.resync_rate", m))?,
+                };
+                // Below 1 MiB/s a resync of a large LUN would take days; above the fastest
+                // links and disks the cap means nothing and a typo would go unnoticed.
+                if !((1 << 20)..=(64 << 30)).contains(&resync_rate_bytes_per_s) {
+                    return Err(bad(
+                        "peer.resync_rate",
+                        format!(
+                            "{resync_rate_bytes_per_s} bytes per second is outside 1MiB..=64GiB"
+                        ),
+                    ));
+                }
                 if p.name.is_empty() || p.name.len() > 64 {
                     return Err(bad("peer.name", "must be 1..=64 bytes".into()));
                 }
@@ -618,6 +639,7 @@ impl Config {
                     replica_timeout_ms,
                     on_peer_loss: p.on_peer_loss.unwrap_or(OnPeerLoss::Degrade),
                     region_bytes,
+                    resync_rate_bytes_per_s,
                 })
             }
         };
@@ -850,6 +872,29 @@ mod tests {
                 e.contains("target[0].lun[0].physical_block_size"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn resync_rate_defaults_and_is_checked() {
+        let peer = |extra: &str| {
+            parse(&format!(
+                "[peer]\nname = \"b\"\naddress = \"198.18.0.2:7789\"\nlisten = \"198.18.0.1:7789\"\npsk = \"0123456789abcdef\"\n{extra}\n[[target]]\nname = \"iqn.2026-11.x:a\"\n"
+            ))
+        };
+        let rate = |c: Config| c.peer.map(|p| p.resync_rate_bytes_per_s);
+        assert_eq!(
+            rate(peer("").unwrap()),
+            Some(DEFAULT_RESYNC_RATE_BYTES_PER_S)
+        );
+        assert_eq!(rate(peer("resync_rate = \"1GiB\"").unwrap()), Some(1 << 30));
+        for bad in [
+            "resync_rate = \"512KiB\"",
+            "resync_rate = \"1TiB\"",
+            "resync_rate = 0",
+        ] {
+            let e = peer(bad).unwrap_err().to_string();
+            assert!(e.contains("peer.resync_rate"), "{bad}: {e}");
         }
     }
 

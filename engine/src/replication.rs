@@ -369,8 +369,6 @@ const PROMOTE_WAIT: Duration = Duration::from_millis(2000);
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// The first bytes of a resync, always sent as data (see `copy_all`).
 const HEAD_CHUNK_BYTES: u64 = 4096;
-/// Resync throughput cap, so a catching-up peer does not starve initiator I/O.
-pub const RESYNC_RATE_BYTES_PER_S: u64 = 256 << 20;
 /// Frames we read at most while waiting for one (handshake): bounds a hostile peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Extra passes over regions dirtied again during a resync before it gives up (and retries
@@ -2093,8 +2091,9 @@ impl Replication {
                     )?;
                     l.resync_done_bytes
                         .fetch_add(region_bytes, Ordering::Relaxed);
-                    let due =
-                        Duration::from_secs_f64(copied as f64 / RESYNC_RATE_BYTES_PER_S as f64);
+                    let due = Duration::from_secs_f64(
+                        copied as f64 / self.cfg.resync_rate_bytes_per_s as f64,
+                    );
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         std::thread::sleep(wait);
                     }
