@@ -1381,6 +1381,28 @@ fn a_resync_keeps_to_its_rate_and_shows_progress() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(progress.contains("% eta "), "{progress}");
+    // The sync target says it too, from what the source tells it.
+    let target = loop {
+        let s = b.admin("status");
+        if let Some(l) = s
+            .lines()
+            .find(|l| l.contains("SyncTarget") && l.contains("% eta "))
+        {
+            break l.to_string();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "the sync target shows no progress: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let percent: f64 = target
+        .split(" resync ")
+        .nth(1)
+        .and_then(|r| r.split('%').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(-1.0);
+    assert!((0.0..100.0).contains(&percent), "{target}");
     wait_in_sync(&a, Duration::from_secs(60));
     // A lower bound, not a speed test: uncapped, 12 MiB copy in well under a second.
     let took = restarted.elapsed();
@@ -1391,5 +1413,10 @@ fn a_resync_keeps_to_its_rate_and_shows_progress() {
     assert!(
         same_bytes(&a.lun(), &b.lun()),
         "backing files differ after the resync"
+    );
+    let after = b.admin("status");
+    assert!(
+        after.contains(": UpToDate") && !after.contains(" resync "),
+        "{after}"
     );
 }

@@ -207,6 +207,8 @@ pub struct RepLun {
     pub resync_total_bytes: AtomicU64,
     pub resync_done_bytes: AtomicU64,
     resync_started_ms: AtomicU64,
+    /// On a sync target: the source's estimate of the time left (ResyncProgress).
+    resync_eta_ms: AtomicU64,
     /// Regions writes may be issued to (intent.rs); persisted with every metadata write.
     intent: IntentLog,
     /// This node crashed under metadata without a write-intent log (an older version): the
@@ -365,6 +367,8 @@ const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// How long `promote` waits for the control connection of a peer that just went away or
 /// was demoted to close (a demoted primary notices within one PING_INTERVAL).
 const PROMOTE_WAIT: Duration = Duration::from_millis(2000);
+/// How often a resync tells the sync target how far it has come.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// The first bytes of a resync, always sent as data (see `copy_all`).
@@ -584,6 +588,7 @@ impl Replication {
                 resync_total_bytes: AtomicU64::new(0),
                 resync_done_bytes: AtomicU64::new(0),
                 resync_started_ms: AtomicU64::new(0),
+                resync_eta_ms: AtomicU64::new(0),
             });
         }
         let mut links = Vec::new();
@@ -1127,6 +1132,7 @@ impl Replication {
                     frame,
                     Frame::Other(
                         Message::ResyncData { .. }
+                            | Message::ResyncProgress { .. }
                             | Message::WriteZeroes { .. }
                             | Message::ResyncDone { .. }
                     )
@@ -1249,6 +1255,8 @@ impl Replication {
                         match l.persist(&m) {
                             Ok(()) => {
                                 l.set_state(SyncState::UpToDate);
+                                // The next resync's progress starts from its own plan.
+                                l.resync_total_bytes.store(0, Ordering::Relaxed);
                                 tracing::info!(lun = l.key, "resync complete: up to date");
                                 AckStatus::Ok
                             }
@@ -1318,6 +1326,21 @@ impl Replication {
                         Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
                     }
                 }
+                Ok(Message::ResyncProgress {
+                    lun_key,
+                    done_bytes,
+                    total_bytes,
+                    eta_ms,
+                }) => match self.lun_by_key(lun_key) {
+                    Some(i) => {
+                        let l = &self.luns[i];
+                        l.resync_total_bytes.store(total_bytes, Ordering::Relaxed);
+                        l.resync_done_bytes.store(done_bytes, Ordering::Relaxed);
+                        l.resync_eta_ms.store(eta_ms, Ordering::Relaxed);
+                        AckStatus::Ok
+                    }
+                    None => AckStatus::Refused,
+                },
                 Ok(Message::Ping { .. }) => AckStatus::Ok,
                 _ => AckStatus::Refused,
             };
@@ -2010,6 +2033,41 @@ impl Replication {
         }
     }
 
+    /// How far the resync of `l` has come and its estimate of the time left, as `status`
+    /// prints them here; the sync target prints what it last heard.
+    fn resync_progress(&self, l: &RepLun) -> (u64, u64, u64) {
+        let total = l.resync_total_bytes.load(Ordering::Relaxed);
+        let done = l.resync_done_bytes.load(Ordering::Relaxed).min(total);
+        let elapsed_ms = now_ms(&self.epoch)
+            .saturating_sub(l.resync_started_ms.load(Ordering::Relaxed))
+            .max(1);
+        let eta_ms = u64::try_from(
+            u128::from(total - done) * u128::from(elapsed_ms) / u128::from(done.max(1)),
+        )
+        .unwrap_or(u64::MAX);
+        (done, total, eta_ms)
+    }
+
+    /// Tells the sync target how far the resync of `l` has come (its `status` shows it).
+    fn send_progress(
+        &self,
+        s: &mut TcpStream,
+        rbuf: &mut RxBuf,
+        wbuf: &mut Vec<u8>,
+        l: &RepLun,
+    ) -> std::io::Result<()> {
+        let (done_bytes, total_bytes, eta_ms) = self.resync_progress(l);
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let progress = Message::ResyncProgress {
+            lun_key: l.key,
+            done_bytes,
+            total_bytes,
+            eta_ms,
+        };
+        send(s, &progress, seq, wbuf)?;
+        expect_ok(recv(s, rbuf)?.0, "resync progress")
+    }
+
     fn copy_all(
         &self,
         reg: &Registry,
@@ -2069,6 +2127,8 @@ impl Replication {
                 );
                 copied += self.copy_range(s, rbuf, wbuf, &file, l, start, end)?;
             }
+            self.send_progress(s, rbuf, wbuf, l)?;
+            let mut progress_sent = Instant::now();
             // Passes until the bitmap is clean: a region can be dirtied again behind the
             // pass (a mirrored write the peer failed, a write that failed here after being
             // mirrored), and the peer may only hear "done" when it holds everything.
@@ -2091,6 +2151,10 @@ impl Replication {
                     )?;
                     l.resync_done_bytes
                         .fetch_add(region_bytes, Ordering::Relaxed);
+                    if progress_sent.elapsed() >= PROGRESS_INTERVAL {
+                        self.send_progress(s, rbuf, wbuf, l)?;
+                        progress_sent = Instant::now();
+                    }
                     let due = Duration::from_secs_f64(
                         copied as f64 / self.cfg.resync_rate_bytes_per_s as f64,
                     );
@@ -2392,7 +2456,6 @@ impl Replication {
         {
             let _ = writeln!(s, "note: {note}");
         }
-        let now = now_ms(&self.epoch);
         for l in &self.luns {
             let m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
             let mut line = format!(
@@ -2403,20 +2466,23 @@ impl Replication {
                 m.gen.bitmap,
                 m.bitmap.dirty_bytes()
             );
-            if l.state() == SyncState::SyncSource {
-                let total = l.resync_total_bytes.load(Ordering::Relaxed).max(1);
-                let done = l.resync_done_bytes.load(Ordering::Relaxed);
-                let elapsed_ms = now
-                    .saturating_sub(l.resync_started_ms.load(Ordering::Relaxed))
-                    .max(1);
-                let eta_s = (total.saturating_sub(done)) as f64
-                    / (done.max(1) as f64 / elapsed_ms as f64)
-                    / 1000.0;
+            let progress = match l.state() {
+                SyncState::SyncSource => Some(self.resync_progress(l)),
+                SyncState::SyncTarget => Some((
+                    l.resync_done_bytes.load(Ordering::Relaxed),
+                    l.resync_total_bytes.load(Ordering::Relaxed),
+                    l.resync_eta_ms.load(Ordering::Relaxed),
+                )),
+                _ => None,
+            };
+            // A target that has not heard the source's plan yet (an older primary, or the
+            // first region still on its way) says so rather than 0%.
+            if let Some((done, total, eta_ms)) = progress.filter(|&(_, total, _)| total > 0) {
                 let _ = write!(
                     line,
                     " resync {:.1}% eta {:.0}s",
-                    done as f64 * 100.0 / total as f64,
-                    eta_s
+                    done.min(total) as f64 * 100.0 / total as f64,
+                    eta_ms as f64 / 1000.0
                 );
             }
             let _ = writeln!(s, "{line}");

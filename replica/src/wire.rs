@@ -21,7 +21,7 @@ use crate::genid::{GenFlags, GenIds};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"TWRP";
 /// Wire protocol version.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 24;
 /// Largest data payload of one message (write, resync, PR state, bitmap).
@@ -220,6 +220,18 @@ pub enum Message {
         /// The `now_ms` of the ping answered.
         now_ms: u64,
     },
+    /// How far the resync into the receiver has come (sent by the sync source at the start
+    /// and about once a second, so that the sync target's `status` can say it too).
+    ResyncProgress {
+        /// LUN.
+        lun_key: u64,
+        /// Bytes of the planned regions copied so far (at most `total_bytes`).
+        done_bytes: u64,
+        /// Bytes of all regions this resync copies (grows when a pass finds new dirt).
+        total_bytes: u64,
+        /// The source's estimate of the time left, in milliseconds.
+        eta_ms: u64,
+    },
     /// The sender's dirty bitmap for a LUN, sent after the hello so the sync source can merge the
     /// regions where the sender itself may differ (a crashed primary's unacknowledged tail).
     DirtyBitmap {
@@ -246,6 +258,7 @@ mod msg_type {
     pub const PING: u8 = 13;
     pub const PONG: u8 = 14;
     pub const DIRTY_BITMAP: u8 = 15;
+    pub const RESYNC_PROGRESS: u8 = 16;
 }
 
 impl Message {
@@ -267,6 +280,7 @@ impl Message {
             Message::Ping { .. } => PING,
             Message::Pong { .. } => PONG,
             Message::DirtyBitmap { .. } => DIRTY_BITMAP,
+            Message::ResyncProgress { .. } => RESYNC_PROGRESS,
         }
     }
 }
@@ -402,6 +416,20 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
             put_u64(out, *lun_key);
             out.extend_from_slice(bitmap);
         }
+        Message::ResyncProgress {
+            lun_key,
+            done_bytes,
+            total_bytes,
+            eta_ms,
+        } => {
+            assert!(
+                done_bytes <= total_bytes,
+                "resync progress beyond its total"
+            );
+            for value in [*lun_key, *done_bytes, *total_bytes, *eta_ms] {
+                put_u64(out, value);
+            }
+        }
     }
     finish_frame(start, out);
 }
@@ -465,7 +493,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, WireError> {
         return Err(WireError::BadVersion(bytes[4]));
     }
     let msg_type = bytes[5];
-    if !(msg_type::HELLO..=msg_type::DIRTY_BITMAP).contains(&msg_type) {
+    if !(msg_type::HELLO..=msg_type::RESYNC_PROGRESS).contains(&msg_type) {
         return Err(WireError::UnknownType(msg_type));
     }
     let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
@@ -719,6 +747,19 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
             lun_key: reader.u64()?,
             bitmap: reader.rest(DATA_BYTES_MAX, "bitmap length")?,
         },
+        RESYNC_PROGRESS => {
+            let (lun_key, done_bytes, total_bytes, eta_ms) =
+                (reader.u64()?, reader.u64()?, reader.u64()?, reader.u64()?);
+            if done_bytes > total_bytes {
+                return Err(WireError::BadField("resync progress beyond its total"));
+            }
+            Message::ResyncProgress {
+                lun_key,
+                done_bytes,
+                total_bytes,
+                eta_ms,
+            }
+        }
         other => return Err(WireError::UnknownType(other)),
     };
     reader.finish()?;
@@ -1017,6 +1058,14 @@ mod tests {
             any::<u64>().prop_map(|now_ms| Message::Pong { now_ms }),
             (any::<u64>(), bytes())
                 .prop_map(|(lun_key, bitmap)| Message::DirtyBitmap { lun_key, bitmap }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(lun_key, a, b, eta_ms)| Message::ResyncProgress {
+                    lun_key,
+                    done_bytes: a.min(b),
+                    total_bytes: a.max(b),
+                    eta_ms
+                }
+            ),
         ]
     }
 
@@ -1100,6 +1149,27 @@ mod tests {
         assert_eq!(
             decode_one(&frame[..HEADER_BYTES]),
             Err(WireError::BodyTooLong(BODY_BYTES_MAX as u32 + 1))
+        );
+    }
+
+    #[test]
+    fn resync_progress_beyond_its_total_is_rejected() {
+        let mut frame = Vec::new();
+        let progress = Message::ResyncProgress {
+            lun_key: 1,
+            done_bytes: 1 << 20,
+            total_bytes: 2 << 20,
+            eta_ms: 500,
+        };
+        encode(&progress, 5, &mut frame);
+        assert_eq!(decode_one(&frame), Ok(Some((progress, 5, frame.len()))));
+        // done 3 MiB of 2 MiB, checksummed like a real frame: refused by its meaning.
+        let done = HEADER_BYTES + 8;
+        frame[done..done + 8].copy_from_slice(&(3u64 << 20).to_le_bytes());
+        finish_frame(0, &mut frame);
+        assert_eq!(
+            decode_one(&frame),
+            Err(WireError::BadField("resync progress beyond its total"))
         );
     }
 
