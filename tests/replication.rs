@@ -1333,6 +1333,25 @@ fn a_write_from_before_a_resync_never_lands_after_the_resyncs_copy() {
     );
 }
 
+/// The first `status` line of `node` in `state` that shows resync progress, waited for
+/// up to 10 s from `since`.
+fn resync_line(node: &Node, state: &str, since: Instant) -> String {
+    loop {
+        let s = node.admin("status");
+        if let Some(l) = s
+            .lines()
+            .find(|l| l.contains(state) && l.contains("% eta "))
+        {
+            return l.to_string();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "no {state} progress shown: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `[peer] resync_rate` caps the catch-up so that it does not starve initiator I/O, and
 /// `status` shows its progress and ETA meanwhile.
 #[test]
@@ -1366,36 +1385,9 @@ fn a_resync_keeps_to_its_rate_and_shows_progress() {
     assert!(o.status.success(), "{}", text(&o));
     let restarted = Instant::now();
     b.start();
-    let progress = loop {
-        let s = a.admin("status");
-        if let Some(l) = s
-            .lines()
-            .find(|l| l.contains("SyncSource") && l.contains(" eta "))
-        {
-            break l.to_string();
-        }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(10),
-            "no resync progress shown: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(progress.contains("% eta "), "{progress}");
+    resync_line(&a, "SyncSource", restarted);
     // The sync target says it too, from what the source tells it.
-    let target = loop {
-        let s = b.admin("status");
-        if let Some(l) = s
-            .lines()
-            .find(|l| l.contains("SyncTarget") && l.contains("% eta "))
-        {
-            break l.to_string();
-        }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(10),
-            "the sync target shows no progress: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let target = resync_line(&b, "SyncTarget", restarted);
     let percent: f64 = target
         .split(" resync ")
         .nth(1)
