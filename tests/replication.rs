@@ -1412,3 +1412,46 @@ fn a_resync_keeps_to_its_rate_and_shows_progress() {
         "{after}"
     );
 }
+
+/// A peer running another twinsan version (another replica protocol version) cannot
+/// mirror: the node says so in its log and in `status` instead of retrying silently.
+#[test]
+fn a_peer_of_another_protocol_version_is_named_in_log_and_status() {
+    use std::io::Write as _;
+    let _serial = serial();
+    let (iscsi, me, peer) = (18360, 18361, 18362);
+    let psk = "pair-test-psk-0123456789";
+    let b = Node::new(
+        "version-b",
+        node_toml(iscsi, me, peer, "secondary", psk, "64MiB"),
+        iscsi,
+    );
+    let mut hello = Vec::new();
+    replica::wire::encode(
+        &replica::wire::Message::Hello {
+            node_id: "older-primary".into(),
+            luns: Vec::new(),
+            link: replica::wire::LINK_NONE,
+        },
+        0,
+        &mut hello,
+    );
+    let older = replica::wire::VERSION - 1;
+    hello[4] = older; // the header's version byte
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", me)).unwrap();
+    s.write_all(&hello).unwrap();
+    let t = Instant::now();
+    while !b.log().contains("another replica protocol version") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not logged:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = b.admin("status");
+    assert!(
+        status.contains(&format!("the peer speaks replica protocol version {older}")),
+        "{status}"
+    );
+}

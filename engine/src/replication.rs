@@ -302,6 +302,9 @@ pub struct Replication {
     apply_fenced: AtomicBool,
     /// Messages being applied right now (a promotion waits for them).
     applying: AtomicUsize,
+    /// The replica protocol version of a peer that speaks another one than ours (0: none
+    /// seen since the last successful handshake): logged once, shown by `status`.
+    peer_wire_version: AtomicU8,
     /// On a secondary: the number of the last replica connection accepted. Accept order
     /// is the primary's connect order (it connects a resync's control connection, and
     /// only once that is authenticated its new data links).
@@ -449,10 +452,9 @@ impl RxBuf {
                 Ok(Some((frame, seq)))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e.to_string(),
-            )),
+            // The typed error rides along: the handshake tells a peer of another version
+            // from a broken one (`note_wire_version`).
+            Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
         }
     }
 
@@ -630,6 +632,7 @@ impl Replication {
             start_note: Mutex::new(None),
             apply_fenced: AtomicBool::new(reg.role() == Role::Primary),
             applying: AtomicUsize::new(0),
+            peer_wire_version: AtomicU8::new(0),
             conn_ids: AtomicU64::new(0),
             apply_gate: std::sync::RwLock::new(0),
             instance: u64::from_le_bytes(random8()),
@@ -970,7 +973,8 @@ impl Replication {
         };
         send(s, &self.hello(link), 0, &mut wbuf)?;
         send(s, &Message::AuthChallenge { nonce }, 0, &mut wbuf)?;
-        let (peer_id, peer_luns, peer_link) = match recv(s, rbuf)?.0 {
+        let hello = recv(s, rbuf).inspect_err(|e| self.note_wire_version(e))?;
+        let (peer_id, peer_luns, peer_link) = match hello.0 {
             Message::Hello {
                 node_id,
                 luns,
@@ -1013,7 +1017,26 @@ impl Replication {
             return Err(bad("authentication failed"));
         }
         s.set_read_timeout(None)?;
+        self.peer_wire_version.store(0, Ordering::Relaxed);
         Ok((peer_luns, peer_link))
+    }
+
+    /// A peer whose first frame carries another protocol version runs another twinsan
+    /// version: nothing will mirror until both nodes run the same one. Said once, loudly
+    /// (the connection is retried every half second), and kept for `status`.
+    fn note_wire_version(&self, e: &std::io::Error) {
+        let theirs = match e.get_ref().and_then(|i| i.downcast_ref::<wire::WireError>()) {
+            Some(wire::WireError::BadVersion(v)) => *v,
+            _ => return,
+        };
+        if self.peer_wire_version.swap(theirs, Ordering::Relaxed) != theirs {
+            tracing::error!(
+                peer_version = theirs,
+                our_version = wire::VERSION,
+                "the peer speaks another replica protocol version: run the same twinsan \
+                 version on both nodes; nothing is mirrored until then"
+            );
+        }
     }
 
     /// Moves the calling link thread off the CPU of the core thread it works for
@@ -2448,6 +2471,15 @@ impl Replication {
             "peer: {} at {} ({link})",
             self.cfg.name, self.cfg.address
         );
+        let theirs = self.peer_wire_version.load(Ordering::Relaxed);
+        if theirs != 0 {
+            let _ = writeln!(
+                s,
+                "note: the peer speaks replica protocol version {theirs}, this node {}: \
+                 run the same twinsan version on both nodes",
+                wire::VERSION
+            );
+        }
         if let Some(note) = self
             .start_note
             .lock()
