@@ -1025,7 +1025,10 @@ impl Replication {
     /// version: nothing will mirror until both nodes run the same one. Said once, loudly
     /// (the connection is retried every half second), and kept for `status`.
     fn note_wire_version(&self, e: &std::io::Error) {
-        let theirs = match e.get_ref().and_then(|i| i.downcast_ref::<wire::WireError>()) {
+        let theirs = match e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<wire::WireError>())
+        {
             Some(wire::WireError::BadVersion(v)) => *v,
             _ => return,
         };
