@@ -190,6 +190,29 @@ fn pair(base: u16, psk_b: &str) -> (Node, Node) {
     (a, b)
 }
 
+/// A pair of 64 MiB LUNs with `peer` (TOML lines) added to both nodes' `[peer]` sections.
+fn pair_with(base: u16, name: &str, peer: &str) -> (Node, Node) {
+    let (ia, ib, ra, rb) = (base, base + 1, base + 2, base + 3);
+    let psk = "pair-test-psk-0123456789";
+    let with = |t: String| {
+        t.replace(
+            "on_peer_loss = \"degrade\"\n",
+            &format!("on_peer_loss = \"degrade\"\n{peer}"),
+        )
+    };
+    let b = Node::new(
+        &format!("{name}-b"),
+        with(node_toml(ib, rb, ra, "secondary", psk, "64MiB")),
+        ib,
+    );
+    let a = Node::new(
+        &format!("{name}-a"),
+        with(node_toml(ia, ra, rb, "primary", psk, "64MiB")),
+        ia,
+    );
+    (a, b)
+}
+
 /// A pair in sync whose first `size` bytes were written once through A in `bs` writes.
 fn written_pair(base: u16, bs: &str, size: &str) -> (Node, Node) {
     let (a, b) = pair(base, "pair-test-psk-0123456789");
@@ -1186,6 +1209,21 @@ fn writes_fail_in_time_while_the_metadata_cannot_be_written() {
     );
 }
 
+/// A TCP connection to a node's replica endpoint. The node opens it beside its iSCSI
+/// port, which is what `Node::start` waits for: not necessarily first.
+fn replica_connect(port: u16) -> std::net::TcpStream {
+    let t = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if t.elapsed() >= Duration::from_secs(10) => {
+                panic!("replica port {port} never opened: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// One replica connection to a secondary, played by the test the way a primary speaks:
 /// so that a message can be made to arrive late, deterministically.
 struct FakePrimary {
@@ -1200,7 +1238,7 @@ impl FakePrimary {
     fn connect(port: u16, psk: &str, link: u16) -> (FakePrimary, Vec<replica::wire::LunHello>) {
         use replica::auth::{Role, Transcript};
         use replica::wire::Message;
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let s = replica_connect(port);
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut p = FakePrimary {
             s,
@@ -1357,24 +1395,7 @@ fn resync_line(node: &Node, state: &str, since: Instant) -> String {
 #[test]
 fn a_resync_keeps_to_its_rate_and_shows_progress() {
     let _serial = serial();
-    let (ia, ib, ra, rb) = (18350, 18351, 18352, 18353);
-    let psk = "pair-test-psk-0123456789";
-    let capped = |t: String| {
-        t.replace(
-            "on_peer_loss = \"degrade\"\n",
-            "on_peer_loss = \"degrade\"\nresync_rate = \"2MiB\"\n",
-        )
-    };
-    let mut b = Node::new(
-        "rate-b",
-        capped(node_toml(ib, rb, ra, "secondary", psk, "64MiB")),
-        ib,
-    );
-    let a = Node::new(
-        "rate-a",
-        capped(node_toml(ia, ra, rb, "primary", psk, "64MiB")),
-        ia,
-    );
+    let (a, mut b) = pair_with(18350, "rate", "resync_rate = \"2MiB\"\n");
     wait_in_sync(&a, Duration::from_secs(20));
     b.kill9();
     // 12 one-MiB regions change while the peer is away: 6 s of resync at 2 MiB/s.
@@ -1438,7 +1459,7 @@ fn a_peer_of_another_protocol_version_is_named_in_log_and_status() {
     );
     let older = replica::wire::VERSION - 1;
     hello[4] = older; // the header's version byte
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", me)).unwrap();
+    let mut s = replica_connect(me);
     s.write_all(&hello).unwrap();
     let t = Instant::now();
     while !b.log().contains("another replica protocol version") {
@@ -1453,5 +1474,68 @@ fn a_peer_of_another_protocol_version_is_named_in_log_and_status() {
     assert!(
         status.contains(&format!("the peer speaks replica protocol version {older}")),
         "{status}"
+    );
+}
+
+/// A switchover that is called off (demote, then promote the same node again) must leave
+/// the peer knowing a primary is there: otherwise its `promote` would make a second one.
+#[test]
+fn a_primary_demoted_and_promoted_again_keeps_the_peer_from_promoting() {
+    let _serial = serial();
+    let (a, b) = written_pair(18370, "64k", "4m");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let o = a.admin("demote");
+    assert!(o.starts_with("ok"), "{o}");
+    // As long as an operator takes: the demoted node's control connection has closed.
+    std::thread::sleep(Duration::from_secs(2));
+    let o = a.admin("promote");
+    assert!(o.starts_with("ok"), "{o}");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let o = b.admin("promote");
+    assert!(
+        o.contains("not promoted"),
+        "the secondary was promoted beside a primary: {o}"
+    );
+    // The new term mirrors.
+    let o = bench(
+        &a.url(),
+        &["--rw", "write", "--bs", "64k", "--size", "4m", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    wait_in_sync(&a, Duration::from_secs(20));
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "backing files differ in the new term"
+    );
+}
+
+/// A low `resync_rate` with large regions pauses longer than the target waits on a silent
+/// connection (twice replica_timeout_ms, 2 s here): the pause must not look like silence.
+#[test]
+fn a_slow_resync_of_large_regions_completes() {
+    let _serial = serial();
+    let (a, mut b) = pair_with(
+        18380,
+        "slow",
+        "resync_rate = \"1MiB\"\nregion_bytes = \"8MiB\"\n",
+    );
+    wait_in_sync(&a, Duration::from_secs(30));
+    b.kill9();
+    // One 8 MiB region: 8 s at 1 MiB/s, four times the target's patience with silence.
+    let o = bench(
+        &a.url(),
+        &["--rw", "write", "--bs", "1m", "--size", "8m", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    b.start();
+    wait_in_sync(&a, Duration::from_secs(40));
+    assert!(
+        !a.log().contains("resync interrupted"),
+        "the resync was interrupted:\n{}",
+        a.log()
+    );
+    assert!(
+        same_bytes(&a.lun(), &b.lun()),
+        "backing files differ after the resync"
     );
 }

@@ -370,6 +370,8 @@ const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// How long `promote` waits for the control connection of a peer that just went away or
 /// was demoted to close (a demoted primary notices within one PING_INTERVAL).
 const PROMOTE_WAIT: Duration = Duration::from_millis(2000);
+/// `ResyncProgress::eta_ms` when there is no estimate yet (nothing copied).
+const ETA_UNKNOWN: u64 = u64::MAX;
 /// How often a resync tells the sync target how far it has come.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest data per resync message.
@@ -911,6 +913,7 @@ impl Replication {
         if primary {
             // Promoted on purpose: the note about the start no longer describes the node.
             *self.start_note.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.new_term_reconnects();
         }
         for l in &self.luns {
             let mut m = l.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -920,6 +923,40 @@ impl Replication {
                     tracing::error!(path = %l.meta_path.display(), error = %e, "cannot record the role");
                 }
             }
+        }
+    }
+
+    /// On a promotion: a node that was demoted while mirroring still has `peer_up` set and
+    /// its old data links, but its control connection closed with the demotion, so the
+    /// peer sees no primary and would let itself be promoted too (two primaries). The new
+    /// term starts like a start: links reset, writes tracked until the manager has spoken
+    /// with the peer again (its connection is what keeps the peer from promoting).
+    fn new_term_reconnects(&self) {
+        let unanswered = {
+            let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.peer_up.load(Ordering::Acquire) {
+                return;
+            }
+            let unanswered = self.links.iter().any(|l| {
+                !l.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty()
+            });
+            if !unanswered {
+                self.peer_up.store(false, Ordering::Release);
+                for l in &self.links {
+                    l.reset.store(true, Ordering::Release);
+                }
+            }
+            unanswered
+        };
+        if unanswered {
+            // Writes of the last term the peer never answered (a demotion that did not
+            // drain): recorded and completed as for any lost peer.
+            self.peer_lost("promoted with mirrored writes of the last term unanswered");
+        } else {
+            tracing::info!("promoted: reconnecting to the peer for the new term");
         }
     }
 
@@ -1184,6 +1221,11 @@ impl Replication {
                 return Err(std::io::Error::other("this node was promoted"));
             }
             let gate = self.apply_gate.read().unwrap_or_else(|p| p.into_inner());
+            // Again under the gate: waiting for it (a resync raising it) may have taken
+            // longer than a promotion waits for the messages being applied.
+            if self.apply_fenced.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("this node was promoted"));
+            }
             if conn_id < *gate {
                 tracing::warn!(
                     "closing a replica connection from before the primary's current resync: \
@@ -2067,10 +2109,14 @@ impl Replication {
         let elapsed_ms = now_ms(&self.epoch)
             .saturating_sub(l.resync_started_ms.load(Ordering::Relaxed))
             .max(1);
-        let eta_ms = u64::try_from(
-            u128::from(total - done) * u128::from(elapsed_ms) / u128::from(done.max(1)),
-        )
-        .unwrap_or(u64::MAX);
+        // Nothing copied yet: no rate to extrapolate from (ETA_UNKNOWN).
+        let eta_ms = match done {
+            0 => ETA_UNKNOWN,
+            _ => {
+                u64::try_from(u128::from(total - done) * u128::from(elapsed_ms) / u128::from(done))
+                    .unwrap_or(ETA_UNKNOWN)
+            }
+        };
         (done, total, eta_ms)
     }
 
@@ -2177,15 +2223,23 @@ impl Replication {
                     )?;
                     l.resync_done_bytes
                         .fetch_add(region_bytes, Ordering::Relaxed);
-                    if progress_sent.elapsed() >= PROGRESS_INTERVAL {
-                        self.send_progress(s, rbuf, wbuf, l)?;
-                        progress_sent = Instant::now();
-                    }
                     let due = Duration::from_secs_f64(
                         copied as f64 / self.cfg.resync_rate_bytes_per_s as f64,
                     );
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
+                    // The rate's pause comes in slices with progress between them: a large
+                    // region at a low rate pauses longer than the target waits on a
+                    // silent control connection (twice replica_timeout_ms).
+                    loop {
+                        if progress_sent.elapsed() >= PROGRESS_INTERVAL {
+                            self.send_progress(s, rbuf, wbuf, l)?;
+                            progress_sent = Instant::now();
+                        }
+                        match due.checked_sub(started.elapsed()) {
+                            Some(wait) if !wait.is_zero() => {
+                                std::thread::sleep(wait.min(PROGRESS_INTERVAL));
+                            }
+                            _ => break,
+                        }
                     }
                 }
                 // Under the transition lock: a peer loss either happened before (and its
@@ -2503,7 +2557,9 @@ impl Replication {
             );
             let progress = match l.state() {
                 SyncState::SyncSource => Some(self.resync_progress(l)),
-                SyncState::SyncTarget => Some((
+                // Only while the source is connected: an interrupted resync's last
+                // figures would look like one going on.
+                SyncState::SyncTarget if self.primary_links.load(Ordering::Acquire) > 0 => Some((
                     l.resync_done_bytes.load(Ordering::Relaxed),
                     l.resync_total_bytes.load(Ordering::Relaxed),
                     l.resync_eta_ms.load(Ordering::Relaxed),
@@ -2513,11 +2569,14 @@ impl Replication {
             // A target that has not heard the source's plan yet (an older primary, or the
             // first region still on its way) says so rather than 0%.
             if let Some((done, total, eta_ms)) = progress.filter(|&(_, total, _)| total > 0) {
+                let eta = match eta_ms {
+                    ETA_UNKNOWN => "unknown".to_string(),
+                    ms => format!("{:.0}s", ms as f64 / 1000.0),
+                };
                 let _ = write!(
                     line,
-                    " resync {:.1}% eta {:.0}s",
+                    " resync {:.1}% eta {eta}",
                     done.min(total) as f64 * 100.0 / total as f64,
-                    eta_ms as f64 / 1000.0
                 );
             }
             let _ = writeln!(s, "{line}");

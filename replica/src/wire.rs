@@ -229,7 +229,7 @@ pub enum Message {
         done_bytes: u64,
         /// Bytes of all regions this resync copies (grows when a pass finds new dirt).
         total_bytes: u64,
-        /// The source's estimate of the time left, in milliseconds.
+        /// The source's estimate of the time left, in milliseconds (`u64::MAX`: none yet).
         eta_ms: u64,
     },
     /// The sender's dirty bitmap for a LUN, sent after the hello so the sync source can merge the
