@@ -8,7 +8,6 @@ pub mod config;
 pub mod conn;
 pub mod doorbell;
 pub mod inline_write;
-pub mod intent;
 pub mod log_limit;
 pub mod login;
 pub mod lun;

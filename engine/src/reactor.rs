@@ -652,10 +652,6 @@ impl Reactor {
                                 fua: false, offset, ..
                             } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
                                 if let Some(sp) = self.spill.as_mut() {
-                                    // SAFETY: the task keeps its buffer, unchanged, while
-                                    // its disk operation is in flight (io_inflight), and the
-                                    // slot stays while ops > 0; both last until on_spill
-                                    // delivers the completion.
                                     let w = crate::spill::SpillWrite {
                                         lun: req.lun,
                                         ptr,
@@ -664,6 +660,10 @@ impl Reactor {
                                         slot: idx,
                                         task: req.task,
                                     };
+                                    // SAFETY: the task keeps its buffer, unchanged, while
+                                    // its disk operation is in flight (io_inflight), and the
+                                    // slot stays while ops > 0; both last until on_spill
+                                    // delivers the completion.
                                     if unsafe { sp.offer(w) } {
                                         s.ops += 1;
                                         continue;

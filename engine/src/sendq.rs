@@ -280,9 +280,9 @@ mod tests {
                     ptr: p,
                     len: 1000,
                 },
-                // SAFETY: 1000 < 3000, inside the buffer.
                 SendRef {
                     at: 6,
+                    // SAFETY: 1000 < 3000, inside the buffer.
                     ptr: unsafe { p.add(1000) },
                     len: 2000,
                 },

@@ -4,6 +4,9 @@
 //! (callers pass entropy in). Bytes from the wire are parsed once, at the edge, into
 //! typed values or typed errors.
 
+// Sans-I/O: nothing here needs `unsafe`, and the compiler keeps it that way.
+#![forbid(unsafe_code)]
+
 pub mod digest;
 pub mod fuzzing;
 pub mod login;

@@ -70,10 +70,15 @@
 //! (that covers its unacknowledged tail, because intents are durable before writes are issued), and
 //! reconciles those regions with the peer on reconnect even when `decide` says `InSync`.
 
+// Sans-I/O: nothing here needs `unsafe`, and the compiler keeps it that way.
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod bitmap;
 pub mod genid;
+pub mod intent;
 pub mod meta;
+pub mod pair;
 pub mod primary;
 pub mod wire;
 

@@ -7,7 +7,7 @@
 //!
 //! Writers only read atomics on the fast path: a region already *durable* costs two loads. A
 //! write to a region that is not yet durable *wants* it and is retried later; the keeper thread
-//! (replication.rs) persists every wanted region in one metadata write (group commit) and then
+//! (the engine's replication driver) persists every wanted region in one metadata write (group commit) and then
 //! marks them durable. Regions no write touched for a cooling period are forgotten again, each
 //! under the LUN's range lock for that region, so no write to it is in flight: a writer checks
 //! the log while holding its own range lock, so it either sees the region durable and keeps the

@@ -1,0 +1,444 @@
+//! The primary's data links: each core's mirrored operations framed and sent by its link
+//! writer, acks taken by its link reader, and what happens when the peer is lost.
+
+use super::*;
+
+impl Replication {
+    /// The whole LUN `index` changed outside the mirrored write path (SANITIZE): every
+    /// region is marked dirty and the peer is declared outdated, so the manager reconnects
+    /// and copies them (holes as deallocations). The caller still holds the LUN's range
+    /// lock, so the copy waits for it and sees the final data.
+    pub fn lun_rewritten(&self, index: usize, why: &str) {
+        if let Err(e) = self.mark_lun_dirty(index) {
+            tracing::error!(lun = index, error = %e, "cannot record the rewritten LUN");
+        }
+        self.peer_lost(why);
+    }
+
+    /// Marks every region of LUN `index` dirty, durably: before a change outside the
+    /// mirrored write path (SANITIZE) begins, so that a crash in its middle still resyncs
+    /// the whole LUN (the write-intent log knows nothing of it).
+    pub fn mark_lun_dirty(&self, index: usize) -> std::io::Result<()> {
+        let Some(l) = self.luns.get(index) else {
+            return Ok(());
+        };
+        let mut p = l.pair();
+        let persist = p.mark_all();
+        l.persist_if(&p, persist)
+    }
+
+    pub(super) fn link_writer(self: Arc<Self>, core: usize, rx: Receiver<RepReq>) {
+        self.keep_off_core(core);
+        let link = &self.links[core];
+        let mut stream: Option<TcpStream> = None;
+        let mut wbuf = Vec::new();
+        let mut batch: Vec<(u64, Pending)> = Vec::new();
+        loop {
+            let req = match recv_polling(&rx, Duration::from_millis(50)) {
+                Ok(r) => Some(r),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            self.check_timeouts();
+            if link.reset.swap(false, Ordering::AcqRel) {
+                if let Some(s) = stream.take() {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            let Some(mut req) = req else { continue };
+            if !self.peer_up.load(Ordering::Acquire) {
+                match self.degraded(core, req) {
+                    None => continue,
+                    // Mirroring resumed meanwhile: send it like any other.
+                    Some(r) => req = r,
+                }
+            }
+            if stream.is_none() {
+                let connected = self
+                    .connect(u16::try_from(core).unwrap_or(LINK_NONE))
+                    .and_then(|(s, rbuf, h)| {
+                        // Sends give up waiting now and then (send_watched says why).
+                        s.set_write_timeout(Some(SEND_POLL))?;
+                        Ok((s, rbuf, h))
+                    });
+                match connected {
+                    Ok((s, rbuf, _)) => {
+                        if let Ok(r) = s.try_clone() {
+                            let rep = Arc::clone(&self);
+                            let _ = std::thread::Builder::new()
+                                .name(format!("twinsan-link{core}-rx"))
+                                .spawn(move || rep.link_reader(core, r, rbuf));
+                        }
+                        stream = Some(s);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replica link connect failed");
+                        self.peer_lost("connect failed");
+                        if let Some(r) = self.degraded(core, req) {
+                            // Only if the peer came back in between; retry from the top.
+                            let _ = self.links[core].done_tx.send(RepDone {
+                                token: r.token,
+                                ok: false,
+                            });
+                            self.links[core].bell.ring();
+                        }
+                        continue;
+                    }
+                }
+            }
+            wbuf.clear();
+            batch.clear();
+            let sent_ms = now_ms(&self.epoch);
+            // More requests already queued go out in the same write (bounded batch).
+            let mut next = Some(req);
+            while let Some(req) = next.take() {
+                let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+                // Lent bytes are read here, before the request is pending (LentBytes).
+                let (offset, len) = self.to_frame(req.lun, req.op, seq, &mut wbuf);
+                batch.push((
+                    seq,
+                    Pending {
+                        token: req.token,
+                        lun: req.lun,
+                        offset,
+                        len,
+                        sent_ms,
+                    },
+                ));
+                if wbuf.len() < LINK_BATCH_BYTES && self.peer_up.load(Ordering::Acquire) {
+                    next = rx.try_recv().ok();
+                }
+            }
+            // Recorded before the bytes leave: an ack can only follow the write. Under the
+            // transition lock: a peer loss since the check above drained `pending` already,
+            // and what it did not see must be recorded like any write while the peer is away
+            // (nothing would ever answer it otherwise).
+            {
+                let t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+                if self.peer_up.load(Ordering::Acquire) {
+                    link.pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(batch.drain(..));
+                } else {
+                    for (_, p) in batch.drain(..) {
+                        let range = (p.len > 0).then_some((p.offset, p.len));
+                        self.degraded_range(&t, core, p.token, p.lun, range);
+                    }
+                    continue;
+                }
+            }
+            let sent = stream.as_mut().map(|s| self.send_watched(s, &wbuf));
+            if let Some(Err(e)) = sent {
+                tracing::debug!(core, error = %e, "replica link send failed");
+                stream = None;
+                self.peer_lost("send failed");
+            }
+        }
+    }
+
+    /// Writes all of `bytes` to the link, checking the acknowledgement deadlines whenever
+    /// the socket makes no progress for [`SEND_POLL`] (its write timeout). Why: a hung
+    /// peer stops reading, the socket buffers fill and a plain blocking write would hold
+    /// the link writer, the one thread that notices late acks, forever; and a write timeout
+    /// alone restarts with every partial write. Fails once the peer is declared lost.
+    pub(super) fn send_watched(&self, s: &mut TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            match s.write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.check_timeouts();
+                    if !self.peer_up.load(Ordering::Acquire) {
+                        return Err(e);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the frame of a mirrored operation to `wbuf`; returns the byte range it
+    /// covers. Called by the link writer only, before the request is recorded as pending.
+    pub(super) fn to_frame(
+        &self,
+        lun: usize,
+        op: RepOp,
+        seq: u64,
+        wbuf: &mut Vec<u8>,
+    ) -> (u64, u64) {
+        let key = self.luns[lun].key;
+        let (msg, offset, len) = match op {
+            RepOp::Write { offset, data, fua } => {
+                // SAFETY: this is the link writer, and the request is not pending yet.
+                let bytes = unsafe { data.bytes() };
+                let write = wire::WriteRef {
+                    lun_key: key,
+                    offset_bytes: offset,
+                    fua,
+                    data: bytes,
+                };
+                wire::encode_write(&write, seq, wbuf);
+                return (offset, bytes.len() as u64);
+            }
+            RepOp::Zero { offset, len, unmap } => (
+                Message::WriteZeroes {
+                    lun_key: key,
+                    offset_bytes: offset,
+                    len_bytes: len,
+                    unmap,
+                },
+                offset,
+                len,
+            ),
+            RepOp::Flush => (Message::Flush { lun_key: key }, 0, 0),
+            RepOp::PrState { state, version } => (
+                Message::PrState {
+                    lun_key: key,
+                    origin: self.instance,
+                    version,
+                    state,
+                },
+                0,
+                0,
+            ),
+        };
+        wire::encode(&msg, seq, wbuf);
+        (offset, len)
+    }
+
+    pub(super) fn link_reader(self: Arc<Self>, core: usize, mut s: TcpStream, mut rbuf: RxBuf) {
+        self.keep_off_core(core);
+        let link = &self.links[core];
+        // Acks are taken a read's worth at a time: one lock of the pending map and one
+        // wake-up of the core thread per read, not per ack.
+        let mut acks: Vec<(u64, AckStatus)> = Vec::new();
+        loop {
+            let ended = loop {
+                match rbuf.next() {
+                    Ok(Some((Message::Ack { seq, status }, _))) => acks.push((seq, status)),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            // A write or zeroing the peer could not store (out of space, I/O error,
+            // refused) leaves the nodes different: it stays pending and the peer is
+            // declared lost below, so the range is recorded in the dirty bitmap and the
+            // write completes on this node alone, as DRBD's detach does, instead of
+            // failing with both copies silently different (and status saying UpToDate).
+            let mut peer_failed_data: Option<(AckStatus, u64)> = None;
+            if !acks.is_empty() {
+                let done: Vec<(Pending, AckStatus)> = {
+                    let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
+                    acks.drain(..)
+                        .filter_map(|(seq, status)| match pending.get(&seq) {
+                            // Any failure detaches the peer: a failed flush may have lost
+                            // its pages, a refused reservation leaves its state different.
+                            Some(p) if status != AckStatus::Ok => {
+                                peer_failed_data.get_or_insert((status, p.offset));
+                                None
+                            }
+                            _ => pending.remove(&seq).map(|p| (p, status)),
+                        })
+                        .collect()
+                };
+                for (p, status) in &done {
+                    let ok = *status == AckStatus::Ok;
+                    if !ok {
+                        tracing::error!(
+                            ?status,
+                            lun = p.lun,
+                            offset = p.offset,
+                            "peer failed a mirrored write"
+                        );
+                    }
+                    let _ = link.done_tx.send(RepDone { token: p.token, ok });
+                }
+                if !done.is_empty() {
+                    link.bell.ring();
+                }
+            }
+            if let Some((status, offset)) = peer_failed_data {
+                tracing::error!(
+                    ?status,
+                    offset,
+                    "the peer failed a mirrored write: declaring it lost, this node goes on alone"
+                );
+                self.peer_lost("the peer failed a mirrored write");
+            }
+            let failed = match ended {
+                Some(e) => Some(e),
+                None => rbuf.fill(&mut s).err(),
+            };
+            if failed.is_some() {
+                if self.peer_up.load(Ordering::Acquire) {
+                    self.peer_lost("link closed");
+                }
+                return;
+            }
+        }
+    }
+
+    pub(super) fn check_timeouts(&self) {
+        if !self.peer_up.load(Ordering::Acquire) {
+            return;
+        }
+        let now = now_ms(&self.epoch);
+        let late = self.links.iter().any(|l| {
+            l.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|p| now.saturating_sub(p.sent_ms) > self.cfg.replica_timeout_ms)
+        });
+        if late {
+            self.peer_lost("no acknowledgement within replica_timeout_ms");
+        }
+    }
+
+    /// The peer is gone: record it outdated (bumped generation, bitmap covering every
+    /// unacknowledged write) durably, then complete the waiting writes (degrade) or hold
+    /// them (suspend).
+    pub(super) fn peer_lost(&self, why: &str) {
+        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.peer_up.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(reason = why, mode = ?self.cfg.on_peer_loss, "replication peer lost");
+        for l in &self.links {
+            l.reset.store(true, Ordering::Release);
+        }
+        let mut waiting: Vec<(usize, Pending)> = Vec::new();
+        for (core, l) in self.links.iter().enumerate() {
+            for (_, p) in l.pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                waiting.push((core, p));
+            }
+        }
+        for (i, lun) in self.luns.iter().enumerate() {
+            let mut pair = lun.pair();
+            let unanswered = waiting
+                .iter()
+                .filter(|(_, p)| p.lun == i)
+                .map(|(_, p)| (p.offset, p.len));
+            let persist = pair.peer_lost(unanswered, random8());
+            let recorded = lun.persist_if(&pair, persist);
+            if let Err(e) = &recorded {
+                // Without this record nothing may be acked without the peer: stay frozen.
+                tracing::error!(error = %e, "cannot persist replication metadata; I/O stays suspended");
+            }
+            pair.peer_loss_recorded(recorded.is_ok(), self.policy());
+        }
+        for (core, p) in waiting {
+            self.complete_degraded(core, p.token, p.lun);
+        }
+    }
+
+    /// A request while the peer is away: mark its regions (durably, when new) and answer.
+    /// Returns the request if mirroring resumed meanwhile (the caller sends it).
+    pub(super) fn degraded(&self, core: usize, req: RepReq) -> Option<RepReq> {
+        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
+        if self.peer_up.load(Ordering::Acquire) {
+            return Some(req);
+        }
+        let range = match &req.op {
+            RepOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            RepOp::Zero { offset, len, .. } => Some((*offset, *len)),
+            RepOp::Flush | RepOp::PrState { .. } => None,
+        };
+        self.degraded_range(&_t, core, req.token, req.lun, range);
+        None
+    }
+
+    /// Records `range` of LUN `lun` (if any) as changed while the peer is away, durably
+    /// when new, and answers request `token` (degrade) or holds it (suspend). Runs in the
+    /// same critical section (`_transition`) as the check that found the peer away: a
+    /// resync completing in between would otherwise miss this write.
+    pub(super) fn degraded_range(
+        &self,
+        _transition: &std::sync::MutexGuard<'_, ()>,
+        core: usize,
+        token: u64,
+        lun_index: usize,
+        range: Option<(u64, u64)>,
+    ) {
+        let lun = &self.luns[lun_index];
+        if let Some((off, len)) = range {
+            let mut pair = lun.pair();
+            let persist = pair.record_alone((off, len), random8());
+            if let Err(e) = lun.persist_if(&pair, persist) {
+                tracing::error!(error = %e, "cannot persist the dirty bitmap; failing the write");
+                let _ = self.links[core].done_tx.send(RepDone { token, ok: false });
+                self.links[core].bell.ring();
+                return;
+            }
+        }
+        self.complete_degraded(core, token, lun_index);
+    }
+
+    pub(super) fn complete_degraded(&self, core: usize, token: u64, lun: usize) {
+        let answer = may_answer_alone(
+            self.policy(),
+            self.outdate_requested.load(Ordering::Acquire),
+            self.luns[lun].state(),
+        );
+        if !answer {
+            self.suspended
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((core, token));
+            return;
+        }
+        let _ = self.links[core].done_tx.send(RepDone { token, ok: true });
+        self.links[core].bell.ring();
+    }
+
+    pub(super) fn release_suspended(&self) {
+        let held = std::mem::take(&mut *self.suspended.lock().unwrap_or_else(|p| p.into_inner()));
+        for (core, token) in held {
+            let _ = self.links[core].done_tx.send(RepDone { token, ok: true });
+            self.links[core].bell.ring();
+        }
+    }
+
+    /// A command failed on this node (out of space, an I/O error) after its change to
+    /// `[offset, offset + len)` of LUN `lun` was mirrored: the peer may have stored what
+    /// this node did not, and the copies differ there. The range goes into the dirty
+    /// bitmap and the peer is declared lost, so the resync that follows at once makes the
+    /// peer's range equal to ours again (as `verify --repair` does). While the peer is
+    /// away already, the degraded path recorded the range.
+    pub fn diverged(&self, lun: usize, offset: u64, len: u64) {
+        if !self.peer_up.load(Ordering::Acquire) || len == 0 {
+            return;
+        }
+        let Some(l) = self.luns.get(lun) else { return };
+        {
+            let mut p = l.pair();
+            let persist = p.mark_range(offset, len);
+            if let Err(e) = l.persist_if(&p, persist) {
+                tracing::error!(error = %e, "cannot persist the dirty bitmap");
+            }
+        }
+        tracing::warn!(
+            lun = l.key,
+            offset,
+            len,
+            "a mirrored command failed on this node: resyncing its range to the peer"
+        );
+        self.peer_lost("a mirrored command failed on this node");
+    }
+
+    /// Whether writes to LUN `lun` are mirrored (or tracked) by this node.
+    pub fn replicates(&self) -> bool {
+        // Not the role: initiators' writes reach only a primary, but a write that was
+        // running when the node was demoted is still mirrored (drain_after_demotion).
+        true
+    }
+}

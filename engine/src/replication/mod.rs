@@ -1,0 +1,562 @@
+//! Synchronous replication to the peer (DRBD's protocol C; ARCHITECTURE.md sections 3-4).
+//!
+//! Primary: each core hands every write, zeroing and flush to its own link (a writer and a
+//! reader thread around one TCP connection to the peer), and the write completes only when
+//! the local I/O and the peer's ack are both done. The link thread answers over a crossbeam
+//! channel and wakes the core through an eventfd read the core keeps in its io_uring.
+//! When the peer stops answering for `replica_timeout_ms`, every LUN is marked "peer
+//! outdated" with a bumped generation id and a dirty bitmap covering every unacknowledged
+//! write, persisted before any write is completed without the peer (`degrade`), or I/O
+//! stays frozen until the peer returns or an operator outdates it (`suspend`). A manager
+//! thread reconnects, decides the resync direction from the generation ids, copies the
+//! dirty regions (each under the LUN's range lock, so no write to it runs meanwhile), and
+//! resumes mirroring.
+//!
+//! Secondary: an apply server takes the link, authenticates it with the pre-shared key, and
+//! applies writes with positioned I/O straight from its receive buffer, acking every
+//! `ACK_BATCH` messages or before it would block (after fdatasync for FUA and flush).
+//! Link threads of core k on either node keep off core k's CPU (affinity.rs).
+//!
+//! Write intents: before a write is issued, its regions are in the persisted metadata
+//! (intent.rs; `keep_intents` writes it), so a crashed primary's resync covers exactly them.
+//!
+//! Not yet here (docs/limitations.md): the rejoining crashed primary's log is not sent to the
+//! new primary (that resync compares every region), and the secondary applies with one
+//! blocking thread per link rather than on its io_uring cores.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rand::RngCore;
+use replica::auth::{Role as AuthRole, Transcript};
+use replica::intent::IntentLog;
+use replica::meta::Meta;
+use replica::pair::{
+    may_answer_alone, Marker, PairLun, PassEnd, PeerLossPolicy, Persist, PlanRefusal, ResyncPlan,
+    StartNote, SyncState,
+};
+use replica::wire::{self, AckStatus, Frame, LunHello, Message, LINK_NONE};
+
+use crate::config::{OnPeerLoss, PeerConfig, Role};
+use crate::registry::Registry;
+
+mod apply;
+mod intents;
+mod link_io;
+mod meta_file;
+mod mirror;
+mod resync;
+mod roles;
+mod status;
+mod verify;
+
+use link_io::*;
+use meta_file::*;
+use resync::allocated_regions;
+
+/// A mirrored write's bytes.
+#[derive(Debug)]
+pub enum RepData {
+    /// A copy: the task's buffer may change before the ack (WRITE SAME fills it chunk by
+    /// chunk, EXTENDED COPY reads the next chunk into it).
+    Copied(Vec<u8>),
+    /// The issuing task's own buffer, framed by the link writer without a copy. Why: the
+    /// copy (and its allocation and cross-thread free) was a tenth of the primary core
+    /// thread's time at 4 KiB and queue depth 32 (perf, 2026-12-02).
+    Lent(LentBytes),
+}
+
+/// Bytes the core lends to its link writer: a pointer into a task's buffer.
+///
+/// The contract, from [`LentBytes::new`]: the bytes stay allocated and unchanged until
+/// the core has received the request's [`RepDone`] (the task keeps its buffer while
+/// `rep_inflight > 0`, the connection slot stays while any task has a mirror in flight,
+/// and the reactor leaks its buffers rather than free them if it is torn down with
+/// mirrors in flight). Only the link writer reads them, and only before it records the
+/// request as pending (`to_frame`), which is before anyone can answer it: an ack needs
+/// the frame sent, and peer loss answers only what is recorded pending; requests the
+/// writer drops unread (degraded) are answered after it let go of them.
+pub struct LentBytes {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl std::fmt::Debug for LentBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LentBytes({} bytes)", self.len)
+    }
+}
+
+// SAFETY: the pointer is read on one other thread (the link writer) under the contract
+// above, which keeps the bytes alive and unchanged meanwhile; nothing writes through it.
+unsafe impl Send for LentBytes {}
+
+impl LentBytes {
+    /// # Safety
+    /// `bytes` must stay allocated and unchanged until the core receives the [`RepDone`]
+    /// of the request that carries them (see the type's contract).
+    pub unsafe fn new(bytes: &[u8]) -> LentBytes {
+        LentBytes {
+            ptr: std::ptr::NonNull::from(bytes).cast(),
+            len: bytes.len(),
+        }
+    }
+}
+
+impl RepData {
+    pub fn len(&self) -> usize {
+        match self {
+            RepData::Copied(v) => v.len(),
+            RepData::Lent(l) => l.len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// # Safety
+    /// For [`RepData::Lent`]: only on the link writer, before the request is recorded as
+    /// pending (the contract of [`LentBytes`]).
+    unsafe fn bytes(&self) -> &[u8] {
+        match self {
+            RepData::Copied(v) => v,
+            // SAFETY: the caller reads before the request can be answered, and the core
+            // keeps the bytes allocated and unchanged until then (LentBytes::new).
+            RepData::Lent(l) => unsafe { std::slice::from_raw_parts(l.ptr.as_ptr(), l.len) },
+        }
+    }
+}
+
+/// One mirrored operation.
+#[derive(Debug)]
+pub enum RepOp {
+    Write {
+        offset: u64,
+        data: RepData,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Flush,
+    /// The LUN's persistent reservation state changed (encoded `PrState`, and its
+    /// `Lun::pr_snapshot` version).
+    PrState {
+        state: Vec<u8>,
+        version: u64,
+    },
+}
+
+/// A core's request: `token` names the task (slot and task index) for the answer.
+#[derive(Debug)]
+pub struct RepReq {
+    pub token: u64,
+    pub lun: usize,
+    pub op: RepOp,
+}
+
+/// The answer: `ok` is false only when the operation must fail (the peer failed it while
+/// connected; a lost peer is handled by degrading, which answers ok).
+#[derive(Debug, Clone, Copy)]
+pub struct RepDone {
+    pub token: u64,
+    pub ok: bool,
+}
+
+/// What a core keeps: where to send requests, where answers come back, and the eventfd
+/// that wakes its ring when answers are waiting.
+pub struct CoreLink {
+    pub req_tx: Sender<RepReq>,
+    pub done_rx: Receiver<RepDone>,
+    pub bell: Arc<crate::doorbell::Doorbell>,
+}
+
+pub struct RepLun {
+    pub key: u64,
+    /// The LUN's size: the peer's must be the same, and nothing is applied beyond it.
+    size_bytes: u64,
+    /// Bytes per bitmap region (fixed when the metadata was created).
+    region_bytes: u64,
+    /// The pair record: metadata, sync state, resync progress. Every decision about it is
+    /// `replica::pair`'s; this driver persists what it says and carries out the I/O.
+    pub pair: Mutex<PairLun>,
+    meta_path: PathBuf,
+    backing: PathBuf,
+    /// Regions writes may be issued to (`replica::intent`); persisted with every metadata
+    /// write.
+    intent: IntentLog,
+    /// On a secondary: the (origin, version) of the reservation state applied last.
+    pr_applied: Mutex<(u64, u64)>,
+    /// When (ms since `Replication::epoch`, never 0) the write-intent log first failed to
+    /// persist, 0 while it persists; and that failure's errno.
+    intent_failing_since_ms: AtomicU64,
+    intent_errno: std::sync::atomic::AtomicI32,
+}
+
+impl RepLun {
+    /// The pair record, locked (a panic elsewhere does not make it unreadable).
+    pub fn pair(&self) -> std::sync::MutexGuard<'_, PairLun> {
+        self.pair.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> SyncState {
+        self.pair().state()
+    }
+
+    /// Bytes per bitmap region.
+    fn region_bytes(&self) -> u64 {
+        self.region_bytes
+    }
+
+    /// Persists the record with every durable write-intent region set in the bitmap on disk.
+    fn persist(&self, p: &PairLun) -> std::io::Result<()> {
+        self.persist_with(p, &self.intent.durable_regions())
+    }
+
+    /// Persists the record with `regions` also set in the bitmap on disk (the memory copy
+    /// keeps only what is really out of sync).
+    fn persist_with(&self, p: &PairLun, regions: &[u64]) -> std::io::Result<()> {
+        write_meta(&self.meta_path, &p.meta_for_disk(regions))
+    }
+
+    /// Persists the record if `persist` says so.
+    fn persist_if(&self, p: &PairLun, persist: Persist) -> std::io::Result<()> {
+        if persist.needed() {
+            self.persist(p)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+struct Pending {
+    token: u64,
+    lun: usize,
+    offset: u64,
+    len: u64,
+    sent_ms: u64,
+}
+
+struct LinkShared {
+    pending: Mutex<HashMap<u64, Pending>>,
+    done_tx: Sender<RepDone>,
+    bell: Arc<crate::doorbell::Doorbell>,
+    /// Set when the link must drop its connection (peer declared lost).
+    reset: AtomicBool,
+}
+
+pub struct Replication {
+    cfg: PeerConfig,
+    node_id: String,
+    reg: std::sync::Weak<Registry>,
+    pub luns: Vec<RepLun>,
+    /// Writes are mirrored to the peer (false: peer lost, or resync not finished).
+    peer_up: AtomicBool,
+    links: Vec<LinkShared>,
+    /// Serializes the peer-loss transition, degraded marking, and the resync switch-over.
+    transition: Mutex<()>,
+    /// Completions held back in `suspend` mode: (core, token).
+    suspended: Mutex<Vec<(usize, u64)>>,
+    outdate_requested: AtomicBool,
+    /// Control connections open from a peer that is primary (on a secondary): promoting
+    /// this node meanwhile would make two primaries.
+    primary_links: AtomicUsize,
+    epoch: Instant,
+    next_seq: AtomicU64,
+    /// The CPU each core thread is pinned to (empty when unknown): link threads keep off it.
+    core_cpus: Vec<usize>,
+    /// Set (and `intent_cv` notified) when a writer wants write-intent regions persisted.
+    intent_asked: Mutex<bool>,
+    intent_cv: std::sync::Condvar,
+    /// Why this node started in another role than its configuration says (for `status`).
+    start_note: Mutex<Option<String>>,
+    /// Set while this node is (or is becoming) primary: the apply side takes no more
+    /// messages from a peer that still thinks it is primary (its links may outlive our
+    /// promotion: `promote --force`, a healed partition).
+    apply_fenced: AtomicBool,
+    /// Messages being applied right now (a promotion waits for them).
+    applying: AtomicUsize,
+    /// The replica protocol version of a peer that speaks another one than ours (0: none
+    /// seen since the last successful handshake): logged once, shown by `status`.
+    peer_wire_version: AtomicU8,
+    /// On a secondary: the number of the last replica connection accepted. Accept order
+    /// is the primary's connect order (it connects a resync's control connection, and
+    /// only once that is authenticated its new data links).
+    conn_ids: AtomicU64,
+    /// On a secondary: connections numbered below this apply nothing more. Each message
+    /// is applied under the read lock, so raising it (`supersede_older`) waits for the
+    /// ones being applied.
+    apply_gate: std::sync::RwLock<u64>,
+    /// This process's instance id, the `origin` of the reservation snapshots it sends.
+    instance: u64,
+}
+
+/// Write-intent regions no write touched for this long are forgotten (persisted as clean),
+/// so a crash resyncs what was recently written, not everything ever written.
+const INTENT_COOL_MS: u64 = 5000;
+
+/// The keeper's longest sleep when nobody asks (retries a failed persist at this period).
+const INTENT_POLL_MS: u64 = 100;
+
+/// How long a write waits for its write-intent record while the metadata cannot be
+/// written before it fails (write_intent_ready): well inside an initiator's command
+/// timeout (ESXi's ATS heartbeat gives up after 8 s).
+const INTENT_PERSIST_WAIT_MS: u64 = 2000;
+
+/// Bytes of queued requests one link write may carry.
+const LINK_BATCH_BYTES: usize = 1 << 20;
+
+/// How long a link writer polls its empty queue (yielding the CPU to any other runnable
+/// thread) before it blocks. Why: waking a blocked writer is a futex wake from the core
+/// thread to another CPU, which on a virtual machine is an inter-processor interrupt and a
+/// VM exit; `perf` put 7% of the primary's core thread in that one wake-up at 200K
+/// mirrored writes per second, when the writer slept only a few microseconds at a time.
+const LINK_POLL_US: u64 = 50;
+
+/// How long a link send waits without progress before the writer looks at the ack
+/// deadlines (`replica_timeout_ms`, at least 100 ms) again.
+const SEND_POLL: Duration = Duration::from_millis(50);
+
+/// How often the manager looks for a lost peer to reconnect and resync.
+const RECONNECT_MS: u64 = 500;
+
+/// The longest wait between resync attempts that keep failing.
+const RESYNC_RETRY_MAX_MS: u64 = 30_000;
+
+/// How often the primary pings an idle peer (watch_peer).
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long `promote` waits for the control connection of a peer that just went away or
+/// was demoted to close (a demoted primary notices within one PING_INTERVAL).
+const PROMOTE_WAIT: Duration = Duration::from_millis(2000);
+
+/// How often a resync tells the sync target how far it has come.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Largest data per resync message.
+const RESYNC_CHUNK_BYTES: usize = 1 << 20;
+
+/// The first bytes of a resync, always sent as data (see `copy_all`).
+const HEAD_CHUNK_BYTES: u64 = 4096;
+
+/// Frames we read at most while waiting for one (handshake): bounds a hostile peer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn now_ms(epoch: &Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+fn random8() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b
+}
+
+/// The raw fd of a core's eventfd, for its io_uring read.
+pub fn efd_raw(l: &CoreLink) -> RawFd {
+    l.bell.raw_fd()
+}
+
+impl Replication {
+    /// Loads (or creates) every LUN's replication metadata, starts the apply server, and
+    /// returns one link per core for the reactors.
+    pub fn start(
+        reg: &Arc<Registry>,
+        cores: usize,
+        core_cpus: Vec<usize>,
+    ) -> std::io::Result<(Arc<Replication>, Vec<CoreLink>)> {
+        let cfg = reg
+            .config
+            .peer
+            .clone()
+            .ok_or_else(|| std::io::Error::other("no [peer] configured"))?;
+        let node_id = format!("{}", cfg.listen);
+        let mut luns = Vec::new();
+        for lun in &reg.luns {
+            let meta_path = Meta::path_for(&lun.path);
+            let meta = match std::fs::read(&meta_path) {
+                Ok(b) => Meta::decode(&b)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", meta_path.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Meta::new(lun.naa_id, lun.size_bytes, cfg.region_bytes)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?
+                }
+                Err(e) => return Err(e),
+            };
+            if meta.size_bytes != lun.size_bytes || meta.lun_key != lun.naa_id {
+                return Err(std::io::Error::other(format!(
+                    "{}: metadata belongs to another LUN or size",
+                    meta_path.display()
+                )));
+            }
+            let marker = running_marker(&lun.path);
+            let marker_state = match (marker.exists(), same_boot(&marker)) {
+                (false, _) => Marker::Absent,
+                (true, true) => Marker::SameBoot,
+                (true, false) => Marker::OtherBoot,
+            };
+            let primary = reg.role() == Role::Primary;
+            let (pair, persist, note) = PairLun::open(meta, marker_state, primary, |per| {
+                allocated_regions(lun, per)
+            });
+            let path = lun.path.display();
+            let rebooted = matches!(
+                note,
+                StartNote::UncleanLogged { rebooted: true, .. }
+                    | StartNote::UncleanUnlogged { rebooted: true, .. }
+            );
+            if rebooted {
+                tracing::warn!(path = %path, "the machine restarted since this LUN was last open: every region will be resynced");
+            }
+            match note {
+                StartNote::Clean => {}
+                StartNote::UncleanLogged { regions, .. } => {
+                    tracing::warn!(path = %path, regions, "unclean shutdown: the write-intent regions will be resynced");
+                }
+                StartNote::UncleanUnlogged { regions, .. } => {
+                    tracing::warn!(path = %path, regions, "unclean shutdown without a write-intent log: allocated regions marked for resync");
+                }
+            }
+            if persist.needed() {
+                write_meta(&meta_path, pair.meta())?;
+            }
+            {
+                let mut f = File::create(&marker)?;
+                f.write_all(boot_id().as_bytes())?;
+                f.sync_all()?;
+            }
+            let region_bytes = pair.region_bytes();
+            let intent = IntentLog::new(lun.size_bytes, region_bytes);
+            luns.push(RepLun {
+                size_bytes: lun.size_bytes,
+                region_bytes,
+                intent,
+                pr_applied: Mutex::new((0, 0)),
+                intent_failing_since_ms: AtomicU64::new(0),
+                intent_errno: std::sync::atomic::AtomicI32::new(0),
+                key: lun.naa_id,
+                pair: Mutex::new(pair),
+                meta_path,
+                backing: lun.path.clone(),
+            });
+        }
+        let mut links = Vec::new();
+        let mut core_links = Vec::new();
+        let mut req_rxs = Vec::new();
+        for _ in 0..cores {
+            let (req_tx, req_rx) = crossbeam_channel::unbounded();
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            let bell = Arc::new(crate::doorbell::Doorbell::new()?);
+            links.push(LinkShared {
+                pending: Mutex::new(HashMap::new()),
+                done_tx,
+                bell: Arc::clone(&bell),
+                reset: AtomicBool::new(false),
+            });
+            core_links.push(CoreLink {
+                req_tx,
+                done_rx,
+                bell,
+            });
+            req_rxs.push(req_rx);
+        }
+        let rep = Arc::new(Replication {
+            cfg,
+            node_id,
+            reg: Arc::downgrade(reg),
+            luns,
+            peer_up: AtomicBool::new(false),
+            links,
+            transition: Mutex::new(()),
+            suspended: Mutex::new(Vec::new()),
+            outdate_requested: AtomicBool::new(false),
+            primary_links: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            next_seq: AtomicU64::new(1),
+            core_cpus,
+            intent_asked: Mutex::new(false),
+            intent_cv: std::sync::Condvar::new(),
+            start_note: Mutex::new(None),
+            apply_fenced: AtomicBool::new(reg.role() == Role::Primary),
+            applying: AtomicUsize::new(0),
+            peer_wire_version: AtomicU8::new(0),
+            conn_ids: AtomicU64::new(0),
+            apply_gate: std::sync::RwLock::new(0),
+            instance: u64::from_le_bytes(random8()),
+        });
+        if reg.role() == Role::Primary {
+            rep.check_start_as_primary(reg);
+        }
+        // A primary that restarts finds its peer state on disk; until the manager has
+        // spoken with the peer, writes are tracked in the bitmap (never acked unmirrored
+        // unless the peer is recorded outdated: suspend otherwise).
+        let listener = TcpListener::bind(rep.cfg.listen)?;
+        {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name("twinsan-replica-server".into())
+                .spawn(move || rep.serve(listener))?;
+        }
+        for (core, rx) in req_rxs.into_iter().enumerate() {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name(format!("twinsan-link{core}"))
+                .spawn(move || rep.link_writer(core, rx))?;
+        }
+        {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name("twinsan-replica-manager".into())
+                .spawn(move || rep.manage())?;
+        }
+        {
+            let rep = Arc::clone(&rep);
+            std::thread::Builder::new()
+                .name("twinsan-intent".into())
+                .spawn(move || rep.keep_intents())?;
+        }
+        Ok((rep, core_links))
+    }
+
+    /// The configured peer-loss policy, as the pair record knows it.
+    fn policy(&self) -> PeerLossPolicy {
+        match self.cfg.on_peer_loss {
+            OnPeerLoss::Degrade => PeerLossPolicy::Degrade,
+            OnPeerLoss::Suspend => PeerLossPolicy::Suspend,
+        }
+    }
+
+    fn registry(&self) -> Option<Arc<Registry>> {
+        self.reg.upgrade()
+    }
+
+    fn is_primary(&self) -> bool {
+        self.registry().is_some_and(|r| r.role() == Role::Primary)
+    }
+
+    /// Moves the calling link thread off the CPU of the core thread it works for
+    /// (affinity.rs says why).
+    fn keep_off_core(&self, core: usize) {
+        if let Some(&cpu) = self.core_cpus.get(core) {
+            if let Err(e) = crate::affinity::keep_off_cpu(cpu) {
+                tracing::debug!(core, cpu, error = %e, "link thread placement failed");
+            }
+        }
+    }
+
+    fn lun_by_key(&self, key: u64) -> Option<usize> {
+        self.luns.iter().position(|l| l.key == key)
+    }
+}

@@ -1,0 +1,64 @@
+//! `twinsan status` lines of the pair, and the clean stop.
+
+use super::*;
+
+impl Replication {
+    /// A clean stop: no write is in flight any more, so the crash marker goes.
+    pub fn clean_shutdown(&self) {
+        for l in &self.luns {
+            let p = l.pair();
+            // Nothing is in flight any more: no write-intent region needs to survive.
+            if l.persist_with(&p, &[]).is_ok() {
+                let _ = std::fs::remove_file(running_marker(&l.backing));
+            }
+        }
+    }
+
+    /// Status lines for `twinsan status`.
+    pub fn status(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let up = self.peer_up.load(Ordering::Acquire);
+        // On a secondary: whether a primary's control connection stands.
+        let primary_connected = self.primary_links.load(Ordering::Acquire) > 0;
+        let link = if !self.is_primary() {
+            // A secondary's own peer_up says nothing: whether a primary is there does.
+            if primary_connected {
+                "primary connected, receiving its writes"
+            } else {
+                "no primary connected"
+            }
+        } else if up {
+            "connected, mirroring"
+        } else {
+            "not mirroring"
+        };
+        let _ = writeln!(
+            s,
+            "peer: {} at {} ({link})",
+            self.cfg.name, self.cfg.address
+        );
+        let theirs = self.peer_wire_version.load(Ordering::Relaxed);
+        if theirs != 0 {
+            let _ = writeln!(
+                s,
+                "note: the peer speaks replica protocol version {theirs}, this node {}: \
+                 run the same twinsan version on both nodes",
+                wire::VERSION
+            );
+        }
+        if let Some(note) = self
+            .start_note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = writeln!(s, "note: {note}");
+        }
+        let now = now_ms(&self.epoch);
+        for l in &self.luns {
+            let _ = writeln!(s, "{}", l.pair().status_line(now, primary_connected));
+        }
+        s
+    }
+}

@@ -1,0 +1,653 @@
+//! [`PairLun`]: one LUN's pair record and its transitions.
+
+use super::plan::{self, PlanRefusal, ResyncPlan};
+use super::progress::Progress;
+use super::{PeerLossPolicy, Persist, SyncState};
+use crate::genid::{GenFlags, GenIds};
+use crate::meta::Meta;
+use crate::wire::LunHello;
+
+/// Extra passes over regions dirtied again during a resync before it gives up (and is
+/// retried later): each pass is only what got dirty behind the last one.
+pub const RESYNC_PASSES_MAX: u32 = 4;
+
+/// What a start finds of the previous run (the "running" marker beside the backing file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Marker {
+    /// A clean stop: nothing was in flight.
+    Absent,
+    /// The process stopped uncleanly, the machine did not restart: the page cache survived.
+    SameBoot,
+    /// The machine restarted since (power loss, kernel crash): the page cache went with it.
+    OtherBoot,
+}
+
+/// What a start found, for the driver to log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartNote {
+    /// Clean.
+    Clean,
+    /// Unclean, with a write-intent log: these many regions will be resynced.
+    UncleanLogged {
+        /// The write-intent regions.
+        regions: u64,
+        /// The machine restarted: every region will be resynced.
+        rebooted: bool,
+    },
+    /// Unclean without a write-intent log (older metadata): every allocated region marked.
+    UncleanUnlogged {
+        /// The allocated regions marked.
+        regions: u64,
+        /// The machine restarted: every region will be resynced.
+        rebooted: bool,
+    },
+}
+
+/// How a resync pass over one LUN ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PassEnd {
+    /// Nothing is dirty: the completion is recorded (persist it), then tell the peer these ids.
+    Complete(GenIds),
+    /// Regions got dirty again behind the pass: copy these next.
+    Again(Vec<u64>),
+    /// Regions keep getting dirty: give up for now (the resync is retried later).
+    GiveUp {
+        /// Regions still dirty.
+        dirty: u64,
+    },
+}
+
+/// One LUN's replication record on this node (see the module docs).
+#[derive(Debug)]
+pub struct PairLun {
+    meta: Meta,
+    state: SyncState,
+    /// Crashed under metadata without a write-intent log: the next resync compares every
+    /// region, as nothing names the in-flight ones.
+    crash_unlogged: bool,
+    progress: Progress,
+}
+
+impl PairLun {
+    /// Opens the record from the metadata on disk at a start in role `primary`. `allocated`
+    /// names the regions holding data (asked only after an unclean stop without a
+    /// write-intent log). The metadata must be persisted if so returned, before anything is
+    /// served.
+    pub fn open(
+        mut meta: Meta,
+        marker: Marker,
+        primary: bool,
+        allocated: impl FnOnce(u64) -> Vec<u64>,
+    ) -> (PairLun, Persist, StartNote) {
+        let unclean = marker != Marker::Absent;
+        let rebooted = marker == Marker::OtherBoot;
+        // Writes in flight at a crash (the unacknowledged tail) may be on this node only.
+        // After a machine restart writes acknowledged since the last flush may be missing
+        // anywhere, not only in the write-intent regions: only a copy of every region
+        // makes the two nodes equal again.
+        let crash_unlogged = unclean && (!meta.flags.intent_log || rebooted);
+        let note = if !unclean {
+            StartNote::Clean
+        } else if meta.flags.intent_log {
+            // The bitmap on disk holds the write-intent regions: exactly where writes may
+            // have been in flight. They stay set until a resync copies them.
+            StartNote::UncleanLogged {
+                regions: meta.bitmap.dirty_count(),
+                rebooted,
+            }
+        } else {
+            let regions = allocated(meta.bitmap.region_bytes());
+            for &r in &regions {
+                meta.bitmap.set(r);
+            }
+            StartNote::UncleanUnlogged {
+                regions: regions.len() as u64,
+                rebooted,
+            }
+        };
+        if unclean {
+            // This node may become the sync target (after a failover), and the peer does not
+            // know our write-intent regions: tell it at the next connect, so that its resync
+            // compares every region. As the sync source our own bitmap suffices. A secondary
+            // originates no writes: what it applied alone is in the primary's dirty bitmap
+            // already (an unacknowledged mirror marks its region).
+            meta.flags.crashed |= meta.flags.primary || rebooted;
+        }
+        let persist = unclean || meta.flags.primary != primary || !meta.flags.intent_log;
+        // The role we start in, for the crash check at the next start.
+        meta.flags.primary = primary;
+        meta.flags.intent_log = true;
+        let state = if meta.flags.peer_outdated {
+            SyncState::PeerOutdated
+        } else {
+            SyncState::Unknown
+        };
+        let lun = PairLun {
+            meta,
+            state,
+            crash_unlogged,
+            progress: Progress::default(),
+        };
+        (lun, Persist::from_changed(persist), note)
+    }
+
+    /// The metadata in memory (the bitmap holds only what is really out of sync).
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The metadata as it must be on disk: also every write-intent region set in the bitmap
+    /// (`intent`: the regions writes may be in flight to).
+    pub fn meta_for_disk(&self, intent: &[u64]) -> Meta {
+        let mut disk = self.meta.clone();
+        disk.flags.intent_log = true;
+        for &r in intent {
+            disk.bitmap.set(r);
+        }
+        disk
+    }
+
+    /// The synchronization state.
+    pub fn state(&self) -> SyncState {
+        self.state
+    }
+
+    /// The LUN's stable id.
+    pub fn key(&self) -> u64 {
+        self.meta.lun_key
+    }
+
+    /// Bytes per bitmap region (fixed when the metadata was created).
+    pub fn region_bytes(&self) -> u64 {
+        self.meta.bitmap.region_bytes()
+    }
+
+    /// Our hello entry for this LUN, as a node in role `primary`.
+    pub fn hello(&self, primary: bool) -> LunHello {
+        LunHello {
+            lun_key: self.meta.lun_key,
+            size_bytes: self.meta.size_bytes,
+            region_bytes: self.meta.region_bytes,
+            gen: self.meta.gen,
+            flags: GenFlags {
+                outdated: self.meta.flags.outdated,
+                inconsistent: self.meta.flags.inconsistent,
+                primary,
+                crashed: self.meta.flags.crashed,
+            },
+        }
+    }
+
+    // ------------------------------------------------------------- roles and promotion
+
+    /// Whether this copy may not serve as a primary: a resync into it did not finish, or
+    /// it was given up (`resolve --discard-local`).
+    pub fn unusable_as_primary(&self) -> bool {
+        self.meta.flags.inconsistent || self.meta.flags.outdated
+    }
+
+    /// Whether `promote` (without `--force`) must refuse because of this LUN's data: it is
+    /// unusable, or a resync into it is going on.
+    pub fn blocks_promotion(&self) -> bool {
+        self.state == SyncState::SyncTarget || self.unusable_as_primary()
+    }
+
+    /// The peer at our start (we are configured primary) holds newer data, or the two split:
+    /// the peer must stay the source. Returns what the generation ids said.
+    pub fn peer_is_ahead_at_start(&self, peer: &LunHello) -> Option<crate::genid::Decision> {
+        plan::peer_is_ahead_at_start(&self.meta, peer)
+    }
+
+    /// Records the role (promote, demote), so that a crash is known at the next start to
+    /// have been a primary's.
+    pub fn set_role(&mut self, primary: bool) -> Persist {
+        let changed = self.meta.flags.primary != primary;
+        self.meta.flags.primary = primary;
+        Persist::from_changed(changed)
+    }
+
+    /// `resolve --discard-local` on a secondary: the data is given up, and the primary's next
+    /// resync overwrites every region (our changes may sit where the peer has holes).
+    pub fn discard_local(&mut self) -> Persist {
+        self.meta.flags.outdated = true;
+        self.meta.flags.inconsistent = true;
+        self.meta.flags.crashed = true;
+        self.state = SyncState::Unknown;
+        Persist::Needed
+    }
+
+    // ------------------------------------------------------------- the peer goes away
+
+    /// The peer is lost with the writes of `unanswered` (offset, len) never acknowledged:
+    /// they go into the bitmap, and the peer is recorded outdated under a new generation
+    /// (`random` draws it). Persist, then call [`PairLun::peer_loss_recorded`].
+    pub fn peer_lost(
+        &mut self,
+        unanswered: impl IntoIterator<Item = (u64, u64)>,
+        random: [u8; 8],
+    ) -> Persist {
+        for (offset, len) in unanswered {
+            if len > 0 {
+                self.meta.bitmap.mark(offset, len);
+            }
+        }
+        if !self.meta.flags.peer_outdated {
+            self.meta.flags.peer_outdated = true;
+            self.meta.gen.bump(random);
+        }
+        Persist::Needed
+    }
+
+    /// After [`PairLun::peer_lost`]'s persist: `recorded` says whether it reached the disk.
+    /// Without that record nothing may be acknowledged without the peer: suspended.
+    pub fn peer_loss_recorded(&mut self, recorded: bool, policy: PeerLossPolicy) {
+        self.state = match (recorded, policy) {
+            (false, _) | (true, PeerLossPolicy::Suspend) => SyncState::Suspended,
+            (true, PeerLossPolicy::Degrade) => SyncState::PeerOutdated,
+        };
+    }
+
+    /// A write to `[offset, offset + len)` completes while the peer is away: it must be in
+    /// the bitmap, under a "peer outdated" record, on disk before it is answered. Covered
+    /// regions alone are not a record: after a restart they are the write-intent regions,
+    /// and the peer is not yet recorded outdated (nor the generation bumped) until this
+    /// write makes it so.
+    pub fn record_alone(&mut self, (offset, len): (u64, u64), random: [u8; 8]) -> Persist {
+        if self.meta.bitmap.covers(offset, len) && self.meta.flags.peer_outdated {
+            return Persist::No;
+        }
+        self.meta.bitmap.mark(offset, len);
+        if !self.meta.flags.peer_outdated {
+            self.meta.flags.peer_outdated = true;
+            self.meta.gen.bump(random);
+        }
+        Persist::Needed
+    }
+
+    /// `twinsan outdate-peer`: the operator vouches the peer is stale; suspended I/O goes on.
+    pub fn operator_outdated_peer(&mut self) {
+        if self.state == SyncState::Suspended {
+            self.state = SyncState::PeerOutdated;
+        }
+    }
+
+    /// Marks regions that may differ from the peer (a verify found them different, a command
+    /// failed here after it was mirrored, SANITIZE rewrites the LUN).
+    pub fn mark_regions(&mut self, regions: impl IntoIterator<Item = u64>) -> Persist {
+        for r in regions {
+            self.meta.bitmap.set(r);
+        }
+        Persist::Needed
+    }
+
+    /// Marks `[offset, offset + len)` as possibly different from the peer.
+    pub fn mark_range(&mut self, offset: u64, len: u64) -> Persist {
+        self.meta.bitmap.mark(offset, len);
+        Persist::Needed
+    }
+
+    /// Marks every region (the whole LUN changes outside the mirrored write path).
+    pub fn mark_all(&mut self) -> Persist {
+        self.meta.bitmap.set_all();
+        Persist::Needed
+    }
+
+    /// This node's copy can no longer be trusted anywhere (a failed fsync may have dropped
+    /// written pages): recorded like a crash, so the primary's next resync copies every
+    /// region into it.
+    pub fn distrust(&mut self) -> Persist {
+        self.meta.flags.crashed = true;
+        Persist::Needed
+    }
+}
+
+// ----------------------------------------------------------------- resync, source side
+impl PairLun {
+    /// Plans the resync of this LUN to the peer that sent `peer`. A split brain is recorded
+    /// in the state (`status` shows it) and refused.
+    pub fn plan_resync(&mut self, peer: &LunHello) -> Result<ResyncPlan, PlanRefusal> {
+        let plan = plan::plan_resync(&self.meta, self.crash_unlogged, peer);
+        if plan == Err(PlanRefusal::SplitBrain) {
+            self.state = SyncState::SplitBrain;
+        }
+        plan
+    }
+
+    /// A resync of `plan` starts at `now_ms`: the plan goes into the bitmap first (durably,
+    /// if it named regions the bitmap did not: a full or initial copy that is interrupted
+    /// must resume with what it did not copy yet). Returns every region to copy (the plan
+    /// and everything dirty; the bitmap only shrinks from here), ascending.
+    pub fn begin_resync(&mut self, plan: &ResyncPlan, now_ms: u64) -> (Vec<u64>, Persist) {
+        let mut fresh = false;
+        for &r in &plan.regions {
+            fresh |= self.meta.bitmap.set(r);
+        }
+        let regions: Vec<u64> = self.meta.bitmap.iter_dirty().collect();
+        self.state = SyncState::SyncSource;
+        self.progress = Progress::start(regions.len() as u64 * self.region_bytes(), now_ms);
+        (regions, Persist::from_changed(fresh))
+    }
+
+    /// The peer acknowledged the copy of `region`: it is in sync (unless a write dirties it
+    /// again, which the next pass finds).
+    pub fn region_copied(&mut self, region: u64) {
+        self.meta.bitmap.clear(region);
+        self.progress.done_bytes = self.progress.done_bytes.saturating_add(self.region_bytes());
+    }
+
+    /// A pass over the planned regions ended (`passes` extra passes ran before it). Call
+    /// with the pair's peer-loss transitions excluded: a loss either came before (and its
+    /// record stands) or comes after this completion is persisted (and records the peer
+    /// outdated again).
+    pub fn end_pass(&mut self, initial: bool, passes: u32, random: [u8; 8]) -> PassEnd {
+        let dirty: Vec<u64> = self.meta.bitmap.iter_dirty().collect();
+        if !dirty.is_empty() {
+            if passes >= RESYNC_PASSES_MAX {
+                return PassEnd::GiveUp {
+                    dirty: dirty.len() as u64,
+                };
+            }
+            self.progress.total_bytes = self
+                .progress
+                .total_bytes
+                .saturating_add(dirty.len() as u64 * self.region_bytes());
+            return PassEnd::Again(dirty);
+        }
+        if initial || self.meta.gen.current == 0 {
+            self.meta.gen.bump(random);
+        }
+        self.meta.gen.resync_done_source();
+        self.meta.flags.peer_outdated = false;
+        self.meta.flags.crashed = false;
+        PassEnd::Complete(self.meta.gen)
+    }
+
+    /// The peer acknowledged the completion: mirroring, up to date.
+    pub fn resync_acknowledged(&mut self) {
+        self.state = SyncState::UpToDate;
+    }
+
+    /// Every LUN's resync completed: a crash before the write-intent log is covered now.
+    pub fn crash_covered(&mut self) {
+        self.crash_unlogged = false;
+    }
+
+    /// `(done, total, eta_ms)` of the resync this node sources, at `now_ms`.
+    pub fn source_progress(&self, now_ms: u64) -> (u64, u64, u64) {
+        self.progress.estimate(now_ms)
+    }
+}
+
+// ----------------------------------------------------------------- resync, target side
+impl PairLun {
+    /// The primary's control connection arrived with `peer`: if it holds newer data, this
+    /// node is recorded outdated before any resync starts, so that a promotion while the
+    /// resync is on its way (to this LUN, or to one before it) is refused instead of serving
+    /// stale data. The resync's completion clears it.
+    pub fn primary_connected(&mut self, peer: &LunHello) -> Persist {
+        let behind = plan::primary_is_ahead(&self.meta, peer);
+        let changed = behind && !self.meta.flags.outdated;
+        if changed {
+            self.meta.flags.outdated = true;
+        }
+        Persist::from_changed(changed)
+    }
+
+    /// Resync data arrives: the copy is inconsistent until the resync completes (persist
+    /// that first, the first time).
+    pub fn resync_data_arriving(&mut self) -> Persist {
+        if self.state == SyncState::SyncTarget {
+            return Persist::No;
+        }
+        self.meta.flags.inconsistent = true;
+        self.state = SyncState::SyncTarget;
+        Persist::Needed
+    }
+
+    /// The source says the resync is done with its ids `gen` (everything it copied is on
+    /// stable storage here already). Persist, then [`PairLun::resync_target_recorded`].
+    pub fn resync_done_target(&mut self, gen: &GenIds) -> Persist {
+        self.meta.gen.resync_done_target(gen);
+        self.meta.flags.inconsistent = false;
+        self.meta.flags.outdated = false;
+        // Every region now equals the source's: a tail from a crash is gone.
+        self.meta.flags.crashed = false;
+        self.meta.bitmap.clear_all();
+        Persist::Needed
+    }
+
+    /// The completion is on disk: up to date. The next resync's progress starts from its
+    /// own plan.
+    pub fn resync_target_recorded(&mut self) {
+        self.state = SyncState::UpToDate;
+        self.progress = Progress::default();
+    }
+
+    /// What the source said of its progress (`ResyncProgress`).
+    pub fn progress_heard(&mut self, done_bytes: u64, total_bytes: u64, eta_ms: u64) {
+        self.progress.done_bytes = done_bytes;
+        self.progress.total_bytes = total_bytes;
+        self.progress.heard_eta_ms = eta_ms;
+    }
+
+    /// `(done, total, eta_ms)` as the source last said.
+    pub fn heard_progress(&self) -> (u64, u64, u64) {
+        self.progress.heard()
+    }
+}
+
+// ----------------------------------------------------------------- status
+impl PairLun {
+    /// This LUN's line in `twinsan status` at `now_ms`. `source_connected`: on a sync
+    /// target, whether the source's control connection stands (only then is a resync going
+    /// on: an interrupted one's last figures would look like one in progress).
+    pub fn status_line(&self, now_ms: u64, source_connected: bool) -> String {
+        let m = &self.meta;
+        let progress = match self.state {
+            SyncState::SyncSource => Some(self.source_progress(now_ms)),
+            SyncState::SyncTarget if source_connected => Some(self.heard_progress()),
+            _ => None,
+        };
+        format!(
+            "replica lun {:016x}: {:?} gen current={:016x} bitmap={:016x} dirty={} bytes{}",
+            m.lun_key,
+            self.state,
+            m.gen.current,
+            m.gen.bitmap,
+            m.bitmap.dirty_bytes(),
+            progress
+                .map(super::progress::status_suffix)
+                .unwrap_or_default()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::genid::{decide, Decision};
+
+    const REGION: u64 = 1 << 20;
+
+    fn blank() -> Meta {
+        let mut m = Meta::new(7, 16 * REGION, REGION).unwrap();
+        m.flags.intent_log = true;
+        m
+    }
+
+    fn open(meta: Meta, marker: Marker, primary: bool) -> (PairLun, Persist, StartNote) {
+        PairLun::open(meta, marker, primary, |_| vec![1, 2, 3])
+    }
+
+    #[test]
+    fn a_clean_start_in_the_same_role_writes_nothing() {
+        let mut m = blank();
+        m.flags.primary = true;
+        let (lun, persist, note) = open(m.clone(), Marker::Absent, true);
+        assert_eq!((persist, note), (Persist::No, StartNote::Clean));
+        assert_eq!(lun.state(), SyncState::Unknown);
+        assert!(!lun.crash_unlogged);
+        // Another role is recorded, so a later crash is known to be a primary's.
+        let (lun, persist, _) = open(m, Marker::Absent, false);
+        assert_eq!(persist, Persist::Needed);
+        assert!(!lun.meta().flags.primary);
+    }
+
+    #[test]
+    fn a_crashed_primary_keeps_its_intent_regions_and_tells_the_peer() {
+        let mut m = blank();
+        m.flags.primary = true;
+        m.bitmap.set(4);
+        let (lun, persist, note) = open(m, Marker::SameBoot, true);
+        assert_eq!(persist, Persist::Needed);
+        assert_eq!(
+            note,
+            StartNote::UncleanLogged {
+                regions: 1,
+                rebooted: false
+            }
+        );
+        assert!(lun.meta().bitmap.is_dirty(4));
+        assert!(
+            lun.meta().flags.crashed,
+            "the peer must compare every region"
+        );
+        assert!(!lun.crash_unlogged, "our own bitmap names the tail");
+    }
+
+    #[test]
+    fn a_machine_restart_or_an_unlogged_crash_covers_every_region() {
+        // A secondary whose machine restarted: its page cache (acknowledged writes) is gone.
+        let (lun, _, note) = open(blank(), Marker::OtherBoot, false);
+        assert!(lun.meta().flags.crashed);
+        assert!(lun.crash_unlogged);
+        assert!(matches!(
+            note,
+            StartNote::UncleanLogged { rebooted: true, .. }
+        ));
+        // Metadata from before the write-intent log: the allocated regions are marked.
+        let mut old = blank();
+        old.flags.intent_log = false;
+        let (lun, persist, note) = open(old, Marker::SameBoot, true);
+        assert_eq!(persist, Persist::Needed);
+        assert_eq!(
+            note,
+            StartNote::UncleanUnlogged {
+                regions: 3,
+                rebooted: false
+            }
+        );
+        assert_eq!(
+            lun.meta().bitmap.iter_dirty().collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(lun.crash_unlogged);
+        assert!(lun.meta().flags.intent_log);
+    }
+
+    #[test]
+    fn a_lost_peer_records_every_unanswered_write_under_a_new_generation() {
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        let before = lun.meta().gen;
+        let p = lun.peer_lost([(3 * REGION + 5, 10), (0, 0)], [9; 8]);
+        assert_eq!(p, Persist::Needed);
+        assert_eq!(lun.meta().bitmap.iter_dirty().collect::<Vec<_>>(), vec![3]);
+        assert!(lun.meta().flags.peer_outdated);
+        assert_ne!(lun.meta().gen.current, before.current);
+        // A second loss before a resync keeps the generation: one degrade, one bump.
+        let gen = lun.meta().gen;
+        let _ = lun.peer_lost([], [8; 8]);
+        assert_eq!(lun.meta().gen, gen);
+        lun.peer_loss_recorded(true, PeerLossPolicy::Degrade);
+        assert_eq!(lun.state(), SyncState::PeerOutdated);
+        lun.peer_loss_recorded(false, PeerLossPolicy::Degrade);
+        assert_eq!(
+            lun.state(),
+            SyncState::Suspended,
+            "no record on disk: frozen"
+        );
+        lun.operator_outdated_peer();
+        assert_eq!(lun.state(), SyncState::PeerOutdated);
+    }
+
+    #[test]
+    fn a_write_alone_needs_a_record_unless_one_covers_it() {
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        assert_eq!(lun.record_alone((REGION, 512), [1; 8]), Persist::Needed);
+        assert_eq!(lun.record_alone((REGION + 512, 512), [2; 8]), Persist::No);
+        assert_eq!(lun.record_alone((2 * REGION, 512), [3; 8]), Persist::Needed);
+        // Dirty regions from a restart (the write-intent regions) are not a record yet.
+        let mut m = blank();
+        m.bitmap.set(5);
+        let (mut lun, _, _) = open(m, Marker::SameBoot, true);
+        assert_eq!(lun.record_alone((5 * REGION, 512), [4; 8]), Persist::Needed);
+        assert!(lun.meta().flags.peer_outdated);
+    }
+
+    #[test]
+    fn a_resync_completes_only_when_nothing_is_dirty_and_both_sides_agree_after() {
+        let (mut primary, _, _) = open(blank(), Marker::Absent, true);
+        let (mut secondary, _, _) = open(blank(), Marker::Absent, false);
+        let plan = primary.plan_resync(&secondary.hello(false)).unwrap();
+        assert!(plan.initial);
+        let (regions, persist) = primary.begin_resync(&plan, 1000);
+        assert_eq!(persist, Persist::Needed, "the plan is durable first");
+        assert_eq!(regions.len(), 16);
+        assert_eq!(primary.state(), SyncState::SyncSource);
+        assert_eq!(
+            secondary.primary_connected(&primary.hello(true)),
+            Persist::Needed
+        );
+        assert!(secondary.blocks_promotion());
+        assert_eq!(secondary.resync_data_arriving(), Persist::Needed);
+        assert_eq!(secondary.resync_data_arriving(), Persist::No);
+        for r in regions {
+            primary.region_copied(r);
+        }
+        // A write the peer failed dirtied a region behind the pass: another pass.
+        let _ = primary.mark_regions([6]);
+        assert_eq!(primary.end_pass(true, 0, [5; 8]), PassEnd::Again(vec![6]));
+        assert_eq!(
+            primary.end_pass(true, RESYNC_PASSES_MAX, [5; 8]),
+            PassEnd::GiveUp { dirty: 1 }
+        );
+        primary.region_copied(6);
+        let PassEnd::Complete(gen) = primary.end_pass(true, 1, [5; 8]) else {
+            panic!("nothing is dirty: the resync completes");
+        };
+        assert_ne!(
+            gen.current, 0,
+            "a new pair's first completion draws a generation"
+        );
+        let _ = secondary.resync_done_target(&gen);
+        secondary.resync_target_recorded();
+        primary.resync_acknowledged();
+        assert_eq!(secondary.state(), SyncState::UpToDate);
+        assert!(!secondary.blocks_promotion());
+        let (p, s) = (primary.hello(true), secondary.hello(false));
+        assert_eq!(decide(&p.gen, p.flags, &s.gen, s.flags), Decision::InSync);
+        assert_eq!(
+            primary.source_progress(2000).0,
+            primary.source_progress(2000).1
+        );
+    }
+
+    #[test]
+    fn a_discarded_secondary_cannot_be_promoted_and_is_overwritten() {
+        let (mut lun, _, _) = open(blank(), Marker::Absent, false);
+        assert_eq!(lun.discard_local(), Persist::Needed);
+        assert!(lun.blocks_promotion());
+        let h = lun.hello(false);
+        assert!(h.flags.outdated && h.flags.inconsistent && h.flags.crashed);
+    }
+
+    #[test]
+    fn the_disk_copy_carries_the_write_intent_regions_the_memory_copy_does_not() {
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        let _ = lun.mark_range(0, 1);
+        let disk = lun.meta_for_disk(&[9, 10]);
+        assert_eq!(disk.bitmap.iter_dirty().collect::<Vec<_>>(), vec![0, 9, 10]);
+        assert_eq!(lun.meta().bitmap.iter_dirty().collect::<Vec<_>>(), vec![0]);
+        assert!(disk.flags.intent_log);
+    }
+}
