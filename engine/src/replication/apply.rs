@@ -114,7 +114,11 @@ impl Replication {
                 continue;
             }
             unauthenticated.fetch_add(1, Ordering::AcqRel);
-            let conn_id = self.conn_ids.fetch_add(1, Ordering::AcqRel) + 1;
+            let conn_id = self
+                .apply_gate
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .accept();
             let rep = Arc::clone(&self);
             let count = Arc::clone(&unauthenticated);
             let spawned = std::thread::Builder::new()
@@ -198,15 +202,7 @@ impl Replication {
             };
             if peer_link == LINK_NONE
                 && !superseded_older
-                && matches!(
-                    frame,
-                    Frame::Other(
-                        Message::ResyncData { .. }
-                            | Message::ResyncProgress { .. }
-                            | Message::WriteZeroes { .. }
-                            | Message::ResyncDone { .. }
-                    )
-                )
+                && matches!(&frame, Frame::Other(m) if replica::pair::apply::resync_change(m))
             {
                 self.supersede_older(conn_id);
                 superseded_older = true;
@@ -228,17 +224,18 @@ impl Replication {
                 return Err(std::io::Error::other("this node was promoted"));
             }
             let gate = self.apply_gate.read().unwrap_or_else(|p| p.into_inner());
-            // Again under the gate: waiting for it (a resync raising it) may have taken
-            // longer than a promotion waits for the messages being applied.
-            if self.apply_fenced.load(Ordering::SeqCst) {
-                return Err(std::io::Error::other("this node was promoted"));
-            }
-            if conn_id < *gate {
-                tracing::warn!(
-                    "closing a replica connection from before the primary's current resync: \
-                     what it still carries is stale"
-                );
-                return Err(std::io::Error::other("superseded by a newer resync"));
+            // The fence again under the gate: waiting for it (a resync raising it) may
+            // have taken longer than a promotion waits for the messages being applied.
+            match gate.admit(conn_id, self.apply_fenced.load(Ordering::SeqCst)) {
+                Admit::Apply => {}
+                Admit::Promoted => return Err(std::io::Error::other("this node was promoted")),
+                Admit::Superseded => {
+                    tracing::warn!(
+                        "closing a replica connection from before the primary's current resync: \
+                         what it still carries is stale"
+                    );
+                    return Err(std::io::Error::other("superseded by a newer resync"));
+                }
             }
             let msg = match frame {
                 // The hot path: straight from the receive buffer to the file.
@@ -431,8 +428,10 @@ impl Replication {
     /// after the copy: the copies would differ while both sides say UpToDate. Waits for
     /// the messages being applied now; the old connections close at their next message.
     pub(super) fn supersede_older(&self, conn_id: u64) {
-        let mut gate = self.apply_gate.write().unwrap_or_else(|p| p.into_inner());
-        *gate = (*gate).max(conn_id);
+        self.apply_gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .supersede_older(conn_id);
     }
 
     /// Runs `f` on LUN `key`'s backing file if `[offset, offset + len)` lies inside the LUN

@@ -110,23 +110,15 @@ impl Replication {
                 }
             }
             // Recorded before the bytes leave: an ack can only follow the write. Under the
-            // transition lock: a peer loss since the check above drained `pending` already,
-            // and what it did not see must be recorded like any write while the peer is away
-            // (nothing would ever answer it otherwise).
-            {
-                let t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-                if self.peer_up.load(Ordering::Acquire) {
-                    link.pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(batch.drain(..));
-                } else {
-                    for (_, p) in batch.drain(..) {
-                        let range = (p.len > 0).then_some((p.offset, p.len));
-                        self.degraded_range(&t, core, p.token, p.lun, range);
-                    }
-                    continue;
-                }
+            // coordinator's lock: a peer loss since the check above drained the shards
+            // already, and what it did not see must be recorded like any write while the
+            // peer is away (nothing would ever answer it otherwise).
+            let send = self.with_mirror(|m, port| {
+                let mut shard = link.pending.lock().unwrap_or_else(|p| p.into_inner());
+                m.sending(port, &mut shard, core, batch.drain(..))
+            });
+            if !send {
+                continue;
             }
             let sent = stream.as_mut().map(|s| self.send_watched(s, &wbuf));
             if let Some(Err(e)) = sent {
@@ -229,50 +221,28 @@ impl Replication {
                     Err(e) => break Some(e),
                 }
             };
-            // A write or zeroing the peer could not store (out of space, I/O error,
-            // refused) leaves the nodes different: it stays pending and the peer is
-            // declared lost below, so the range is recorded in the dirty bitmap and the
-            // write completes on this node alone, as DRBD's detach does, instead of
-            // failing with both copies silently different (and status saying UpToDate).
-            let mut peer_failed_data: Option<(AckStatus, u64)> = None;
+            // A failure the peer reports detaches it (LinkShard::take_acks says why): the
+            // range is recorded and the write completes on this node alone.
             if !acks.is_empty() {
-                let done: Vec<(Pending, AckStatus)> = {
-                    let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    acks.drain(..)
-                        .filter_map(|(seq, status)| match pending.get(&seq) {
-                            // Any failure detaches the peer: a failed flush may have lost
-                            // its pages, a refused reservation leaves its state different.
-                            Some(p) if status != AckStatus::Ok => {
-                                peer_failed_data.get_or_insert((status, p.offset));
-                                None
-                            }
-                            _ => pending.remove(&seq).map(|p| (p, status)),
-                        })
-                        .collect()
-                };
-                for (p, status) in &done {
-                    let ok = *status == AckStatus::Ok;
-                    if !ok {
-                        tracing::error!(
-                            ?status,
-                            lun = p.lun,
-                            offset = p.offset,
-                            "peer failed a mirrored write"
-                        );
-                    }
-                    let _ = link.done_tx.send(RepDone { token: p.token, ok });
+                let out = link
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take_acks(acks.drain(..));
+                for &token in &out.answered {
+                    let _ = link.done_tx.send(RepDone { token, ok: true });
                 }
-                if !done.is_empty() {
+                if !out.answered.is_empty() {
                     link.bell.ring();
                 }
-            }
-            if let Some((status, offset)) = peer_failed_data {
-                tracing::error!(
-                    ?status,
-                    offset,
-                    "the peer failed a mirrored write: declaring it lost, this node goes on alone"
-                );
-                self.peer_lost("the peer failed a mirrored write");
+                if let Some((status, offset)) = out.peer_failed {
+                    tracing::error!(
+                        ?status,
+                        offset,
+                        "the peer failed a mirrored write: declaring it lost, this node goes on alone"
+                    );
+                    self.peer_lost("the peer failed a mirrored write");
+                }
             }
             let failed = match ended {
                 Some(e) => Some(e),
@@ -296,8 +266,7 @@ impl Replication {
             l.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .any(|p| now.saturating_sub(p.sent_ms) > self.cfg.replica_timeout_ms)
+                .overdue(now, self.cfg.replica_timeout_ms)
         });
         if late {
             self.peer_lost("no acknowledgement within replica_timeout_ms");
@@ -306,106 +275,29 @@ impl Replication {
 
     /// The peer is gone: record it outdated (bumped generation, bitmap covering every
     /// unacknowledged write) durably, then complete the waiting writes (degrade) or hold
-    /// them (suspend).
+    /// them (suspend). `Mirror::peer_lost` decides; this logs why.
     pub(super) fn peer_lost(&self, why: &str) {
-        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.peer_up.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        tracing::warn!(reason = why, mode = ?self.cfg.on_peer_loss, "replication peer lost");
-        for l in &self.links {
-            l.reset.store(true, Ordering::Release);
-        }
-        let mut waiting: Vec<(usize, Pending)> = Vec::new();
-        for (core, l) in self.links.iter().enumerate() {
-            for (_, p) in l.pending.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-                waiting.push((core, p));
-            }
-        }
-        for (i, lun) in self.luns.iter().enumerate() {
-            let mut pair = lun.pair();
-            let unanswered = waiting
-                .iter()
-                .filter(|(_, p)| p.lun == i)
-                .map(|(_, p)| (p.offset, p.len));
-            let persist = pair.peer_lost(unanswered, random8());
-            let recorded = lun.persist_if(&pair, persist);
-            if let Err(e) = &recorded {
-                // Without this record nothing may be acked without the peer: stay frozen.
-                tracing::error!(error = %e, "cannot persist replication metadata; I/O stays suspended");
-            }
-            pair.peer_loss_recorded(recorded.is_ok(), self.policy());
-        }
-        for (core, p) in waiting {
-            self.complete_degraded(core, p.token, p.lun);
+        if self.with_mirror(|m, port| m.peer_lost(port)) {
+            tracing::warn!(reason = why, mode = ?self.cfg.on_peer_loss, "replication peer lost");
         }
     }
 
-    /// A request while the peer is away: mark its regions (durably, when new) and answer.
-    /// Returns the request if mirroring resumed meanwhile (the caller sends it).
+    /// A request while the peer is away: its regions are recorded (durably, when new) and
+    /// it is answered or held. Returns the request if mirroring resumed meanwhile (the
+    /// caller sends it).
     pub(super) fn degraded(&self, core: usize, req: RepReq) -> Option<RepReq> {
-        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-        if self.peer_up.load(Ordering::Acquire) {
-            return Some(req);
-        }
         let range = match &req.op {
             RepOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
             RepOp::Zero { offset, len, .. } => Some((*offset, *len)),
             RepOp::Flush | RepOp::PrState { .. } => None,
         };
-        self.degraded_range(&_t, core, req.token, req.lun, range);
-        None
-    }
-
-    /// Records `range` of LUN `lun` (if any) as changed while the peer is away, durably
-    /// when new, and answers request `token` (degrade) or holds it (suspend). Runs in the
-    /// same critical section (`_transition`) as the check that found the peer away: a
-    /// resync completing in between would otherwise miss this write.
-    pub(super) fn degraded_range(
-        &self,
-        _transition: &std::sync::MutexGuard<'_, ()>,
-        core: usize,
-        token: u64,
-        lun_index: usize,
-        range: Option<(u64, u64)>,
-    ) {
-        let lun = &self.luns[lun_index];
-        if let Some((off, len)) = range {
-            let mut pair = lun.pair();
-            let persist = pair.record_alone((off, len), random8());
-            if let Err(e) = lun.persist_if(&pair, persist) {
-                tracing::error!(error = %e, "cannot persist the dirty bitmap; failing the write");
-                let _ = self.links[core].done_tx.send(RepDone { token, ok: false });
-                self.links[core].bell.ring();
-                return;
+        self.with_mirror(|m, port| {
+            if m.mirroring() {
+                return Some(req);
             }
-        }
-        self.complete_degraded(core, token, lun_index);
-    }
-
-    pub(super) fn complete_degraded(&self, core: usize, token: u64, lun: usize) {
-        let answer = may_answer_alone(
-            self.policy(),
-            self.outdate_requested.load(Ordering::Acquire),
-            self.luns[lun].state(),
-        );
-        if !answer {
-            self.suspended
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((core, token));
-            return;
-        }
-        let _ = self.links[core].done_tx.send(RepDone { token, ok: true });
-        self.links[core].bell.ring();
-    }
-
-    pub(super) fn release_suspended(&self) {
-        let held = std::mem::take(&mut *self.suspended.lock().unwrap_or_else(|p| p.into_inner()));
-        for (core, token) in held {
-            let _ = self.links[core].done_tx.send(RepDone { token, ok: true });
-            self.links[core].bell.ring();
-        }
+            m.alone(port, core, req.token, req.lun, range);
+            None
+        })
     }
 
     /// A command failed on this node (out of space, an I/O error) after its change to
@@ -418,21 +310,15 @@ impl Replication {
         if !self.peer_up.load(Ordering::Acquire) || len == 0 {
             return;
         }
-        let Some(l) = self.luns.get(lun) else { return };
-        {
-            let mut p = l.pair();
-            let persist = p.mark_range(offset, len);
-            if let Err(e) = l.persist_if(&p, persist) {
-                tracing::error!(error = %e, "cannot persist the dirty bitmap");
-            }
+        if self.with_mirror(|m, port| m.diverged(port, lun, offset, len)) {
+            tracing::warn!(
+                lun = self.luns.get(lun).map(|l| l.key),
+                offset,
+                len,
+                "a mirrored command failed on this node: resyncing its range to the peer"
+            );
+            tracing::warn!(reason = "a mirrored command failed on this node", mode = ?self.cfg.on_peer_loss, "replication peer lost");
         }
-        tracing::warn!(
-            lun = l.key,
-            offset,
-            len,
-            "a mirrored command failed on this node: resyncing its range to the peer"
-        );
-        self.peer_lost("a mirrored command failed on this node");
     }
 
     /// Whether writes to LUN `lun` are mirrored (or tracked) by this node.

@@ -41,8 +41,8 @@ use replica::auth::{Role as AuthRole, Transcript};
 use replica::intent::IntentLog;
 use replica::meta::Meta;
 use replica::pair::{
-    may_answer_alone, Marker, PairLun, PassEnd, PeerLossPolicy, Persist, PlanRefusal, ResyncPlan,
-    StartNote, SyncState,
+    Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun, PassEnd, PeerLossPolicy,
+    Pending, Persist, PlanRefusal, Port, ResyncPlan, StartNote, SyncState,
 };
 use replica::wire::{self, AckStatus, Frame, LunHello, Message, LINK_NONE};
 
@@ -241,16 +241,10 @@ impl RepLun {
     }
 }
 
-struct Pending {
-    token: u64,
-    lun: usize,
-    offset: u64,
-    len: u64,
-    sent_ms: u64,
-}
-
 struct LinkShared {
-    pending: Mutex<HashMap<u64, Pending>>,
+    /// What this link sent that the peer has not acknowledged (its own lock: acks on one
+    /// link never wait for another).
+    pending: Mutex<LinkShard>,
     done_tx: Sender<RepDone>,
     bell: Arc<crate::doorbell::Doorbell>,
     /// Set when the link must drop its connection (peer declared lost).
@@ -262,14 +256,12 @@ pub struct Replication {
     node_id: String,
     reg: std::sync::Weak<Registry>,
     pub luns: Vec<RepLun>,
-    /// Writes are mirrored to the peer (false: peer lost, or resync not finished).
+    /// `mirror.mirroring()`, readable without the lock (the link writer's fast path).
     peer_up: AtomicBool,
     links: Vec<LinkShared>,
-    /// Serializes the peer-loss transition, degraded marking, and the resync switch-over.
-    transition: Mutex<()>,
-    /// Completions held back in `suspend` mode: (core, token).
-    suspended: Mutex<Vec<(usize, u64)>>,
-    outdate_requested: AtomicBool,
+    /// The pair-wide coordinator (`replica::pair::Mirror`): its lock serializes the
+    /// peer-loss transition, recording writes made alone, and the resync switch-over.
+    mirror: Mutex<Mirror>,
     /// Control connections open from a peer that is primary (on a secondary): promoting
     /// this node meanwhile would make two primaries.
     primary_links: AtomicUsize,
@@ -291,16 +283,74 @@ pub struct Replication {
     /// The replica protocol version of a peer that speaks another one than ours (0: none
     /// seen since the last successful handshake): logged once, shown by `status`.
     peer_wire_version: AtomicU8,
-    /// On a secondary: the number of the last replica connection accepted. Accept order
-    /// is the primary's connect order (it connects a resync's control connection, and
-    /// only once that is authenticated its new data links).
-    conn_ids: AtomicU64,
-    /// On a secondary: connections numbered below this apply nothing more. Each message
-    /// is applied under the read lock, so raising it (`supersede_older`) waits for the
-    /// ones being applied.
-    apply_gate: std::sync::RwLock<u64>,
+    /// On a secondary: replica connections in accept order, and which may still apply
+    /// (`replica::pair::ApplyGate`). Each message is applied under the read lock, so
+    /// raising the gate (`supersede_older`) waits for the ones being applied.
+    apply_gate: std::sync::RwLock<ApplyGate>,
     /// This process's instance id, the `origin` of the reservation snapshots it sends.
     instance: u64,
+}
+
+/// The coordinator's view of this driver: the LUN records behind their locks and files,
+/// the links' shards, their reset flags and answer channels.
+struct EnginePort<'a> {
+    rep: &'a Replication,
+}
+
+impl Port for EnginePort<'_> {
+    fn lun_count(&self) -> usize {
+        self.rep.luns.len()
+    }
+
+    fn update_lun(&mut self, i: usize, f: &mut dyn FnMut(&mut PairLun) -> Persist) -> bool {
+        let Some(l) = self.rep.luns.get(i) else {
+            return false;
+        };
+        let mut p = l.pair();
+        let persist = f(&mut p);
+        match l.persist_if(&p, persist) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(lun = l.key, error = %e, "cannot persist the replication metadata");
+                false
+            }
+        }
+    }
+
+    fn drain_links(&mut self) -> Vec<(usize, Pending)> {
+        let mut waiting = Vec::new();
+        for (core, l) in self.rep.links.iter().enumerate() {
+            let drained = l.pending.lock().unwrap_or_else(|p| p.into_inner()).drain();
+            waiting.extend(drained.into_iter().map(|p| (core, p)));
+        }
+        waiting
+    }
+
+    fn links_idle(&mut self) -> bool {
+        self.rep.links.iter().all(|l| {
+            l.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        })
+    }
+
+    fn reset_links(&mut self) {
+        for l in &self.rep.links {
+            l.reset.store(true, Ordering::Release);
+        }
+    }
+
+    fn answer(&mut self, core: usize, token: u64, ok: bool) {
+        if let Some(l) = self.rep.links.get(core) {
+            let _ = l.done_tx.send(RepDone { token, ok });
+            l.bell.ring();
+        }
+    }
+
+    fn random(&mut self) -> [u8; 8] {
+        random8()
+    }
 }
 
 /// Write-intent regions no write touched for this long are forgotten (persisted as clean),
@@ -460,7 +510,7 @@ impl Replication {
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
             let bell = Arc::new(crate::doorbell::Doorbell::new()?);
             links.push(LinkShared {
-                pending: Mutex::new(HashMap::new()),
+                pending: Mutex::new(LinkShard::default()),
                 done_tx,
                 bell: Arc::clone(&bell),
                 reset: AtomicBool::new(false),
@@ -472,6 +522,10 @@ impl Replication {
             });
             req_rxs.push(req_rx);
         }
+        let policy = match cfg.on_peer_loss {
+            OnPeerLoss::Degrade => PeerLossPolicy::Degrade,
+            OnPeerLoss::Suspend => PeerLossPolicy::Suspend,
+        };
         let rep = Arc::new(Replication {
             cfg,
             node_id,
@@ -479,9 +533,7 @@ impl Replication {
             luns,
             peer_up: AtomicBool::new(false),
             links,
-            transition: Mutex::new(()),
-            suspended: Mutex::new(Vec::new()),
-            outdate_requested: AtomicBool::new(false),
+            mirror: Mutex::new(Mirror::new(policy)),
             primary_links: AtomicUsize::new(0),
             epoch: Instant::now(),
             next_seq: AtomicU64::new(1),
@@ -492,8 +544,7 @@ impl Replication {
             apply_fenced: AtomicBool::new(reg.role() == Role::Primary),
             applying: AtomicUsize::new(0),
             peer_wire_version: AtomicU8::new(0),
-            conn_ids: AtomicU64::new(0),
-            apply_gate: std::sync::RwLock::new(0),
+            apply_gate: std::sync::RwLock::new(ApplyGate::default()),
             instance: u64::from_le_bytes(random8()),
         });
         if reg.role() == Role::Primary {
@@ -530,12 +581,13 @@ impl Replication {
         Ok((rep, core_links))
     }
 
-    /// The configured peer-loss policy, as the pair record knows it.
-    fn policy(&self) -> PeerLossPolicy {
-        match self.cfg.on_peer_loss {
-            OnPeerLoss::Degrade => PeerLossPolicy::Degrade,
-            OnPeerLoss::Suspend => PeerLossPolicy::Suspend,
-        }
+    /// Runs `f` on the coordinator, under its lock, with this driver as its port; keeps
+    /// `peer_up` equal to its view.
+    fn with_mirror<R>(&self, f: impl FnOnce(&mut Mirror, &mut dyn Port) -> R) -> R {
+        let mut m = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut m, &mut EnginePort { rep: self });
+        self.peer_up.store(m.mirroring(), Ordering::Release);
+        r
     }
 
     fn registry(&self) -> Option<Arc<Registry>> {

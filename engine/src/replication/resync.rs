@@ -119,11 +119,8 @@ impl Replication {
         // Mirror new writes from now on: a region copy and a write to the same region are
         // serialized by the range lock, so one pass over what is dirty now suffices (writes
         // during the resync reach the peer directly instead of dirtying regions again).
-        {
-            let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-            self.peer_up.store(true, Ordering::Release);
-        }
-        let r = self.copy_all(&reg, &mut s, &mut rbuf, &mut wbuf, plans);
+        let round = self.with_mirror(|m, _| m.start_round());
+        let r = self.copy_all(&reg, &mut s, &mut rbuf, &mut wbuf, plans, round);
         if r.is_ok() {
             for l in &self.luns {
                 l.pair().crash_covered();
@@ -201,6 +198,7 @@ impl Replication {
         rbuf: &mut RxBuf,
         wbuf: &mut Vec<u8>,
         plans: Vec<(usize, ResyncPlan)>,
+        round: u64,
     ) -> std::io::Result<()> {
         let mut pace = Pace {
             started: Instant::now(),
@@ -208,30 +206,25 @@ impl Replication {
             progress_sent: Instant::now(),
         };
         for (i, plan) in plans {
-            self.copy_lun(reg, s, rbuf, wbuf, i, &plan, &mut pace)?;
+            self.copy_lun(reg, s, rbuf, wbuf, (i, &plan, round), &mut pace)?;
         }
-        let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.peer_up.load(Ordering::Acquire) {
+        if !self.with_mirror(|m, port| m.round_synced(port, round)) {
             // Held writes were recorded by the loss; they stay held (suspend) until the
             // next resync or `outdate-peer`.
             return Err(std::io::Error::other("the peer was lost during the resync"));
         }
-        self.outdate_requested.store(false, Ordering::Release);
-        self.release_suspended();
         Ok(())
     }
 
     /// Resyncs LUN `i` by `plan`: its regions (and whatever gets dirty behind them), its
     /// reservations, then the completion the peer adopts.
-    #[allow(clippy::too_many_arguments)]
     fn copy_lun(
         &self,
         reg: &Registry,
         s: &mut TcpStream,
         rbuf: &mut RxBuf,
         wbuf: &mut Vec<u8>,
-        i: usize,
-        plan: &ResyncPlan,
+        (i, plan, round): (usize, &ResyncPlan, u64),
         pace: &mut Pace,
     ) -> std::io::Result<()> {
         let l = &self.luns[i];
@@ -279,11 +272,11 @@ impl Replication {
                 pace.copied += self.copy_region(s, rbuf, wbuf, &file, lun, l, region)?;
                 self.keep_pace(s, rbuf, wbuf, l, pace)?;
             }
-            // Under the transition lock: a peer loss either happened before (and its
+            // Under the coordinator's lock: a peer loss either happened before (and its
             // record stands: no completion) or comes after the completion is persisted (and
             // records the peer outdated again).
-            let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.peer_up.load(Ordering::Acquire) {
+            let mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+            if !mirror.round_stands(round) {
                 return Err(std::io::Error::other("the peer was lost during the resync"));
             }
             let mut p = l.pair();

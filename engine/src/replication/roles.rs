@@ -163,31 +163,18 @@ impl Replication {
     /// term starts like a start: links reset, writes tracked until the manager has spoken
     /// with the peer again (its connection is what keeps the peer from promoting).
     pub(super) fn new_term_reconnects(&self) {
-        let unanswered = {
-            let _t = self.transition.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.peer_up.load(Ordering::Acquire) {
-                return;
+        match self.with_mirror(|m, port| m.new_term(port)) {
+            NewTerm::Idle => {}
+            NewTerm::Reconnect => {
+                tracing::info!("promoted: reconnecting to the peer for the new term");
             }
-            let unanswered = self.links.iter().any(|l| {
-                !l.pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_empty()
-            });
-            if !unanswered {
-                self.peer_up.store(false, Ordering::Release);
-                for l in &self.links {
-                    l.reset.store(true, Ordering::Release);
-                }
+            NewTerm::PeerLost => {
+                tracing::warn!(
+                    reason = "promoted with mirrored writes of the last term unanswered",
+                    mode = ?self.cfg.on_peer_loss,
+                    "replication peer lost"
+                );
             }
-            unanswered
-        };
-        if unanswered {
-            // Writes of the last term the peer never answered (a demotion that did not
-            // drain): recorded and completed as for any lost peer.
-            self.peer_lost("promoted with mirrored writes of the last term unanswered");
-        } else {
-            tracing::info!("promoted: reconnecting to the peer for the new term");
         }
     }
 
@@ -210,10 +197,6 @@ impl Replication {
 
     /// `twinsan outdate-peer`: the operator vouches the peer is stale; suspended I/O goes on.
     pub fn outdate_peer(&self) {
-        self.outdate_requested.store(true, Ordering::Release);
-        for l in &self.luns {
-            l.pair().operator_outdated_peer();
-        }
-        self.release_suspended();
+        self.with_mirror(|m, port| m.operator_outdate(port));
     }
 }

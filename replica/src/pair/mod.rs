@@ -9,14 +9,20 @@
 //! caller goes on ([`Persist`]); the caller writes [`PairLun::meta_for_disk`] and reports a
 //! failure where the contract depends on it. Nothing here does I/O or reads a clock.
 //!
+//! - [`mirror`]: the primary's pair-wide coordinator ([`Mirror`]) and its per-link shards.
+//! - [`apply`]: the secondary's gate on the primary's connections.
 //! - [`plan`]: which regions a resync copies, and why it may refuse.
 //! - [`progress`]: a resync's progress and its estimate of the time left.
 
+pub mod apply;
 mod lun;
+pub mod mirror;
 pub mod plan;
 pub mod progress;
 
-pub use lun::{Marker, PairLun, PassEnd, StartNote};
+pub use apply::{Admit, ApplyGate};
+pub use lun::{Marker, PairLun, PassEnd, StartNote, RESYNC_PASSES_MAX};
+pub use mirror::{AckOutcome, LinkShard, Mirror, NewTerm, Pending, Port};
 pub use plan::{PlanRefusal, ResyncPlan};
 pub use progress::{Progress, ETA_UNKNOWN};
 

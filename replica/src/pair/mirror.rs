@@ -1,0 +1,530 @@
+//! The primary's pair-wide mirroring coordinator: whether writes are mirrored, what a lost
+//! peer changes, which completions may go out without the peer and which are held, and
+//! when a resync round may declare the peer up to date.
+//!
+//! Sharded as the engine runs it: each core's link keeps its unacknowledged operations in a
+//! [`LinkShard`] (its own lock in the engine, so acks on one link never wait for another),
+//! and one [`Mirror`] (the pair-wide lock) orders the transitions between "mirroring" and
+//! "peer away" against every link. The driver hands its locks, files and sockets in as a
+//! [`Port`]; the deterministic simulation implements the same trait over memory.
+
+use std::collections::HashMap;
+
+use super::{may_answer_alone, PairLun, PeerLossPolicy, Persist, SyncState};
+use crate::wire::AckStatus;
+
+/// An operation sent to the peer and not acknowledged yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// The driver's name for the initiator command it belongs to.
+    pub token: u64,
+    /// The LUN (index).
+    pub lun: usize,
+    /// The byte range it changes (`len` 0: a flush or a reservation change).
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// When it was sent (the driver's clock, ms).
+    pub sent_ms: u64,
+}
+
+/// One core's link to the peer: what it sent that the peer has not acknowledged.
+#[derive(Debug, Default)]
+pub struct LinkShard {
+    pending: HashMap<u64, Pending>,
+}
+
+/// What a batch of acks did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AckOutcome {
+    /// Tokens whose peer side is done (the driver completes them).
+    pub answered: Vec<u64>,
+    /// The peer failed an operation (out of space, an I/O error, a refusal): its status and
+    /// offset. The operation stays pending, so the loss that must follow records its range.
+    pub peer_failed: Option<(AckStatus, u64)>,
+}
+
+impl LinkShard {
+    /// Nothing is waiting for the peer on this link.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Operations waiting for the peer.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether an operation has waited longer than `timeout_ms` at `now_ms`.
+    pub fn overdue(&self, now_ms: u64, timeout_ms: u64) -> bool {
+        self.pending
+            .values()
+            .any(|p| now_ms.saturating_sub(p.sent_ms) > timeout_ms)
+    }
+
+    /// Takes every pending operation (the peer is lost).
+    pub fn drain(&mut self) -> Vec<Pending> {
+        self.pending.drain().map(|(_, p)| p).collect()
+    }
+
+    /// Takes a batch of acks `(seq, status)`. Any failure detaches the peer: a failed write
+    /// leaves the copies different, a failed flush may have lost its pages, a refused
+    /// reservation leaves its state different. Why not fail the command instead: the local
+    /// side succeeded, and the initiator would see an error while both copies silently
+    /// differ (and status says UpToDate); DRBD's `detach` does the same.
+    pub fn take_acks(&mut self, acks: impl IntoIterator<Item = (u64, AckStatus)>) -> AckOutcome {
+        let mut out = AckOutcome::default();
+        for (seq, status) in acks {
+            match self.pending.get(&seq) {
+                Some(p) if status != AckStatus::Ok => {
+                    out.peer_failed.get_or_insert((status, p.offset));
+                }
+                Some(_) => {
+                    if let Some(p) = self.pending.remove(&seq) {
+                        out.answered.push(p.token);
+                    }
+                }
+                // Stale (answered by a peer loss already) or never sent: nothing to do.
+                None => {}
+            }
+        }
+        out
+    }
+
+    fn insert(&mut self, seq: u64, p: Pending) {
+        self.pending.insert(seq, p);
+    }
+}
+
+/// What the coordinator needs from its driver. Every method runs while the driver holds the
+/// coordinator's lock.
+pub trait Port {
+    /// Number of LUNs.
+    fn lun_count(&self) -> usize;
+    /// Changes LUN `i`'s record by `f` and, if `f` says so, persists it before returning.
+    /// Returns whether the persist (if any) reached the disk.
+    fn update_lun(&mut self, i: usize, f: &mut dyn FnMut(&mut PairLun) -> Persist) -> bool;
+    /// Takes every link's pending operations, as `(core, pending)`.
+    fn drain_links(&mut self) -> Vec<(usize, Pending)>;
+    /// Whether no link has an operation waiting for the peer.
+    fn links_idle(&mut self) -> bool;
+    /// Every link drops its connection: a new round reconnects them.
+    fn reset_links(&mut self);
+    /// Completes the peer side of command `token` on core `core` (`ok`: it may succeed).
+    fn answer(&mut self, core: usize, token: u64, ok: bool);
+    /// Fresh randomness (new generation ids).
+    fn random(&mut self) -> [u8; 8];
+}
+
+/// What a promotion does to the mirroring of the last term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewTerm {
+    /// Not mirroring: the manager connects as for any lost peer.
+    Idle,
+    /// Mirroring with nothing unanswered: links reset, the manager reconnects (its control
+    /// connection is what keeps the peer from promoting itself).
+    Reconnect,
+    /// Writes of the last term were never answered (a demotion that did not drain):
+    /// recorded and completed as for any lost peer.
+    PeerLost,
+}
+
+/// The primary's pair-wide mirroring state (see the module docs).
+#[derive(Debug)]
+pub struct Mirror {
+    policy: PeerLossPolicy,
+    mirroring: bool,
+    /// Bumped whenever mirroring starts: a resync may complete only in the round it started.
+    round: u64,
+    /// `twinsan outdate-peer` since the last completed resync.
+    operator_outdated: bool,
+    /// Completions held without the peer (suspend): (core, token).
+    held: Vec<(usize, u64)>,
+}
+
+impl Mirror {
+    /// Not mirroring yet: until the manager has spoken with the peer, writes are recorded
+    /// (and, under `Suspend`, held).
+    pub fn new(policy: PeerLossPolicy) -> Mirror {
+        Mirror {
+            policy,
+            mirroring: false,
+            round: 0,
+            operator_outdated: false,
+            held: Vec::new(),
+        }
+    }
+
+    /// Whether writes are mirrored now.
+    pub fn mirroring(&self) -> bool {
+        self.mirroring
+    }
+
+    /// Completions held for the peer or an operator.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The peer is gone (a link closed or failed, an ack is overdue, a ping unanswered, a
+    /// resync failed): every unanswered operation goes into its LUN's bitmap under a
+    /// "peer outdated" record, persisted, and then completes alone or is held. Returns
+    /// false if the peer was not being mirrored to (nothing to do).
+    pub fn peer_lost(&mut self, port: &mut dyn Port) -> bool {
+        if !self.mirroring {
+            return false;
+        }
+        self.mirroring = false;
+        port.reset_links();
+        let waiting = port.drain_links();
+        let policy = self.policy;
+        for i in 0..port.lun_count() {
+            let unanswered: Vec<(u64, u64)> = waiting
+                .iter()
+                .filter(|(_, p)| p.lun == i)
+                .map(|(_, p)| (p.offset, p.len))
+                .collect();
+            let random = port.random();
+            let recorded =
+                port.update_lun(i, &mut |l| l.peer_lost(unanswered.iter().copied(), random));
+            port.update_lun(i, &mut |l| {
+                l.peer_loss_recorded(recorded, policy);
+                Persist::No
+            });
+        }
+        for (core, p) in waiting {
+            self.complete_alone(port, core, p.token, p.lun);
+        }
+        true
+    }
+
+    /// An operation of command `token` (core `core`, LUN `lun`, changing `range` if any)
+    /// while the peer is away: its range is recorded (durably, when new) and it completes
+    /// alone or is held. A record that cannot be persisted fails the command.
+    pub fn alone(
+        &mut self,
+        port: &mut dyn Port,
+        core: usize,
+        token: u64,
+        lun: usize,
+        range: Option<(u64, u64)>,
+    ) {
+        if let Some(range) = range {
+            let random = port.random();
+            if !port.update_lun(lun, &mut |l| l.record_alone(range, random)) {
+                port.answer(core, token, false);
+                return;
+            }
+        }
+        self.complete_alone(port, core, token, lun);
+    }
+
+    fn complete_alone(&mut self, port: &mut dyn Port, core: usize, token: u64, lun: usize) {
+        let mut state = SyncState::Unknown;
+        port.update_lun(lun, &mut |l| {
+            state = l.state();
+            Persist::No
+        });
+        if may_answer_alone(self.policy, self.operator_outdated, state) {
+            port.answer(core, token, true);
+        } else {
+            self.held.push((core, token));
+        }
+    }
+
+    /// A batch is about to leave on link `core` (whose shard the driver holds): recorded
+    /// pending before the bytes leave (an ack can only follow the write), and `true`: send
+    /// it. Not mirroring (a loss came since the driver looked): each is handled alone, and
+    /// `false`: do not send.
+    pub fn sending(
+        &mut self,
+        port: &mut dyn Port,
+        shard: &mut LinkShard,
+        core: usize,
+        batch: impl IntoIterator<Item = (u64, Pending)>,
+    ) -> bool {
+        if self.mirroring {
+            for (seq, p) in batch {
+                shard.insert(seq, p);
+            }
+            return true;
+        }
+        for (_, p) in batch {
+            let range = (p.len > 0).then_some((p.offset, p.len));
+            self.alone(port, core, p.token, p.lun, range);
+        }
+        false
+    }
+
+    /// A resync is about to copy: writes are mirrored from now on (a region copy and a
+    /// write to the same region are serialized by the range lock, so one pass over what is
+    /// dirty suffices). Returns the round the resync belongs to.
+    pub fn start_round(&mut self) -> u64 {
+        self.mirroring = true;
+        self.round += 1;
+        self.round
+    }
+
+    /// Whether round `round` still stands: a resync may record its completion only then (a
+    /// loss before it stands recorded; a loss after it records the peer outdated again).
+    pub fn round_stands(&self, round: u64) -> bool {
+        self.mirroring && self.round == round
+    }
+
+    /// Every LUN of round `round` is in sync: held completions go out. Returns false (and
+    /// keeps them held until the next resync or `outdate-peer`) if the round fell.
+    pub fn round_synced(&mut self, port: &mut dyn Port, round: u64) -> bool {
+        if !self.round_stands(round) {
+            return false;
+        }
+        self.operator_outdated = false;
+        self.release_held(port);
+        true
+    }
+
+    /// `twinsan outdate-peer`: the operator vouches the peer is stale; held I/O goes on.
+    pub fn operator_outdate(&mut self, port: &mut dyn Port) {
+        self.operator_outdated = true;
+        for i in 0..port.lun_count() {
+            port.update_lun(i, &mut |l| {
+                l.operator_outdated_peer();
+                Persist::No
+            });
+        }
+        self.release_held(port);
+    }
+
+    fn release_held(&mut self, port: &mut dyn Port) {
+        for (core, token) in std::mem::take(&mut self.held) {
+            port.answer(core, token, true);
+        }
+    }
+
+    /// This node is promoted: a node demoted while mirroring still mirrors over its old data
+    /// links, but its control connection closed with the demotion, so the peer sees no
+    /// primary and would let itself be promoted too (two primaries). The new term starts
+    /// like a start.
+    pub fn new_term(&mut self, port: &mut dyn Port) -> NewTerm {
+        if !self.mirroring {
+            return NewTerm::Idle;
+        }
+        if !port.links_idle() {
+            self.peer_lost(port);
+            return NewTerm::PeerLost;
+        }
+        self.mirroring = false;
+        port.reset_links();
+        NewTerm::Reconnect
+    }
+
+    /// A command failed on this node after its change to `[offset, offset + len)` of LUN
+    /// `lun` was mirrored: the peer may hold what this node does not. The range is marked
+    /// and the peer declared lost, so the resync that follows makes it equal again. Returns
+    /// false if the peer was away already (the alone path recorded the range).
+    pub fn diverged(&mut self, port: &mut dyn Port, lun: usize, offset: u64, len: u64) -> bool {
+        if !self.mirroring || len == 0 {
+            return false;
+        }
+        port.update_lun(lun, &mut |l| l.mark_range(offset, len));
+        self.peer_lost(port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::Meta;
+    use crate::pair::Marker;
+
+    const REGION: u64 = 1 << 20;
+
+    /// Two links, one LUN, a disk whose metadata writes fail on demand.
+    struct TestPort {
+        luns: Vec<PairLun>,
+        shards: Vec<LinkShard>,
+        persisted: Vec<Meta>,
+        persist_fails: bool,
+        resets: u32,
+        answers: Vec<(usize, u64, bool)>,
+    }
+
+    impl TestPort {
+        fn new() -> TestPort {
+            let meta = Meta::new(1, 16 * REGION, REGION).unwrap();
+            let (lun, _, _) = PairLun::open(meta.clone(), Marker::Absent, true, |_| vec![]);
+            TestPort {
+                luns: vec![lun],
+                shards: vec![LinkShard::default(), LinkShard::default()],
+                persisted: vec![meta],
+                persist_fails: false,
+                resets: 0,
+                answers: Vec::new(),
+            }
+        }
+    }
+
+    impl Port for TestPort {
+        fn lun_count(&self) -> usize {
+            self.luns.len()
+        }
+        fn update_lun(&mut self, i: usize, f: &mut dyn FnMut(&mut PairLun) -> Persist) -> bool {
+            if f(&mut self.luns[i]).needed() {
+                if self.persist_fails {
+                    return false;
+                }
+                self.persisted[i] = self.luns[i].meta_for_disk(&[]);
+            }
+            true
+        }
+        fn drain_links(&mut self) -> Vec<(usize, Pending)> {
+            let mut v = Vec::new();
+            for (core, s) in self.shards.iter_mut().enumerate() {
+                v.extend(s.drain().into_iter().map(|p| (core, p)));
+            }
+            v
+        }
+        fn links_idle(&mut self) -> bool {
+            self.shards.iter().all(LinkShard::is_empty)
+        }
+        fn reset_links(&mut self) {
+            self.resets += 1;
+        }
+        fn answer(&mut self, core: usize, token: u64, ok: bool) {
+            self.answers.push((core, token, ok));
+        }
+        fn random(&mut self) -> [u8; 8] {
+            [7; 8]
+        }
+    }
+
+    fn write(token: u64, region: u64, sent_ms: u64) -> Pending {
+        Pending {
+            token,
+            lun: 0,
+            offset: region * REGION,
+            len: 4096,
+            sent_ms,
+        }
+    }
+
+    fn send(m: &mut Mirror, port: &mut TestPort, core: usize, seq: u64, p: Pending) -> bool {
+        let mut shard = std::mem::take(&mut port.shards[core]);
+        let sent = m.sending(port, &mut shard, core, [(seq, p)]);
+        port.shards[core] = shard;
+        sent
+    }
+
+    #[test]
+    fn a_lost_peer_records_every_unanswered_write_before_any_completes_alone() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Degrade);
+        let round = m.start_round();
+        assert!(send(&mut m, &mut port, 0, 1, write(10, 2, 0)));
+        assert!(send(&mut m, &mut port, 1, 2, write(11, 5, 0)));
+        let out = port.shards[0].take_acks([(1, AckStatus::Ok)]);
+        assert_eq!(out.answered, vec![10]);
+        assert!(m.peer_lost(&mut port));
+        assert!(!m.peer_lost(&mut port), "lost once");
+        assert!(!m.round_stands(round));
+        assert_eq!(port.resets, 1);
+        // The unanswered write is on disk in the bitmap, under "peer outdated".
+        let disk = &port.persisted[0];
+        assert!(disk.flags.peer_outdated);
+        assert_eq!(disk.bitmap.iter_dirty().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(port.answers, vec![(1, 11, true)]);
+        // A batch that raced the loss is not sent: recorded and answered alone.
+        assert!(!send(&mut m, &mut port, 0, 3, write(12, 7, 0)));
+        assert!(port.persisted[0].bitmap.is_dirty(7));
+        assert_eq!(port.answers.last(), Some(&(0, 12, true)));
+        assert!(port.shards[0].is_empty());
+    }
+
+    #[test]
+    fn suspend_holds_completions_until_a_resync_round_or_the_operator() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Suspend);
+        m.start_round();
+        assert!(send(&mut m, &mut port, 0, 1, write(10, 1, 0)));
+        m.peer_lost(&mut port);
+        m.alone(&mut port, 1, 11, 0, Some((3 * REGION, 512)));
+        assert!(port.answers.is_empty());
+        assert_eq!(m.held(), 2);
+        // A round that falls before it is synced releases nothing.
+        let round = m.start_round();
+        m.peer_lost(&mut port);
+        assert!(!m.round_synced(&mut port, round));
+        assert_eq!(m.held(), 2);
+        let round = m.start_round();
+        assert!(m.round_synced(&mut port, round));
+        assert_eq!(port.answers.len(), 2);
+        // The operator's word releases them too.
+        m.peer_lost(&mut port);
+        m.alone(&mut port, 0, 12, 0, Some((0, 512)));
+        assert_eq!(m.held(), 1);
+        m.operator_outdate(&mut port);
+        assert_eq!(m.held(), 0);
+        assert_eq!(port.answers.last(), Some(&(0, 12, true)));
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_persisted_fails_the_write_and_freezes_the_lun() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Degrade);
+        m.start_round();
+        assert!(send(&mut m, &mut port, 0, 1, write(10, 1, 0)));
+        port.persist_fails = true;
+        m.peer_lost(&mut port);
+        assert_eq!(port.luns[0].state(), SyncState::Suspended);
+        assert!(
+            port.answers.is_empty(),
+            "held: nothing on disk says the copies differ"
+        );
+        m.alone(&mut port, 0, 11, 0, Some((9 * REGION, 512)));
+        assert_eq!(port.answers, vec![(0, 11, false)]);
+    }
+
+    #[test]
+    fn a_promotion_while_mirroring_starts_a_new_round() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Degrade);
+        assert_eq!(m.new_term(&mut port), NewTerm::Idle);
+        m.start_round();
+        assert_eq!(m.new_term(&mut port), NewTerm::Reconnect);
+        assert!(!m.mirroring());
+        assert_eq!(port.resets, 1);
+        m.start_round();
+        assert!(send(&mut m, &mut port, 1, 1, write(10, 4, 0)));
+        assert_eq!(m.new_term(&mut port), NewTerm::PeerLost);
+        assert!(port.persisted[0].bitmap.is_dirty(4));
+    }
+
+    #[test]
+    fn overdue_acks_and_failed_acks_are_found() {
+        let mut shard = LinkShard::default();
+        shard.insert(1, write(10, 1, 100));
+        shard.insert(2, write(11, 2, 150));
+        assert!(!shard.overdue(2100, 2000));
+        assert!(shard.overdue(2101, 2000));
+        let out = shard.take_acks([(2, AckStatus::NoSpace), (9, AckStatus::Ok)]);
+        assert_eq!(out.peer_failed, Some((AckStatus::NoSpace, 2 * REGION)));
+        assert!(out.answered.is_empty());
+        assert_eq!(
+            shard.len(),
+            2,
+            "the failed write stays for the loss to record"
+        );
+    }
+
+    #[test]
+    fn a_failure_here_after_mirroring_resyncs_its_range() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Degrade);
+        assert!(
+            !m.diverged(&mut port, 0, 0, 512),
+            "not mirroring: recorded alone"
+        );
+        m.start_round();
+        assert!(m.diverged(&mut port, 0, 6 * REGION, 512));
+        assert!(port.persisted[0].bitmap.is_dirty(6));
+        assert!(!m.mirroring());
+    }
+}
