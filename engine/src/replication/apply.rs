@@ -76,7 +76,7 @@ impl Replication {
             };
             let mut p = l.pair();
             let persist = p.primary_connected(h);
-            if let Err(e) = l.persist_if(&p, persist) {
+            if let Err(e) = l.persist_if(&mut p, persist) {
                 tracing::error!(lun = l.key, error = %e, "cannot record this node outdated");
             }
         }
@@ -97,7 +97,7 @@ impl Replication {
             reason = why,
             "local copy distrusted: the next resync copies every region"
         );
-        if let Err(e) = l.persist_if(&p, persist) {
+        if let Err(e) = l.persist_if(&mut p, persist) {
             tracing::error!(lun = key, error = %e, "cannot record the distrusted copy");
         }
     }
@@ -152,8 +152,13 @@ impl Replication {
             self.handshake(&mut s, &mut rbuf, AuthRole::Acceptor, LINK_NONE)?;
         drop(authenticating);
         if self.is_primary() {
-            // Two primaries would both accept writes: refuse, loudly (split-brain guard).
-            tracing::error!("refusing replica connection: this node is primary too");
+            if peer_hellos.iter().any(|h| h.flags.primary) {
+                // Two primaries would both accept writes: refuse, loudly (split-brain guard).
+                tracing::error!("refusing replica connection: this node is primary too");
+            } else {
+                // A secondary asking who is primary (its `promote`): the hello answered it.
+                tracing::debug!("a secondary asked for the role: this node is primary");
+            }
             return Err(std::io::Error::other("both nodes are primary"));
         }
         if peer_link != LINK_NONE {
@@ -265,7 +270,7 @@ impl Replication {
                         // Inconsistent until the resync completes: persist that first.
                         let mut p = l.pair();
                         let persist = p.resync_data_arriving();
-                        if let Err(e) = l.persist_if(&p, persist) {
+                        if let Err(e) = l.persist_if(&mut p, persist) {
                             tracing::error!(lun = l.key, error = %e, "cannot record this node inconsistent");
                         }
                     }
@@ -318,7 +323,7 @@ impl Replication {
                         }
                         let mut p = l.pair();
                         let persist = p.resync_done_target(&gen);
-                        match l.persist_if(&p, persist) {
+                        match l.persist_if(&mut p, persist) {
                             Ok(()) => {
                                 p.resync_target_recorded();
                                 tracing::info!(lun = l.key, "resync complete: up to date");

@@ -48,10 +48,10 @@ impl Replication {
                 if wanted.is_empty() {
                     continue;
                 }
-                let m = l.pair();
+                let mut m = l.pair();
                 let mut all = l.intent.durable_regions();
                 all.extend_from_slice(&wanted);
-                match l.persist_with(&m, &all) {
+                match l.persist_with(&mut m, &all) {
                     Ok(()) => {
                         l.intent.made_durable(&wanted);
                         l.intent_failing_since_ms.store(0, Ordering::Release);
@@ -111,8 +111,8 @@ impl Replication {
                 }
             }
             if forgot > 0 {
-                let m = l.pair();
-                if let Err(e) = l.persist(&m) {
+                let mut m = l.pair();
+                if let Err(e) = l.persist(&mut m) {
                     // The old, larger set stays on disk: only a longer resync after a crash.
                     tracing::warn!(lun = l.key, error = %e, "cannot persist the cooled write-intent log");
                 }

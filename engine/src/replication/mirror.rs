@@ -24,7 +24,7 @@ impl Replication {
         };
         let mut p = l.pair();
         let persist = p.mark_all();
-        l.persist_if(&p, persist)
+        l.persist_if(&mut p, persist)
     }
 
     pub(super) fn link_writer(self: Arc<Self>, core: usize, rx: Receiver<RepReq>) {

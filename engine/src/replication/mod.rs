@@ -221,18 +221,20 @@ impl RepLun {
     }
 
     /// Persists the record with every durable write-intent region set in the bitmap on disk.
-    fn persist(&self, p: &PairLun) -> std::io::Result<()> {
+    fn persist(&self, p: &mut PairLun) -> std::io::Result<()> {
         self.persist_with(p, &self.intent.durable_regions())
     }
 
     /// Persists the record with `regions` also set in the bitmap on disk (the memory copy
     /// keeps only what is really out of sync).
-    fn persist_with(&self, p: &PairLun, regions: &[u64]) -> std::io::Result<()> {
-        write_meta(&self.meta_path, &p.meta_for_disk(regions))
+    fn persist_with(&self, p: &mut PairLun, regions: &[u64]) -> std::io::Result<()> {
+        write_meta(&self.meta_path, &p.meta_for_disk(regions))?;
+        p.mark_persisted();
+        Ok(())
     }
 
     /// Persists the record if `persist` says so.
-    fn persist_if(&self, p: &PairLun, persist: Persist) -> std::io::Result<()> {
+    fn persist_if(&self, p: &mut PairLun, persist: Persist) -> std::io::Result<()> {
         if persist.needed() {
             self.persist(p)
         } else {
@@ -308,7 +310,7 @@ impl Port for EnginePort<'_> {
         };
         let mut p = l.pair();
         let persist = f(&mut p);
-        match l.persist_if(&p, persist) {
+        match l.persist_if(&mut p, persist) {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(lun = l.key, error = %e, "cannot persist the replication metadata");

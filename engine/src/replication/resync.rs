@@ -235,7 +235,7 @@ impl Replication {
         let regions = {
             let mut p = l.pair();
             let (regions, persist) = p.begin_resync(plan, now_ms(&self.epoch));
-            l.persist_if(&p, persist)?;
+            l.persist_if(&mut p, persist)?;
             regions
         };
         tracing::info!(
@@ -281,8 +281,8 @@ impl Replication {
             }
             let mut p = l.pair();
             match p.end_pass(plan.initial, passes, random8()) {
-                PassEnd::Complete(gen) => {
-                    l.persist(&p)?;
+                PassEnd::Complete { gen, persist } => {
+                    l.persist_if(&mut p, persist)?;
                     break gen;
                 }
                 PassEnd::Again(dirty) => pass = dirty,
@@ -309,7 +309,19 @@ impl Replication {
             gen,
         };
         self.request(s, rbuf, wbuf, &done, "resync completion")?;
-        l.pair().resync_acknowledged();
+        // Under the coordinator's lock, as the pass's end: a loss since then voided it.
+        let mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        if !mirror.round_stands(round) {
+            return Err(std::io::Error::other("the peer was lost during the resync"));
+        }
+        let mut p = l.pair();
+        let persist = p.completion_acknowledged();
+        if let Err(e) = l.persist_if(&mut p, persist) {
+            // The record still says the peer is outdated: only a longer resync next time.
+            tracing::warn!(lun = l.key, error = %e, "cannot record the resync's completion");
+        }
+        drop(p);
+        drop(mirror);
         tracing::info!(
             lun = l.key,
             copied_bytes = pace.copied,

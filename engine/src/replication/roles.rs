@@ -87,6 +87,19 @@ impl Replication {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The peer may be primary without a control connection to us yet (it has just
+        // started, or is between two resync attempts): ask it, as a start does. Found by
+        // the simulation: a promote right after the primary's start made two primaries. An
+        // unreachable peer is the operator's call (bounded by the connect timeout).
+        if let Ok((_s, _rbuf, hellos)) = self.connect(LINK_NONE) {
+            if hellos.iter().any(|h| h.flags.primary) {
+                return Some(
+                    "the peer is primary: demote it first (or, if it is unreachable for \
+                     initiators but its replica link still stands, promote --force)"
+                        .into(),
+                );
+            }
+        }
         for l in &self.luns {
             if l.pair().blocks_promotion() {
                 return Some(format!(
@@ -128,6 +141,11 @@ impl Replication {
                         .is_empty()
                 });
             if quiet {
+                // The round ends with the term: the idle links closing later (the new
+                // primary crashing, say) is no loss to record (Mirror::end_term says why).
+                if !self.is_primary() && self.with_mirror(|m, port| m.end_term(port)) {
+                    tracing::info!("demoted: every write answered; replica links closed");
+                }
                 return true;
             }
             if t.elapsed() >= timeout {
@@ -151,7 +169,7 @@ impl Replication {
         for l in &self.luns {
             let mut p = l.pair();
             let persist = p.set_role(primary);
-            if let Err(e) = l.persist_if(&p, persist) {
+            if let Err(e) = l.persist_if(&mut p, persist) {
                 tracing::error!(path = %l.meta_path.display(), error = %e, "cannot record the role");
             }
         }
@@ -188,7 +206,7 @@ impl Replication {
         for l in &self.luns {
             let mut p = l.pair();
             let persist = p.discard_local();
-            l.persist_if(&p, persist)
+            l.persist_if(&mut p, persist)
                 .map_err(|e| format!("cannot persist {}: {e}", l.meta_path.display()))?;
         }
         tracing::warn!("local data discarded on operator request: the peer will overwrite it");

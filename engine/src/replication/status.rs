@@ -6,9 +6,9 @@ impl Replication {
     /// A clean stop: no write is in flight any more, so the crash marker goes.
     pub fn clean_shutdown(&self) {
         for l in &self.luns {
-            let p = l.pair();
+            let mut p = l.pair();
             // Nothing is in flight any more: no write-intent region needs to survive.
-            if l.persist_with(&p, &[]).is_ok() {
+            if l.persist_with(&mut p, &[]).is_ok() {
                 let _ = std::fs::remove_file(running_marker(&l.backing));
             }
         }

@@ -96,7 +96,7 @@ impl Replication {
             if repair && !differing.is_empty() {
                 let mut p = l.pair();
                 let persist = p.mark_regions(differing.iter().copied());
-                l.persist_if(&p, persist).map_err(|e| e.to_string())?;
+                l.persist_if(&mut p, persist).map_err(|e| e.to_string())?;
             }
             differing_total += differing.len() as u64;
         }

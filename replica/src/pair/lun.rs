@@ -46,8 +46,14 @@ pub enum StartNote {
 /// How a resync pass over one LUN ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PassEnd {
-    /// Nothing is dirty: the completion is recorded (persist it), then tell the peer these ids.
-    Complete(GenIds),
+    /// Nothing is dirty: persist if asked (a new pair's first id), then tell the peer these
+    /// ids; once it acknowledged them, [`PairLun::completion_acknowledged`].
+    Complete {
+        /// The ids the target adopts.
+        gen: GenIds,
+        /// Whether this node's record must be written before they are sent.
+        persist: Persist,
+    },
     /// Regions got dirty again behind the pass: copy these next.
     Again(Vec<u64>),
     /// Regions keep getting dirty: give up for now (the resync is retried later).
@@ -66,6 +72,16 @@ pub struct PairLun {
     /// region, as nothing names the in-flight ones.
     crash_unlogged: bool,
     progress: Progress,
+    /// A transition changed what must be on disk and no persist has succeeded since. Why it
+    /// matters: a write made alone may skip its own persist only when the "peer outdated"
+    /// record covering it is on disk, not merely in memory (found by the simulation: a
+    /// loss whose record failed to persist, then an operator's `outdate-peer`, let writes
+    /// complete GOOD on a record that existed only in memory; a crash and a promotion of
+    /// the peer then lost them).
+    unpersisted: bool,
+    /// The ids a resync's completion sent the target, until it acknowledged them
+    /// ([`PairLun::completion_acknowledged`]).
+    completing: Option<GenIds>,
 }
 
 impl PairLun {
@@ -105,6 +121,15 @@ impl PairLun {
                 rebooted,
             }
         };
+        if crash_unlogged {
+            // Recorded in the bitmap, durably, not only in memory: a process crash before
+            // the next resync completes must not forget that every region may differ (the
+            // simulation found it: after a power loss and then a process crash, the resync
+            // copied only the write-intent regions, and a write the power loss took from
+            // this node stayed on the peer while both said UpToDate). The copy sends holes
+            // as deallocations, so a thin LUN costs little.
+            meta.bitmap.set_all();
+        }
         if unclean {
             // This node may become the sync target (after a failover), and the peer does not
             // know our write-intent regions: tell it at the next connect, so that its resync
@@ -127,8 +152,20 @@ impl PairLun {
             state,
             crash_unlogged,
             progress: Progress::default(),
+            unpersisted: persist,
+            completing: None,
         };
         (lun, Persist::from_changed(persist), note)
+    }
+
+    fn needs_if(&mut self, changed: bool) -> Persist {
+        self.unpersisted |= changed;
+        Persist::from_changed(changed)
+    }
+
+    /// The driver wrote [`PairLun::meta_for_disk`] to stable storage.
+    pub fn mark_persisted(&mut self) {
+        self.unpersisted = false;
     }
 
     /// The metadata in memory (the bitmap holds only what is really out of sync).
@@ -200,10 +237,20 @@ impl PairLun {
 
     /// Records the role (promote, demote), so that a crash is known at the next start to
     /// have been a primary's.
+    ///
+    /// A node made primary (with `promote --force` when its data was outdated) is no longer
+    /// "outdated": it serves, and what it writes is the newest data there is. Why it matters:
+    /// outdated, inconsistent and crashed together are how `resolve --discard-local` marks
+    /// given-up data that a resync overwrites whole; a forced primary that crashed would
+    /// have looked given up, and its writes would have been overwritten without a split
+    /// brain being declared (found by the simulation).
     pub fn set_role(&mut self, primary: bool) -> Persist {
-        let changed = self.meta.flags.primary != primary;
+        let changed = self.meta.flags.primary != primary || (primary && self.meta.flags.outdated);
         self.meta.flags.primary = primary;
-        Persist::from_changed(changed)
+        if primary {
+            self.meta.flags.outdated = false;
+        }
+        self.needs_if(changed)
     }
 
     /// `resolve --discard-local` on a secondary: the data is given up, and the primary's next
@@ -213,7 +260,7 @@ impl PairLun {
         self.meta.flags.inconsistent = true;
         self.meta.flags.crashed = true;
         self.state = SyncState::Unknown;
-        Persist::Needed
+        self.needs_if(true)
     }
 
     // ------------------------------------------------------------- the peer goes away
@@ -226,16 +273,30 @@ impl PairLun {
         unanswered: impl IntoIterator<Item = (u64, u64)>,
         random: [u8; 8],
     ) -> Persist {
+        // A completion on its way is void, but the target may have taken its ids (its ack
+        // lost): what this node writes from now on must be under a new generation, or a
+        // target that moved on from those ids too would not be seen as a split brain
+        // (found by the simulation). `bump` keeps the sent ids in the history, so such a
+        // target gets a full sync, not a false split brain.
+        self.completing = None;
         for (offset, len) in unanswered {
             if len > 0 {
                 self.meta.bitmap.mark(offset, len);
             }
         }
-        if !self.meta.flags.peer_outdated {
+        self.outdate_peer_record(random);
+        self.needs_if(true)
+    }
+
+    /// Records the peer outdated under a generation of this node's own (drawn from
+    /// `random`) if it is not yet. "Outdated" with no bitmap id is a completion sent and
+    /// not acknowledged (see [`PairLun::end_pass`]): the peer may hold the current ids, so
+    /// writes made alone go under a new generation (whose bitmap id is those ids).
+    fn outdate_peer_record(&mut self, random: [u8; 8]) {
+        if !self.meta.flags.peer_outdated || self.meta.gen.bitmap == 0 {
             self.meta.flags.peer_outdated = true;
             self.meta.gen.bump(random);
         }
-        Persist::Needed
     }
 
     /// After [`PairLun::peer_lost`]'s persist: `recorded` says whether it reached the disk.
@@ -253,20 +314,32 @@ impl PairLun {
     /// and the peer is not yet recorded outdated (nor the generation bumped) until this
     /// write makes it so.
     pub fn record_alone(&mut self, (offset, len): (u64, u64), random: [u8; 8]) -> Persist {
-        if self.meta.bitmap.covers(offset, len) && self.meta.flags.peer_outdated {
+        if self.meta.bitmap.covers(offset, len)
+            && self.meta.flags.peer_outdated
+            && self.meta.gen.bitmap != 0
+            && !self.unpersisted
+        {
             return Persist::No;
         }
         self.meta.bitmap.mark(offset, len);
-        if !self.meta.flags.peer_outdated {
-            self.meta.flags.peer_outdated = true;
-            self.meta.gen.bump(random);
-        }
-        Persist::Needed
+        self.outdate_peer_record(random);
+        self.needs_if(true)
     }
 
-    /// `twinsan outdate-peer`: the operator vouches the peer is stale; suspended I/O goes on.
-    pub fn operator_outdated_peer(&mut self) {
-        if self.state == SyncState::Suspended {
+    /// `twinsan outdate-peer`: the operator vouches the peer is stale. The record of what
+    /// differs must still be on disk before anything completes alone: a record that failed
+    /// to persist is written again (persist, then [`PairLun::operator_outdate_recorded`]).
+    /// Why: the operator vouches for the peer, not for which regions differ; a write
+    /// released without that record is forgotten by a crash (found by the simulation).
+    pub fn operator_outdated_peer(&mut self) -> Persist {
+        let retry = self.unpersisted;
+        self.needs_if(retry)
+    }
+
+    /// After [`PairLun::operator_outdated_peer`]'s persist: suspended I/O goes on only if
+    /// the record is on disk.
+    pub fn operator_outdate_recorded(&mut self, recorded: bool) {
+        if recorded && self.state == SyncState::Suspended {
             self.state = SyncState::PeerOutdated;
         }
     }
@@ -277,19 +350,19 @@ impl PairLun {
         for r in regions {
             self.meta.bitmap.set(r);
         }
-        Persist::Needed
+        self.needs_if(true)
     }
 
     /// Marks `[offset, offset + len)` as possibly different from the peer.
     pub fn mark_range(&mut self, offset: u64, len: u64) -> Persist {
         self.meta.bitmap.mark(offset, len);
-        Persist::Needed
+        self.needs_if(true)
     }
 
     /// Marks every region (the whole LUN changes outside the mirrored write path).
     pub fn mark_all(&mut self) -> Persist {
         self.meta.bitmap.set_all();
-        Persist::Needed
+        self.needs_if(true)
     }
 
     /// This node's copy can no longer be trusted anywhere (a failed fsync may have dropped
@@ -297,7 +370,7 @@ impl PairLun {
     /// region into it.
     pub fn distrust(&mut self) -> Persist {
         self.meta.flags.crashed = true;
-        Persist::Needed
+        self.needs_if(true)
     }
 }
 
@@ -325,7 +398,7 @@ impl PairLun {
         let regions: Vec<u64> = self.meta.bitmap.iter_dirty().collect();
         self.state = SyncState::SyncSource;
         self.progress = Progress::start(regions.len() as u64 * self.region_bytes(), now_ms);
-        (regions, Persist::from_changed(fresh))
+        (regions, self.needs_if(fresh))
     }
 
     /// The peer acknowledged the copy of `region`: it is in sync (unless a write dirties it
@@ -353,18 +426,38 @@ impl PairLun {
                 .saturating_add(dirty.len() as u64 * self.region_bytes());
             return PassEnd::Again(dirty);
         }
+        // The ids the target will adopt are recorded here before it hears them (a new
+        // pair's first completion names its data's generation; the bitmap id retires),
+        // with the peer still outdated: "outdated with no bitmap id" says a completion is on
+        // its way, and a crash here does not forget that the peer may hold these ids (see
+        // `outdate_peer_record`). "The peer is in sync" only once the target took them.
         if initial || self.meta.gen.current == 0 {
             self.meta.gen.bump(random);
         }
         self.meta.gen.resync_done_source();
-        self.meta.flags.peer_outdated = false;
-        self.meta.flags.crashed = false;
-        PassEnd::Complete(self.meta.gen)
+        self.meta.flags.peer_outdated = true;
+        self.completing = Some(self.meta.gen);
+        PassEnd::Complete {
+            gen: self.meta.gen,
+            persist: self.needs_if(true),
+        }
     }
 
-    /// The peer acknowledged the completion: mirroring, up to date.
-    pub fn resync_acknowledged(&mut self) {
+    /// The target acknowledged the completion (call under the coordinator's lock, with
+    /// the round still standing): the bitmap id retires, the peer is no longer outdated,
+    /// and a crash's tail is covered. Persist it. Why only now: recorded before the ack, a
+    /// target that failed to take it (its own metadata failing) would be on record here
+    /// as a good copy; `status` and the start checks would then take the stale peer for
+    /// one (found by the simulation: the peer was promoted, and it ended in a split brain).
+    pub fn completion_acknowledged(&mut self) -> Persist {
+        let Some(gen) = self.completing.take() else {
+            return Persist::No;
+        };
+        self.meta.gen = gen;
+        self.meta.flags.peer_outdated = false;
+        self.meta.flags.crashed = false;
         self.state = SyncState::UpToDate;
+        self.needs_if(true)
     }
 
     /// Every LUN's resync completed: a crash before the write-intent log is covered now.
@@ -390,7 +483,7 @@ impl PairLun {
         if changed {
             self.meta.flags.outdated = true;
         }
-        Persist::from_changed(changed)
+        self.needs_if(changed)
     }
 
     /// Resync data arrives: the copy is inconsistent until the resync completes (persist
@@ -401,7 +494,7 @@ impl PairLun {
         }
         self.meta.flags.inconsistent = true;
         self.state = SyncState::SyncTarget;
-        Persist::Needed
+        self.needs_if(true)
     }
 
     /// The source says the resync is done with its ids `gen` (everything it copied is on
@@ -413,7 +506,7 @@ impl PairLun {
         // Every region now equals the source's: a tail from a crash is gone.
         self.meta.flags.crashed = false;
         self.meta.bitmap.clear_all();
-        Persist::Needed
+        self.needs_if(true)
     }
 
     /// The completion is on disk: up to date. The next resync's progress starts from its
@@ -537,12 +630,36 @@ mod tests {
                 rebooted: false
             }
         );
-        assert_eq!(
-            lun.meta().bitmap.iter_dirty().collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
+        // Every region, durably (the allocated ones alone would miss holes here where the
+        // peer may hold data).
+        assert_eq!(lun.meta().bitmap.dirty_count(), 16);
         assert!(lun.crash_unlogged);
         assert!(lun.meta().flags.intent_log);
+    }
+
+    #[test]
+    fn a_power_loss_is_remembered_across_a_later_process_crash() {
+        let mut m = blank();
+        m.flags.primary = true;
+        m.bitmap.set(4);
+        let (lun, persist, _) = open(m, Marker::OtherBoot, true);
+        assert_eq!(persist, Persist::Needed);
+        assert_eq!(lun.meta().bitmap.dirty_count(), 16);
+        // The process crashes again before any resync: the next start is the same boot.
+        let disk = lun.meta_for_disk(&[]);
+        let (lun, _, _) = open(disk, Marker::SameBoot, true);
+        let peer = {
+            let mut h = lun.hello(false);
+            h.flags = Default::default();
+            h
+        };
+        let mut lun = lun;
+        let plan = lun.plan_resync(&peer).unwrap();
+        assert_eq!(
+            plan.regions.len(),
+            16,
+            "every region, not only the intent regions"
+        );
     }
 
     #[test]
@@ -566,14 +683,21 @@ mod tests {
             SyncState::Suspended,
             "no record on disk: frozen"
         );
-        lun.operator_outdated_peer();
+        // The operator's word writes the record again; only once it is on disk does I/O go on.
+        assert_eq!(lun.operator_outdated_peer(), Persist::Needed);
+        lun.operator_outdate_recorded(false);
+        assert_eq!(lun.state(), SyncState::Suspended);
+        lun.mark_persisted();
+        lun.operator_outdate_recorded(true);
         assert_eq!(lun.state(), SyncState::PeerOutdated);
     }
 
     #[test]
     fn a_write_alone_needs_a_record_unless_one_covers_it() {
         let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        lun.mark_persisted();
         assert_eq!(lun.record_alone((REGION, 512), [1; 8]), Persist::Needed);
+        lun.mark_persisted();
         assert_eq!(lun.record_alone((REGION + 512, 512), [2; 8]), Persist::No);
         assert_eq!(lun.record_alone((2 * REGION, 512), [3; 8]), Persist::Needed);
         // Dirty regions from a restart (the write-intent regions) are not a record yet.
@@ -612,16 +736,25 @@ mod tests {
             PassEnd::GiveUp { dirty: 1 }
         );
         primary.region_copied(6);
-        let PassEnd::Complete(gen) = primary.end_pass(true, 1, [5; 8]) else {
+        let PassEnd::Complete { gen, persist } = primary.end_pass(true, 1, [5; 8]) else {
             panic!("nothing is dirty: the resync completes");
         };
+        assert_eq!(
+            persist,
+            Persist::Needed,
+            "a new pair's first id is recorded first"
+        );
+        assert!(
+            primary.meta().flags.peer_outdated || primary.meta().gen.bitmap != 0,
+            "not in sync on record before the target took the ids"
+        );
         assert_ne!(
             gen.current, 0,
             "a new pair's first completion draws a generation"
         );
         let _ = secondary.resync_done_target(&gen);
         secondary.resync_target_recorded();
-        primary.resync_acknowledged();
+        assert_eq!(primary.completion_acknowledged(), Persist::Needed);
         assert_eq!(secondary.state(), SyncState::UpToDate);
         assert!(!secondary.blocks_promotion());
         let (p, s) = (primary.hello(true), secondary.hello(false));
@@ -630,6 +763,95 @@ mod tests {
             primary.source_progress(2000).0,
             primary.source_progress(2000).1
         );
+    }
+
+    #[test]
+    fn a_record_only_in_memory_does_not_cover_a_write_made_alone() {
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        // The loss's record fails to reach the disk.
+        let _ = lun.peer_lost([(REGION, 512)], [1; 8]);
+        lun.peer_loss_recorded(false, PeerLossPolicy::Degrade);
+        assert_eq!(lun.record_alone((REGION, 512), [2; 8]), Persist::Needed);
+        lun.mark_persisted();
+        assert_eq!(lun.record_alone((REGION, 512), [3; 8]), Persist::No);
+    }
+
+    #[test]
+    fn the_peer_is_in_sync_on_record_only_once_it_took_the_ids() {
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        let _ = lun.peer_lost([(REGION, 512)], [1; 8]);
+        lun.mark_persisted();
+        let before = lun.meta().gen;
+        let plan = ResyncPlan {
+            regions: vec![],
+            initial: false,
+            every_region_after_crash: false,
+            decision: crate::genid::Decision::SyncSourceBitmap,
+        };
+        let (regions, _) = lun.begin_resync(&plan, 0);
+        for r in regions {
+            lun.region_copied(r);
+        }
+        let PassEnd::Complete { gen, persist } = lun.end_pass(false, 0, [2; 8]) else {
+            panic!("nothing is dirty");
+        };
+        assert_eq!(
+            persist,
+            Persist::Needed,
+            "the ids are recorded before they are sent"
+        );
+        assert!(lun.meta().flags.peer_outdated, "not in sync on record yet");
+        assert_eq!((lun.meta().gen.bitmap, gen.bitmap), (0, 0));
+        // The ack never comes, the peer is lost: a new generation whose bitmap id is the
+        // sent ids, so a target that took them gets a bitmap resync, and a target that did
+        // not gets a full one; neither is a false split brain, nor missed.
+        let _ = lun.peer_lost([], [3; 8]);
+        assert_eq!(lun.completion_acknowledged(), Persist::No);
+        assert!(lun.meta().flags.peer_outdated);
+        assert_eq!(lun.meta().gen.bitmap, gen.current);
+        let decide_with = |target: GenIds| {
+            let h = lun.hello(true);
+            crate::genid::decide(&h.gen, h.flags, &target, GenFlags::default())
+        };
+        assert_eq!(decide_with(gen), crate::genid::Decision::SyncSourceBitmap);
+        let behind = GenIds {
+            current: before.bitmap,
+            ..GenIds::default()
+        };
+        assert_eq!(decide_with(behind), crate::genid::Decision::SyncSourceFull);
+        // Another pass whose ids are acknowledged.
+        let PassEnd::Complete { gen, .. } = lun.end_pass(false, 0, [4; 8]) else {
+            panic!("nothing is dirty");
+        };
+        assert_eq!(lun.completion_acknowledged(), Persist::Needed);
+        assert_eq!(lun.meta().gen, gen);
+        assert!(!lun.meta().flags.peer_outdated);
+        assert_eq!(lun.state(), SyncState::UpToDate);
+    }
+
+    #[test]
+    fn a_completion_on_its_way_at_a_crash_makes_the_next_write_alone_a_new_generation() {
+        // On disk: the ids of a completion were sent (bitmap id retired), the ack never
+        // recorded. The peer may hold these ids.
+        let mut m = blank();
+        m.flags.primary = true;
+        m.flags.peer_outdated = true;
+        m.gen.bump([1; 8]);
+        m.gen.resync_done_source();
+        let sent = m.gen;
+        let (mut lun, _, _) = open(m, Marker::SameBoot, true);
+        lun.mark_persisted();
+        assert_eq!(lun.record_alone((2 * REGION, 512), [2; 8]), Persist::Needed);
+        assert_ne!(lun.meta().gen.current, sent.current);
+        assert_eq!(lun.meta().gen.bitmap, sent.current);
+        lun.mark_persisted();
+        // Restarts from here on do not draw more (the history stays for the lineage).
+        let disk = lun.meta_for_disk(&[]);
+        let (mut lun, _, _) = open(disk, Marker::SameBoot, true);
+        lun.mark_persisted();
+        let gen = lun.meta().gen;
+        assert_eq!(lun.record_alone((2 * REGION, 512), [3; 8]), Persist::No);
+        assert_eq!(lun.meta().gen, gen);
     }
 
     #[test]

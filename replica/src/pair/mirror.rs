@@ -138,8 +138,8 @@ pub struct Mirror {
     round: u64,
     /// `twinsan outdate-peer` since the last completed resync.
     operator_outdated: bool,
-    /// Completions held without the peer (suspend): (core, token).
-    held: Vec<(usize, u64)>,
+    /// Completions held without the peer (suspend, or no record on disk): (core, token, lun).
+    held: Vec<(usize, u64, usize)>,
 }
 
 impl Mirror {
@@ -227,7 +227,7 @@ impl Mirror {
         if may_answer_alone(self.policy, self.operator_outdated, state) {
             port.answer(core, token, true);
         } else {
-            self.held.push((core, token));
+            self.held.push((core, token, lun));
         }
     }
 
@@ -277,25 +277,26 @@ impl Mirror {
             return false;
         }
         self.operator_outdated = false;
-        self.release_held(port);
+        // The peer holds everything now: every held completion may go.
+        for (core, token, _) in std::mem::take(&mut self.held) {
+            port.answer(core, token, true);
+        }
         true
     }
 
-    /// `twinsan outdate-peer`: the operator vouches the peer is stale; held I/O goes on.
+    /// `twinsan outdate-peer`: the operator vouches the peer is stale; held I/O goes on,
+    /// for each LUN whose record of what differs is on disk (written again if it failed).
     pub fn operator_outdate(&mut self, port: &mut dyn Port) {
         self.operator_outdated = true;
         for i in 0..port.lun_count() {
+            let recorded = port.update_lun(i, &mut |l| l.operator_outdated_peer());
             port.update_lun(i, &mut |l| {
-                l.operator_outdated_peer();
+                l.operator_outdate_recorded(recorded);
                 Persist::No
             });
         }
-        self.release_held(port);
-    }
-
-    fn release_held(&mut self, port: &mut dyn Port) {
-        for (core, token) in std::mem::take(&mut self.held) {
-            port.answer(core, token, true);
+        for (core, token, lun) in std::mem::take(&mut self.held) {
+            self.complete_alone(port, core, token, lun);
         }
     }
 
@@ -314,6 +315,22 @@ impl Mirror {
         self.mirroring = false;
         port.reset_links();
         NewTerm::Reconnect
+    }
+
+    /// This node was demoted and every write it was running is answered: the mirroring
+    /// round ends without a loss (nothing is unanswered), its links close. Why: a demoted
+    /// node that kept "mirroring" took the later close of those idle links (the new
+    /// primary crashing, say) for a lost peer, and recorded itself as having moved on (a
+    /// new generation) while a secondary: the next connection was a split brain that
+    /// needed an operator (found by the simulation). Returns false, and changes nothing,
+    /// while writes are unanswered (their ack or a loss still settles them).
+    pub fn end_term(&mut self, port: &mut dyn Port) -> bool {
+        if !self.mirroring || !port.links_idle() {
+            return false;
+        }
+        self.mirroring = false;
+        port.reset_links();
+        true
     }
 
     /// A command failed on this node after its change to `[offset, offset + len)` of LUN
@@ -495,6 +512,24 @@ mod tests {
         assert!(send(&mut m, &mut port, 1, 1, write(10, 4, 0)));
         assert_eq!(m.new_term(&mut port), NewTerm::PeerLost);
         assert!(port.persisted[0].bitmap.is_dirty(4));
+    }
+
+    #[test]
+    fn a_drained_demotion_ends_the_round_without_a_loss() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Degrade);
+        m.start_round();
+        assert!(send(&mut m, &mut port, 0, 1, write(10, 4, 0)));
+        assert!(!m.end_term(&mut port), "a write is unanswered");
+        assert!(m.mirroring());
+        port.shards[0].take_acks([(1, AckStatus::Ok)]);
+        let gen = port.luns[0].meta().gen;
+        assert!(m.end_term(&mut port));
+        assert!(!m.mirroring());
+        // The links closing later is no loss: nothing recorded, the generation stays.
+        assert!(!m.peer_lost(&mut port));
+        assert_eq!(port.luns[0].meta().gen, gen);
+        assert!(!port.luns[0].meta().flags.peer_outdated);
     }
 
     #[test]
