@@ -705,6 +705,7 @@ impl Sim {
         );
         if let Some(p) = self.nodes[n].proc_.as_mut() {
             p.fenced = true;
+            p.gate.close_all_accepted();
         }
         let was = self.is_primary(n);
         self.set_role(n, true);

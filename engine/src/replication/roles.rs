@@ -117,6 +117,12 @@ impl Replication {
     /// one write's time; returns whether the apply side went quiet.
     pub fn fence_for_promotion(&self) -> bool {
         self.apply_fenced.store(true, Ordering::SeqCst);
+        // For good: a later demotion must not let them apply again (ApplyGate says why).
+        // Taken for writing, this waits for the messages being applied under it.
+        self.apply_gate
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .close_all_accepted();
         let t = Instant::now();
         while self.applying.load(Ordering::SeqCst) > 0 {
             if t.elapsed() >= PROMOTE_WAIT {

@@ -44,6 +44,15 @@ impl ApplyGate {
         self.oldest_admitted = self.oldest_admitted.max(conn_id);
     }
 
+    /// This node is being promoted: every connection accepted so far belongs to the old
+    /// primary and applies nothing more, even after a later demotion. Why: the promotion's
+    /// fence closed them only at their next message; one that stayed quiet until this node
+    /// was demoted again applied the old primary's stale writes (a resync's completion
+    /// among them) over what this node wrote as primary (found by the simulation).
+    pub fn close_all_accepted(&mut self) {
+        self.oldest_admitted = self.accepted + 1;
+    }
+
     /// Whether a message of connection `conn_id` may be applied, on a node that is
     /// (`fenced`) or is not being promoted.
     pub fn admit(&self, conn_id: u64, fenced: bool) -> Admit {
@@ -86,6 +95,13 @@ mod tests {
         assert_eq!(gate.admit(new_link, false), Admit::Apply);
         // A promotion closes them all.
         assert_eq!(gate.admit(new_link, true), Admit::Promoted);
+        // A promotion closes every connection accepted before it, for good.
+        let mut fenced = ApplyGate::default();
+        let before = fenced.accept();
+        fenced.close_all_accepted();
+        let after = fenced.accept();
+        assert_eq!(fenced.admit(before, false), Admit::Superseded);
+        assert_eq!(fenced.admit(after, false), Admit::Apply);
         // An older resync's connection never lowers the gate again.
         gate.supersede_older(old_link);
         assert_eq!(gate.admit(old_link, false), Admit::Superseded);
