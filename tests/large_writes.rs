@@ -1,5 +1,5 @@
 //! Large writes take the fast paths: a write whose immediate data is its whole transfer takes
-//! the receive buffer as its data buffer (conn.rs, LEND_MIN_BYTES), and large buffered writes
+//! the receive buffer as its data buffer (conn/, LEND_MIN_BYTES), and large buffered writes
 //! may run on the core's helper thread (spill.rs). Every byte must still land where it was
 //! sent, whichever path a write took, and read back after a restart.
 

@@ -190,7 +190,7 @@ impl Reactor {
     fn push(&mut self, sqe: squeue::Entry) {
         // SAFETY: every buffer an SQE points to outlives the operation: socket buffers live
         // in the slot, which is not freed while `ops > 0`; disk buffers live in the task,
-        // which conn.rs keeps while `io_inflight > 0`; the timespec is boxed in self.
+        // which conn/ keeps while `io_inflight > 0`; the timespec is boxed in self.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
             if let Err(e) = self.ring.submit() {
                 tracing::error!(core = self.core, error = %e, "io_uring submit failed");
@@ -500,7 +500,7 @@ impl Reactor {
         let have = s.rlen - s.rstart;
         if let Some(total) = partial.filter(|&t| t >= LARGE_PDU_BYTES && t > have) {
             // Stop at the end of a large PDU and the header after it, so that little
-            // follows it in the buffer: a write whose buffer is lent to its task (conn.rs,
+            // follows it in the buffer: a write whose buffer is lent to its task (conn/,
             // LEND_MIN_BYTES) leaves at most that header to move into the fresh buffer, and
             // the next large PDU is again received up to its end in one receive.
             len = len.min(total - have + BHS_LEN);
@@ -554,7 +554,7 @@ impl Reactor {
                 s.after_lend &= r.used_bytes == 0;
                 break;
             };
-            // Lend the buffer holding this PDU to its task (conn.rs, LEND_MIN_BYTES) and go
+            // Lend the buffer holding this PDU to its task (conn/, LEND_MIN_BYTES) and go
             // on in a fresh one that starts with whatever followed it (usually nothing: a
             // receive stops at the end of a large PDU).
             let end = s.rstart + total;

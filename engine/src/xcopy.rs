@@ -2,7 +2,7 @@
 //!
 //! ESXi's datamover (VAAI XCOPY) clones by sending block-to-block segments of 4-16 MiB
 //! between LUNs identified by their NAA designators. Parsing is pure; the copy itself runs
-//! as chunked io_uring reads and writes in scsi.rs.
+//! as chunked io_uring reads and writes in scsi/.
 
 use proto::scsi::sense::{Asc, Sense, SenseKey};
 
