@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use engine::range_lock::RangeLock;
+use engine::disk::range_lock::RangeLock;
 use replica::bitmap::{Bitmap, WriteIntent};
 use replica::wire::{self, Message};
 

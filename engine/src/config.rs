@@ -67,7 +67,7 @@ pub enum CacheMode {
     Writeback,
 }
 
-/// Whether large buffered writes may move to a core's helper thread (engine/src/spill.rs).
+/// Whether large buffered writes may move to a core's helper thread (engine/src/disk/spill.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpillWrites {
@@ -328,7 +328,7 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// The role this node starts in.
     pub role: Role,
-    /// Where large buffered writes run (engine/src/spill.rs).
+    /// Where large buffered writes run (engine/src/disk/spill.rs).
     pub spill_writes: SpillWrites,
     pub peer: Option<PeerConfig>,
     /// The admin socket (`twinsan status`, `promote`, `demote`).

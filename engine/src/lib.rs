@@ -1,25 +1,27 @@
 //! The data path: thread-per-core io_uring reactors, iSCSI connections, and SCSI execution
-//! on sparse files.
+//! on sparse files; and the drivers of replication (whose decisions live in `replica`).
+//!
+//! Rooms:
+//! - [`net`]: the core threads (reactor), their send queues, connection steering, the
+//!   doorbell that wakes a core, CPU placement.
+//! - [`iscsi`]: login and the full-feature connection (PDU dispatch, Data-Out and R2T, the
+//!   task table and task management, Data-In and responses).
+//! - [`scsi`]: SCSI execution by command family, and the long jobs (EXTENDED COPY,
+//!   SANITIZE) and unit attentions.
+//! - [`disk`]: the buffer pool, range locks, inline writes and the spill helper.
+//! - [`replication`]: the drivers of the pair (link sockets, apply and resync file I/O,
+//!   timers) around `replica::pair`.
+//! - [`lun`], [`registry`], [`config`], [`server`], [`admin`]: the LUNs, the daemon's shared
+//!   state, its configuration, start-up and the admin socket.
 
 pub mod admin;
-pub mod affinity;
-pub mod bufpool;
 pub mod config;
-pub mod conn;
-pub mod doorbell;
-pub mod inline_write;
+pub mod disk;
+pub mod iscsi;
 pub mod log_limit;
-pub mod login;
 pub mod lun;
-pub mod range_lock;
-pub mod reactor;
+pub mod net;
 pub mod registry;
 pub mod replication;
-pub mod sanitize;
 pub mod scsi;
-pub mod sendq;
 pub mod server;
-pub mod spill;
-pub mod steer;
-pub mod ua;
-pub mod xcopy;

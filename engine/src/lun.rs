@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use crate::config::{derive_naa_id, CacheMode, LunConfig};
-use crate::range_lock::RangeLock;
-use crate::ua::UaLog;
+use crate::disk::range_lock::RangeLock;
+use crate::scsi::unit_attention::UaLog;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -72,7 +72,7 @@ pub struct Lun {
     /// fuller than this (percent), `None` to never.
     pub soft_threshold_percent: Option<u8>,
     /// A SANITIZE running in the background, if any.
-    pub sanitize: crate::sanitize::Sanitize,
+    pub sanitize: crate::scsi::sanitize_job::Sanitize,
     /// Persistent reservations and SPC-2 reservations: one state per LUN, the single place
     /// the replica link mirrors to the peer.
     pub pr: Mutex<PrState>,

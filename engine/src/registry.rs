@@ -45,7 +45,8 @@ pub struct Registry {
         std::collections::HashMap<SessionKey, (u64, Arc<std::sync::atomic::AtomicBool>)>,
     >,
     /// Held EXTENDED COPY outcomes per (session, list id), newest last, bounded.
-    copy_results: std::sync::Mutex<std::collections::VecDeque<(u64, u8, crate::xcopy::CopyResult)>>,
+    copy_results:
+        std::sync::Mutex<std::collections::VecDeque<(u64, u8, proto::scsi::xcopy::CopyResult)>>,
 }
 
 /// What identifies a session for reinstatement: initiator name (lowercase), ISID, target.
@@ -106,7 +107,7 @@ impl Registry {
                 luns: ids,
             });
         }
-        let login = crate::login::login_config(&config);
+        let login = crate::iscsi::login::login_config(&config);
         let config_role = config.role;
         Ok(Registry {
             config,
@@ -171,7 +172,7 @@ impl Registry {
     }
 
     /// Holds the result of a copy for COPY STATUS.
-    pub fn hold_copy_result(&self, session: u64, list_id: u8, r: crate::xcopy::CopyResult) {
+    pub fn hold_copy_result(&self, session: u64, list_id: u8, r: proto::scsi::xcopy::CopyResult) {
         let mut q = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
         q.retain(|&(s, l, _)| !(s == session && l == list_id));
         if q.len() == MAX_HELD_COPY_RESULTS {
@@ -180,7 +181,7 @@ impl Registry {
         q.push_back((session, list_id, r));
     }
 
-    pub fn copy_result(&self, session: u64, list_id: u8) -> Option<crate::xcopy::CopyResult> {
+    pub fn copy_result(&self, session: u64, list_id: u8) -> Option<proto::scsi::xcopy::CopyResult> {
         let q = self.copy_results.lock().unwrap_or_else(|p| p.into_inner());
         q.iter()
             .rev()

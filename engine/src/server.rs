@@ -9,10 +9,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
 use crate::config::{Config, SpillWrites};
+use crate::disk::spill::SpillGates;
 use crate::lun::LunError;
-use crate::reactor::Reactor;
+use crate::net::reactor::Reactor;
 use crate::registry::Registry;
-use crate::spill::SpillGates;
 
 /// Pending connections per listener before the kernel refuses more.
 const LISTEN_BACKLOG: i32 = 1024;
@@ -129,8 +129,8 @@ impl Server {
         // Each connection to the core thread on the CPU that handles its packets (steer.rs).
         if !cores.is_empty() {
             let cpu_of: Vec<usize> = (0..n).map(|i| cores[i % cores.len()].id).collect();
-            if let Some(prog) = crate::steer::program(&cpu_of) {
-                if let Err(e) = crate::steer::attach(&listeners[0], &prog) {
+            if let Some(prog) = crate::net::steer::program(&cpu_of) {
+                if let Err(e) = crate::net::steer::attach(&listeners[0], &prog) {
                     // Still correct without it: the kernel hashes connections to threads.
                     tracing::warn!(error = %e, "connection steering unavailable");
                 }
@@ -184,7 +184,7 @@ impl Server {
             let stop = Arc::clone(&stop);
             let t = std::thread::Builder::new()
                 .name("twinsan-cpuload".into())
-                .spawn(move || crate::spill::run_sampler(gates, cpu_of, stop))
+                .spawn(move || crate::disk::spill::run_sampler(gates, cpu_of, stop))
                 .map_err(|source| ServeError::Ring { core: 0, source })?;
             threads.push(t);
         }

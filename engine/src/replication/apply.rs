@@ -3,6 +3,7 @@
 
 use super::verify::region_digest;
 use super::*;
+use crate::disk::allocation::{punch, zero_range};
 
 /// The secondary sends its acks after at most this many applied messages (and always
 /// before it would block for more). Why 16: each ack write on a one-machine pair also runs
@@ -25,41 +26,6 @@ impl Authenticating {
 impl Drop for Authenticating {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-pub(super) fn punch(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    fallocate(
-        f,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-}
-
-pub(super) fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    fallocate(
-        f,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-}
-
-pub(super) fn fallocate(f: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: fallocate on a valid open fd; no memory is passed.
-    let r = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -249,7 +215,7 @@ impl Replication {
                     w.lun_key,
                     (w.offset_bytes, w.data.len() as u64),
                     |f| {
-                        crate::inline_write::write_all_chunked(f, w.data, w.offset_bytes)?;
+                        crate::disk::inline_write::write_all_chunked(f, w.data, w.offset_bytes)?;
                         if w.fua {
                             f.sync_data()?;
                         }
@@ -283,7 +249,7 @@ impl Replication {
                             if data.iter().all(|&b| b == 0) {
                                 punch(f, offset_bytes, data.len() as u64)
                             } else {
-                                crate::inline_write::write_all_chunked(f, &data, offset_bytes)
+                                crate::disk::inline_write::write_all_chunked(f, &data, offset_bytes)
                             }
                         },
                     )

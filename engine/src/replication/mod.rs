@@ -180,7 +180,7 @@ pub struct RepDone {
 pub struct CoreLink {
     pub req_tx: Sender<RepReq>,
     pub done_rx: Receiver<RepDone>,
-    pub bell: Arc<crate::doorbell::Doorbell>,
+    pub bell: Arc<crate::net::doorbell::Doorbell>,
 }
 
 pub struct RepLun {
@@ -248,7 +248,7 @@ struct LinkShared {
     /// link never wait for another).
     pending: Mutex<LinkShard>,
     done_tx: Sender<RepDone>,
-    bell: Arc<crate::doorbell::Doorbell>,
+    bell: Arc<crate::net::doorbell::Doorbell>,
     /// Set when the link must drop its connection (peer declared lost).
     reset: AtomicBool,
 }
@@ -510,7 +510,7 @@ impl Replication {
         for _ in 0..cores {
             let (req_tx, req_rx) = crossbeam_channel::unbounded();
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            let bell = Arc::new(crate::doorbell::Doorbell::new()?);
+            let bell = Arc::new(crate::net::doorbell::Doorbell::new()?);
             links.push(LinkShared {
                 pending: Mutex::new(LinkShard::default()),
                 done_tx,
@@ -604,7 +604,7 @@ impl Replication {
     /// (affinity.rs says why).
     fn keep_off_core(&self, core: usize) {
         if let Some(&cpu) = self.core_cpus.get(core) {
-            if let Err(e) = crate::affinity::keep_off_cpu(cpu) {
+            if let Err(e) = crate::net::affinity::keep_off_cpu(cpu) {
                 tracing::debug!(core, cpu, error = %e, "link thread placement failed");
             }
         }

@@ -312,21 +312,21 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
             if res <= 0 {
                 tracing::warn!(errno = -res, "EXTENDED COPY I/O failed");
                 if !j.hold {
-                    Step::Done(Reply::check(crate::xcopy::copy_aborted(
-                        crate::xcopy::COPY_TARGET_NOT_REACHABLE,
+                    Step::Done(Reply::check(proto::scsi::xcopy::copy_aborted(
+                        proto::scsi::xcopy::COPY_TARGET_NOT_REACHABLE,
                     )))
                 } else {
                     ctx.reg.hold_copy_result(
                         ctx.session_id,
                         j.list_id,
-                        crate::xcopy::CopyResult {
+                        proto::scsi::xcopy::CopyResult {
                             ok: false,
                             segments_done: 0,
                             bytes: j.done,
                         },
                     );
-                    Step::Done(Reply::check(crate::xcopy::copy_aborted(
-                        crate::xcopy::COPY_TARGET_NOT_REACHABLE,
+                    Step::Done(Reply::check(proto::scsi::xcopy::copy_aborted(
+                        proto::scsi::xcopy::COPY_TARGET_NOT_REACHABLE,
                     )))
                 }
             } else if (res as u32) < n {
@@ -355,7 +355,7 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                         ctx.reg.hold_copy_result(
                             ctx.session_id,
                             j.list_id,
-                            crate::xcopy::CopyResult {
+                            proto::scsi::xcopy::CopyResult {
                                 ok: true,
                                 segments_done: 1,
                                 bytes: j.done,

@@ -433,7 +433,12 @@ fn run(
                         return Err(Sense::invalid_field_in_cdb(7, None));
                     }
                     check_writable(lun)?;
-                    start_sanitize(task, ctx, crate::sanitize::Kind::BlockErase, immed)
+                    start_sanitize(
+                        task,
+                        ctx,
+                        crate::scsi::sanitize_job::Kind::BlockErase,
+                        immed,
+                    )
                 }
                 SanitizeAction::Overwrite => {
                     if param_len < 5 || param_len as u32 > bs + 4 {
@@ -455,7 +460,7 @@ fn run(
             }
             // Header + the largest descriptor lists we accept: anything longer is refused
             // before its data is buffered.
-            if param_len as usize > 16 + crate::xcopy::MAX_DESCRIPTOR_LIST_BYTES as usize {
+            if param_len as usize > 16 + proto::scsi::xcopy::MAX_DESCRIPTOR_LIST_BYTES as usize {
                 return Err(Sense::parameter_list_length_error());
             }
             if edtl < param_len {
@@ -472,10 +477,12 @@ fn run(
         } => {
             use proto::scsi::cdb::CopyResultsAction;
             let v = match action {
-                CopyResultsAction::OperatingParameters => crate::xcopy::operating_parameters(),
+                CopyResultsAction::OperatingParameters => {
+                    proto::scsi::xcopy::operating_parameters()
+                }
                 CopyResultsAction::CopyStatus => match ctx.reg.copy_result(ctx.session_id, list_id)
                 {
-                    Some(r) => crate::xcopy::copy_status(&r),
+                    Some(r) => proto::scsi::xcopy::copy_status(&r),
                     None => return Err(Sense::invalid_field_in_cdb(2, None)),
                 },
                 _ => return Err(Sense::invalid_field_in_cdb(1, Some(4))),

@@ -1,6 +1,6 @@
 //! EXTENDED COPY (LID1): a parameter list resolved against the session's target into a
 //! copy job; the job then runs chunk by chunk in `Stage::Copy` (completion.rs). The
-//! parameter list format and results are in crate::xcopy.
+//! parameter list format and results are in proto::scsi::xcopy.
 
 use proto::scsi::sense::Sense;
 
@@ -18,8 +18,8 @@ pub(super) fn plan_copy(
     ctx: &ExecCtx,
     params: &[u8],
 ) -> Result<Option<(CopyJob, u64, u64)>, Sense> {
-    use crate::xcopy::{copy_aborted, COPY_TARGET_NOT_REACHABLE, UNREACHABLE_COPY_TARGET};
-    let list = crate::xcopy::parse(params)?;
+    use proto::scsi::xcopy::{copy_aborted, COPY_TARGET_NOT_REACHABLE, UNREACHABLE_COPY_TARGET};
+    let list = proto::scsi::xcopy::parse(params)?;
     // Copy targets are LUNs of the session's own target, found by their NAA designator:
     // a copy never reaches a LUN the initiator could not address itself.
     let resolve = |i: u16| -> Result<usize, Sense> {
@@ -62,7 +62,7 @@ pub(super) fn plan_copy(
         src_off: seg.src_lba * bs,
         dst_off: seg.dst_lba * bs,
         remaining: blocks * bs,
-        chunk: crate::xcopy::CHUNK_BYTES,
+        chunk: proto::scsi::xcopy::CHUNK_BYTES,
         done: 0,
         list_id: list.list_id,
         hold: list.hold,

@@ -22,8 +22,8 @@
 use proto::scsi::cdb::Command;
 use proto::scsi::sense::{Sense, SenseFormat};
 
-use crate::bufpool::{AlignedBuf, BufPool};
-use crate::conn::status;
+use crate::disk::bufpool::{AlignedBuf, BufPool};
+use crate::iscsi::conn::status;
 use crate::lun::Lun;
 use crate::registry::{Registry, TargetEntry};
 
@@ -37,6 +37,8 @@ mod provisioning;
 mod read_write;
 mod reservations;
 mod sanitize;
+pub mod sanitize_job;
+pub mod unit_attention;
 
 pub use completion::io_done;
 pub use data_out::data_ready;
@@ -302,7 +304,7 @@ pub struct ScsiTask {
     stage: Stage,
     sense_format: Option<SenseFormat>,
     /// Blocks this command is modifying (released when the task is dropped).
-    guard: Option<crate::range_lock::RangeGuard>,
+    guard: Option<crate::disk::range_lock::RangeGuard>,
     /// Bytes the CDB transfers, for the residual.
     transfer: u32,
 }
@@ -324,6 +326,31 @@ pub struct ExecCtx<'a> {
     pub nexus: &'a proto::scsi::pr::Nexus,
     /// Set when the command changed the LUN's reservation state (conn/mirror.rs mirrors it).
     pub mirror_pr: std::cell::Cell<bool>,
+}
+
+impl<'a> ExecCtx<'a> {
+    /// The context of a command on target `target` (a registry index), LUN `lun`, from the
+    /// session `session_id` of `nexus`. One constructor for every path that runs a SCSI
+    /// step (a new command, its data, a completed I/O, a retry).
+    pub fn new(
+        reg: &'a Registry,
+        target: usize,
+        (lun, lun_id): (Option<usize>, u64),
+        pool: &'a mut BufPool,
+        session_id: u64,
+        nexus: &'a proto::scsi::pr::Nexus,
+    ) -> ExecCtx<'a> {
+        ExecCtx {
+            reg,
+            target: &reg.targets[target],
+            lun,
+            lun_id,
+            pool,
+            session_id,
+            nexus,
+            mirror_pr: Default::default(),
+        }
+    }
 }
 
 fn sense_format(lun: &Lun) -> SenseFormat {

@@ -4,7 +4,7 @@ use proto::scsi::cdb::Rw;
 use proto::scsi::sense::Sense;
 
 use super::lun_info;
-use crate::bufpool::MAX_BUF_BYTES;
+use crate::disk::bufpool::MAX_BUF_BYTES;
 use crate::lun::Lun;
 
 /// Largest single READ/WRITE: MAXIMUM TRANSFER LENGTH in VPD B0 says the same.

@@ -36,7 +36,7 @@ pub(super) fn pr_out(
                 ctx.mirror_pr.set(true);
             }
             for (nexus, asc) in &effect.unit_attentions {
-                lun.ua.raise_to(crate::conn::nexus_tag(nexus), *asc);
+                lun.ua.raise_to(crate::iscsi::conn::nexus_tag(nexus), *asc);
             }
             Step::Done(Reply::good())
         }

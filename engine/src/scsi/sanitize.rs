@@ -1,12 +1,15 @@
 //! SANITIZE, the command side: the OVERWRITE parameter list and the start of a sanitize.
-//! The erase itself runs in the background (crate::sanitize).
+//! The erase itself runs in the background (crate::scsi::sanitize_job).
 
 use proto::scsi::sense::{Asc, Sense};
 
 use super::{ctx_lun, ExecCtx, Reply, ScsiTask, Stage, Step};
 
 /// OVERWRITE parameter list (SBC-3 section 5.30.3).
-pub(super) fn parse_overwrite(p: &[u8], bs: usize) -> Result<crate::sanitize::Kind, Sense> {
+pub(super) fn parse_overwrite(
+    p: &[u8],
+    bs: usize,
+) -> Result<crate::scsi::sanitize_job::Kind, Sense> {
     if p.len() < 5 {
         return Err(Sense::parameter_list_length_error());
     }
@@ -19,7 +22,7 @@ pub(super) fn parse_overwrite(p: &[u8], bs: usize) -> Result<crate::sanitize::Ki
     if plen == 0 || plen > bs || 4 + plen != p.len() {
         return Err(Sense::invalid_field_in_parameter_list(2, None));
     }
-    Ok(crate::sanitize::Kind::Overwrite {
+    Ok(crate::scsi::sanitize_job::Kind::Overwrite {
         pattern: p[4..].to_vec(),
         invert,
         count,
@@ -29,7 +32,7 @@ pub(super) fn parse_overwrite(p: &[u8], bs: usize) -> Result<crate::sanitize::Ki
 pub(super) fn start_sanitize(
     task: &mut ScsiTask,
     ctx: &ExecCtx,
-    kind: crate::sanitize::Kind,
+    kind: crate::scsi::sanitize_job::Kind,
     immed: bool,
 ) -> Step {
     let Some(lun) = ctx_lun(ctx) else {
@@ -46,12 +49,12 @@ pub(super) fn start_sanitize(
             let rep = std::sync::Arc::clone(rep);
             Some(
                 Box::new(move || rep.lun_rewritten(index, "SANITIZE rewrote the LUN"))
-                    as crate::sanitize::AfterErase,
+                    as crate::scsi::sanitize_job::AfterErase,
             )
         }
         _ => None,
     };
-    if !crate::sanitize::start(std::sync::Arc::clone(lun), kind, after) {
+    if !crate::scsi::sanitize_job::start(std::sync::Arc::clone(lun), kind, after) {
         return Step::Done(Reply::check(Sense::not_ready(
             Asc::LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS,
         )));

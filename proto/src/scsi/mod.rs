@@ -15,6 +15,8 @@ pub mod report_luns;
 pub mod rsoc;
 pub mod rtpg;
 pub mod sense;
+pub mod status;
+pub mod xcopy;
 
 pub use capacity::{read_capacity10, read_capacity16};
 pub use cdb::{cdb_len, decode, CdbError, CdbSize, Command, ModeSenseCdb, Rw};

@@ -7,12 +7,16 @@ use proto::pdu::{self, Digests, RejectReason, TargetPdu, BHS_LEN, RESERVED_TAG};
 use proto::seq::CmdWindow;
 
 use super::{nexus_tag, Conn, LunView, Out, Phase, Session, LOGIN_MAX_DATA_BYTES};
-use crate::bufpool::BufPool;
-use crate::login::SessionKind;
+use crate::disk::bufpool::BufPool;
+use crate::iscsi::login::SessionKind;
 use crate::registry::Registry;
 
 impl Conn {
-    pub(super) fn enter_full_feature(&mut self, res: crate::login::LoginResult, reg: &Registry) {
+    pub(super) fn enter_full_feature(
+        &mut self,
+        res: crate::iscsi::login::LoginResult,
+        reg: &Registry,
+    ) {
         let luns = match reg.targets.get(res.target) {
             Some(t) if res.kind == SessionKind::Normal => t
                 .luns
@@ -37,7 +41,7 @@ impl Conn {
         let nexus = proto::scsi::pr::Nexus::new(
             &res.initiator_name,
             res.isid,
-            crate::login::PORTAL_GROUP_TAG,
+            crate::iscsi::login::PORTAL_GROUP_TAG,
         );
         let nexus_tag = nexus_tag(&nexus);
         if res.kind == SessionKind::Normal {
@@ -118,7 +122,7 @@ impl Conn {
             return;
         };
         let target = reg.targets.get(s.target).map(|t| t.cfg.name.clone());
-        let reply = crate::login::text_reply(
+        let reply = crate::iscsi::login::text_reply(
             reg,
             peer,
             self.local,

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use crate::bufpool::AlignedBuf;
+use crate::disk::bufpool::AlignedBuf;
 
 /// iovecs per sendmsg, a bound on the work of one submission.
 pub const MAX_IOV: usize = 64;
@@ -230,7 +230,7 @@ fn fill(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bufpool::BufPool;
+    use crate::disk::bufpool::BufPool;
 
     /// The iovecs of the next sendmsg.
     fn iovs(q: &mut SendQueue) -> Vec<libc::iovec> {

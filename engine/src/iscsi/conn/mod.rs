@@ -23,8 +23,8 @@ use proto::pdu::{
 use proto::scsi::sense::Asc;
 use proto::seq::CmdWindow;
 
-use crate::bufpool::{AlignedBuf, MAX_BUF_BYTES};
-use crate::login::{LoginPhase, SessionKind};
+use crate::disk::bufpool::{AlignedBuf, MAX_BUF_BYTES};
+use crate::iscsi::login::{LoginPhase, SessionKind};
 use crate::registry::Registry;
 use crate::scsi::{self, ScsiTask, Step};
 
@@ -39,15 +39,8 @@ mod tmf;
 
 pub use addressing::{decode_lun, encode_lun, nexus_tag};
 
-/// SCSI status codes (SAM-5).
-pub mod status {
-    pub const GOOD: u8 = 0x00;
-    pub const CHECK_CONDITION: u8 = 0x02;
-    pub const CONDITION_MET: u8 = 0x04;
-    pub const BUSY: u8 = 0x08;
-    pub const RESERVATION_CONFLICT: u8 = 0x18;
-    pub const TASK_SET_FULL: u8 = 0x28;
-}
+/// SCSI status codes (SAM-5), from `proto`.
+pub use proto::scsi::status;
 
 /// The largest data segment we accept during login (RFC 7143 section 11.12.5 keeps login
 /// PDUs at 8192 bytes until MaxRecvDataSegmentLength is negotiated).
@@ -106,7 +99,7 @@ pub struct Out {
     /// Bytes to append to the socket's send queue.
     pub send: Vec<u8>,
     /// Data segments sent from task buffers in place, spliced into `send` (sendq.rs).
-    pub send_refs: Vec<crate::sendq::SendRef>,
+    pub send_refs: Vec<crate::net::sendq::SendRef>,
     /// The buffers `send_refs` point into, each released once the first `.0` bytes of
     /// `send` (and the refs before that point) have gone out.
     pub send_holds: Vec<(usize, AlignedBuf)>,
@@ -188,7 +181,7 @@ struct Session {
 struct LunView {
     id: u64,
     index: usize,
-    ua_seen: crate::ua::Seen,
+    ua_seen: crate::scsi::unit_attention::Seen,
     pending_ua: Vec<Asc>,
 }
 
@@ -341,4 +334,26 @@ const _: () = assert!(MAX_BUF_BYTES >= 16 << 20);
 fn _assert_send() {
     fn is_send<T: Send>() {}
     is_send::<Arc<Registry>>();
+}
+
+/// The SCSI layer's context for task `t`'s command, or None outside the full feature phase.
+/// Why one function: every path that runs a SCSI step (a new command's data, a completed
+/// I/O, a retry) builds the same view of the session and LUN.
+fn task_ctx<'a>(
+    phase: &'a Phase,
+    session_id: u64,
+    t: &Task,
+    reg: &'a Registry,
+    pool: &'a mut crate::disk::bufpool::BufPool,
+) -> Option<crate::scsi::ExecCtx<'a>> {
+    let Phase::Full(s) = phase else { return None };
+    let lun = (t.lun != usize::MAX).then_some(t.lun);
+    Some(crate::scsi::ExecCtx::new(
+        reg,
+        s.target,
+        (lun, t.lun_id),
+        pool,
+        session_id,
+        &s.nexus,
+    ))
 }

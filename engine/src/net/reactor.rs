@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use crate::bufpool::BufPool;
-use crate::conn::{Conn, Out};
+use crate::disk::bufpool::BufPool;
+use crate::iscsi::conn::{Conn, Out};
 use crate::registry::Registry;
 use crate::scsi::IoOp;
 use proto::pdu::BHS_LEN;
@@ -66,7 +66,7 @@ struct Slot {
     /// Received bytes not yet consumed are rbuf[rstart..rlen]. Why a start offset: moving
     /// a partial 128 KiB PDU to the front after every receive was a quarter of the daemon's
     /// CPU for large writes; now bytes move only when a PDU would not fit.
-    rbuf: crate::bufpool::AlignedBuf,
+    rbuf: crate::disk::bufpool::AlignedBuf,
     rstart: usize,
     rlen: usize,
     recv_posted: bool,
@@ -74,7 +74,7 @@ struct Slot {
     /// header on its own (see post_recv).
     after_lend: bool,
     /// What is to be sent (sendq.rs).
-    sendq: crate::sendq::SendQueue,
+    sendq: crate::net::sendq::SendQueue,
     send_posted: bool,
     close_after_send: bool,
     /// The socket is shut down; the slot is freed when no operation references it.
@@ -94,7 +94,7 @@ pub struct Reactor {
     /// The fd per LUN, in registry order; registered as fixed files at the same indexes.
     _files: Vec<std::fs::File>,
     /// Plain buffered writes done on this thread (see inline_write.rs).
-    inline_writes: crate::inline_write::InlineWrites,
+    inline_writes: crate::disk::inline_write::InlineWrites,
     tick_ts: Box<types::Timespec>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
@@ -109,11 +109,11 @@ pub struct Reactor {
     /// Mirrored operations handed to the link and not yet acknowledged.
     reps_out: usize,
     /// The helper that takes large writes while this core's CPU is saturated (spill.rs).
-    spill: Option<crate::spill::Spill>,
+    spill: Option<crate::disk::spill::Spill>,
     /// Where the spill eventfd read lands.
     spill_efd_buf: Box<[u8; 8]>,
     /// Spilled writes that came back, reused across wake-ups.
-    spill_done: Vec<crate::spill::Done>,
+    spill_done: Vec<crate::disk::spill::Done>,
 }
 
 impl Drop for Reactor {
@@ -134,7 +134,7 @@ impl Reactor {
         reg: Arc<Registry>,
         stop: Arc<AtomicBool>,
         link: Option<crate::replication::CoreLink>,
-        spill: Option<(Arc<crate::spill::SpillGates>, Option<usize>)>,
+        spill: Option<(Arc<crate::disk::spill::SpillGates>, Option<usize>)>,
     ) -> std::io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
         let mut files = Vec::new();
@@ -154,7 +154,7 @@ impl Reactor {
                 for f in &files {
                     own.push(f.try_clone()?);
                 }
-                Some(crate::spill::Spill::start(core, cpu, own, gates)?)
+                Some(crate::disk::spill::Spill::start(core, cpu, own, gates)?)
             }
             None => None,
         };
@@ -652,7 +652,7 @@ impl Reactor {
                                 fua: false, offset, ..
                             } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
                                 if let Some(sp) = self.spill.as_mut() {
-                                    let w = crate::spill::SpillWrite {
+                                    let w = crate::disk::spill::SpillWrite {
                                         lun: req.lun,
                                         ptr,
                                         len,

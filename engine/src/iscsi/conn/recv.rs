@@ -7,8 +7,8 @@ use proto::pdu::{
 use proto::seq::CmdSnPlace;
 
 use super::{Conn, Held, ImmData, Out, Phase, Received, LEND_MIN_BYTES, MAX_HELD_COMMANDS};
-use crate::bufpool::{AlignedBuf, BufPool};
-use crate::login::{LoginDone, SessionKind};
+use crate::disk::bufpool::{AlignedBuf, BufPool};
+use crate::iscsi::login::{LoginDone, SessionKind};
 use crate::registry::Registry;
 
 impl Conn {

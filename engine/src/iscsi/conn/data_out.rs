@@ -5,10 +5,10 @@ use proto::pdu::{self, RejectReason, TargetPdu, BHS_LEN, RESERVED_TAG};
 use proto::scsi::sense::{Asc, Sense};
 
 use super::mirror::mirror_pr;
-use super::{encode_lun, Conn, DataOutState, Out, Phase, Task};
-use crate::bufpool::{AlignedBuf, BufPool};
+use super::{encode_lun, task_ctx, Conn, DataOutState, Out, Phase, Task};
+use crate::disk::bufpool::{AlignedBuf, BufPool};
 use crate::registry::Registry;
-use crate::scsi::{self, ExecCtx};
+use crate::scsi;
 
 impl Conn {
     /// After data arrived (or an R2T completed): solicit more, or run the command.
@@ -43,19 +43,8 @@ impl Conn {
                 self.apply_step(idx, step, reg, pool, out);
                 return;
             }
-            let lun_id = t.lun_id;
-            let lun = (t.lun != usize::MAX).then_some(t.lun);
-            let Phase::Full(s) = &self.phase else { return };
-            let target = &reg.targets[s.target];
-            let mut ctx = ExecCtx {
-                reg,
-                target,
-                lun,
-                lun_id,
-                pool,
-                session_id: self.session_id,
-                nexus: &s.nexus,
-                mirror_pr: Default::default(),
+            let Some(mut ctx) = task_ctx(&self.phase, self.session_id, t, reg, pool) else {
+                return;
             };
             let step = scsi::data_ready(&mut t.scsi, &mut ctx);
             if ctx.mirror_pr.get() {

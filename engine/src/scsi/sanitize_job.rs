@@ -7,6 +7,7 @@
 //! progress indication. Erasure is guaranteed at the file level: what the host file system
 //! and device keep below it (e.g. without discard) is the host administrator's concern.
 
+use crate::disk::allocation::punch;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -165,7 +166,7 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                     let mut off = start;
                     while off < start + len {
                         let n = (start + len - off).min(CHUNK_BYTES as u64) as usize;
-                        crate::inline_write::write_all_chunked(&f, &chunk[..n], off)?;
+                        crate::disk::inline_write::write_all_chunked(&f, &chunk[..n], off)?;
                         off += n as u64;
                         pacer.wrote(n as u64);
                         let done = off - start;
@@ -221,23 +222,4 @@ fn allocated_extents(lun: &Lun) -> Vec<(u64, u64)> {
         pos = end;
     }
     v
-}
-
-fn punch(f: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: fallocate on a valid, open fd; no memory is passed.
-    let r = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }

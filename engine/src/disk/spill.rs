@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::doorbell::Doorbell;
+use crate::net::doorbell::Doorbell;
 
 /// Writes at least this long may be spilled. Smaller ones cost less to do than to hand over.
 pub const SPILL_MIN_BYTES: u32 = 64 << 10;
@@ -283,7 +283,7 @@ impl Spill {
             .name(format!("twinsan-spill{core}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
-                    if let Err(e) = crate::affinity::keep_off_cpu(cpu) {
+                    if let Err(e) = crate::net::affinity::keep_off_cpu(cpu) {
                         tracing::debug!(core, error = %e, "spill helper placement");
                     }
                 }
@@ -292,7 +292,7 @@ impl Spill {
                         // SAFETY: the job's buffer stays valid and unchanged until its Done
                         // is taken (see SpillWrite); the fd is ours and open.
                         Some(f) => unsafe {
-                            crate::inline_write::pwrite_chunked(
+                            crate::disk::inline_write::pwrite_chunked(
                                 f.as_raw_fd(),
                                 j.ptr,
                                 j.len,
@@ -474,7 +474,7 @@ mod tests {
 
     #[test]
     fn a_spilled_write_lands_and_its_completion_comes_back() {
-        let (dir, path, f) = crate::inline_write::tests::scratch_file("spill");
+        let (dir, path, f) = crate::disk::inline_write::tests::scratch_file("spill");
         let gates = Arc::new(SpillGates::new(1));
         let mut s =
             Spill::start(0, None, vec![f.try_clone().unwrap()], Arc::clone(&gates)).unwrap();

@@ -5,7 +5,7 @@ use proto::pdu::{self, TargetPdu};
 use proto::scsi::sense::Asc;
 
 use super::{decode_lun, Conn, Out, Phase};
-use crate::bufpool::BufPool;
+use crate::disk::bufpool::BufPool;
 use crate::registry::Registry;
 
 /// TMF response codes (RFC 7143 section 11.6.1).

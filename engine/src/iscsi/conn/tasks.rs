@@ -6,10 +6,10 @@ use proto::scsi::sense::Sense;
 
 use super::data_out::{accept_data, adopt_data};
 use super::mirror::mirror;
-use super::{decode_lun, Conn, DataOutState, ImmData, IoReq, Out, Phase, Task};
-use crate::bufpool::BufPool;
+use super::{decode_lun, task_ctx, Conn, DataOutState, ImmData, IoReq, Out, Phase, Task};
 use crate::config::CacheMode;
-use crate::login::SessionKind;
+use crate::disk::bufpool::BufPool;
+use crate::iscsi::login::SessionKind;
 use crate::registry::Registry;
 use crate::scsi::{self, ExecCtx, ScsiTask, Step};
 
@@ -87,17 +87,14 @@ impl Conn {
                 ua = Some(asc);
             }
         }
-        let target = &reg.targets[s.target];
-        let mut ctx = ExecCtx {
+        let mut ctx = ExecCtx::new(
             reg,
-            target,
-            lun: lun_index,
-            lun_id,
+            s.target,
+            (lun_index, lun_id),
             pool,
-            session_id: self.session_id,
-            nexus: &s.nexus,
-            mirror_pr: Default::default(),
-        };
+            self.session_id,
+            &s.nexus,
+        );
         let (scsi_task, step) = match ua {
             Some(asc) => (
                 ScsiTask::empty(),
@@ -254,19 +251,8 @@ impl Conn {
             }
             return;
         }
-        let lun_id = t.lun_id;
-        let lun = (t.lun != usize::MAX).then_some(t.lun);
-        let Phase::Full(s) = &self.phase else { return };
-        let target = &reg.targets[s.target];
-        let mut ctx = ExecCtx {
-            reg,
-            target,
-            lun,
-            lun_id,
-            pool,
-            session_id: self.session_id,
-            nexus: &s.nexus,
-            mirror_pr: Default::default(),
+        let Some(mut ctx) = task_ctx(&self.phase, self.session_id, t, reg, pool) else {
+            return;
         };
         let step = scsi::io_done(&mut t.scsi, res, &mut ctx);
         self.apply_step(idx, step, reg, pool, out);
@@ -301,19 +287,8 @@ impl Conn {
             if t.aborted {
                 continue;
             }
-            let lun_id = t.lun_id;
-            let lun = (t.lun != usize::MAX).then_some(t.lun);
-            let Phase::Full(s) = &self.phase else { return };
-            let target = &reg.targets[s.target];
-            let mut ctx = ExecCtx {
-                reg,
-                target,
-                lun,
-                lun_id,
-                pool,
-                session_id: self.session_id,
-                nexus: &s.nexus,
-                mirror_pr: Default::default(),
+            let Some(mut ctx) = task_ctx(&self.phase, self.session_id, t, reg, pool) else {
+                return;
             };
             let step = scsi::retry(&mut t.scsi, &mut ctx);
             self.apply_step(idx, step, reg, pool, out);

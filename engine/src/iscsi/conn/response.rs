@@ -5,7 +5,7 @@ use proto::pdu::{self, Residual, TargetPdu};
 use proto::scsi::sense::SenseFormat;
 
 use super::{encode_lun, status, Conn, Out, Phase, SEND_IN_PLACE_MIN_BYTES};
-use crate::bufpool::BufPool;
+use crate::disk::bufpool::BufPool;
 use crate::scsi::{self, ReplyData};
 
 impl Conn {
@@ -121,7 +121,7 @@ impl Conn {
                 let seg = &sendable[off..off + n];
                 if in_place {
                     pdu::write_pdu_head(&mut buf, &bhs, n, self.digests);
-                    out.send_refs.push(crate::sendq::SendRef {
+                    out.send_refs.push(crate::net::sendq::SendRef {
                         at: buf.len(),
                         ptr: seg.as_ptr(),
                         len: n,

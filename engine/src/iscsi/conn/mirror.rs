@@ -4,7 +4,7 @@
 use proto::scsi::sense::{Asc, Sense};
 
 use super::{status, Conn, Out, Task};
-use crate::bufpool::BufPool;
+use crate::disk::bufpool::BufPool;
 use crate::registry::Registry;
 use crate::scsi;
 

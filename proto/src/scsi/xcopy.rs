@@ -2,9 +2,10 @@
 //!
 //! ESXi's datamover (VAAI XCOPY) clones by sending block-to-block segments of 4-16 MiB
 //! between LUNs identified by their NAA designators. Parsing is pure; the copy itself runs
-//! as chunked io_uring reads and writes in scsi/.
+//! as chunked io_uring reads and writes in the engine (engine/src/scsi/).
 
-use proto::scsi::sense::{Asc, Sense, SenseKey};
+use crate::pdu::{be16, be32, be64};
+use crate::scsi::sense::{Asc, Sense, SenseKey};
 
 /// Copy manager limits, reported by RECEIVE COPY RESULTS (OPERATING PARAMETERS).
 pub const MAX_TARGET_DESCRIPTORS: u16 = 2;
@@ -50,20 +51,6 @@ pub fn copy_aborted(asc: Asc) -> Sense {
 pub const UNREACHABLE_COPY_TARGET: Asc = Asc(0x08, 0x04);
 /// COPY TARGET DEVICE NOT REACHABLE (0D/02).
 pub const COPY_TARGET_NOT_REACHABLE: Asc = Asc(0x0D, 0x02);
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
-}
 
 /// Parses an LID1 parameter list. Errors are the sense data SPC-4 asks for.
 pub fn parse(p: &[u8]) -> Result<CopyList, Sense> {
@@ -143,8 +130,8 @@ pub fn parse(p: &[u8]) -> Result<CopyList, Sense> {
     })
 }
 
-fn field(byte: usize) -> proto::scsi::sense::FieldPointer {
-    proto::scsi::sense::FieldPointer {
+fn field(byte: usize) -> crate::scsi::sense::FieldPointer {
+    crate::scsi::sense::FieldPointer {
         cdb: false,
         byte: byte as u16,
         bit: None,

@@ -1,0 +1,9 @@
+//! The core threads and what moves bytes between them and the network: one io_uring
+//! reactor per core, its send queue, where connections land, the doorbell that wakes a
+//! core from another thread, and CPU placement.
+
+pub mod affinity;
+pub mod doorbell;
+pub mod reactor;
+pub mod sendq;
+pub mod steer;
