@@ -3,8 +3,6 @@
 //! A region is a fixed, power-of-two sized slice of the LUN (default 1 MiB). One bit per region keeps
 //! the bitmap of a 16 TiB LUN at 2 MiB, small enough to persist whole in the LUN's metadata file.
 
-use std::collections::BTreeMap;
-
 /// Default region size: 1 MiB.
 pub const REGION_BYTES_DEFAULT: u64 = 1 << 20;
 /// Smallest region: one 4 KiB block (smaller regions would only grow the bitmap).
@@ -369,86 +367,6 @@ pub(crate) fn le_u32(bytes: &[u8]) -> u32 {
     u32::from_le_bytes(array)
 }
 
-/// The regions that have writes in flight, counted per region so that overlapping in-flight writes
-/// (to different byte ranges of one region) each hold the region until they end.
-///
-/// These regions must be in the persisted dirty bitmap before the writes are issued, so that a
-/// primary that crashes knows where its unacknowledged tail may differ from the peer; on recovery
-/// they are merged into the dirty bitmap (they already are, being persisted in it).
-#[derive(Clone, Debug, Default)]
-pub struct WriteIntent {
-    size_bytes: u64,
-    region_bytes: u64,
-    counts: BTreeMap<u64, u32>,
-}
-
-impl WriteIntent {
-    /// An empty intent set for a LUN geometry.
-    pub fn new(size_bytes: u64, region_bytes: u64) -> Result<WriteIntent, BitmapError> {
-        region_count(size_bytes, region_bytes)?;
-        Ok(WriteIntent {
-            size_bytes,
-            region_bytes,
-            counts: BTreeMap::new(),
-        })
-    }
-
-    /// The regions a byte range touches.
-    pub fn regions_of(&self, offset_bytes: u64, len_bytes: u64) -> impl Iterator<Item = u64> {
-        let span = region_span(self.size_bytes, self.region_bytes, offset_bytes, len_bytes);
-        span.into_iter().flat_map(|(first, last)| first..=last)
-    }
-
-    /// A write to the byte range starts.
-    pub fn begin(&mut self, offset_bytes: u64, len_bytes: u64) {
-        for region in self.regions_of(offset_bytes, len_bytes) {
-            let count = self.counts.entry(region).or_insert(0);
-            *count = count
-                .checked_add(1)
-                .expect("in-flight writes per region exceed u32");
-        }
-    }
-
-    /// A write to the byte range ended (each `end` must match an earlier `begin`).
-    pub fn end(&mut self, offset_bytes: u64, len_bytes: u64) {
-        for region in self.regions_of(offset_bytes, len_bytes) {
-            let count = self
-                .counts
-                .get_mut(&region)
-                .expect("WriteIntent::end without begin");
-            assert!(*count > 0);
-            *count -= 1;
-            if *count == 0 {
-                self.counts.remove(&region);
-            }
-        }
-    }
-
-    /// Whether any write is in flight in the region.
-    pub fn is_active(&self, region: u64) -> bool {
-        self.counts.contains_key(&region)
-    }
-
-    /// Number of regions with writes in flight.
-    pub fn active_count(&self) -> usize {
-        self.counts.len()
-    }
-
-    /// The regions with writes in flight, ascending.
-    pub fn regions(&self) -> impl Iterator<Item = u64> + '_ {
-        self.counts.keys().copied()
-    }
-
-    /// Merges the in-flight regions into a bitmap (crash recovery, or degrading).
-    pub fn merge_into(&self, bitmap: &mut Bitmap) {
-        for region in self.regions() {
-            if region < bitmap.regions() {
-                bitmap.set(region);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,18 +430,6 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(Bitmap::decode(&long).is_err());
-    }
-
-    #[test]
-    fn write_intent_counts_overlaps() {
-        let mut intent = WriteIntent::new(1 << 20, 4096).unwrap();
-        intent.begin(0, 8192);
-        intent.begin(4096, 10);
-        intent.end(0, 8192);
-        assert!(!intent.is_active(0));
-        assert!(intent.is_active(1));
-        intent.end(4096, 10);
-        assert_eq!(intent.active_count(), 0);
     }
 
     proptest! {

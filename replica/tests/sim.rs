@@ -41,7 +41,7 @@
 //! - when the pair is quiet and both say UpToDate after a resync, the two copies are equal;
 //! - a split brain is detected (refused), never resolved by a resync.
 //!
-//! `SIM_SEEDS` (default 2000), `SIM_SEED_BASE` (default 0) and `SIM_STEPS` (default 600)
+//! `SIM_SEEDS` (default 10000), `SIM_SEED_BASE` (default 0) and `SIM_STEPS` (default 600)
 //! scale the run; `SEED` (or `SIM_SEED`) runs one seed and traces it with `SIM_TRACE=1`;
 //! `SIM_SECONDS` runs seeds from `SIM_SEED_BASE` on until that much wall time has passed.
 
@@ -1802,7 +1802,7 @@ fn simulation() {
     let single = env("SEED").or_else(|| env("SIM_SEED"));
     let deadline =
         env("SIM_SECONDS").map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
-    let count = env("SIM_SEEDS").unwrap_or(2000);
+    let count = env("SIM_SEEDS").unwrap_or(10_000);
     let mut total = Stats::default();
     let mut seeds = 0u64;
     let mut seed = single.unwrap_or(base);
