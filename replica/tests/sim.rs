@@ -208,7 +208,8 @@ struct Node {
     config_primary: bool,
     paused: bool,
     proc_: Option<Proc>,
-    /// Completed a write while the other node was a forced second primary (split brain).
+    /// Completed a write alone while the other node was a forced second primary (split
+    /// brain).
     diverged: bool,
     /// What the operator last saw of this node in `status` (kept while it is down): its
     /// role, and whether it recorded the peer outdated (it changed data alone).
@@ -533,7 +534,9 @@ impl Sim {
             trace!(self, "node {n}: write {} failed", w.id);
             return;
         }
-        if self.forced && self.writers().len() > 1 {
+        // Only a write the other node does not have diverges (one its ack answered is on
+        // both).
+        if alone && self.forced && self.writers().len() > 1 {
             self.nodes[n].diverged = true;
         }
         self.stats.good += 1;
