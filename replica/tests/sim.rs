@@ -465,11 +465,14 @@ impl Sim {
         !self.partitioned && self.up(to) && !self.nodes[to].paused
     }
 
+    /// A frame's time on the wire: mostly a LAN's, sometimes a congested link's, now and
+    /// then longer than `replica_timeout_ms` (a loss is declared while frames are still on
+    /// their way, and they arrive afterwards).
     fn delay(&mut self) -> u64 {
-        if self.rng.gen_bool(0.1) {
-            self.rng.gen_range(20..150)
-        } else {
-            self.rng.gen_range(0..3)
+        match self.rng.gen_range(0..100) {
+            0..=84 => self.rng.gen_range(0..3),
+            85..=97 => self.rng.gen_range(20..150),
+            _ => self.rng.gen_range(150..2 * TIMEOUT_MS),
         }
     }
 
@@ -828,7 +831,13 @@ impl Sim {
         if self.nodes[n].paused {
             return;
         }
-        let sector = self.rng.gen_range(0..SECTORS as u64);
+        // Half the writes go to a hot spot (two regions), as VMFS heartbeats and metadata do:
+        // rewrites of one sector across a peer loss and a resync are what ordering bugs need.
+        let sector = if self.rng.gen_bool(0.5) {
+            self.rng.gen_range(0..2 * REGION / SECTOR)
+        } else {
+            self.rng.gen_range(0..SECTORS as u64)
+        };
         let count = self.rng.gen_range(1..=4).min(SECTORS as u64 - sector);
         let range = (sector * SECTOR, count * SECTOR);
         if self.range_busy(n, range) {
@@ -1756,8 +1765,10 @@ impl Sim {
                 self.restart(n);
             }
             if self.writers().is_empty() {
-                let n = if self.operator_may_promote(0) { 0 } else { 1 };
-                self.promote(n, false);
+                // The rules hold here too: a node is promoted only where they allow it.
+                if let Some(n) = (0..2).find(|&n| self.up(n) && self.operator_may_promote(n)) {
+                    self.promote(n, false);
+                }
             }
             let ready = self.deliverable();
             if let Some(&(id, to_secondary)) = ready.first() {
