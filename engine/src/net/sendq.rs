@@ -182,6 +182,31 @@ impl SendQueue {
         debug_assert_eq!(sent, 0, "sent more than was queued");
     }
 
+    /// Everything queued, as the bytes a socket would carry, in order; the held buffers go
+    /// to `release`. For in-process tests and tools that drive a connection without a
+    /// socket.
+    pub fn drain_to_vec(&mut self, release: &mut impl FnMut(AlignedBuf)) -> Vec<u8> {
+        debug_assert_eq!(self.in_flight, 0, "no sendmsg in flight");
+        let mut wire = Vec::new();
+        for s in &self.segs {
+            match s {
+                Seg::Bytes(v) => wire.extend_from_slice(v),
+                Seg::Ref(r) => {
+                    // SAFETY: a ref points into a buffer that a later hold of this queue
+                    // keeps alive and unchanged until it is released below (SendRef's
+                    // contract).
+                    let bytes = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
+                    wire.extend_from_slice(bytes);
+                }
+                Seg::Hold(_) => {}
+            }
+        }
+        let skip = self.head_sent.min(wire.len());
+        wire.drain(..skip);
+        self.clear(release);
+        wire
+    }
+
     /// Drops everything (the connection is gone), releasing the held buffers.
     pub fn clear(&mut self, release: &mut impl FnMut(AlignedBuf)) {
         debug_assert_eq!(self.in_flight, 0, "no sendmsg in flight");

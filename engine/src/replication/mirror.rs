@@ -320,11 +320,4 @@ impl Replication {
             tracing::warn!(reason = "a mirrored command failed on this node", mode = ?self.cfg.on_peer_loss, "replication peer lost");
         }
     }
-
-    /// Whether writes to LUN `lun` are mirrored (or tracked) by this node.
-    pub fn replicates(&self) -> bool {
-        // Not the role: initiators' writes reach only a primary, but a write that was
-        // running when the node was demoted is still mirrored (drain_after_demotion).
-        true
-    }
 }

@@ -588,7 +588,11 @@ impl Replication {
     fn with_mirror<R>(&self, f: impl FnOnce(&mut Mirror, &mut dyn Port) -> R) -> R {
         let mut m = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
         let r = f(&mut m, &mut EnginePort { rep: self });
-        self.peer_up.store(m.mirroring(), Ordering::Release);
+        // Written only when it changes: the link writers read it on every batch, and a
+        // store per batch would move its cache line between their CPUs.
+        if self.peer_up.load(Ordering::Relaxed) != m.mirroring() {
+            self.peer_up.store(m.mirroring(), Ordering::Release);
+        }
         r
     }
 

@@ -49,10 +49,10 @@ pub(super) fn mirror(
     out: &mut Out,
 ) {
     use crate::replication::{LentBytes, RepData, RepOp, RepReq};
-    let Some(rep) = reg.replication.get() else {
-        return;
-    };
-    if !rep.replicates() {
+    // A node with a peer mirrors every change (the reactor hands it to the core's link);
+    // decided by the configuration, so that a connection driven without the link (in
+    // process, in tests) queues the same requests.
+    if reg.config.peer.is_none() {
         return;
     }
     let rep_op = match op {
@@ -117,10 +117,7 @@ fn note_mirrored(t: &mut Task, lun: usize, offset: u64, len: u64) {
 /// changed it completes once the peer stored it.
 pub(super) fn mirror_pr(reg: &Registry, t: &mut Task, idx: u32, out: &mut Out) {
     use crate::replication::{RepOp, RepReq};
-    let Some(rep) = reg.replication.get() else {
-        return;
-    };
-    if !rep.replicates() || t.lun == usize::MAX {
+    if reg.config.peer.is_none() || t.lun == usize::MAX {
         return;
     }
     let (state, version) = reg.luns[t.lun].pr_snapshot();
