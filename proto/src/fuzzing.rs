@@ -22,7 +22,7 @@ use crate::login::target::{
 use crate::login::text::{encode_text, parse_text, MAX_TEXT_LEN_BYTES};
 use crate::pdu::{
     self, frame_len, parse_initiator, parse_target, split_frame, Bhs, Digests, InitiatorPdu,
-    LoginStage, BHS_LEN,
+    BHS_LEN,
 };
 use crate::scsi::cdb::{self, Command};
 use crate::scsi::inquiry::{standard_inquiry, vpd_page};
@@ -319,7 +319,7 @@ impl<'a> LoginChunk<'a> {
     /// The request the state machine sees: through `parse_initiator` and the engine's
     /// stage mapping, or (variation 0x80) straight from the raw bits. `None` when the
     /// PDU parser rejects the header (the engine drops the connection then).
-    pub fn request(&self, seq: u32) -> Option<LoginRequest<'a>> {
+    pub fn request(&self, seq: u32) -> Option<LoginRequest> {
         let bhs = self.bhs(seq);
         if self.variation & 0x80 != 0 {
             return Some(LoginRequest {
@@ -335,32 +335,12 @@ impl<'a> LoginChunk<'a> {
                 exp_stat_sn: seq,
                 version_max: bhs[2],
                 version_min: bhs[3],
-                data: self.data,
             });
         }
-        let Ok(InitiatorPdu::LoginRequest(r)) = parse_initiator(&bhs, &[]) else {
-            return None;
-        };
-        let stage = |s: LoginStage| match s {
-            LoginStage::Security => Stage::Security,
-            LoginStage::Operational => Stage::Operational,
-            LoginStage::FullFeature => Stage::FullFeature,
-        };
-        Some(LoginRequest {
-            transit: r.transit,
-            cont: r.cont,
-            csg: stage(r.csg),
-            nsg: stage(r.nsg),
-            isid: r.isid,
-            tsih: r.tsih,
-            itt: r.itt,
-            cid: r.cid,
-            cmd_sn: r.cmd_sn,
-            exp_stat_sn: r.exp_stat_sn,
-            version_max: r.version_max,
-            version_min: r.version_min,
-            data: self.data,
-        })
+        match parse_initiator(&bhs, &[]) {
+            Ok(InitiatorPdu::LoginRequest(r)) => Some(r),
+            _ => None,
+        }
     }
 }
 
@@ -450,7 +430,7 @@ pub fn login_run(data: &[u8]) -> LoginRun {
             run = LoginRun::BadHeader;
             break;
         };
-        let step = machine.step(&config, &may_reach, &req);
+        let step = machine.step(&config, &may_reach, &req, chunk.data);
         let resp = &step.response;
         assert_eq!(resp.csg, req.csg);
         assert!(!resp.cont);
@@ -466,7 +446,7 @@ pub fn login_run(data: &[u8]) -> LoginRun {
                 assert_ne!(resp.status_class, 0);
                 run = LoginRun::Failed(resp.status_class, resp.status_detail);
                 // A failed login stays failed.
-                let again = machine.step(&config, &may_reach, &req);
+                let again = machine.step(&config, &may_reach, &req, chunk.data);
                 assert_eq!(again.outcome, LoginOutcome::Failed);
             }
             LoginOutcome::Complete(r) => {

@@ -224,29 +224,36 @@ pub fn split_frame<'a>(
     Ok((&pdu[BHS_LEN..hdr_end], data))
 }
 
-/// Login stages (RFC 7143 section 11.12.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Login stages (CSG/NSG field values, RFC 7143 section 11.12.3). The one stage type of
+/// both the PDU layer and the login state machine (`login::target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LoginStage {
-    Security,
-    Operational,
-    FullFeature,
+    /// SecurityNegotiation.
+    Security = 0,
+    /// LoginOperationalNegotiation.
+    Operational = 1,
+    /// FullFeaturePhase.
+    FullFeature = 3,
 }
 
 impl LoginStage {
-    fn from_bits(bits: u8) -> Result<Self, PduError> {
+    /// Decodes the 2-bit field; 2 is reserved.
+    pub fn from_bits(bits: u8) -> Option<Self> {
         match bits {
-            0 => Ok(LoginStage::Security),
-            1 => Ok(LoginStage::Operational),
-            3 => Ok(LoginStage::FullFeature),
-            _ => Err(PduError::InvalidField("login stage 2 is reserved")),
+            0 => Some(LoginStage::Security),
+            1 => Some(LoginStage::Operational),
+            3 => Some(LoginStage::FullFeature),
+            _ => None,
         }
     }
-    fn bits(self) -> u8 {
-        match self {
-            LoginStage::Security => 0,
-            LoginStage::Operational => 1,
-            LoginStage::FullFeature => 3,
-        }
+
+    fn parse_bits(bits: u8) -> Result<Self, PduError> {
+        Self::from_bits(bits).ok_or(PduError::InvalidField("login stage 2 is reserved"))
+    }
+
+    /// The 2-bit field value.
+    pub fn bits(self) -> u8 {
+        self as u8
     }
 }
 
@@ -485,11 +492,11 @@ pub fn parse_initiator(bhs: &[u8; BHS_LEN], ahs: &[u8]) -> Result<InitiatorPdu, 
             InitiatorPdu::LoginRequest(LoginRequest {
                 transit,
                 cont,
-                csg: LoginStage::from_bits((bhs[1] >> 2) & 0x03)?,
+                csg: LoginStage::parse_bits((bhs[1] >> 2) & 0x03)?,
                 nsg: if transit {
-                    LoginStage::from_bits(bhs[1] & 0x03)?
+                    LoginStage::parse_bits(bhs[1] & 0x03)?
                 } else {
-                    LoginStage::from_bits((bhs[1] >> 2) & 0x03)?
+                    LoginStage::parse_bits((bhs[1] >> 2) & 0x03)?
                 },
                 version_max: bhs[2],
                 version_min: bhs[3],

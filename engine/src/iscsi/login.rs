@@ -8,9 +8,9 @@ use proto::login::chap::CHALLENGE_LEN_BYTES;
 use proto::login::target::target_address;
 use proto::login::{
     answer_text_request, Auth, ChapEntropy, DiscoveryTarget, LoginConfig, LoginOutcome,
-    LoginRequest, SessionParams, SessionType, Stage, TargetConfig, TargetLimits, TargetLogin,
+    SessionParams, SessionType, TargetConfig, TargetLimits, TargetLogin,
 };
-use proto::pdu::{self, Digests, LoginStage, TargetPdu, TargetSns};
+use proto::pdu::{self, Digests, TargetPdu, TargetSns};
 use rand::RngCore;
 
 use crate::config::{ChapConfig, Config};
@@ -127,32 +127,13 @@ impl LoginPhase {
         stat_sn: &mut u32,
     ) -> LoginStepOut {
         self.exp_cmd_sn = req.cmd_sn;
-        let stage = |s: LoginStage| match s {
-            LoginStage::Security => Stage::Security,
-            LoginStage::Operational => Stage::Operational,
-            LoginStage::FullFeature => Stage::FullFeature,
-        };
         let peer_ip = self.peer.ip();
         let may_reach = |name: &str| {
             reg.target(name)
                 .is_some_and(|(_, t)| t.cfg.address_allowed(peer_ip))
         };
-        let preq = LoginRequest {
-            transit: req.transit,
-            cont: req.cont,
-            csg: stage(req.csg),
-            nsg: stage(req.nsg),
-            isid: req.isid,
-            tsih: req.tsih,
-            itt: req.itt,
-            cid: req.cid,
-            cmd_sn: req.cmd_sn,
-            exp_stat_sn: req.exp_stat_sn,
-            version_max: req.version_max,
-            version_min: req.version_min,
-            data,
-        };
-        let step = self.machine.step(&reg.login, &may_reach, &preq);
+        // One request type from the PDU layer to the login state machine.
+        let step = self.machine.step(&reg.login, &may_reach, req, data);
         let mut tsih = 0;
         let done = match step.outcome {
             LoginOutcome::Continue => None,
@@ -186,11 +167,6 @@ impl LoginPhase {
             }
         };
         let resp = step.response;
-        let back = |s: Stage| match s {
-            Stage::Security => LoginStage::Security,
-            Stage::Operational => LoginStage::Operational,
-            Stage::FullFeature => LoginStage::FullFeature,
-        };
         let sns = TargetSns {
             stat_sn: *stat_sn,
             exp_cmd_sn: req.cmd_sn,
@@ -201,8 +177,8 @@ impl LoginPhase {
         let bhs = TargetPdu::LoginResponse {
             transit: resp.transit,
             cont: resp.cont,
-            csg: back(resp.csg),
-            nsg: back(resp.nsg),
+            csg: resp.csg,
+            nsg: resp.nsg,
             version_max: resp.version_max,
             version_active: resp.version_active,
             isid: req.isid,

@@ -2,8 +2,8 @@
 //! 6.3, 11.12, 11.13), plus the full-feature-phase Text request helper
 //! (`SendTargets`).
 //!
-//! The caller decodes each Login Request PDU into a [`LoginRequest`], feeds it
-//! to [`TargetLogin::step`], and encodes the returned [`LoginResponse`] into a
+//! The caller decodes each Login Request PDU into a [`LoginRequest`] and feeds it, with
+//! its data segment, to [`TargetLogin::step`], and encodes the returned [`LoginResponse`] into a
 //! Login Response PDU. The caller fills the PDU fields this module does not
 //! own: ISID and ITT echo, TSIH (assigned on the final successful response of
 //! a leading login), StatSN, ExpCmdSN and MaxCmdSN. Version-max and
@@ -45,64 +45,11 @@ pub const MAX_NAME_LEN_BYTES: usize = 223;
 /// forever by sending empty requests.
 pub const MAX_LOGIN_PDUS: u32 = 32;
 
-/// Login stage (CSG/NSG field values, RFC 7143 section 11.12.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    /// SecurityNegotiation.
-    Security = 0,
-    /// LoginOperationalNegotiation.
-    Operational = 1,
-    /// FullFeaturePhase.
-    FullFeature = 3,
-}
-
-impl Stage {
-    /// Decodes the 2-bit field; 2 is reserved.
-    pub fn from_bits(bits: u8) -> Option<Self> {
-        match bits {
-            0 => Some(Self::Security),
-            1 => Some(Self::Operational),
-            3 => Some(Self::FullFeature),
-            _ => None,
-        }
-    }
-
-    /// The 2-bit field value.
-    pub fn bits(self) -> u8 {
-        self as u8
-    }
-}
-
-/// A decoded Login Request (the fields this state machine needs).
-#[derive(Debug, Clone, Copy)]
-pub struct LoginRequest<'a> {
-    /// T bit.
-    pub transit: bool,
-    /// C bit.
-    pub cont: bool,
-    /// Current stage.
-    pub csg: Stage,
-    /// Next stage (meaningful only with `transit`).
-    pub nsg: Stage,
-    /// Initiator part of the session id.
-    pub isid: [u8; 6],
-    /// Target session identifying handle (0 for a new session).
-    pub tsih: u16,
-    /// Initiator task tag.
-    pub itt: u32,
-    /// Connection id.
-    pub cid: u16,
-    /// CmdSN.
-    pub cmd_sn: u32,
-    /// ExpStatSN.
-    pub exp_stat_sn: u32,
-    /// Version-max.
-    pub version_max: u8,
-    /// Version-min.
-    pub version_min: u8,
-    /// Data segment (text).
-    pub data: &'a [u8],
-}
+/// A decoded Login Request header: the PDU layer's type (one for both); its data segment
+/// (the key=value text) comes beside it.
+pub use crate::pdu::LoginRequest;
+/// Login stages: the PDU layer's type (one for both).
+pub use crate::pdu::LoginStage as Stage;
 
 /// Login Response fields decided by the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -426,10 +373,11 @@ impl TargetLogin {
         &mut self,
         config: &LoginConfig,
         may_reach: &dyn Fn(&str) -> bool,
-        req: &LoginRequest<'_>,
+        req: &LoginRequest,
+        data: &[u8],
     ) -> LoginStep {
         let mut out = Vec::new();
-        let result = self.step_inner(config, may_reach, req, &mut out);
+        let result = self.step_inner(config, may_reach, (req, data), &mut out);
         let (status, transit, nsg, outcome) = match result {
             Ok((transit, nsg, done)) => match done {
                 Some(r) => {
@@ -469,7 +417,7 @@ impl TargetLogin {
         &mut self,
         config: &LoginConfig,
         may_reach: &dyn Fn(&str) -> bool,
-        req: &LoginRequest<'_>,
+        (req, data): (&LoginRequest, &[u8]),
         out: &mut Vec<TextPair>,
     ) -> StepResult {
         use LoginStatus as S;
@@ -522,10 +470,10 @@ impl TargetLogin {
         self.stage = Some(req.csg);
 
         // Accumulate continued text, bounded.
-        if self.pending.len().saturating_add(req.data.len()) > MAX_TEXT_LEN_BYTES {
+        if self.pending.len().saturating_add(data.len()) > MAX_TEXT_LEN_BYTES {
             return Err(S::InitiatorError);
         }
-        self.pending.extend_from_slice(req.data);
+        self.pending.extend_from_slice(data);
         if req.cont {
             return Ok((false, req.csg, None));
         }
@@ -812,7 +760,7 @@ fn negotiation_status(e: NegotiationError) -> LoginStatus {
 fn result(
     config: &LoginConfig,
     ident: &Identity,
-    req: &LoginRequest<'_>,
+    req: &LoginRequest,
     params: SessionParams,
 ) -> LoginResult {
     LoginResult {

@@ -57,7 +57,7 @@ fn text(s: &str) -> Vec<u8> {
     v
 }
 
-fn request(csg: Stage, nsg: Stage, transit: bool, data: &[u8]) -> LoginRequest<'_> {
+fn request(csg: Stage, nsg: Stage, transit: bool) -> LoginRequest {
     LoginRequest {
         transit,
         cont: false,
@@ -71,7 +71,6 @@ fn request(csg: Stage, nsg: Stage, transit: bool, data: &[u8]) -> LoginRequest<'
         exp_stat_sn: 0,
         version_max: 0,
         version_min: 0,
-        data,
     }
 }
 
@@ -99,7 +98,7 @@ impl Harness {
         let data = text(s);
         let step = self
             .login
-            .step(&self.cfg, &any_source, &request(csg, nsg, transit, &data));
+            .step(&self.cfg, &any_source, &request(csg, nsg, transit), &data);
         let pairs = parse_text(&step.response.data).unwrap();
         (step, pairs)
     }
@@ -641,7 +640,8 @@ fn identity_failures() {
     let step = h.login.step(
         &h.cfg,
         &deny,
-        &request(Stage::Operational, Stage::FullFeature, true, &data),
+        &request(Stage::Operational, Stage::FullFeature, true),
+        &data,
     );
     assert_eq!(status(&step), 0x0202, "source ACL");
 
@@ -672,10 +672,10 @@ fn identity_failures() {
 fn header_rule_failures() {
     let cfg = config(Auth::None);
     let data = text(&format!("InitiatorName={INITIATOR};TargetName={TARGET}"));
-    let run = |f: &dyn Fn(&mut LoginRequest<'_>)| {
-        let mut r = request(Stage::Operational, Stage::FullFeature, true, &data);
+    let run = |f: &dyn Fn(&mut LoginRequest)| {
+        let mut r = request(Stage::Operational, Stage::FullFeature, true);
         f(&mut r);
-        let step = TargetLogin::new(ENTROPY).step(&cfg, &any_source, &r);
+        let step = TargetLogin::new(ENTROPY).step(&cfg, &any_source, &r, &data);
         status(&step)
     };
     assert_eq!(run(&|_| {}), 0);
@@ -697,9 +697,9 @@ fn later_requests_must_match_first() {
     let first = format!("InitiatorName={INITIATOR};TargetName={TARGET}");
     h.send(Stage::Operational, Stage::FullFeature, false, &first);
     let data = text("");
-    let mut r = request(Stage::Operational, Stage::FullFeature, true, &data);
+    let mut r = request(Stage::Operational, Stage::FullFeature, true);
     r.isid = [1; 6];
-    let step = h.login.step(&h.cfg, &any_source, &r);
+    let step = h.login.step(&h.cfg, &any_source, &r, &data);
     assert_eq!(status(&step), 0x0200);
 
     // Repeating identity keys with the same value is tolerated; changing
@@ -785,9 +785,9 @@ fn continued_text_is_accumulated() {
     ));
     // Split in the middle of a key to show reassembly is byte-exact.
     let (a, b) = all.split_at(all.len() / 2);
-    let mut r = request(Stage::Operational, Stage::FullFeature, false, a);
+    let mut r = request(Stage::Operational, Stage::FullFeature, false);
     r.cont = true;
-    let step = h.login.step(&h.cfg, &any_source, &r);
+    let step = h.login.step(&h.cfg, &any_source, &r, a);
     assert_eq!(status(&step), 0);
     assert_eq!(step.outcome, LoginOutcome::Continue);
     assert!(step.response.data.is_empty());
@@ -795,7 +795,8 @@ fn continued_text_is_accumulated() {
     let step = h.login.step(
         &h.cfg,
         &any_source,
-        &request(Stage::Operational, Stage::FullFeature, true, b),
+        &request(Stage::Operational, Stage::FullFeature, true),
+        b,
     );
     let out = parse_text(&step.response.data).unwrap();
     assert_eq!(find(&out, "TargetPortalGroupTag"), Some("7"));
@@ -808,9 +809,9 @@ fn continued_text_is_bounded() {
     let chunk = vec![b'a'; 16 * 1024];
     let mut last = None;
     for _ in 0..5 {
-        let mut r = request(Stage::Operational, Stage::FullFeature, false, &chunk);
+        let mut r = request(Stage::Operational, Stage::FullFeature, false);
         r.cont = true;
-        last = Some(h.login.step(&h.cfg, &any_source, &r));
+        last = Some(h.login.step(&h.cfg, &any_source, &r, &chunk));
     }
     let step = last.unwrap();
     assert_eq!(status(&step), 0x0200);
@@ -941,11 +942,11 @@ proptest! {
         let mut login = TargetLogin::new(ENTROPY);
         let mut failed = false;
         for (transit, cont, csg, nsg, vmin, tsih, data) in reqs {
-            let mut r = request(csg, nsg, transit, &data);
+            let mut r = request(csg, nsg, transit);
             r.cont = cont;
             r.version_min = vmin;
             r.tsih = tsih;
-            let step = login.step(&cfg, &any_source, &r);
+            let step = login.step(&cfg, &any_source, &r, &data);
             // Responses are always well-formed text and never contradict
             // themselves.
             prop_assert!(parse_text(&step.response.data).is_ok());
