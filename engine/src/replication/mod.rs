@@ -508,6 +508,14 @@ impl Replication {
         let mut core_links = Vec::new();
         let mut req_rxs = Vec::new();
         for _ in 0..cores {
+            // Bounded by construction, not by the channel: a request is sent only for a
+            // task in flight (at most one mirrored operation per task at a time, a task's
+            // reply held until its answer), and a core holds at most MAX_CONNS_PER_CORE x
+            // queue_depth tasks; each request gets exactly one answer. A channel bound
+            // would add a failure mode and no limit: a full `done` channel would block the
+            // link thread that answers under the coordinator's lock, while the core waits
+            // for that lock (`diverged`): a deadlock; and crossbeam allocates a bounded
+            // channel's slots up front (4096 x 1024 of them per core).
             let (req_tx, req_rx) = crossbeam_channel::unbounded();
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
             let bell = Arc::new(crate::net::doorbell::Doorbell::new()?);
