@@ -128,6 +128,8 @@ struct Write {
     len: u64,
     fua: bool,
     local_done: bool,
+    /// The local write succeeded (a full data disk fails it: SPACE ALLOCATION FAILED).
+    local_ok: bool,
     /// The peer side: None while waiting, Some(ok) once answered.
     peer: Option<bool>,
 }
@@ -200,6 +202,9 @@ struct Disk {
     boot: u64,
     /// Metadata writes fail (a full or broken disk).
     meta_fails: bool,
+    /// Data writes fail with ENOSPC (a thin LUN's file system is full); the metadata, which
+    /// is rewritten in place, still persists.
+    data_full: bool,
 }
 
 /// A machine.
@@ -413,6 +418,7 @@ impl Sim {
                 marker: None,
                 boot: 1,
                 meta_fails: false,
+                data_full: false,
             },
             config_primary: primary,
             paused: false,
@@ -532,7 +538,7 @@ impl Sim {
         let Some(w) = p.writes.remove(&token) else {
             return;
         };
-        if !ok {
+        if !ok || !w.local_ok {
             self.stats.failed += 1;
             trace!(self, "node {n}: write {} failed", w.id);
             return;
@@ -857,10 +863,13 @@ impl Sim {
             }
         }
         let disk = &mut self.nodes[n].disk;
+        let local_ok = !disk.data_full;
         let at = range.0 as usize..(range.0 + range.1) as usize;
-        disk.volatile[at.clone()].copy_from_slice(&data);
-        if fua {
-            disk.durable[at].copy_from_slice(&data);
+        if local_ok {
+            disk.volatile[at.clone()].copy_from_slice(&data);
+            if fua {
+                disk.durable[at].copy_from_slice(&data);
+            }
         }
         for s in sectors(range.0, range.1) {
             self.model.issue(s, id);
@@ -881,10 +890,23 @@ impl Sim {
                 len: range.1,
                 fua,
                 local_done: true,
+                local_ok,
                 peer: None,
             },
         );
         self.mirror_write(n, core, token, range, data, fua);
+        if !local_ok {
+            // The local write failed after its change was mirrored (engine: the reactor's
+            // `diverged`): the peer may hold what this node does not.
+            let lost = self.with_mirror(n, |m, port| m.diverged(port, 0, range.0, range.1));
+            if lost == Some(true) {
+                trace!(
+                    self,
+                    "node {n}: write {id} failed here after mirroring: peer lost"
+                );
+                self.stats.losses += 1;
+            }
+        }
     }
 
     /// The link writer of `core` (engine: `link_writer`).
@@ -1073,6 +1095,9 @@ impl Sim {
         }
         let disk = &mut node.disk;
         let status = match msg {
+            Message::Write { .. } | Message::ResyncData { .. } if disk.data_full => {
+                AckStatus::NoSpace
+            }
             Message::Write {
                 offset_bytes,
                 fua,
@@ -1622,7 +1647,19 @@ impl Sim {
             28..=37 => self.crash(n, false),
             38..=42 => self.crash(n, true),
             43..=62 => self.restart(n),
-            63..=67 => {
+            63..=64 => {
+                self.nodes[n].disk.data_full = !self.nodes[n].disk.data_full;
+                trace!(
+                    self,
+                    "node {n}: data disk {}",
+                    if self.nodes[n].disk.data_full {
+                        "full"
+                    } else {
+                        "has room"
+                    }
+                );
+            }
+            65..=67 => {
                 self.nodes[n].disk.meta_fails = !self.nodes[n].disk.meta_fails;
                 trace!(
                     self,
@@ -1759,6 +1796,7 @@ impl Sim {
         for n in 0..2 {
             self.nodes[n].paused = false;
             self.nodes[n].disk.meta_fails = false;
+            self.nodes[n].disk.data_full = false;
         }
         for _ in 0..2000 {
             for n in 0..2 {

@@ -102,6 +102,10 @@ impl PairLun {
         // anywhere, not only in the write-intent regions: only a copy of every region
         // makes the two nodes equal again.
         let crash_unlogged = unclean && (!meta.flags.intent_log || rebooted);
+        // Write-intent regions on disk: writes may have been in flight here, whatever the
+        // role on record (a node demoted while its writes drained, then crashed, is on
+        // record as secondary).
+        let had_intents = meta.flags.intent_log && meta.bitmap.dirty_count() > 0;
         let note = if !unclean {
             StartNote::Clean
         } else if meta.flags.intent_log {
@@ -135,8 +139,11 @@ impl PairLun {
             // know our write-intent regions: tell it at the next connect, so that its resync
             // compares every region. As the sync source our own bitmap suffices. A secondary
             // originates no writes: what it applied alone is in the primary's dirty bitmap
-            // already (an unacknowledged mirror marks its region).
-            meta.flags.crashed |= meta.flags.primary || rebooted;
+            // already (an unacknowledged mirror marks its region). But a node demoted with
+            // writes still running is on record as secondary while they may land here only:
+            // its write-intent regions say so (found by the simulation: a write of the old
+            // primary, never acknowledged, stayed on it after the new primary's resync).
+            meta.flags.crashed |= meta.flags.primary || rebooted || had_intents;
         }
         let persist = unclean || meta.flags.primary != primary || !meta.flags.intent_log;
         // The role we start in, for the crash check at the next start.
@@ -660,6 +667,19 @@ mod tests {
             16,
             "every region, not only the intent regions"
         );
+    }
+
+    #[test]
+    fn a_node_demoted_with_writes_running_that_crashed_asks_for_every_region() {
+        // On record as secondary (demoted), with write-intent regions of its last term.
+        let mut m = blank();
+        m.flags.primary = false;
+        m.bitmap.set(8);
+        let (lun, _, _) = open(m, Marker::SameBoot, false);
+        assert!(lun.hello(false).flags.crashed, "the new primary must compare every region");
+        // A secondary that crashed with nothing of its own in flight does not.
+        let (lun, _, _) = open(blank(), Marker::SameBoot, false);
+        assert!(!lun.hello(false).flags.crashed);
     }
 
     #[test]
