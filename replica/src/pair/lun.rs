@@ -676,7 +676,10 @@ mod tests {
         m.flags.primary = false;
         m.bitmap.set(8);
         let (lun, _, _) = open(m, Marker::SameBoot, false);
-        assert!(lun.hello(false).flags.crashed, "the new primary must compare every region");
+        assert!(
+            lun.hello(false).flags.crashed,
+            "the new primary must compare every region"
+        );
         // A secondary that crashed with nothing of its own in flight does not.
         let (lun, _, _) = open(blank(), Marker::SameBoot, false);
         assert!(!lun.hello(false).flags.crashed);
