@@ -740,7 +740,7 @@ impl Sim {
         self.nodes[n].proc_ = None;
         self.nodes[n].paused = false;
         let now = self.now;
-        for (id, c) in self.conns.iter_mut().enumerate() {
+        for c in &mut self.conns {
             let primary_end = c.from == n;
             if c.from != n && c.to != n {
                 continue;
@@ -759,7 +759,6 @@ impl Sim {
                     c.to_primary.push_back((now + 3 * TIMEOUT_MS, Frame::Fin));
                 }
             } else {
-                let _ = id;
                 if primary_end && !c.closed_from {
                     c.closed_from = true;
                     c.to_secondary.push_back((now + 1, Frame::Fin));
@@ -1825,8 +1824,6 @@ impl Sim {
     }
 
     fn is_quiet_synced(&self) -> bool {
-        let before = self.stats.equal_checks;
-        let _ = before;
         let w = self.writers();
         w.len() == 1
             && self.nodes[w[0]].proc_.as_ref().is_some_and(|p| {
