@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// The link writer's longest sleep between looks at its reset flag and at every link's ack
+/// deadlines (its own deadline wakes it sooner).
+const LINK_POLL: Duration = Duration::from_millis(50);
+
 impl Replication {
     /// The whole LUN `index` changed outside the mirrored write path (SANITIZE): every
     /// region is marked dirty and the peer is declared outdated, so the manager reconnects
@@ -34,7 +38,17 @@ impl Replication {
         let mut wbuf = Vec::new();
         let mut batch: Vec<(u64, Pending)> = Vec::new();
         loop {
-            let req = match recv_polling(&rx, Duration::from_millis(50)) {
+            // Wake at this link's first ack deadline (the state machine's poll_timeout), or
+            // after LINK_POLL to see a reset or another link's deadline.
+            let wait = link
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .poll_timeout(self.cfg.replica_timeout_ms)
+                .map_or(LINK_POLL, |at_ms| {
+                    Duration::from_millis(at_ms.saturating_sub(now_ms(&self.epoch))).min(LINK_POLL)
+                });
+            let req = match recv_polling(&rx, wait) {
                 Ok(r) => Some(r),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,

@@ -57,9 +57,18 @@ impl LinkShard {
 
     /// Whether an operation has waited longer than `timeout_ms` at `now_ms`.
     pub fn overdue(&self, now_ms: u64, timeout_ms: u64) -> bool {
+        self.poll_timeout(timeout_ms)
+            .is_some_and(|at_ms| now_ms >= at_ms)
+    }
+
+    /// When (the driver's clock, ms) the oldest operation becomes overdue, if any is
+    /// pending: the driver sleeps no longer than this before calling [`Self::overdue`], so
+    /// a silent peer is noticed at `timeout_ms`, not at the next poll after it.
+    pub fn poll_timeout(&self, timeout_ms: u64) -> Option<u64> {
         self.pending
             .values()
-            .any(|p| now_ms.saturating_sub(p.sent_ms) > timeout_ms)
+            .map(|p| p.sent_ms.saturating_add(timeout_ms).saturating_add(1))
+            .min()
     }
 
     /// Takes every pending operation (the peer is lost).
@@ -539,6 +548,11 @@ mod tests {
         shard.insert(2, write(11, 2, 150));
         assert!(!shard.overdue(2100, 2000));
         assert!(shard.overdue(2101, 2000));
+        assert_eq!(
+            shard.poll_timeout(2000),
+            Some(2101),
+            "the oldest sets the deadline"
+        );
         let out = shard.take_acks([(2, AckStatus::NoSpace), (9, AckStatus::Ok)]);
         assert_eq!(out.peer_failed, Some((AckStatus::NoSpace, 2 * REGION)));
         assert!(out.answered.is_empty());
