@@ -1,0 +1,111 @@
+use super::*;
+
+fn key() -> Key {
+    Key::derive(b"pair secret")
+}
+
+fn all_bodies() -> Vec<Body> {
+    vec![
+        Body::Heartbeat(Heartbeat {
+            path: 1,
+            primary: true,
+            promotable: true,
+            in_sync: false,
+            standby: true,
+            wants_takeover: false,
+            frozen: true,
+            preferred: true,
+        }),
+        Body::LeaseRequest(LeaseRequest {
+            request_id: 77,
+            op: LeaseOp::Release,
+            up_to_date: true,
+            alone: false,
+            peer_in_sync: true,
+            epoch: 9,
+        }),
+        Body::LeaseReply(LeaseReply {
+            request_id: 77,
+            granted: Err(Refusal::Outdated),
+            lease_ms: 500,
+            holder: Some(NodeId(1)),
+            outdated: Some(NodeId(0)),
+            epoch: 9,
+        }),
+    ]
+}
+
+#[test]
+fn every_kind_round_trips() {
+    for body in all_bodies() {
+        let sender = if matches!(body, Body::LeaseReply(_)) {
+            WITNESS_SENDER
+        } else {
+            1
+        };
+        let bytes = seal(&key(), b"pair-1", sender, 42, &body);
+        assert!(bytes.len() <= MAX_DATAGRAM_LEN);
+        let d = open(&key(), &bytes).unwrap();
+        assert_eq!(d.body, body);
+        assert_eq!(
+            (d.sender, d.seq, d.pair_id.as_slice()),
+            (sender, 42, &b"pair-1"[..])
+        );
+    }
+}
+
+#[test]
+fn forged_altered_or_truncated_datagrams_are_dropped() {
+    let body = all_bodies()[0];
+    let bytes = seal(&key(), b"p", 0, 1, &body);
+    assert_eq!(
+        open(&Key::derive(b"other key"), &bytes),
+        Err(WireError::Mac),
+        "a node with another key cannot speak for the pair"
+    );
+    for i in 0..bytes.len() {
+        let mut b = bytes.clone();
+        b[i] ^= 0x10;
+        assert!(open(&key(), &b).is_err(), "byte {i} altered and accepted");
+    }
+    for n in 0..bytes.len() {
+        assert!(open(&key(), &bytes[..n]).is_err());
+    }
+}
+
+#[test]
+fn a_witness_reply_from_a_node_is_refused() {
+    // Even authenticated: a node must not be able to grant itself a lease.
+    let reply = all_bodies()[2];
+    let bytes = seal(&key(), b"p", 0, 1, &reply);
+    assert_eq!(
+        open(&key(), &bytes),
+        Err(WireError::BadField("sender for this kind"))
+    );
+}
+
+#[test]
+fn replay_window_takes_each_seq_once_and_reordering_within_the_window() {
+    let mut w = ReplayWindow::default();
+    w.accept(100).unwrap();
+    w.accept(102).unwrap();
+    w.accept(101).unwrap();
+    assert_eq!(w.accept(101), Err(WireError::Replay(101)));
+    assert_eq!(w.accept(102), Err(WireError::Replay(102)));
+    w.accept(102 + REPLAY_WINDOW - 1).unwrap();
+    assert!(w.accept(102).is_err(), "below the window now");
+    assert!(w.accept(50).is_err(), "older than the window");
+    w.accept(10_000).unwrap();
+    assert!(w.accept(10_000 - REPLAY_WINDOW).is_err());
+    w.accept(10_000 - REPLAY_WINDOW + 1).unwrap();
+}
+
+#[test]
+fn sequence_numbers_increase_across_a_restart() {
+    let mut before = SeqCounter::starting_at(1_000_000);
+    let last = (0..10).map(|_| before.next_seq()).last().unwrap();
+    let mut after = SeqCounter::starting_at(1_000_000 + 5_000);
+    let mut w = ReplayWindow::default();
+    w.accept(last).unwrap();
+    w.accept(after.next_seq()).unwrap();
+}
