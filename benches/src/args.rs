@@ -1,6 +1,7 @@
 //! Command-line arguments of `twinsan bench` and the parsing helpers behind them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -70,6 +71,18 @@ pub struct BenchArgs {
     /// Sequential jobs only: stop after one pass over the range (e.g. to fill a LUN).
     #[arg(long)]
     pub once: bool,
+    /// Survive a lost connection (error, EOF, reset, or a command unanswered for
+    /// --io-timeout-ms): log in again to the same URL and re-issue every unanswered
+    /// command; BUSY, TASK SET FULL and UNIT ATTENTION answers are retried too. For
+    /// failover tests: the report gives the stall and the outages.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// With --reconnect: a command unanswered this long means the connection is dead.
+    #[arg(long, default_value_t = 2000, requires = "reconnect")]
+    pub io_timeout_ms: u64,
+    /// With --reconnect: give up when no login succeeded this long after the failure.
+    #[arg(long, default_value_t = 60.0, requires = "reconnect")]
+    pub reconnect_timeout_s: f64,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -262,6 +275,15 @@ pub fn encode_lun(lun: u16) -> u64 {
     }
 }
 
+/// What `--reconnect` does on a lost connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconnect {
+    /// A command unanswered this long means the connection is dead.
+    pub io_timeout: Duration,
+    /// Login attempts stop this long after the failure.
+    pub timeout: Duration,
+}
+
 /// Everything a run needs, validated.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -286,6 +308,8 @@ pub struct Job {
     pub verify_only: bool,
     pub verify_state: Option<PathBuf>,
     pub once: bool,
+    /// `--reconnect`: None keeps the old behaviour (a lost connection ends the session).
+    pub reconnect: Option<Reconnect>,
     pub json: bool,
     pub target_pid: Option<u32>,
     pub pin: bool,
@@ -336,6 +360,20 @@ impl BenchArgs {
         if self.once && self.rw.random() {
             bail!("--once is for sequential jobs (--rw read or write)");
         }
+        let reconnect = if self.reconnect {
+            if self.io_timeout_ms == 0 {
+                bail!("--io-timeout-ms must be positive");
+            }
+            if !(self.reconnect_timeout_s > 0.0 && self.reconnect_timeout_s <= 86_400.0) {
+                bail!("--reconnect-timeout-s must be in (0, 86400]");
+            }
+            Some(Reconnect {
+                io_timeout: Duration::from_millis(self.io_timeout_ms),
+                timeout: Duration::from_secs_f64(self.reconnect_timeout_s),
+            })
+        } else {
+            None
+        };
         let state_exists = self.verify_state.as_ref().is_some_and(|p| p.exists());
         let verify_only =
             self.verify_only || (state_exists && self.rw == Rw::Read && self.runtime.is_none());
@@ -358,6 +396,7 @@ impl BenchArgs {
             verify_only,
             verify_state: self.verify_state.clone(),
             once: self.once,
+            reconnect,
             json: self.json,
             target_pid: self.target_pid,
             pin: !self.no_pin,
@@ -488,5 +527,55 @@ mod tests {
             j.verify && !j.verify_only,
             "a missing state file is a fresh log, not a verify pass"
         );
+    }
+
+    #[test]
+    fn reconnect_options() {
+        let j = parse(&["iscsi://h/iqn.a:b/0"]).job().unwrap();
+        assert_eq!(j.reconnect, None, "off unless asked for");
+        let j = parse(&["iscsi://h/iqn.a:b/0", "--reconnect"])
+            .job()
+            .unwrap();
+        assert_eq!(
+            j.reconnect,
+            Some(Reconnect {
+                io_timeout: Duration::from_millis(2000),
+                timeout: Duration::from_secs(60),
+            })
+        );
+        let j = parse(&[
+            "iscsi://h/iqn.a:b/0",
+            "--reconnect",
+            "--io-timeout-ms",
+            "500",
+            "--reconnect-timeout-s",
+            "2.5",
+        ])
+        .job()
+        .unwrap();
+        assert_eq!(
+            j.reconnect,
+            Some(Reconnect {
+                io_timeout: Duration::from_millis(500),
+                timeout: Duration::from_millis(2500),
+            })
+        );
+        for bad in [
+            &["--io-timeout-ms", "500"][..], // without --reconnect
+            &["--reconnect-timeout-s", "5"],
+        ] {
+            let mut v = vec!["bench", "iscsi://h/iqn.a:b/0"];
+            v.extend(bad);
+            assert!(Cli::try_parse_from(&v).is_err(), "{bad:?} accepted");
+        }
+        for bad in [
+            &["--reconnect", "--io-timeout-ms", "0"][..],
+            &["--reconnect", "--reconnect-timeout-s", "0"],
+            &["--reconnect", "--reconnect-timeout-s", "NaN"],
+        ] {
+            let mut v = vec!["iscsi://h/iqn.a:b/0"];
+            v.extend(bad);
+            assert!(parse(&v).job().is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -42,6 +42,24 @@ impl Seg {
             Seg::Staged(r) | Seg::Shared(_, r) => r.len(),
         }
     }
+}
+
+/// A connection that can no longer carry PDUs: the peer closed it, reset it, or the
+/// socket failed. Typed apart from protocol errors because `--reconnect` recovers from
+/// exactly these (by logging in again), while a malformed PDU stays fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("connection closed by target")]
+    Closed,
+    #[error("connection closed by target while sending")]
+    ClosedWhileSending,
+    /// The I/O error is part of the message (not a `source`), so that it shows also where
+    /// the error is printed without its chain (`--reconnect`'s log lines).
+    #[error("{op}: {err}")]
+    Io {
+        op: &'static str,
+        err: std::io::Error,
+    },
 }
 
 /// Operational parameters in force after login.
@@ -144,18 +162,31 @@ pub fn login_status_text(class: u8, detail: u8) -> &'static str {
     }
 }
 
+/// Sense key of UNIT ATTENTION (SPC-5): the command was not run, the target reports an
+/// event (a reset, a failover's changed access state) and the command may be retried.
+pub const SENSE_KEY_UNIT_ATTENTION: u8 = 0x06;
+
+/// (sense key, ASC, ASCQ) of a CHECK CONDITION's iSCSI data segment (a 2-byte length,
+/// then fixed or descriptor format sense); None when there is none or it is unparsable.
+pub fn parse_sense(seg: &[u8]) -> Option<(u8, u8, u8)> {
+    let len = (u16::from_be_bytes([*seg.first()?, *seg.get(1)?]) as usize).min(seg.len() - 2);
+    let s = &seg[2..2 + len];
+    match s.first().map(|b| b & 0x7f) {
+        Some(0x70 | 0x71) if s.len() >= 14 => Some((s[2] & 0x0f, s[12], s[13])),
+        Some(0x72 | 0x73) if s.len() >= 4 => Some((s[1] & 0x0f, s[2], s[3])),
+        _ => None,
+    }
+}
+
 /// Describes the sense data of a CHECK CONDITION (the iSCSI data segment: a 2-byte
 /// length, then fixed or descriptor format sense).
 pub fn describe_sense(seg: &[u8]) -> String {
     if seg.len() < 2 {
         return "no sense data".into();
     }
-    let len = (u16::from_be_bytes([seg[0], seg[1]]) as usize).min(seg.len() - 2);
-    let s = &seg[2..2 + len];
-    let (key, asc, ascq) = match s.first().map(|b| b & 0x7f) {
-        Some(0x70 | 0x71) if s.len() >= 14 => (s[2] & 0x0f, s[12], s[13]),
-        Some(0x72 | 0x73) if s.len() >= 4 => (s[1] & 0x0f, s[2], s[3]),
-        _ => return format!("unparsed sense {s:02x?}"),
+    let Some((key, asc, ascq)) = parse_sense(seg) else {
+        let len = (u16::from_be_bytes([seg[0], seg[1]]) as usize).min(seg.len() - 2);
+        return format!("unparsed sense {:02x?}", &seg[2..2 + len]);
     };
     const KEYS: [&str; 16] = [
         "NO SENSE",
@@ -215,11 +246,39 @@ pub struct Conn {
     sync_itt: u32,
     /// Offer ImmediateData=Yes at login (default); No sends all write data as Data-Out.
     pub offer_immediate_data: bool,
+    /// Caps each login exchange and synchronous command (None: 15 s per login exchange,
+    /// 30 s per command). A reconnect sets it: a login that hangs on a half-dead portal
+    /// must give way to the next attempt instead of using up the reconnect budget.
+    pub exchange_timeout: Option<Duration>,
 }
 
 impl Conn {
     pub fn connect(addr: &str, lun: u64) -> Result<Self> {
         let sock = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+        Self::over(sock, lun)
+    }
+
+    /// Like [`Conn::connect`], giving up on each resolved address after `timeout`: a
+    /// portal whose address moved away drops SYNs silently, and the kernel's own connect
+    /// timeout (minutes) would hide the moment it comes back.
+    pub fn connect_timeout(addr: &str, lun: u64, timeout: Duration) -> Result<Self> {
+        let mut last: Option<std::io::Error> = None;
+        for a in addr
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {addr}"))?
+        {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(sock) => return Self::over(sock, lun),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(e).with_context(|| format!("connecting to {addr}")),
+            None => bail!("{addr} resolves to no address"),
+        }
+    }
+
+    fn over(sock: TcpStream, lun: u64) -> Result<Self> {
         sock.set_nodelay(true)?;
         sock.set_nonblocking(true)?;
         Ok(Self {
@@ -240,7 +299,19 @@ impl Conn {
             last_rx: Instant::now(),
             sync_itt: 0x8000_0000,
             offer_immediate_data: true,
+            exchange_timeout: None,
         })
+    }
+
+    /// Closes both directions now (errors ignored: the connection is being abandoned), so
+    /// a target that still listens sees the end at once rather than when this is dropped.
+    pub fn shutdown(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.segs.clear();
+        self.front_sent = 0;
+        self.wbuf.clear();
+        self.rstart = 0;
+        self.rend = 0;
     }
 
     /// The receive buffer, for reading a PDU's data range.
@@ -293,7 +364,7 @@ impl Conn {
     }
 
     /// Sends what the socket takes now. Returns whether anything was sent.
-    pub fn flush(&mut self) -> Result<bool> {
+    pub fn flush(&mut self) -> Result<bool, TransportError> {
         let mut progress = false;
         while !self.segs.is_empty() {
             let mut iov: [IoSlice; MAX_IOVECS] = [IoSlice::new(&[]); MAX_IOVECS];
@@ -308,7 +379,7 @@ impl Conn {
                 n_iov = i + 1;
             }
             match self.sock.write_vectored(&iov[..n_iov]) {
-                Ok(0) => bail!("connection closed by target while sending"),
+                Ok(0) => return Err(TransportError::ClosedWhileSending),
                 Ok(mut n) => {
                     progress = true;
                     while n > 0 {
@@ -327,7 +398,12 @@ impl Conn {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e).context("sending to target"),
+                Err(err) => {
+                    return Err(TransportError::Io {
+                        op: "sending to target",
+                        err,
+                    })
+                }
             }
         }
         // Staged bytes are only ever appended; the buffer restarts once all are sent, and
@@ -354,7 +430,7 @@ impl Conn {
     }
 
     /// Reads what the socket has now. Returns whether anything arrived.
-    pub fn fill(&mut self) -> Result<bool> {
+    pub fn fill(&mut self) -> Result<bool, TransportError> {
         if self.rstart == self.rend {
             self.rstart = 0;
             self.rend = 0;
@@ -365,7 +441,7 @@ impl Conn {
         }
         loop {
             match self.sock.read(&mut self.rbuf[self.rend..]) {
-                Ok(0) => bail!("connection closed by target"),
+                Ok(0) => return Err(TransportError::Closed),
                 Ok(n) => {
                     self.rend += n;
                     self.last_rx = Instant::now();
@@ -373,7 +449,12 @@ impl Conn {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e).context("receiving from target"),
+                Err(err) => {
+                    return Err(TransportError::Io {
+                        op: "receiving from target",
+                        err,
+                    })
+                }
             }
         }
     }
@@ -524,7 +605,7 @@ impl Conn {
             data.len() as u32,
         );
         self.queue(&b, &data);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + self.exchange_timeout.unwrap_or(Duration::from_secs(15));
         self.flush_blocking(deadline)?;
         let p = self.recv_blocking(deadline)?;
         if p.v.opcode != opcode::LOGIN_RESPONSE {
@@ -677,7 +758,7 @@ impl Conn {
                 out.len()
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + self.exchange_timeout.unwrap_or(Duration::from_secs(30));
         while !self.window_open() {
             let p = self.recv_blocking(deadline)?;
             let _ = p;
@@ -799,118 +880,4 @@ impl Conn {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// PDUs queued with their data in place (`queue_shared`) or copied (`queue`), in any
-    /// mix, reach the target as the same bytes `write_pdu` builds, in order, with and
-    /// without digests, also through a socket too small to take them in one write.
-    #[test]
-    fn shared_and_copied_pdus_go_out_byte_identical() {
-        for digests in [
-            Digests::default(),
-            Digests {
-                header: true,
-                data: true,
-            },
-        ] {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
-            let mut c = Conn::connect(&addr, 0).unwrap();
-            c.digests = digests;
-            let (mut peer, _) = listener.accept().unwrap();
-            let buf: Arc<[u8]> = (0..300_001u32).map(|i| (i * 7 % 251) as u8).collect();
-            let mut expected = Vec::new();
-            for i in 0..40u32 {
-                let len = [0usize, 1, 4095, 65536, 262_144][i as usize % 5];
-                let off = (i as usize * 977) % (buf.len() - len);
-                let b = initiator::data_out(true, 0, i, RESERVED_TAG, 0, 0, 0, len as u32);
-                pdu::write_pdu(&mut expected, &b, &buf[off..off + len], digests);
-                if i % 3 == 0 {
-                    c.queue(&b, &buf[off..off + len]);
-                } else {
-                    c.queue_shared(&b, &buf, off..off + len);
-                }
-            }
-            let total = expected.len();
-            let reader = std::thread::spawn(move || {
-                let mut got = vec![0u8; total];
-                peer.read_exact(&mut got).unwrap();
-                got
-            });
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.pending_tx() {
-                assert!(Instant::now() < deadline, "send queue did not drain");
-                c.flush().unwrap();
-                c.wait(Duration::from_millis(10));
-            }
-            assert!(
-                c.wbuf.is_empty(),
-                "staging buffer restarts once all is sent"
-            );
-            assert!(
-                reader.join().unwrap() == expected,
-                "bytes on the wire differ"
-            );
-        }
-    }
-
-    #[test]
-    fn negotiation_answers() {
-        let mut p = Params::default();
-        let ans = vec![
-            TextPair::new("HeaderDigest", "None"),
-            TextPair::new("DataDigest", "CRC32C"),
-            TextPair::new("MaxRecvDataSegmentLength", "8192"),
-            TextPair::new("MaxBurstLength", "262144"),
-            TextPair::new("FirstBurstLength", "524288"),
-            TextPair::new("ImmediateData", "Yes"),
-            TextPair::new("InitialR2T", "No"),
-        ];
-        apply_answers(&mut p, &ans).unwrap();
-        assert_eq!(p.target_mrdsl, 8192);
-        assert_eq!(
-            (p.max_burst, p.first_burst),
-            (262_144, 262_144),
-            "FirstBurstLength never exceeds MaxBurstLength"
-        );
-        assert!(p.immediate_data && !p.initial_r2t);
-        assert_eq!(
-            p.digests,
-            Digests {
-                header: false,
-                data: true
-            }
-        );
-        assert!(apply_answers(&mut p, &[TextPair::new("ErrorRecoveryLevel", "Reject")]).is_err());
-        assert!(apply_answers(&mut p, &[TextPair::new("MaxBurstLength", "x")]).is_err());
-        let keys = offered_keys(true, false);
-        assert!(keys
-            .iter()
-            .any(|k| k.key == "HeaderDigest" && k.value == "CRC32C,None"));
-        assert!(keys
-            .iter()
-            .any(|k| k.key == "ImmediateData" && k.value == "No"));
-    }
-
-    #[test]
-    fn sense_text() {
-        let mut fixed = vec![
-            0u8, 18, 0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0x00, 0, 0, 0, 0,
-        ];
-        assert_eq!(describe_sense(&fixed), "ILLEGAL REQUEST ASC/ASCQ 21/00");
-        fixed.truncate(1);
-        assert_eq!(describe_sense(&fixed), "no sense data");
-        let desc = [0u8, 8, 0x72, 0x06, 0x29, 0x00, 0, 0, 0, 0];
-        assert_eq!(describe_sense(&desc), "UNIT ATTENTION ASC/ASCQ 29/00");
-    }
-
-    #[test]
-    fn cdbs() {
-        let c = rw16(true, 0x0102_0304_0506_0708, 8);
-        assert_eq!(c[0], 0x8a);
-        assert_eq!(&c[2..10], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&c[10..14], &[0, 0, 0, 8]);
-        assert_eq!(rw16(false, 0, 1)[0], 0x88);
-    }
-}
+mod tests;

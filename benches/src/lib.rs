@@ -6,7 +6,10 @@
 
 pub mod args;
 pub mod conn;
+#[cfg(test)]
+mod fake_target;
 pub mod report;
+pub mod stall;
 pub mod verify;
 pub mod worker;
 
@@ -21,7 +24,9 @@ use proto::login::ChapCredentials;
 
 pub use args::{BenchArgs, Job, Rw};
 use conn::Conn;
-use report::{format_report, new_histogram, progress_line, JobSummary, Latency, Report};
+use report::{
+    format_report, new_histogram, progress_line, JobSummary, Latency, OutageReport, Report,
+};
 use verify::Tracker;
 use worker::{Plan, SessionResult, Shared, Worker};
 
@@ -69,7 +74,27 @@ fn chap_of(job: &Job) -> Result<Option<ChapInitiator>> {
 }
 
 fn open_session(job: &Job, chap: Option<&ChapInitiator>, session: usize) -> Result<Conn> {
-    let mut c = Conn::connect(&job.url.addr(), args::encode_lun(job.url.lun))?;
+    open_session_within(job, chap, session, None)
+}
+
+/// Connects and logs in session `session` (its ISID: a new login with it reinstates the
+/// session, ending the old connection's tasks on the target). With `timeout`, each step
+/// (the TCP connect, at most `worker`'s connect attempt limit; every login exchange; each
+/// TEST UNIT READY) gives up after it, for the attempts of --reconnect.
+fn open_session_within(
+    job: &Job,
+    chap: Option<&ChapInitiator>,
+    session: usize,
+    timeout: Option<Duration>,
+) -> Result<Conn> {
+    let lun = args::encode_lun(job.url.lun);
+    let mut c = match timeout {
+        None => Conn::connect(&job.url.addr(), lun)?,
+        Some(t) => {
+            Conn::connect_timeout(&job.url.addr(), lun, t.min(worker::CONNECT_ATTEMPT_TIMEOUT))?
+        }
+    };
+    c.exchange_timeout = timeout;
     c.offer_immediate_data = job.immediate_data;
     c.login(
         &job.initiator,
@@ -80,6 +105,7 @@ fn open_session(job: &Job, chap: Option<&ChapInitiator>, session: usize) -> Resu
     )
     .with_context(|| format!("login to {} at {}", job.url.target, job.url.addr()))?;
     c.until_ready()?;
+    c.exchange_timeout = None;
     Ok(c)
 }
 
@@ -204,6 +230,8 @@ pub fn run(job: &Job) -> Result<Report> {
     };
     let runtime = Duration::from_secs_f64(job.runtime_s);
 
+    // When the last session finished: the end of the window the stall is measured over.
+    let mut run_end = Instant::now();
     let (results, elapsed, bench_cpu, target_cpu) = std::thread::scope(|scope| -> Result<_> {
         let mut handles = Vec::new();
         for i in 0..job.sessions {
@@ -252,7 +280,7 @@ pub fn run(job: &Job) -> Result<Report> {
                     measure_start,
                     end,
                 };
-                Worker::new(conn, job, plan, shared, i).run()
+                Worker::new(conn, job, plan, shared, i, chap).run()
             }));
         }
         barrier.wait();
@@ -315,6 +343,7 @@ pub fn run(job: &Job) -> Result<Report> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let end = Instant::now();
+        run_end = end;
         let cpu1 = cpu1.unwrap_or_else(|| {
             (
                 report::self_cpu_us(),
@@ -351,6 +380,8 @@ pub fn run(job: &Job) -> Result<Report> {
         }
     }
 
+    // Set by the first session thread (or this one) after the barrier.
+    let t0 = t0_cell.get().copied().unwrap_or(run_end);
     let mut all = new_histogram();
     let mut rd = new_histogram();
     let mut wr = new_histogram();
@@ -376,6 +407,7 @@ pub fn run(job: &Job) -> Result<Report> {
             digest: job.digest,
             verify: job.verify,
             verify_only: job.verify_only,
+            reconnect: job.reconnect.is_some(),
         },
         elapsed_s: elapsed.as_secs_f64(),
         ios: 0,
@@ -392,6 +424,21 @@ pub fn run(job: &Job) -> Result<Report> {
         rejects: 0,
         verified_ios: 0,
         verify_mismatches: 0,
+        verify_unacknowledged_blocks: tracker.as_ref().map_or(0, |t| t.unacknowledged_units()),
+        stall_max_ms: shared.timeline.stall_max_ms(t0, run_end),
+        reconnects: 0,
+        reissued: 0,
+        unit_attentions: 0,
+        outages: shared
+            .timeline
+            .outages(t0)
+            .into_iter()
+            .map(|o| OutageReport {
+                start_ms: ms_of(o.start),
+                first_io_after_ms: o.first_io_after.map(ms_of),
+                connection_failures: o.connection_failures,
+            })
+            .collect(),
         bench_cpu_us_per_io: 0.0,
         target_cpu_us_per_io: None,
         target_cpu_cores: None,
@@ -411,6 +458,9 @@ pub fn run(job: &Job) -> Result<Report> {
         r.rejects += s.rejects;
         r.verified_ios += s.verified;
         r.verify_mismatches += s.mismatches;
+        r.reconnects += s.reconnects;
+        r.reissued += s.reissued;
+        r.unit_attentions += s.unit_attentions;
         if let Some(f) = &s.failure {
             failures.push(f.clone());
         }
@@ -431,6 +481,11 @@ pub fn run(job: &Job) -> Result<Report> {
     }
     r.failures = failures;
     Ok(r)
+}
+
+/// Milliseconds, rounded to the microsecond (the JSON stays readable).
+fn ms_of(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 impl Worker<'_> {

@@ -59,6 +59,22 @@ pub struct JobSummary {
     pub digest: bool,
     pub verify: bool,
     pub verify_only: bool,
+    /// `--reconnect` was on.
+    pub reconnect: bool,
+}
+
+/// One outage of a run: a connection failure and the wait for I/O after it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutageReport {
+    /// When the bench found the first connection of the outage lost, in ms since the run
+    /// started (a silent connection is found lost --io-timeout-ms after its last answer).
+    pub start_ms: f64,
+    /// From that failure to the first command completed after it, in any session; None
+    /// (null) if none completed.
+    pub first_io_after_ms: Option<f64>,
+    /// Connections found lost before that completion (a session whose new connection
+    /// failed again counts again).
+    pub connection_failures: u32,
 }
 
 /// The closing report of one run.
@@ -83,6 +99,19 @@ pub struct Report {
     pub rejects: u64,
     pub verified_ios: u64,
     pub verify_mismatches: u64,
+    /// Blocks whose latest write was sent but never acknowledged at the end of the run:
+    /// until a write to one is acknowledged, its old or its new data is correct.
+    pub verify_unacknowledged_blocks: u64,
+    /// The longest interval in which no command completed (GOOD) in any session, in ms
+    /// (1 ms resolution), over the whole run from its start to the end of the drain.
+    pub stall_max_ms: u64,
+    /// Logins that replaced a lost connection (--reconnect).
+    pub reconnects: u64,
+    /// Commands sent again on a new connection because the lost one left them unanswered.
+    pub reissued: u64,
+    /// Commands answered UNIT ATTENTION and sent again (--reconnect).
+    pub unit_attentions: u64,
+    pub outages: Vec<OutageReport>,
     /// (user + system CPU of this process) / I/Os, over the measured interval.
     pub bench_cpu_us_per_io: f64,
     /// Same for `--target-pid`, from /proc/PID/stat.
@@ -159,12 +188,44 @@ pub fn format_report(r: &Report) -> String {
     for f in &r.failures {
         let _ = writeln!(out, "  FAILED {f}");
     }
+    let _ = write!(
+        out,
+        "  stall: longest {} ms without a completion",
+        r.stall_max_ms
+    );
+    if j.reconnect || r.reconnects > 0 {
+        let _ = write!(
+            out,
+            "; {} reconnects, {} commands re-issued, {} unit attentions retried",
+            r.reconnects, r.reissued, r.unit_attentions
+        );
+    }
+    out.push('\n');
+    for o in &r.outages {
+        let _ = write!(
+            out,
+            "  outage at {:.1} ms: {} connections lost, ",
+            o.start_ms, o.connection_failures
+        );
+        let _ = match o.first_io_after_ms {
+            Some(ms) => writeln!(out, "first I/O {ms:.1} ms after the failure"),
+            None => writeln!(out, "no I/O completed after it"),
+        };
+    }
     if j.verify {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "  verify: {} blocks read back and checked, {} mismatches",
             r.verified_ios, r.verify_mismatches
         );
+        if r.verify_unacknowledged_blocks > 0 {
+            let _ = write!(
+                out,
+                "; {} blocks with an unacknowledged last write (old or new data accepted)",
+                r.verify_unacknowledged_blocks
+            );
+        }
+        out.push('\n');
     }
     out
 }
@@ -253,6 +314,7 @@ mod tests {
                 digest: false,
                 verify: true,
                 verify_only: false,
+                reconnect: true,
             },
             elapsed_s: 20.0,
             ios: 1000,
@@ -269,6 +331,16 @@ mod tests {
             rejects: 0,
             verified_ios: 700,
             verify_mismatches: 0,
+            verify_unacknowledged_blocks: 3,
+            stall_max_ms: 612,
+            reconnects: 2,
+            reissued: 64,
+            unit_attentions: 1,
+            outages: vec![OutageReport {
+                start_ms: 1012.25,
+                first_io_after_ms: Some(611.5),
+                connection_failures: 2,
+            }],
             bench_cpu_us_per_io: 12.34,
             target_cpu_us_per_io: Some(20.0),
             target_cpu_cores: Some(0.5),
@@ -308,7 +380,17 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("verify: 700 blocks read back and checked, 0 mismatches"),
+            s.contains("verify: 700 blocks read back and checked, 0 mismatches; 3 blocks with an unacknowledged last write"),
+            "{s}"
+        );
+        assert!(
+            s.contains("stall: longest 612 ms without a completion; 2 reconnects, 64 commands re-issued, 1 unit attentions retried"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "outage at 1012.2 ms: 2 connections lost, first I/O 611.5 ms after the failure"
+            ),
             "{s}"
         );
     }
@@ -320,6 +402,16 @@ mod tests {
         assert_eq!(v["latency_us"]["min"], 10);
         assert_eq!(v["job"]["rw"], "randrw");
         assert!(v["latency_us"]["p999"].is_u64());
+        assert_eq!(v["stall_max_ms"], 612);
+        assert_eq!(v["reconnects"], 2);
+        assert_eq!(v["outages"][0]["start_ms"], 1012.25);
+        assert_eq!(v["outages"][0]["first_io_after_ms"], 611.5);
+        assert_eq!(v["verify_unacknowledged_blocks"], 3);
+        let mut r = sample();
+        r.outages[0].first_io_after_ms = None;
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert!(v["outages"][0]["first_io_after_ms"].is_null());
+        assert!(format_report(&r).contains("no I/O completed after it"));
     }
 
     #[test]

@@ -14,6 +14,14 @@
 //! of the last acknowledged write and the generation of a write that was sent but never
 //! answered (either may be on disk). A unit is also "busy" while any command touches it, so
 //! two in-flight commands never overlap and the expectation of a read is well defined.
+//!
+//! Unacknowledged writes: a write is acknowledged only by a GOOD answer to it. One whose
+//! connection was lost, that failed, was answered BUSY, or was abandoned stays pending: it
+//! may have reached the medium whole, in part (per sector) or not at all, so a read accepts
+//! the acknowledged generation or any later one sent to the unit, until a write to the unit
+//! is acknowledged. `--reconnect` sends such a write again unchanged (same data, same
+//! generation, the unit still claimed): if the lost copy lands late, it writes the same
+//! bytes, and the GOOD answer to the copy that was sent again acknowledges it.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -212,17 +220,30 @@ impl Tracker {
         self.busy[unit as usize].store(false, Ordering::Release);
     }
 
-    /// Starts a write of `unit`: returns its generation and records it as pending.
+    /// Starts a write of `unit`: returns its generation and records it as pending ("sent,
+    /// outcome unknown"). A write sent again after a lost connection keeps this generation.
     pub fn begin_write(&self, unit: u64) -> u64 {
         let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
         self.pending[unit as usize].store(gen, Ordering::Relaxed);
         gen
     }
 
-    /// The target acknowledged the write of `gen` to `unit` with GOOD status.
+    /// The target acknowledged the write of `gen` to `unit` with GOOD status: the only way
+    /// a write becomes acknowledged. Every earlier write's data is overwritten by it, so
+    /// nothing unacknowledged remains acceptable.
     pub fn ack_write(&self, unit: u64, gen: u64) {
         self.acked[unit as usize].store(gen, Ordering::Relaxed);
         self.pending[unit as usize].store(0, Ordering::Relaxed);
+    }
+
+    /// Units whose latest write was sent but never acknowledged (lost with a connection,
+    /// failed, or abandoned): a read of one accepts the acknowledged data before it or any
+    /// unacknowledged write's since, until a write to it is acknowledged.
+    pub fn unacknowledged_units(&self) -> u64 {
+        self.pending
+            .iter()
+            .filter(|p| p.load(Ordering::Relaxed) != 0)
+            .count() as u64
     }
 
     /// (acknowledged, unacknowledged-but-sent) generations for `unit`.
@@ -362,6 +383,101 @@ mod tests {
             check(&b, 40, 0, 0).unwrap().found,
             SectorState::WrongSector(96)
         );
+    }
+
+    fn block(unit: u64, gen: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        stamp(&mut b, unit * 8, gen);
+        b
+    }
+
+    /// --reconnect: a write in flight when its connection died may or may not have landed.
+    /// Until it is acknowledged a read accepts the old data, the new, or a mix per sector;
+    /// sent again with the same generation and answered GOOD, only the new.
+    #[test]
+    fn a_write_lost_with_its_connection_is_old_or_new_until_acknowledged() {
+        let t = Tracker::new(4096, 8);
+        assert!(t.try_claim(2));
+        let g1 = t.begin_write(2);
+        t.ack_write(2, g1);
+        let g2 = t.begin_write(2);
+        // The connection dies here: no answer, and the unit stays claimed for the re-send.
+        let (acked, pending) = t.expect(2);
+        assert_eq!((acked, pending), (g1, g2), "never counted as acknowledged");
+        assert_eq!(t.unacknowledged_units(), 1);
+        assert_eq!(
+            check(&block(2, g1), 16, acked, pending),
+            None,
+            "did not land"
+        );
+        assert_eq!(check(&block(2, g2), 16, acked, pending), None, "landed");
+        let mut torn = block(2, g1);
+        torn[..2048].copy_from_slice(&block(2, g2)[..2048]);
+        assert_eq!(check(&torn, 16, acked, pending), None, "landed in part");
+        // Anything else is still a mismatch.
+        assert_eq!(
+            check(&vec![0u8; 4096], 16, acked, pending).unwrap().found,
+            SectorState::Zero
+        );
+        assert_eq!(
+            check(&block(2, g2 + 1), 16, acked, pending).unwrap().found,
+            SectorState::Gen(g2 + 1),
+            "newer than anything sent to the unit"
+        );
+        assert_eq!(
+            check(&block(3, g2), 16, acked, pending).unwrap().found,
+            SectorState::WrongSector(24)
+        );
+        // Sent again unchanged on the new connection, answered GOOD: now acknowledged, and
+        // the old data would be a lost write.
+        t.ack_write(2, g2);
+        t.release(2);
+        let (acked, pending) = t.expect(2);
+        assert_eq!((acked, pending), (g2, 0));
+        assert_eq!(t.unacknowledged_units(), 0);
+        assert_eq!(check(&block(2, g2), 16, acked, pending), None);
+        assert_eq!(
+            check(&block(2, g1), 16, acked, pending).unwrap().found,
+            SectorState::Gen(g1)
+        );
+    }
+
+    /// A write never answered and then given up (the reconnect failed, the run ended) stays
+    /// unacknowledged, also in the saved ack log; so do several in a row. Only an
+    /// acknowledged write to the unit settles it.
+    #[test]
+    fn abandoned_writes_stay_unacknowledged_until_a_write_is_acknowledged() {
+        let t = Tracker::new(4096, 8);
+        assert!(t.try_claim(5));
+        let g1 = t.begin_write(5);
+        t.ack_write(5, g1);
+        let g2 = t.begin_write(5);
+        t.release(5); // abandoned
+        assert!(t.try_claim(5), "another command may use the unit");
+        let g3 = t.begin_write(5);
+        t.release(5); // lost as well
+        let (acked, pending) = t.expect(5);
+        assert_eq!((acked, pending), (g1, g3));
+        for g in [g1, g2, g3] {
+            assert_eq!(check(&block(5, g), 40, acked, pending), None, "gen {g}");
+        }
+        let dir =
+            std::env::temp_dir().join(format!("twinsan-bench-unacked-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("acks");
+        t.save(&p).unwrap();
+        let l = Tracker::load(&p).unwrap();
+        assert_eq!(l.expect(5), (g1, g3));
+        assert_eq!(l.unacknowledged_units(), 1);
+        assert_eq!(l.known_units(), vec![5]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(l.try_claim(5));
+        let g4 = l.begin_write(5);
+        assert!(g4 > g3);
+        l.ack_write(5, g4);
+        assert_eq!(l.expect(5), (g4, 0));
+        assert_eq!(l.unacknowledged_units(), 0);
+        assert!(check(&block(5, g3), 40, g4, 0).is_some());
     }
 
     #[test]

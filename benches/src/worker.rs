@@ -1,23 +1,51 @@
 //! One session's I/O loop: keeps `iodepth` READ(16)/WRITE(16) commands in flight on one
 //! connection, tagged by ITT (the slot index), inside the target's CmdSN window.
+//!
+//! With `--reconnect`, a lost connection (an error, EOF, a reset, an asynchronous event
+//! announcing its end, or a command unanswered for `--io-timeout-ms`) is replaced by a new
+//! login to the same URL, and every command that was unanswered is sent again as it was: a
+//! write with the same data and generation, so it stays "either the old or the new data"
+//! in the verify model until the target acknowledges it.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use hdrhistogram::Histogram;
+use proto::login::chap::ChapInitiator;
 use proto::pdu::{initiator, opcode, RESERVED_TAG};
 
 use crate::args::{Job, Rw};
-use crate::conn::{describe_sense, rw16, Conn, Pdu};
+use crate::conn::{describe_sense, parse_sense, rw16, Conn, Pdu, SENSE_KEY_UNIT_ATTENTION};
 use crate::report::new_histogram;
+use crate::stall::Timeline;
+
 use crate::verify::{check, stamp, Tracker, SECTOR};
+pub use reconnect::ConnectionLost;
+use reconnect::Interrupted;
+pub(crate) use reconnect::CONNECT_ATTEMPT_TIMEOUT;
 
 /// SCSI status codes (SAM-5) the target uses to ask for a retry later.
 const STATUS_BUSY: u8 = 0x08;
 const STATUS_TASK_SET_FULL: u8 = 0x28;
+const STATUS_CHECK_CONDITION: u8 = 0x02;
+
+/// With --reconnect, how long a command answered BUSY or TASK SET FULL waits before it is
+/// sent again: a target short of resources is not hammered, and a failover's stall is not
+/// lengthened noticeably.
+const BUSY_RETRY_DELAY: Duration = Duration::from_millis(5);
+/// UNIT ATTENTIONs in a row one command may be answered with before it counts as failed:
+/// each reports (and clears) one event, so a target that keeps sending them is broken.
+const MAX_UNIT_ATTENTION_RETRIES: u32 = 8;
+/// How often --reconnect looks for a command outstanding past --io-timeout-ms (a scan of
+/// the slots: the timeout is noticed at most this much late).
+const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// How long the drain after the run may take without --reconnect (with it, the reconnect
+/// budget is added: commands lost at the end of a run are re-issued in the drain).
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Counters shared with the progress printer.
 pub struct Shared {
@@ -31,6 +59,8 @@ pub struct Shared {
     pub printed: AtomicU64,
     /// Ask all sessions to stop issuing.
     pub stop: AtomicBool,
+    /// Completions and connection failures of all sessions, for the stall figures.
+    pub timeline: Timeline,
 }
 
 impl Default for Shared {
@@ -42,6 +72,7 @@ impl Default for Shared {
             hist: Mutex::new(new_histogram()),
             printed: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            timeline: Timeline::new(Instant::now()),
         }
     }
 }
@@ -56,11 +87,18 @@ pub struct SessionResult {
     pub writes: u64,
     pub bytes: u64,
     pub errors: u64,
-    /// Commands answered BUSY or TASK SET FULL (not run; the slot was reused).
+    /// Commands answered BUSY or TASK SET FULL (not run; without --reconnect the slot was
+    /// reused, with it the command was sent again).
     pub busy: u64,
+    /// Commands answered UNIT ATTENTION and sent again (--reconnect only).
+    pub unit_attentions: u64,
     pub rejects: u64,
     pub verified: u64,
     pub mismatches: u64,
+    /// Logins that replaced a lost connection (--reconnect).
+    pub reconnects: u64,
+    /// Commands sent again on a new connection because the lost one left them unanswered.
+    pub reissued: u64,
     pub failure: Option<String>,
 }
 
@@ -76,9 +114,12 @@ impl Default for SessionResult {
             bytes: 0,
             errors: 0,
             busy: 0,
+            unit_attentions: 0,
             rejects: 0,
             verified: 0,
             mismatches: 0,
+            reconnects: 0,
+            reissued: 0,
             failure: None,
         }
     }
@@ -101,8 +142,20 @@ pub struct Plan {
     pub end: Option<Instant>,
 }
 
+/// Where a slot's command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Sent (or queued to send) on the current connection, unanswered.
+    Sent,
+    /// Unanswered and waiting in `Worker::retry` to be sent again (--reconnect): its
+    /// connection was lost, or the target answered BUSY, TASK SET FULL or UNIT ATTENTION.
+    /// Its units stay claimed meanwhile, so nothing else touches them.
+    Waiting,
+}
+
 struct Slot {
-    busy: bool,
+    state: SlotState,
     write: bool,
     /// The command covers units `unit..unit + n`.
     unit: u64,
@@ -110,7 +163,13 @@ struct Slot {
     /// Verify mode, per unit of the command: the generation written, or what a read expects.
     gens: Vec<u64>,
     exps: Vec<(u64, u64)>,
+    /// When the command was first issued: its latency runs from here across every re-issue,
+    /// as an application's would.
     start: Instant,
+    /// When it was last sent on the current connection: what --io-timeout-ms measures.
+    sent_at: Instant,
+    /// UNIT ATTENTION answers to this command so far.
+    unit_attentions: u32,
     /// Data-In bytes received for a read (a GOOD read must have delivered them all).
     received: u64,
     buf: Vec<u8>,
@@ -142,15 +201,30 @@ impl Rng {
     }
 }
 
+/// The I/O loop's state that outlives a reconnect.
+struct LoopState {
+    stopping: bool,
+    stop_at: Option<Instant>,
+    /// The target announced the end of the connection (--reconnect): nothing more is sent
+    /// on it, and once every command sent on it is answered the session logs in again.
+    leaving: Option<ConnectionLost>,
+}
+
 pub struct Worker<'a> {
     conn: Conn,
     job: &'a Job,
+    /// CHAP for the logins of --reconnect.
+    chap: Option<&'a ChapInitiator>,
     plan: Plan,
     shared: &'a Shared,
     idx: usize,
     slots: Vec<Slot>,
     free: Vec<usize>,
+    /// Slots not free (sent, or waiting to be sent again).
     inflight: usize,
+    /// Slots to send again, each not before its instant (in about that order).
+    retry: VecDeque<(usize, Instant)>,
+    next_timeout_check: Instant,
     /// What unverified writes send, shared with the send queue (sent in place).
     pattern: Arc<[u8]>,
     rng: Rng,
@@ -165,18 +239,27 @@ pub struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
-    pub fn new(conn: Conn, job: &'a Job, plan: Plan, shared: &'a Shared, idx: usize) -> Self {
+    pub fn new(
+        conn: Conn,
+        job: &'a Job,
+        plan: Plan,
+        shared: &'a Shared,
+        idx: usize,
+        chap: Option<&'a ChapInitiator>,
+    ) -> Self {
         let verify = plan.tracker.is_some();
         let max_bytes = plan.bs * plan.max_units;
         let slots = (0..job.iodepth)
             .map(|_| Slot {
-                busy: false,
+                state: SlotState::Free,
                 write: false,
                 unit: 0,
                 n: 1,
                 gens: Vec::new(),
                 exps: Vec::new(),
                 start: Instant::now(),
+                sent_at: Instant::now(),
+                unit_attentions: 0,
                 received: 0,
                 buf: if verify {
                     vec![0u8; max_bytes as usize]
@@ -196,12 +279,15 @@ impl<'a> Worker<'a> {
         Self {
             conn,
             job,
+            chap,
             plan,
             shared,
             idx,
             slots,
             free: (0..job.iodepth).rev().collect(),
             inflight: 0,
+            retry: VecDeque::new(),
+            next_timeout_check: Instant::now(),
             pattern,
             rng,
             seq_cursor: 0,
@@ -222,7 +308,7 @@ impl<'a> Worker<'a> {
             // Abandoned commands keep their pending generation in the tracker; free the
             // claims so a later pass in this process could still read those units.
             if let Some(t) = &self.plan.tracker {
-                for s in self.slots.iter().filter(|s| s.busy) {
+                for s in self.slots.iter().filter(|s| s.state != SlotState::Free) {
                     t.release(s.unit);
                 }
             }
@@ -232,22 +318,65 @@ impl<'a> Worker<'a> {
     }
 
     fn run_inner(&mut self) -> Result<()> {
-        let mut stopping = false;
-        let drain_limit = Duration::from_secs(30);
-        let mut stop_at: Option<Instant> = None;
+        let mut st = LoopState {
+            stopping: false,
+            stop_at: None,
+            leaving: None,
+        };
+        loop {
+            match self.pump(&mut st) {
+                Ok(()) => break,
+                Err(Interrupted::Lost(why)) => match self.job.reconnect {
+                    Some(policy) => {
+                        // Whatever the old connection announced, the new one starts afresh.
+                        st.leaving = None;
+                        self.reconnect(&why, policy)?
+                    }
+                    None => return Err(why.into()),
+                },
+                Err(Interrupted::Fatal(e)) => return Err(e),
+            }
+        }
+        match self.conn.logout() {
+            Err(e) if self.job.reconnect.is_some() => {
+                // Every command was answered: a connection lost at the logout loses nothing.
+                eprintln!(
+                    "twinsan bench: session {}: logout failed after the drain ({e:#}); ignored with --reconnect",
+                    self.idx
+                );
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// Runs the I/O loop until the drain after the run is complete (`Ok`), the connection
+    /// is lost, or something fatal happens.
+    fn pump(&mut self, st: &mut LoopState) -> Result<(), Interrupted> {
+        let drain_limit = DRAIN_LIMIT + self.job.reconnect.map_or(Duration::ZERO, |r| r.timeout);
         loop {
             let now = Instant::now();
-            if !stopping
+            if !st.stopping
                 && (self.exhausted
                     || self.plan.end.is_some_and(|e| now >= e)
                     || self.shared.stop.load(Ordering::Relaxed))
             {
-                stopping = true;
-                stop_at = Some(now);
+                st.stopping = true;
+                st.stop_at = Some(now);
             }
             let mut progress = false;
-            while !stopping && self.inflight < self.job.iodepth && self.conn.window_open() {
-                if !self.issue()? {
+            // Commands to send again first (also while stopping: they are part of the
+            // drain), then new ones.
+            while st.leaving.is_none() && self.conn.window_open() {
+                if let Some(&(i, not_before)) = self.retry.front() {
+                    if not_before <= now {
+                        self.retry.pop_front();
+                        self.send(i);
+                        progress = true;
+                        continue;
+                    }
+                }
+                if st.stopping || self.inflight >= self.job.iodepth || !self.issue()? {
                     break;
                 }
                 progress = true;
@@ -255,36 +384,86 @@ impl<'a> Worker<'a> {
             progress |= self.conn.flush()?;
             progress |= self.conn.fill()?;
             while let Some(p) = self.conn.next_pdu()? {
-                self.handle(p, &mut stopping)?;
+                if let Some(lost) = self.handle(p, &mut st.stopping)? {
+                    st.leaving.get_or_insert(lost);
+                }
                 progress = true;
             }
             if now.duration_since(self.last_merge) > Duration::from_millis(250) {
                 self.merge_recent();
             }
-            if stopping && self.inflight == 0 && !self.conn.pending_tx() {
-                break;
+            if st.stopping && self.inflight == 0 && !self.conn.pending_tx() {
+                return Ok(());
             }
-            if let Some(s) = stop_at {
+            if st.leaving.is_some()
+                && self.oldest_unanswered(now).is_none()
+                && !self.conn.pending_tx()
+            {
+                if let Some(lost) = st.leaving.take() {
+                    if matches!(lost, ConnectionLost::Announced { event: 1 }) {
+                        // Asked to log out: do, so the target ends the session cleanly.
+                        // Its failure changes nothing: every command here is answered.
+                        let _ = self.conn.logout();
+                    }
+                    return Err(Interrupted::Lost(lost));
+                }
+            }
+            if let Some(s) = st.stop_at {
                 if now.duration_since(s) > drain_limit {
-                    bail!(
+                    return Err(anyhow!(
                         "{} commands still unanswered {} s after the run ended",
                         self.inflight,
                         drain_limit.as_secs()
-                    );
+                    )
+                    .into());
                 }
             }
-            if self.inflight > 0 && now.duration_since(self.conn.last_rx) > Duration::from_secs(30)
-            {
-                bail!(
-                    "target sent nothing for 30 s with {} commands outstanding",
-                    self.inflight
-                );
+            match self.job.reconnect {
+                Some(policy) => {
+                    if now >= self.next_timeout_check {
+                        self.next_timeout_check = now + TIMEOUT_CHECK_INTERVAL;
+                        if let Some(waited) = self.oldest_unanswered(now) {
+                            if waited > policy.io_timeout {
+                                return Err(Interrupted::Lost(ConnectionLost::NoProgress {
+                                    waited_ms: waited.as_millis() as u64,
+                                }));
+                            }
+                        }
+                    }
+                }
+                None => {
+                    if self.inflight > 0
+                        && now.duration_since(self.conn.last_rx) > Duration::from_secs(30)
+                    {
+                        return Err(anyhow!(
+                            "target sent nothing for 30 s with {} commands outstanding",
+                            self.inflight
+                        )
+                        .into());
+                    }
+                }
             }
             if !progress {
-                self.conn.wait(Duration::from_millis(50));
+                // Not past the next retry: a BUSY answer waits 5 ms, not a whole poll.
+                let wait = self
+                    .retry
+                    .front()
+                    .map_or(Duration::from_millis(50), |&(_, t)| {
+                        t.saturating_duration_since(now)
+                            .clamp(Duration::from_millis(1), Duration::from_millis(50))
+                    });
+                self.conn.wait(wait);
             }
         }
-        self.conn.logout()
+    }
+
+    /// How long the oldest command sent on the current connection has been unanswered.
+    fn oldest_unanswered(&self, now: Instant) -> Option<Duration> {
+        self.slots
+            .iter()
+            .filter(|s| s.state == SlotState::Sent)
+            .map(|s| now.saturating_duration_since(s.sent_at))
+            .max()
     }
 
     fn merge_recent(&mut self) {
@@ -371,13 +550,10 @@ impl<'a> Worker<'a> {
                 Rw::Randrw => self.rng.below(100) >= self.job.rwmix_read as u64,
             };
         let bs = self.plan.bs;
-        let len = n * bs;
         let s = &mut self.slots[i];
-        s.busy = true;
         s.write = write;
         s.unit = unit;
         s.n = n;
-        s.received = 0;
         if let Some(t) = &self.plan.tracker {
             s.gens.clear();
             s.exps.clear();
@@ -394,7 +570,21 @@ impl<'a> Worker<'a> {
         }
         // Latency from here: stamping verify data is the harness's work, not the target's.
         s.start = Instant::now();
-        let lba = unit * bs / self.plan.block_size as u64;
+        s.unit_attentions = 0;
+        self.inflight += 1;
+        self.send(i);
+        Ok(true)
+    }
+
+    /// Sends slot `i`'s command on the current connection: a new one, or one again.
+    fn send(&mut self, i: usize) {
+        let bs = self.plan.bs;
+        let s = &mut self.slots[i];
+        s.state = SlotState::Sent;
+        s.received = 0;
+        s.sent_at = Instant::now();
+        let (write, len) = (s.write, s.n * bs);
+        let lba = s.unit * bs / self.plan.block_size as u64;
         let blocks = (len / self.plan.block_size as u64) as u32;
         let cdb = rw16(write, lba, blocks);
         let p = self.conn.params;
@@ -442,11 +632,17 @@ impl<'a> Worker<'a> {
                 unsolicited_end,
             );
         }
-        self.inflight += 1;
-        Ok(true)
     }
 
-    fn handle(&mut self, p: Pdu, stopping: &mut bool) -> Result<()> {
+    /// Queues slot `i`'s command to be sent again from `at` on (--reconnect).
+    fn send_again(&mut self, i: usize, at: Instant) {
+        self.slots[i].state = SlotState::Waiting;
+        self.retry.push_back((i, at));
+    }
+
+    /// Handles one PDU from the target; `Some` when it announces the end of the connection
+    /// and --reconnect is on.
+    fn handle(&mut self, p: Pdu, stopping: &mut bool) -> Result<Option<ConnectionLost>> {
         let v = p.v;
         match v.opcode {
             opcode::DATA_IN => {
@@ -525,18 +721,25 @@ impl<'a> Worker<'a> {
                     "twinsan bench: session {}: asynchronous message event {event}",
                     self.idx
                 );
+                // 1: logout requested, 2 and 3: the connection or session will be
+                // dropped; with --reconnect the session stops sending on this connection,
+                // collects the answers still coming, and logs in again (where the portal
+                // now is) instead of ending. 4 (renegotiate) ends the run as before.
+                if self.job.reconnect.is_some() && (1..=3).contains(&event) {
+                    return Ok(Some(ConnectionLost::Announced { event }));
+                }
                 if (1..=4).contains(&event) {
                     *stopping = true;
                 }
             }
             op => bail!("unexpected PDU opcode {op:#04x}"),
         }
-        Ok(())
+        Ok(None)
     }
 
     fn slot_of(&self, itt: u32) -> Result<usize> {
         let i = itt as usize;
-        if i < self.slots.len() && self.slots[i].busy {
+        if i < self.slots.len() && self.slots[i].state == SlotState::Sent {
             Ok(i)
         } else {
             bail!("target answered unknown ITT {itt:#x}")
@@ -545,7 +748,7 @@ impl<'a> Worker<'a> {
 
     fn release(&mut self, i: usize) {
         let s = &mut self.slots[i];
-        s.busy = false;
+        s.state = SlotState::Free;
         if let Some(t) = &self.plan.tracker {
             for k in 0..s.n {
                 t.release(s.unit + k);
@@ -573,11 +776,31 @@ impl<'a> Worker<'a> {
         sense: &[u8],
     ) {
         let now = Instant::now();
+        let retrying = self.job.reconnect.is_some();
         if response == 0 && matches!(status, STATUS_BUSY | STATUS_TASK_SET_FULL) {
             // The target did not run it and asks us to retry later: flow control, not a
-            // failed command. The slot goes back; a write's generation stays pending.
+            // failed command. Without --reconnect the slot goes back (a write's generation
+            // stays pending); with it the same command goes again shortly, as an
+            // initiator's SCSI layer would do.
             self.res.busy += 1;
-            self.release(i);
+            if retrying {
+                self.send_again(i, now + BUSY_RETRY_DELAY);
+            } else {
+                self.release(i);
+            }
+            return;
+        }
+        if retrying
+            && response == 0
+            && status == STATUS_CHECK_CONDITION
+            && parse_sense(sense).is_some_and(|(key, _, _)| key == SENSE_KEY_UNIT_ATTENTION)
+            && self.slots[i].unit_attentions < MAX_UNIT_ATTENTION_RETRIES
+        {
+            // Not run: the target reports an event first (a reset, a failover's changed
+            // state). A write keeps its generation pending until an answer GOOD.
+            self.slots[i].unit_attentions += 1;
+            self.res.unit_attentions += 1;
+            self.send_again(i, now);
             return;
         }
         let len = self.slots[i].len_bytes(self.plan.bs);
@@ -646,6 +869,7 @@ impl<'a> Worker<'a> {
         let bytes = s.len_bytes(bs);
         let write = s.write;
         let lat = (now.duration_since(s.start).as_micros() as u64).max(1);
+        self.shared.timeline.completed(now);
         self.shared.ios.fetch_add(1, Ordering::Relaxed);
         self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
         // Latency: every command issued in the measured window, also one that completes
@@ -715,18 +939,6 @@ fn send_data_out(conn: &mut Conn, data: Payload, itt: u32, ttt: u32, from: u32, 
     }
 }
 
+mod reconnect;
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rng_below_is_in_range_and_spread() {
-        let mut r = Rng::new(1);
-        let mut seen = [0u32; 10];
-        for _ in 0..10_000 {
-            let x = r.below(10);
-            seen[x as usize] += 1;
-        }
-        assert!(seen.iter().all(|&c| (800..1200).contains(&c)), "{seen:?}");
-    }
-}
+mod tests;

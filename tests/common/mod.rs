@@ -68,6 +68,19 @@ impl Daemon {
         format!("iscsi://{}/{TARGET}/{lun}", self.addr)
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a stopped daemon keeps its connections open
+    /// and answers nothing, as a hung node or a silent network would.
+    pub fn set_stopped(&self, stopped: bool) {
+        let sig = if stopped { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} on the daemon failed");
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -75,8 +88,15 @@ impl Daemon {
     /// SIGKILL, reaped, and started again at once on the same address and data, as a
     /// supervisor restarts a crashed daemon.
     pub fn crash_and_restart(&mut self) {
+        self.crash_and_restart_after(Duration::ZERO);
+    }
+
+    /// SIGKILL, reaped, down for `down`, then started again on the same address and data:
+    /// a portal that is gone for a while (a failover moving its address) and comes back.
+    pub fn crash_and_restart_after(&mut self, down: Duration) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        std::thread::sleep(down);
         let (child, line) = spawn(&self.dir, &self.addr, Stdio::piped());
         if !line.starts_with("listening on ") {
             let o = child.wait_with_output().expect("restarted daemon");
