@@ -75,6 +75,29 @@ enum Cmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Automatic failover: hand over to the peer (on the primary) and do not take over
+    /// until `takeover` (either node), for maintenance.
+    Standby(AdminArgs),
+    /// Automatic failover: clear standby, and ask an in-sync primary to hand over here.
+    Takeover(AdminArgs),
+    /// Run a witness: the third vote for any number of pairs (see docs/failover.md).
+    Witness {
+        /// UDP address to listen on, ADDRESS:PORT.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// TOML file: state_dir and one [[pair]] (id, key) per pair served.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Internal: removes the VIP when the daemon that started it dies (its stdin closes).
+    #[command(hide = true)]
+    VipGuard {
+        #[arg(long)]
+        interface: String,
+        /// ADDRESS/PREFIX.
+        #[arg(long)]
+        vip: String,
+    },
     /// Check a configuration file and print what it would serve.
     CheckConfig {
         #[arg(long)]
@@ -213,6 +236,37 @@ fn main() -> ExitCode {
             admin(a, if repair { "verify-repair" } else { "verify" })
         }
         Cmd::OutdatePeer(a) => admin(a, "outdate-peer"),
+        Cmd::Standby(a) => admin(a, "standby"),
+        Cmd::Takeover(a) => admin(a, "takeover"),
+        Cmd::Witness { listen, config } => {
+            match engine::failover::witness_server::serve(listen, &config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("twinsan witness: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::VipGuard { interface, vip } => {
+            let parsed = vip.split_once('/').and_then(|(a, p)| {
+                Some(engine::config::VipConfig {
+                    addr: a.parse().ok()?,
+                    prefix_len: p.parse().ok()?,
+                    interface,
+                })
+            });
+            let Some(v) = parsed else {
+                eprintln!("twinsan vip-guard: --vip must be ADDRESS/PREFIX");
+                return ExitCode::from(2);
+            };
+            match engine::failover::vip_guard::run(&v) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("twinsan vip-guard: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Resolve {
             discard_local: true,
             admin: a,

@@ -63,6 +63,20 @@ fn handle(stream: UnixStream, reg: &Registry) -> std::io::Result<()> {
 pub fn execute(cmd: &str, reg: &Registry) -> String {
     match cmd {
         "status" => status(reg),
+        "standby" | "takeover" => match reg.failover.get() {
+            Some(f) => {
+                let op = if cmd == "standby" {
+                    failover::controller::Operator::Standby
+                } else {
+                    failover::controller::Operator::Takeover
+                };
+                match f.operator(op) {
+                    Ok(m) => format!("ok: {m}\n"),
+                    Err(m) => format!("error: {m}\n"),
+                }
+            }
+            None => "error: automatic failover is not configured ([failover])\n".into(),
+        },
         "promote" | "promote-force" => {
             let refusal = (cmd == "promote" && reg.role() != Role::Primary)
                 .then(|| reg.replication.get().and_then(|rep| rep.promote_refusal()))
@@ -121,7 +135,7 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             None => "error: no peer configured\n".into(),
         },
         other => {
-            format!("error: unknown command `{other}` (status, promote, promote-force, demote, outdate-peer, verify, verify-repair, resolve-discard-local)\n")
+            format!("error: unknown command `{other}` (status, promote, promote-force, demote, standby, takeover, outdate-peer, verify, verify-repair, resolve-discard-local)\n")
         }
     }
 }
@@ -145,6 +159,9 @@ fn status(reg: &Registry) -> String {
         Some(_) => {
             if let Some(rep) = reg.replication.get() {
                 s.push_str(&rep.status());
+            }
+            if let Some(f) = reg.failover.get() {
+                s.push_str(&f.status());
             }
         }
     }

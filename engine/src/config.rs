@@ -10,6 +10,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+mod failover;
+pub use self::failover::{FailoverConfig, HeartbeatPath, VipConfig};
+/// The failover defaults (the witness uses the same lease).
+pub mod failover_defaults {
+    pub use super::failover::DEFAULT_TIMINGS;
+}
+
 /// Default iSCSI port (RFC 7143 section 13.1.1... IANA: 3260).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3260";
 /// The embedded default target's name.
@@ -91,6 +98,8 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     peer: Option<RawPeer>,
+    #[serde(default)]
+    failover: Option<self::failover::RawFailover>,
     #[serde(default)]
     discovery: Option<RawDiscovery>,
     #[serde(default, rename = "target")]
@@ -331,6 +340,8 @@ pub struct Config {
     /// Where large buffered writes run (engine/src/disk/spill.rs).
     pub spill_writes: SpillWrites,
     pub peer: Option<PeerConfig>,
+    /// Automatic failover (needs `peer`).
+    pub failover: Option<FailoverConfig>,
     /// The admin socket (`twinsan status`, `promote`, `demote`).
     pub admin_socket: PathBuf,
 }
@@ -577,6 +588,7 @@ impl Config {
                 luns,
             });
         }
+        let raw_on_peer_loss = raw.peer.as_ref().and_then(|p| p.on_peer_loss);
         let peer = match raw.peer {
             None => None,
             Some(p) => {
@@ -643,6 +655,32 @@ impl Config {
                 })
             }
         };
+        let failover = match raw.failover {
+            None => None,
+            Some(f) => Some(self::failover::parse(f, &bad)?),
+        };
+        let mut peer = peer;
+        if let (Some(_), None) = (&failover, &peer) {
+            return Err(bad(
+                "failover",
+                "needs a [peer] section: failover moves service between the two nodes of a pair"
+                    .into(),
+            ));
+        }
+        if let (Some(_), Some(p)) = (&failover, peer.as_mut()) {
+            // With automatic failover, a primary that loses its peer holds its writes until
+            // the witness records the peer outdated (or the fence command succeeded): it
+            // never outdates it on its own word.
+            if raw_on_peer_loss == Some(OnPeerLoss::Degrade) {
+                return Err(bad(
+                    "peer.on_peer_loss",
+                    "`degrade` outdates the peer on this node's own word: with [failover], \
+                     the witness or the fence command decides (leave it unset or `suspend`)"
+                        .into(),
+                ));
+            }
+            p.on_peer_loss = OnPeerLoss::Suspend;
+        }
         let role = raw.server.role.unwrap_or(Role::Primary);
         let admin_socket = raw
             .server
@@ -663,6 +701,7 @@ impl Config {
             role,
             spill_writes: raw.server.spill_writes.unwrap_or(SpillWrites::Auto),
             peer,
+            failover,
             admin_socket,
         })
     }

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod config;
 pub mod disk;
+pub mod failover;
 pub mod iscsi;
 pub mod log_limit;
 pub mod lun;
@@ -25,3 +26,4 @@ pub mod registry;
 pub mod replication;
 pub mod scsi;
 pub mod server;
+pub mod vip;

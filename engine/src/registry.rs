@@ -36,6 +36,8 @@ pub struct Registry {
     role: std::sync::atomic::AtomicU8,
     /// The replica link, when a peer is configured (set once at start).
     pub replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
+    /// The failover driver, when `[failover]` is configured.
+    pub failover: std::sync::OnceLock<crate::failover::FailoverHandle>,
     /// Sessions in full feature phase, for status.
     pub sessions: std::sync::atomic::AtomicUsize,
     /// Normal sessions by (initiator name, ISID, target index): the one a new login with
@@ -108,7 +110,13 @@ impl Registry {
             });
         }
         let login = crate::iscsi::login::login_config(&config);
-        let config_role = config.role;
+        // With a witness, every node starts as secondary: the witness's records and the
+        // heartbeats decide who serves (the configured role is the preferred one). A node
+        // that restarts while its peer serves with newer data must not even try.
+        let config_role = match config.failover.as_ref().map(|f| f.guard()) {
+            Some(failover::controller::Guard::Witness) => crate::config::Role::Secondary,
+            _ => config.role,
+        };
         Ok(Registry {
             config,
             targets,
@@ -122,6 +130,7 @@ impl Registry {
             sessions: Default::default(),
             live_sessions: Default::default(),
             replication: std::sync::OnceLock::new(),
+            failover: std::sync::OnceLock::new(),
         })
     }
 

@@ -201,6 +201,11 @@ impl Server {
                 .map_err(|source| ServeError::Ring { core, source })?;
             threads.push(t);
         }
+        if registry.config.failover.is_some() {
+            let handle = crate::failover::start(Arc::clone(&registry))
+                .map_err(|source| ServeError::Replica { source })?;
+            let _ = registry.failover.set(handle);
+        }
         if let Err(e) = crate::admin::serve(&registry.config.admin_socket, Arc::clone(&registry)) {
             // The data path works without it; say clearly that status/promote will not.
             tracing::error!(path = %registry.config.admin_socket.display(), error = %e, "admin socket unavailable");

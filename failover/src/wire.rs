@@ -22,17 +22,21 @@ const MAC_LEN: usize = 32;
 /// Longest pair id: names a pair at a witness that serves many.
 pub const MAX_PAIR_ID_LEN: usize = 64;
 /// Longest datagram this format makes (a bound for receive buffers).
-pub const MAX_DATAGRAM_LEN: usize = 8 + MAX_PAIR_ID_LEN + 8 + REPLY_BODY_LEN + MAC_LEN;
+pub const MAX_DATAGRAM_LEN: usize = 8 + MAX_PAIR_ID_LEN + 8 + SESSIONS_BODY_LEN + MAC_LEN;
+/// Initiator connections named in one sessions datagram (more go in several).
+pub const MAX_SESSIONS_PER_DATAGRAM: usize = 32;
 /// The witness's sender id.
 pub const WITNESS_SENDER: u8 = 2;
 
 const KIND_HEARTBEAT: u8 = 1;
 const KIND_LEASE_REQUEST: u8 = 2;
 const KIND_LEASE_REPLY: u8 = 3;
+const KIND_SESSIONS: u8 = 4;
 
 const HEARTBEAT_BODY_LEN: usize = 2;
 const REQUEST_BODY_LEN: usize = 18;
 const REPLY_BODY_LEN: usize = 24;
+const SESSIONS_BODY_LEN: usize = 2 + 6 * MAX_SESSIONS_PER_DATAGRAM;
 
 /// What a node tells its peer on every path, every `keepalive_ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -150,12 +154,31 @@ pub struct LeaseReply {
     pub epoch: u64,
 }
 
+/// The primary's initiator connections (their address and port), sent to the peer so that
+/// after a takeover it can tickle them into reconnecting at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sessions {
+    /// Which part of the list this is (0-based), when it takes several datagrams.
+    pub part: u8,
+    /// How many of `peers` are used.
+    pub count: u8,
+    pub peers: [([u8; 4], u16); MAX_SESSIONS_PER_DATAGRAM],
+}
+
+impl Sessions {
+    /// The used entries.
+    pub fn list(&self) -> &[([u8; 4], u16)] {
+        &self.peers[..usize::from(self.count).min(MAX_SESSIONS_PER_DATAGRAM)]
+    }
+}
+
 /// A datagram's kind and content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Body {
     Heartbeat(Heartbeat),
     LeaseRequest(LeaseRequest),
     LeaseReply(LeaseReply),
+    Sessions(Sessions),
 }
 
 /// A datagram that passed its authentication.
@@ -217,6 +240,7 @@ fn body_len(kind: u8) -> Option<usize> {
         KIND_HEARTBEAT => Some(HEARTBEAT_BODY_LEN),
         KIND_LEASE_REQUEST => Some(REQUEST_BODY_LEN),
         KIND_LEASE_REPLY => Some(REPLY_BODY_LEN),
+        KIND_SESSIONS => Some(SESSIONS_BODY_LEN),
         _ => None,
     }
 }
@@ -272,6 +296,7 @@ pub fn seal(key: &Key, pair_id: &[u8], sender: u8, seq: u64, body: &Body) -> Vec
         Body::Heartbeat(_) => KIND_HEARTBEAT,
         Body::LeaseRequest(_) => KIND_LEASE_REQUEST,
         Body::LeaseReply(_) => KIND_LEASE_REPLY,
+        Body::Sessions(_) => KIND_SESSIONS,
     };
     out.push(kind);
     out.push(sender);
@@ -300,11 +325,30 @@ pub fn seal(key: &Key, pair_id: &[u8], sender: u8, seq: u64, body: &Body) -> Vec
             out.push(0);
             out.extend_from_slice(&r.epoch.to_be_bytes());
         }
+        Body::Sessions(ss) => {
+            assert!(usize::from(ss.count) <= MAX_SESSIONS_PER_DATAGRAM);
+            out.push(ss.part);
+            out.push(ss.count);
+            for (ip, port) in ss.peers {
+                out.extend_from_slice(&ip);
+                out.extend_from_slice(&port.to_be_bytes());
+            }
+        }
     }
     let mut m = key.0.clone();
     m.update(&out);
     out.extend_from_slice(&m.finalize().into_bytes());
     out
+}
+
+/// The pair id a datagram claims, unauthenticated: a witness serving many pairs picks the
+/// key to authenticate it with by this.
+pub fn peek_pair_id(bytes: &[u8]) -> Option<&[u8]> {
+    let n = usize::from(*bytes.get(7)?);
+    if bytes.get(..4)? != MAGIC || n == 0 || n > MAX_PAIR_ID_LEN {
+        return None;
+    }
+    bytes.get(8..8 + n)
 }
 
 /// Parses and authenticates one datagram (the replay check is the receiver's
@@ -353,6 +397,22 @@ pub fn open(key: &Key, bytes: &[u8]) -> Result<Datagram, WireError> {
                 alone: b[9] & 2 != 0,
                 peer_in_sync: b[9] & 4 != 0,
                 epoch: u64_at(b, 10),
+            })
+        }
+        KIND_SESSIONS => {
+            if usize::from(b[1]) > MAX_SESSIONS_PER_DATAGRAM {
+                return Err(WireError::BadField("session count"));
+            }
+            let mut peers = [([0u8; 4], 0u16); MAX_SESSIONS_PER_DATAGRAM];
+            for (i, p) in peers.iter_mut().enumerate() {
+                let at = 2 + 6 * i;
+                p.0.copy_from_slice(&b[at..at + 4]);
+                p.1 = u16::from_be_bytes([b[at + 4], b[at + 5]]);
+            }
+            Body::Sessions(Sessions {
+                part: b[0],
+                count: b[1],
+                peers,
             })
         }
         _ => Body::LeaseReply(LeaseReply {

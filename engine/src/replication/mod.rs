@@ -50,6 +50,7 @@ use crate::config::{OnPeerLoss, PeerConfig, Role};
 use crate::registry::Registry;
 
 mod apply;
+mod failover_view;
 mod intents;
 mod link_io;
 mod meta_file;
@@ -291,6 +292,9 @@ pub struct Replication {
     apply_gate: std::sync::RwLock<ApplyGate>,
     /// This process's instance id, the `origin` of the reservation snapshots it sends.
     instance: u64,
+    /// Writes made without the peer are answered only before this (`boot_clock_ms`): the
+    /// failover lease's end, set by the failover driver; no end without failover.
+    alone_until_ms: AtomicU64,
 }
 
 /// The coordinator's view of this driver: the LUN records behind their locks and files,
@@ -352,6 +356,14 @@ impl Port for EnginePort<'_> {
 
     fn random(&mut self) -> [u8; 8] {
         random8()
+    }
+
+    fn alone_until_ms(&self) -> u64 {
+        self.rep.alone_until_ms.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        crate::failover::boot_clock_ms()
     }
 }
 
@@ -556,6 +568,7 @@ impl Replication {
             peer_wire_version: AtomicU8::new(0),
             apply_gate: std::sync::RwLock::new(ApplyGate::default()),
             instance: u64::from_le_bytes(random8()),
+            alone_until_ms: AtomicU64::new(u64::MAX),
         });
         if reg.role() == Role::Primary {
             rep.check_start_as_primary(reg);

@@ -26,6 +26,14 @@ impl Replication {
         } else {
             match self.connect(LINK_NONE) {
                 Ok((_stream, _rbuf, hellos)) => self.peer_forbids_primary(&hellos),
+                // With a fence command and no witness, nothing would stop this node from
+                // fencing a peer that was promoted meanwhile and holds newer data: then
+                // only a peer that answers lets it start as primary.
+                Err(e) if reg.config.failover.is_some() => Some(format!(
+                    "configured primary, but the peer is not reachable at start ({e}): \
+                     started as secondary; with automatic failover the controller promotes \
+                     this node once the rules allow (or `twinsan promote` by hand)"
+                )),
                 Err(e) => {
                     tracing::info!(peer = %self.cfg.address, error = %e, "peer not reachable at start: starting as primary");
                     None

@@ -32,6 +32,16 @@ fn all_bodies() -> Vec<Body> {
             outdated: Some(NodeId(0)),
             epoch: 9,
         }),
+        Body::Sessions({
+            let mut peers = [([0u8; 4], 0u16); MAX_SESSIONS_PER_DATAGRAM];
+            peers[0] = ([198, 18, 1, 10], 40_001);
+            peers[1] = ([198, 18, 1, 11], 50_123);
+            Sessions {
+                part: 0,
+                count: 2,
+                peers,
+            }
+        }),
     ]
 }
 

@@ -123,6 +123,16 @@ pub trait Port {
     fn answer(&mut self, core: usize, token: u64, ok: bool);
     /// Fresh randomness (new generation ids).
     fn random(&mut self) -> [u8; 8];
+    /// Until when (`now_ms`'s clock) a write made without the peer may be answered: the
+    /// failover lease's end (a primary paused past it must not answer one when it runs
+    /// again, before its controller does). Without automatic failover: no end.
+    fn alone_until_ms(&self) -> u64 {
+        u64::MAX
+    }
+    /// The driver's clock for [`Port::alone_until_ms`].
+    fn now_ms(&self) -> u64 {
+        0
+    }
 }
 
 /// What a promotion does to the mirroring of the last term.
@@ -233,7 +243,8 @@ impl Mirror {
             state = l.state();
             Persist::No
         });
-        if may_answer_alone(self.policy, self.operator_outdated, state) {
+        let lease_holds = port.now_ms() < port.alone_until_ms();
+        if may_answer_alone(self.policy, self.operator_outdated, state) && lease_holds {
             port.answer(core, token, true);
         } else {
             self.held.push((core, token, lun));
@@ -371,6 +382,8 @@ mod tests {
         persist_fails: bool,
         resets: u32,
         answers: Vec<(usize, u64, bool)>,
+        now_ms: u64,
+        alone_until_ms: u64,
     }
 
     impl TestPort {
@@ -384,6 +397,8 @@ mod tests {
                 persist_fails: false,
                 resets: 0,
                 answers: Vec::new(),
+                now_ms: 0,
+                alone_until_ms: u64::MAX,
             }
         }
     }
@@ -419,6 +434,12 @@ mod tests {
         }
         fn random(&mut self) -> [u8; 8] {
             [7; 8]
+        }
+        fn alone_until_ms(&self) -> u64 {
+            self.alone_until_ms
+        }
+        fn now_ms(&self) -> u64 {
+            self.now_ms
         }
     }
 
@@ -462,6 +483,29 @@ mod tests {
         assert!(port.persisted[0].bitmap.is_dirty(7));
         assert_eq!(port.answers.last(), Some(&(0, 12, true)));
         assert!(port.shards[0].is_empty());
+    }
+
+    #[test]
+    fn no_write_is_answered_alone_after_the_failover_lease_ends() {
+        // A primary paused past its lease runs again: the writes its cores take up before
+        // its controller does must not complete without the peer.
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Suspend);
+        m.start_round();
+        m.peer_lost(&mut port);
+        port.alone_until_ms = 1000;
+        port.now_ms = 900;
+        m.operator_outdate(&mut port);
+        m.alone(&mut port, 0, 1, 0, Some((0, 512)));
+        assert_eq!(port.answers, vec![(0, 1, true)], "within the lease");
+        port.now_ms = 1000;
+        m.alone(&mut port, 0, 2, 0, Some((REGION, 512)));
+        assert_eq!(port.answers.len(), 1, "held: the lease ended");
+        assert_eq!(m.held(), 1);
+        // A renewed lease (the controller outdates the peer again) releases it.
+        port.alone_until_ms = 2000;
+        m.operator_outdate(&mut port);
+        assert_eq!(port.answers.last(), Some(&(0, 2, true)));
     }
 
     #[test]
