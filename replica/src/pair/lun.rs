@@ -279,19 +279,49 @@ impl PairLun {
         &mut self,
         unanswered: impl IntoIterator<Item = (u64, u64)>,
         random: [u8; 8],
+        policy: PeerLossPolicy,
     ) -> Persist {
         // A completion on its way is void, but the target may have taken its ids (its ack
         // lost): what this node writes from now on must be under a new generation, or a
         // target that moved on from those ids too would not be seen as a split brain
         // (found by the simulation). `bump` keeps the sent ids in the history, so such a
         // target gets a full sync, not a false split brain.
-        self.completing = None;
+        let completing = self.completing.take().is_some();
+        let mut any = false;
         for (offset, len) in unanswered {
             if len > 0 {
                 self.meta.bitmap.mark(offset, len);
+                any = true;
             }
         }
-        self.outdate_peer_record(random);
+        if policy == PeerLossPolicy::Degrade || completing {
+            self.outdate_peer_record(random);
+        } else if any {
+            self.hold_unanswered();
+        }
+        self.needs_if(true)
+    }
+
+    /// Suspended: nothing is answered without the peer until it is recorded outdated
+    /// ([`PairLun::operator_outdated_peer`] moves the generation on then). Until then this
+    /// node is ahead by unacknowledged writes only, so its generation stays: a peer
+    /// promoted meanwhile (the failover controller's takeover of a cut-off primary) is
+    /// then simply ahead at the next connection, not a split brain; and, since that peer
+    /// cannot know which regions those writes touched, this node asks it to compare every
+    /// region (the crash flag, cleared by the next completed resync).
+    fn hold_unanswered(&mut self) {
+        self.meta.flags.crashed = true;
+    }
+
+    /// A write to `[offset, offset + len)` that waits (held) while the peer is away and
+    /// not recorded outdated: in the bitmap and flagged, on disk before it is applied
+    /// here, without a new generation (see [`PairLun::hold_unanswered`]).
+    pub fn record_held(&mut self, (offset, len): (u64, u64)) -> Persist {
+        if self.meta.bitmap.covers(offset, len) && self.meta.flags.crashed && !self.unpersisted {
+            return Persist::No;
+        }
+        self.meta.bitmap.mark(offset, len);
+        self.hold_unanswered();
         self.needs_if(true)
     }
 
@@ -338,8 +368,13 @@ impl PairLun {
     /// to persist is written again (persist, then [`PairLun::operator_outdate_recorded`]).
     /// Why: the operator vouches for the peer, not for which regions differ; a write
     /// released without that record is forgotten by a crash (found by the simulation).
-    pub fn operator_outdated_peer(&mut self) -> Persist {
-        let retry = self.unpersisted;
+    pub fn operator_outdated_peer(&mut self, random: [u8; 8]) -> Persist {
+        // Held writes go out now, alone: from here on this node has moved on.
+        let bump = !self.meta.flags.peer_outdated || self.meta.gen.bitmap == 0;
+        if bump {
+            self.outdate_peer_record(random);
+        }
+        let retry = self.unpersisted || bump;
         self.needs_if(retry)
     }
 
@@ -689,14 +724,18 @@ mod tests {
     fn a_lost_peer_records_every_unanswered_write_under_a_new_generation() {
         let (mut lun, _, _) = open(blank(), Marker::Absent, true);
         let before = lun.meta().gen;
-        let p = lun.peer_lost([(3 * REGION + 5, 10), (0, 0)], [9; 8]);
+        let p = lun.peer_lost(
+            [(3 * REGION + 5, 10), (0, 0)],
+            [9; 8],
+            PeerLossPolicy::Degrade,
+        );
         assert_eq!(p, Persist::Needed);
         assert_eq!(lun.meta().bitmap.iter_dirty().collect::<Vec<_>>(), vec![3]);
         assert!(lun.meta().flags.peer_outdated);
         assert_ne!(lun.meta().gen.current, before.current);
         // A second loss before a resync keeps the generation: one degrade, one bump.
         let gen = lun.meta().gen;
-        let _ = lun.peer_lost([], [8; 8]);
+        let _ = lun.peer_lost([], [8; 8], PeerLossPolicy::Degrade);
         assert_eq!(lun.meta().gen, gen);
         lun.peer_loss_recorded(true, PeerLossPolicy::Degrade);
         assert_eq!(lun.state(), SyncState::PeerOutdated);
@@ -707,12 +746,44 @@ mod tests {
             "no record on disk: frozen"
         );
         // The operator's word writes the record again; only once it is on disk does I/O go on.
-        assert_eq!(lun.operator_outdated_peer(), Persist::Needed);
+        assert_eq!(lun.operator_outdated_peer([5; 8]), Persist::Needed);
         lun.operator_outdate_recorded(false);
         assert_eq!(lun.state(), SyncState::Suspended);
         lun.mark_persisted();
         lun.operator_outdate_recorded(true);
         assert_eq!(lun.state(), SyncState::PeerOutdated);
+    }
+
+    #[test]
+    fn a_suspended_loss_keeps_the_generation_until_something_is_answered_alone() {
+        // A cut-off primary whose writes froze, then was taken over: the new primary is
+        // simply ahead at the next connection (no split brain), and compares every region
+        // because it cannot know where this node's unanswered writes landed.
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        lun.mark_persisted();
+        let before = lun.meta().gen;
+        let p = lun.peer_lost([(3 * REGION, 512)], [9; 8], PeerLossPolicy::Suspend);
+        assert_eq!(p, Persist::Needed);
+        assert_eq!(
+            lun.meta().gen,
+            before,
+            "nothing answered alone: no new generation"
+        );
+        assert!(lun.meta().bitmap.is_dirty(3));
+        assert!(
+            lun.hello(true).flags.crashed,
+            "the peer must compare every region"
+        );
+        lun.mark_persisted();
+        assert_eq!(lun.record_held((5 * REGION, 512)), Persist::Needed);
+        assert_eq!(lun.meta().gen, before);
+        lun.mark_persisted();
+        assert_eq!(lun.record_held((5 * REGION, 512)), Persist::No, "covered");
+        // The peer recorded outdated (operator, witness): the held writes go out alone,
+        // under a generation of their own, persisted first.
+        assert_eq!(lun.operator_outdated_peer([4; 8]), Persist::Needed);
+        assert_ne!(lun.meta().gen.current, before.current);
+        assert!(lun.meta().flags.peer_outdated);
     }
 
     #[test]
@@ -792,7 +863,7 @@ mod tests {
     fn a_record_only_in_memory_does_not_cover_a_write_made_alone() {
         let (mut lun, _, _) = open(blank(), Marker::Absent, true);
         // The loss's record fails to reach the disk.
-        let _ = lun.peer_lost([(REGION, 512)], [1; 8]);
+        let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
         lun.peer_loss_recorded(false, PeerLossPolicy::Degrade);
         assert_eq!(lun.record_alone((REGION, 512), [2; 8]), Persist::Needed);
         lun.mark_persisted();
@@ -802,7 +873,7 @@ mod tests {
     #[test]
     fn the_peer_is_in_sync_on_record_only_once_it_took_the_ids() {
         let (mut lun, _, _) = open(blank(), Marker::Absent, true);
-        let _ = lun.peer_lost([(REGION, 512)], [1; 8]);
+        let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
         lun.mark_persisted();
         let before = lun.meta().gen;
         let plan = ResyncPlan {
@@ -828,7 +899,7 @@ mod tests {
         // The ack never comes, the peer is lost: a new generation whose bitmap id is the
         // sent ids, so a target that took them gets a bitmap resync, and a target that did
         // not gets a full one; neither is a false split brain, nor missed.
-        let _ = lun.peer_lost([], [3; 8]);
+        let _ = lun.peer_lost([], [3; 8], PeerLossPolicy::Degrade);
         assert_eq!(lun.completion_acknowledged(), Persist::No);
         assert!(lun.meta().flags.peer_outdated);
         assert_eq!(lun.meta().gen.bitmap, gen.current);

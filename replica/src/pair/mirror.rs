@@ -203,8 +203,9 @@ impl Mirror {
                 .map(|(_, p)| (p.offset, p.len))
                 .collect();
             let random = port.random();
-            let recorded =
-                port.update_lun(i, &mut |l| l.peer_lost(unanswered.iter().copied(), random));
+            let recorded = port.update_lun(i, &mut |l| {
+                l.peer_lost(unanswered.iter().copied(), random, policy)
+            });
             port.update_lun(i, &mut |l| {
                 l.peer_loss_recorded(recorded, policy);
                 Persist::No
@@ -229,7 +230,17 @@ impl Mirror {
     ) {
         if let Some(range) = range {
             let random = port.random();
-            if !port.update_lun(lun, &mut |l| l.record_alone(range, random)) {
+            // A write that will be held is recorded without moving the generation on
+            // (PairLun::record_held says why); one answered now, with it.
+            let answerable = self.may_answer_now(port, lun);
+            let recorded = port.update_lun(lun, &mut |l| {
+                if answerable {
+                    l.record_alone(range, random)
+                } else {
+                    l.record_held(range)
+                }
+            });
+            if !recorded {
                 port.answer(core, token, false);
                 return;
             }
@@ -237,14 +248,19 @@ impl Mirror {
         self.complete_alone(port, core, token, lun);
     }
 
-    fn complete_alone(&mut self, port: &mut dyn Port, core: usize, token: u64, lun: usize) {
+    /// Whether a completion of LUN `lun` may go out without the peer now.
+    fn may_answer_now(&self, port: &mut dyn Port, lun: usize) -> bool {
         let mut state = SyncState::Unknown;
         port.update_lun(lun, &mut |l| {
             state = l.state();
             Persist::No
         });
         let lease_holds = port.now_ms() < port.alone_until_ms();
-        if may_answer_alone(self.policy, self.operator_outdated, state) && lease_holds {
+        may_answer_alone(self.policy, self.operator_outdated, state) && lease_holds
+    }
+
+    fn complete_alone(&mut self, port: &mut dyn Port, core: usize, token: u64, lun: usize) {
+        if self.may_answer_now(port, lun) {
             port.answer(core, token, true);
         } else {
             self.held.push((core, token, lun));
@@ -309,7 +325,8 @@ impl Mirror {
     pub fn operator_outdate(&mut self, port: &mut dyn Port) {
         self.operator_outdated = true;
         for i in 0..port.lun_count() {
-            let recorded = port.update_lun(i, &mut |l| l.operator_outdated_peer());
+            let random = port.random();
+            let recorded = port.update_lun(i, &mut |l| l.operator_outdated_peer(random));
             port.update_lun(i, &mut |l| {
                 l.operator_outdate_recorded(recorded);
                 Persist::No
