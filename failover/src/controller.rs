@@ -265,6 +265,8 @@ pub struct Controller {
     after_promotion: Option<bool>,
     /// The latest `now` seen.
     last_step_ms: u64,
+    /// When the witness last answered (any answer).
+    last_witness_reply_ms: Option<u64>,
     /// No takeover before this (a promotion was just refused).
     no_takeover_until_ms: u64,
     /// A lease was granted since the start.
@@ -314,6 +316,7 @@ impl Controller {
             after_promotion: None,
             no_takeover_until_ms: 0,
             last_step_ms: now_ms,
+            last_witness_reply_ms: None,
             wants_takeover_until_ms: None,
             last_takeover: None,
             last_give_up: None,
@@ -466,14 +469,16 @@ impl Controller {
         let asked = self.outstanding[pos];
         // Replies to older requests are superseded by this one.
         self.outstanding.drain(..=pos);
+        self.last_witness_reply_ms = Some(now_ms);
         self.lease_holder = reply.holder;
         self.witness_outdated = reply.outdated;
         self.witness_epoch = reply.epoch;
         match reply.granted {
             Ok(()) => {
-                let until = asked.sent_ms
-                    + u64::from(reply.lease_ms).min(self.cfg.timings.lease_ms())
-                    - self.cfg.timings.lease_margin_ms();
+                // The shorter of the witness's lease and ours, less its quarter: counted
+                // from our send time, our view ends before the witness's.
+                let lease_ms = u64::from(reply.lease_ms).min(self.cfg.timings.lease_ms());
+                let until = asked.sent_ms + lease_ms - lease_ms / 4;
                 if until > now_ms {
                     self.ever_leased = true;
                     self.lease_until_ms = Some(self.lease_until_ms.map_or(until, |u| u.max(until)));
@@ -654,6 +659,17 @@ impl Controller {
                     "the peer is primary too and this node holds no lease",
                 );
             }
+            // Cut off the clients' network (where the witness is) while the peer is not:
+            // the clients cannot reach this node either, so the role goes where they can.
+            if !lease
+                && !self.witness_ok()
+                && peer.is_some_and(|p| p.witness_ok && p.promotable && !p.standby)
+            {
+                return self.give_up(
+                    now_ms,
+                    "the peer reaches the witness (the clients' network) and this node does not",
+                );
+            }
             if !lease && !alive {
                 let never_served = self.last_heard().is_none() && !self.ever_leased;
                 if never_served && now_ms < self.started_ms + self.cfg.timings.initdead_ms {
@@ -774,6 +790,12 @@ impl Controller {
         if peer.wants_takeover {
             return None;
         }
+        if self.cfg.guard == Guard::Witness && self.witness_ok() != peer.witness_ok {
+            // Only the node that reaches the witness (the clients' network) can serve.
+            return self
+                .witness_ok()
+                .then_some("the peer cannot reach the witness");
+        }
         // The configured primary, or node 0 when neither or both are.
         let mine = if self.cfg.preferred != peer.preferred {
             self.cfg.preferred
@@ -784,10 +806,17 @@ impl Controller {
     }
 
     fn ask_witness(&mut self, now_ms: u64, alive: bool) {
-        if !self.wants_lease(now_ms, alive) || now_ms < self.next_ask_ms {
+        if now_ms < self.next_ask_ms || self.role_change_pending {
             return;
         }
         self.next_ask_ms = now_ms + self.cfg.timings.keepalive_ms;
+        if !self.wants_lease(now_ms, alive) {
+            // Keeps `witness_ok` true while the witness answers: whether this node reaches
+            // the clients' network decides where the role goes when the primary does not.
+            let req = self.request(now_ms, LeaseOp::Query, false);
+            self.actions.push_back(Action::Witness(req));
+            return;
+        }
         let alone = if self.replica.primary {
             self.replica.frozen || !self.replica.in_sync && !alive
         } else {
@@ -905,8 +934,15 @@ impl Controller {
                 wants_takeover: wants && !self.standby,
                 frozen: self.replica.primary && self.replica.frozen,
                 preferred: self.cfg.preferred,
+                witness_ok: self.witness_ok(),
             }));
         }
+    }
+
+    /// This node heard the witness within the last deadtime (as of the last step).
+    fn witness_ok(&self) -> bool {
+        self.last_witness_reply_ms
+            .is_some_and(|t| self.last_step_ms < t + self.cfg.timings.deadtime_ms)
     }
 
     /// UpToDate as far as this node knows: its replica says so, and the witness did not

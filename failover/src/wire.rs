@@ -57,6 +57,9 @@ pub struct Heartbeat {
     pub frozen: bool,
     /// The sender is the configured primary (preferred when both are secondary).
     pub preferred: bool,
+    /// The sender heard the witness within the last deadtime (it reaches the network the
+    /// witness sits on: the clients').
+    pub witness_ok: bool,
 }
 
 impl Heartbeat {
@@ -68,13 +71,11 @@ impl Heartbeat {
             | u8::from(self.wants_takeover) << 4
             | u8::from(self.frozen) << 5
             | u8::from(self.preferred) << 6
+            | u8::from(self.witness_ok) << 7
     }
 
     fn from_body(b: &[u8]) -> Result<Heartbeat, WireError> {
         let f = b[1];
-        if f & 0x80 != 0 {
-            return Err(WireError::BadField("heartbeat flags"));
-        }
         Ok(Heartbeat {
             path: b[0],
             primary: f & 1 != 0,
@@ -84,6 +85,7 @@ impl Heartbeat {
             wants_takeover: f & 16 != 0,
             frozen: f & 32 != 0,
             preferred: f & 64 != 0,
+            witness_ok: f & 128 != 0,
         })
     }
 }
@@ -95,6 +97,9 @@ pub enum LeaseOp {
     Acquire,
     /// Give the lease up (a clean handover).
     Release,
+    /// Change nothing; answer with the vote as it stands. A secondary asks every keepalive,
+    /// so both nodes know whether they reach the witness (the clients' network).
+    Query,
 }
 
 /// A node's lease request.
@@ -310,6 +315,7 @@ pub fn seal(key: &Key, pair_id: &[u8], sender: u8, seq: u64, body: &Body) -> Vec
             out.push(match r.op {
                 LeaseOp::Acquire => 1,
                 LeaseOp::Release => 2,
+                LeaseOp::Query => 3,
             });
             out.push(
                 u8::from(r.up_to_date) | u8::from(r.alone) << 1 | u8::from(r.peer_in_sync) << 2,
@@ -385,6 +391,7 @@ pub fn open(key: &Key, bytes: &[u8]) -> Result<Datagram, WireError> {
             let op = match b[8] {
                 1 => LeaseOp::Acquire,
                 2 => LeaseOp::Release,
+                3 => LeaseOp::Query,
                 _ => return Err(WireError::BadField("lease op")),
             };
             if b[9] & !7 != 0 {

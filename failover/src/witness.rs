@@ -205,6 +205,7 @@ fn decide(
     lease_ms: u32,
 ) -> Result<(), Refusal> {
     match req.op {
+        LeaseOp::Query => Ok(()),
         LeaseOp::Release => {
             if v.holder.is_some_and(|(n, _)| n == node) {
                 v.holder = None;

@@ -960,6 +960,33 @@ impl Sim {
         if !self.in_sync(p) {
             self.fail("after settling, the pair is not in sync");
         }
+        if self.guard == Guard::Witness {
+            self.client_cut_moves_the_role(p);
+        }
+    }
+
+    /// The primary loses only its client network (where the witness is): the role and the
+    /// VIP move to the node the clients can reach, and writes go on there.
+    fn client_cut_moves_the_role(&mut self, p: usize) {
+        trace!(self, "node {p}: client network cut (settled pair)");
+        self.client_cut[p] = true;
+        let until = self.now_ms + 5_000;
+        while self.now_ms < until {
+            self.tick();
+        }
+        let o = 1 - p;
+        if !self.nodes[o].primary || self.nodes[o].vip_until_ms <= self.now_ms {
+            self.fail("the primary's client network is cut, and the role did not move");
+        }
+        let acked = self.acked.len();
+        let until = self.now_ms + 2_000;
+        while self.now_ms < until {
+            self.tick();
+        }
+        if self.acked.len() == acked {
+            self.fail("after the role moved, no write was acknowledged");
+        }
+        self.client_cut[p] = false;
     }
 }
 

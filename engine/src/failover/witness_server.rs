@@ -8,7 +8,11 @@
 //! [[pair]]
 //! id = "pair1"                  # the nodes' failover.pair_id
 //! key = "the pair's peer.psk"
+//! lease_ms = 500                # the pair's failover.deadtime_ms (default 500)
 //! ```
+//!
+//! One lease length per witness process (the largest of its pairs'): a longer lease than a
+//! pair's deadtime only delays that pair's takeovers, never makes them unsafe.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -36,6 +40,7 @@ struct RawWitness {
 struct RawPair {
     id: String,
     key: String,
+    lease_ms: Option<u32>,
 }
 
 struct Pair {
@@ -62,7 +67,17 @@ pub fn serve(listen: SocketAddr, config: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(&state_dir)?;
     let mut pairs = HashMap::new();
     let mut records = Vec::new();
+    let mut lease_ms = 0u32;
     for p in raw.pairs {
+        let l = p.lease_ms.unwrap_or(DEFAULT_TIMINGS.lease_ms() as u32);
+        if !(100..=60_000).contains(&l) {
+            return Err(std::io::Error::other(format!(
+                "{}: pair `{}`: lease_ms {l} is outside 100..=60000",
+                config.display(),
+                p.id
+            )));
+        }
+        lease_ms = lease_ms.max(l);
         if p.id.is_empty() || p.id.len() > wire::MAX_PAIR_ID_LEN || p.key.len() < 16 {
             return Err(std::io::Error::other(format!(
                 "{}: pair `{}`: id must be 1..={} bytes and key at least 16",
@@ -83,7 +98,6 @@ pub fn serve(listen: SocketAddr, config: &Path) -> std::io::Result<()> {
             },
         );
     }
-    let lease_ms = DEFAULT_TIMINGS.lease_ms() as u32;
     let mut w = Witness::new(boot_clock_ms(), lease_ms, records);
     let sock = UdpSocket::bind(listen)?;
     tracing::info!(%listen, pairs = pairs.len(), lease_ms, "witness serving");

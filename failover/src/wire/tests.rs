@@ -15,6 +15,7 @@ fn all_bodies() -> Vec<Body> {
             wants_takeover: false,
             frozen: true,
             preferred: true,
+            witness_ok: true,
         }),
         Body::LeaseRequest(LeaseRequest {
             request_id: 77,
