@@ -72,10 +72,12 @@ pub fn start(
         Some(v) => Some(super::vip_guard::spawn(v)?),
         None => None,
     };
-    // Twice the lease, at least 2 s: the kernel counts whole seconds and checks lifetimes
-    // with up to a second's slack; renewed every keepalive. It only matters when this
-    // process stops without dying (SIGSTOP, a hang): death is the guard's job.
-    let vip_lifetime_s = (fo.timings.lease_ms() * 2).div_ceil(1000).max(2) as u32;
+    // Twice the lease, in whole seconds (the kernel's unit; it checks lifetimes with up to
+    // a second's slack), renewed every keepalive. It only matters when this process stops
+    // without dying (SIGSTOP, a hang): death is the guard's job. The shorter, the shorter
+    // such a node keeps answering ARP for the address after its peer took over (the rig
+    // measured 1.5 s of overlap with 2 s).
+    let vip_lifetime_s = (fo.timings.lease_ms() * 2).div_ceil(1000).max(1) as u32;
     let a = Actuator {
         iscsi_port: reg.config.listen.port(),
         peer: reg
@@ -94,6 +96,9 @@ pub fn start(
     std::thread::Builder::new()
         .name("twinsan-failover-act".into())
         .spawn(move || {
+            // Real-time too (below the controller): a VIP renewal that a saturated CPU
+            // delays past the address's lifetime would drop it under the initiators.
+            super::driver::raise_priority(5);
             for j in jobs {
                 a.run(j);
             }

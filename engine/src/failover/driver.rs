@@ -114,7 +114,7 @@ pub fn start(reg: Arc<Registry>) -> std::io::Result<FailoverHandle> {
     std::thread::Builder::new()
         .name("twinsan-failover".into())
         .spawn(move || {
-            raise_priority();
+            raise_priority(10);
             d.run();
         })?;
     Ok(FailoverHandle { admin_tx, status })
@@ -452,8 +452,10 @@ fn wall_clock_us() -> u64 {
 
 /// SCHED_FIFO for the controller thread: a heartbeat that a saturated core starves is a
 /// false takeover waiting to happen. Without the privilege it stays at normal priority.
-fn raise_priority() {
-    let param = libc::sched_param { sched_priority: 10 };
+pub(super) fn raise_priority(priority: i32) {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
     // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
     if rc != 0 {
