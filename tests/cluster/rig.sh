@@ -123,9 +123,11 @@ start_node() {
 
 node_pid() { cat "$RIG_DIR/$1/pid"; }
 kill_node() { kill -9 "$(node_pid "$1")" 2>/dev/null || true; wait "$(node_pid "$1")" 2>/dev/null || true; }
-status_of() { ip netns exec "ts-$1" "$TWINSAN_BIN" status --config "$RIG_DIR/$1/node.toml" 2>/dev/null || true; }
+# A stopped (SIGSTOP) daemon accepts on its admin socket but never answers: bounded wait.
+status_of() { timeout "${RIG_STATUS_TIMEOUT:-5}" ip netns exec "ts-$1" "$TWINSAN_BIN" status --config "$RIG_DIR/$1/node.toml" 2>/dev/null || true; }
 role_of() { status_of "$1" | sed -n 's/^role: //p'; }
-has_vip() { ip -n "ts-$1" -4 addr show dev "$1-cli" 2>/dev/null | grep -q " $RIG_VIP/"; }
+# No `| grep -q` here: under pipefail, grep leaving early can fail the pipeline (SIGPIPE).
+has_vip() { local out; out=$(ip -n "ts-$1" -4 addr show dev "$1-cli" 2>/dev/null) || return 1; [[ $out == *" $RIG_VIP/"* ]]; }
 
 # Link state changes (a cut keeps the addresses: a cable pulled, not a reconfiguration).
 cut_link() { ip -n ts-a link set a-link down; ip -n ts-b link set b-link down; }
@@ -145,4 +147,12 @@ wait_until() {
 }
 
 primary_is() { [ "$(role_of "$1")" = primary ] && has_vip "$1"; }
-in_sync() { status_of "$1" | grep -q "UpToDate" && ! status_of "$1" | grep -qi "PeerOutdated\|SyncSource\|Suspended"; }
+# Every replica line UpToDate (the "lun ...:" line says UpToDate whatever the pair's state,
+# so it must not count) and the peer connected, from one status snapshot.
+in_sync() {
+  local s states
+  s=$(status_of "$1")
+  states=$(sed -n 's/^replica lun [^:]*: \([A-Za-z]*\).*/\1/p' <<<"$s")
+  [ -n "$states" ] && [ -z "$(grep -v '^UpToDate$' <<<"$states")" ] &&
+    grep -q '^peer: .*(connected, mirroring)$\|^peer: .*(primary connected, receiving its writes)$' <<<"$s"
+}
