@@ -97,6 +97,13 @@ enum Cmd {
         /// ADDRESS/PREFIX.
         #[arg(long)]
         vip: String,
+        /// The daemon's iSCSI listening address: the guard removes the VIP once nothing
+        /// listens there any more (so connections made to the dying daemon are reset).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The longest wait for that, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        release_wait_ms: u64,
     },
     /// Check a configuration file and print what it would serve.
     CheckConfig {
@@ -247,7 +254,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::VipGuard { interface, vip } => {
+        Cmd::VipGuard {
+            interface,
+            vip,
+            listen,
+            release_wait_ms,
+        } => {
             let parsed = vip.split_once('/').and_then(|(a, p)| {
                 Some(engine::config::VipConfig {
                     addr: a.parse().ok()?,
@@ -259,7 +271,12 @@ fn main() -> ExitCode {
                 eprintln!("twinsan vip-guard: --vip must be ADDRESS/PREFIX");
                 return ExitCode::from(2);
             };
-            match engine::failover::vip_guard::run(&v) {
+            let args = engine::failover::vip_guard::GuardArgs {
+                vip: v,
+                iscsi_listen: listen,
+                release_wait_ms,
+            };
+            match engine::failover::vip_guard::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("twinsan vip-guard: {e}");

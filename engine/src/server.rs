@@ -62,6 +62,17 @@ fn listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(s.into())
 }
 
+/// Whether something listens on `addr` (a probe bind without SO_REUSEPORT fails beside a
+/// listener, whether it is bound to `addr` or to the wildcard address on its port).
+pub fn listener_present(addr: SocketAddr) -> std::io::Result<bool> {
+    let probe = tcp_socket(addr)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// Fails if anything already listens on `addr`. Why: our listeners share the port with
 /// SO_REUSEPORT, and the kernel lets any other process of the same user join that group, so
 /// a second daemon (say, with another data directory) would silently receive a share of the
@@ -79,25 +90,19 @@ fn ensure_port_free(addr: SocketAddr) -> std::io::Result<()> {
     }
     let started = std::time::Instant::now();
     let mut told = false;
-    loop {
-        let probe = tcp_socket(addr)?;
-        match probe.bind(&addr.into()) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                if started.elapsed() >= std::time::Duration::from_millis(PORT_BUSY_WAIT_MS) {
-                    return Err(std::io::Error::new(
-                        e.kind(),
-                        "address in use: another twinsan or another iSCSI target already listens there",
-                    ));
-                }
-                if !std::mem::replace(&mut told, true) {
-                    tracing::info!(%addr, "address busy, waiting for it to be released (a daemon that just stopped?)");
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) => return Err(e),
+    while listener_present(addr)? {
+        if started.elapsed() >= std::time::Duration::from_millis(PORT_BUSY_WAIT_MS) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "address in use: another twinsan or another iSCSI target already listens there",
+            ));
         }
+        if !std::mem::replace(&mut told, true) {
+            tracing::info!(%addr, "address busy, waiting for it to be released (a daemon that just stopped?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    Ok(())
 }
 
 /// How long a busy listening address may take to be released before the start fails.

@@ -219,6 +219,9 @@ pub struct Status {
 struct Outstanding {
     id: u64,
     sent_ms: u64,
+    /// Only a granted Acquire is a lease: the witness also answers Query and Release
+    /// with "granted", and those grant nothing.
+    op: LeaseOp,
     alone: bool,
 }
 
@@ -474,6 +477,7 @@ impl Controller {
         self.witness_outdated = reply.outdated;
         self.witness_epoch = reply.epoch;
         match reply.granted {
+            Ok(()) if asked.op != LeaseOp::Acquire => {}
             Ok(()) => {
                 // The shorter of the witness's lease and ours, less its quarter: counted
                 // from our send time, our view ends before the witness's.
@@ -855,6 +859,7 @@ impl Controller {
         self.outstanding.push_back(Outstanding {
             id: req.request_id,
             sent_ms: now_ms,
+            op,
             alone,
         });
         req

@@ -881,6 +881,20 @@ impl Sim {
         if writers.len() > 1 {
             self.fail("two nodes can acknowledge writes");
         }
+        // The witness grants one lease at a time, and each holder's view of it ends before
+        // the witness's does: two nodes that both think they hold it have misread a reply.
+        let holders = (0..2)
+            .filter(|&n| {
+                self.running(n)
+                    && self.nodes[n]
+                        .ctl
+                        .as_ref()
+                        .is_some_and(|c| c.status(self.node_now(n)).lease_left_ms.is_some())
+            })
+            .count();
+        if holders > 1 {
+            self.fail("both nodes think they hold the witness's lease");
+        }
         let vips = (0..2)
             .filter(|&n| self.running(n) && self.nodes[n].vip_until_ms > self.now_ms)
             .count();

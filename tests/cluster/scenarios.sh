@@ -15,7 +15,8 @@
 # Default: all but cpu-load. Each scenario runs on a fresh rig. Every run drives
 # `twinsan bench --reconnect --verify --verify-state ACK` from ts-c against the VIP during
 # the fault, then a `--verify-only` pass over the same ack log (every acknowledged write
-# must read back), samples `has_vip a` / `has_vip b` every 50 ms throughout (never both),
+# must read back), samples `has_vip a` / `has_vip b` every 50 ms throughout (never both;
+# sigstop reports an overlap: a stopped node cannot drop its address before its lifetime),
 # and checks the scenario's invariants. One result line per run, a summary table of the
 # stalls (the bench's stall_max_ms) at the end; exit status 1 if any check failed.
 #
@@ -231,15 +232,21 @@ sampler_stop() {
   wait "$SAMPLER_PID" 2>/dev/null
   SAMPLER_PID=
 }
-# sampler_check FROM_MS: no sample since FROM_MS had the VIP on both nodes.
+# sampler_check FROM_MS [note]: no sample since FROM_MS had the VIP on both nodes (with
+# "note", an overlap is reported, not failed: a SIGSTOPped node cannot remove its address,
+# which stays until its lifetime ends; what must hold there is "never two writers").
 sampler_check() {
-  local from=$1 total both first
+  local from=$1 mode=${2:-fail} total both first
   total=$(awk -v f="$from" '$1 >= f' "$RIG_DIR/vip.samples" | wc -l)
   both=$(awk -v f="$from" '$1 >= f && $2 == 1 && $3 == 1' "$RIG_DIR/vip.samples" | wc -l)
   if [ "$total" -lt 10 ]; then fail "vip-sampler: only $total samples taken"; fi
   if [ "$both" -gt 0 ]; then
     first=$(awk -v f="$from" '$1 >= f && $2 == 1 && $3 == 1 { print $1; exit }' "$RIG_DIR/vip.samples")
-    fail "vip-on-both: the VIP was on both nodes in $both of $total samples (first at $first, $(( first - from )) ms into the run)"
+    if [ "$mode" = note ]; then
+      note "vip-overlap: the VIP was on both nodes in $both of $total samples ($(( first - from )) ms into the run; the stopped node's address lifetime)"
+    else
+      fail "vip-on-both: the VIP was on both nodes in $both of $total samples (first at $first, $(( first - from )) ms into the run)"
+    fi
   fi
 }
 
@@ -559,7 +566,7 @@ scen_sigstop() {
     span=$(roles_both_span "$t_run")
     note "status said primary on both in $both samples ($(( ${span% *} - t_cont ))..$(( ${span#* } - t_cont )) ms after SIGCONT; a stalled node's own view, writes judged by verify)"
   fi
-  sampler_check "$t_run"
+  sampler_check "$t_run" note
   note "reconnects=$B_RECONNECTS outages=$B_OUTAGES verified=${V_BLOCKS:-0}"
   run_end sigstop "$B_STALL" "$TAKEOVER_MS"
 }

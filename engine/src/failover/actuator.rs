@@ -69,7 +69,11 @@ pub fn start(
         }
     }
     let guard_child = match &fo.vip {
-        Some(v) => Some(super::vip_guard::spawn(v)?),
+        Some(v) => Some(super::vip_guard::spawn(&super::vip_guard::GuardArgs {
+            vip: v.clone(),
+            iscsi_listen: reg.config.listen,
+            release_wait_ms: fo.timings.lease_ms() / 2,
+        })?),
         None => None,
     };
     // Twice the lease, in whole seconds (the kernel's unit; it checks lifetimes with up to

@@ -113,6 +113,40 @@ fn a_secondary_takes_over_only_after_deadtime_and_with_the_lease() {
     );
 }
 
+/// The rig's cold start: both nodes secondary, heard, one of them not yet reaching the
+/// witness. The other's queries are answered "granted" (a query always is): that is no
+/// lease, and promoting on it made two primaries.
+#[test]
+fn a_granted_query_is_no_lease() {
+    let mut c = Controller::new(cfg(1, Guard::Witness), SECONDARY, 0, 1000);
+    let (seq, b) = beat(false, 1);
+    assert!(!b.witness_ok, "the peer does not reach the witness (yet)");
+    c.heartbeat(10, seq, b);
+    c.handle_timeout(10);
+    let queries: Vec<LeaseRequest> = drain(&mut c)
+        .iter()
+        .filter_map(|a| match a {
+            Action::Witness(r) if r.op == LeaseOp::Query => Some(*r),
+            _ => None,
+        })
+        .collect();
+    assert!(!queries.is_empty(), "a secondary queries the witness");
+    c.lease_reply(15, grant(&queries[0], 0));
+    assert_eq!(c.status(16).lease_left_ms, None, "a query grants no lease");
+    let acts = drain(&mut c);
+    assert!(!acts.contains(&Action::Promote));
+    // Reaching the witness while the peer does not is a reason to take over: it asks.
+    assert!(
+        requests(&acts).iter().any(|r| r.op == LeaseOp::Acquire) || {
+            c.handle_timeout(120);
+            requests(&drain(&mut c))
+                .iter()
+                .any(|r| r.op == LeaseOp::Acquire)
+        },
+        "then it asks for the lease"
+    );
+}
+
 #[test]
 fn a_secondary_that_is_not_up_to_date_never_asks() {
     let view = ReplicaView {
