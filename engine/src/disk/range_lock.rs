@@ -9,6 +9,13 @@
 //! A caller that cannot get its range does not block its core thread (the holder may be a
 //! write on that very core, completed only by the same event loop): it gets `None` and
 //! retries later.
+//!
+//! A write whose local side is done but whose answer waits for the peer is *parked*
+//! ([`RangeGuard::park`]): it still keeps other writes out, but a resync's region copy
+//! ([`RangeLock::lock_for_copy`]) may read under it, since its data is final. Why: while
+//! the peer is away in `suspend` mode, such writes are held until a resync has copied
+//! their regions; a copy that waited for them waited forever (the failover rig: a new
+//! primary answered nothing, its resync at 0% for good).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,9 +23,24 @@ use std::sync::{Arc, Mutex};
 /// Ranges held at once per LUN: a bound far above queue depth x sessions in practice.
 const MAX_HELD: usize = 65_536;
 
+/// One held range: `[start, end)` in blocks, its guard's id, and whether it is parked.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    start: u64,
+    end: u64,
+    id: u64,
+    parked: bool,
+}
+
+impl Held {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.start < end && start < self.end
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct RangeLock {
-    held: Mutex<Vec<(u64, u64, u64)>>,
+    held: Mutex<Vec<Held>>,
     next_id: AtomicU64,
     /// Ranges of WRITE ATOMIC commands in flight: readers must not see them half done.
     atomic: Mutex<Vec<(u64, u64, u64)>>,
@@ -36,7 +58,7 @@ pub struct RangeGuard {
 impl Drop for RangeGuard {
     fn drop(&mut self) {
         let mut h = self.lock.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pos) = h.iter().position(|&(_, _, id)| id == self.id) {
+        if let Some(pos) = h.iter().position(|r| r.id == self.id) {
             h.swap_remove(pos);
         }
         drop(h);
@@ -50,21 +72,68 @@ impl Drop for RangeGuard {
     }
 }
 
+impl RangeGuard {
+    /// The holder's own I/O is done and its data final; it only waits for the peer (its
+    /// ack, or, while the peer is away, the resync that copies its region). Writes still
+    /// wait for the range; a resync's copy no longer does (see the module docs). For good:
+    /// a parked range is never written again by its holder.
+    pub fn park(&self) {
+        let mut h = self.lock.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = h.iter_mut().find(|r| r.id == self.id) {
+            r.parked = true;
+        }
+    }
+}
+
 impl RangeLock {
     /// Takes `[start, end)` if nothing overlapping is held.
     pub fn try_lock(self: &Arc<Self>, start: u64, end: u64) -> Option<RangeGuard> {
+        self.try_lock_if(start, end, |_| true)
+    }
+
+    /// Takes `[start, end)` unless an overlapping range `blocks` (a predicate on it).
+    fn try_lock_if(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        blocks: impl Fn(&Held) -> bool,
+    ) -> Option<RangeGuard> {
         debug_assert!(start < end, "empty range");
         let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if h.len() >= MAX_HELD || h.iter().any(|&(s, e, _)| s < end && start < e) {
+        if h.len() >= MAX_HELD || h.iter().any(|r| r.overlaps(start, end) && blocks(r)) {
             return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        h.push((start, end, id));
+        h.push(Held {
+            start,
+            end,
+            id,
+            parked: false,
+        });
         Some(RangeGuard {
             lock: Arc::clone(self),
             id,
             atomic: false,
         })
+    }
+
+    /// For a resync's copy of `[start, end)`: waits (polling every `poll`) only for
+    /// overlapping ranges that are not parked, then holds it against writes as
+    /// [`lock_waiting`](Self::lock_waiting) does. A parked write's data is final, so the
+    /// copy carries it; its range stays held, so no other write changes the region under
+    /// the copy. A background thread only.
+    pub fn lock_for_copy(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        poll: std::time::Duration,
+    ) -> RangeGuard {
+        loop {
+            if let Some(g) = self.try_lock_if(start, end, |r| !r.parked) {
+                return g;
+            }
+            std::thread::sleep(poll);
+        }
     }
 
     /// Waits for `[start, end)` (polling every `poll`). For background threads only
@@ -129,6 +198,24 @@ mod tests {
         let c = l.try_lock(0, 8).expect("released on drop");
         assert_eq!(l.held(), 2);
         drop((b, c));
+        assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn a_copy_waits_for_running_writes_but_not_for_parked_ones() {
+        let l = Arc::new(RangeLock::default());
+        let w = l.try_lock(0, 8).unwrap();
+        let copy = std::thread::scope(|s| {
+            let waiting = s.spawn(|| l.lock_for_copy(0, 16, std::time::Duration::from_micros(50)));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(!waiting.is_finished(), "the write's I/O still runs");
+            // Done here, waiting for the peer: a held write waits for this very copy.
+            w.park();
+            waiting.join().unwrap()
+        });
+        assert!(l.try_lock(4, 5).is_none(), "parked: still no other write");
+        assert!(l.try_lock(12, 13).is_none(), "the copy keeps writes out");
+        drop((w, copy));
         assert_eq!(l.held(), 0);
     }
 

@@ -252,9 +252,11 @@ impl Replication {
             let start = first * region_bytes;
             let end = start + (lun.size_bytes - start).min(HEAD_CHUNK_BYTES);
             let bs = lun.block_size as u64;
+            // Not waiting for parked writes (`RangeLock::lock_for_copy`): writes held while
+            // the peer was away are answered only once this resync copied their regions.
             let _guard =
                 lun.ranges
-                    .lock_waiting(start / bs, end.div_ceil(bs), Duration::from_micros(200));
+                    .lock_for_copy(start / bs, end.div_ceil(bs), Duration::from_micros(200));
             pace.copied += self.copy_range(s, rbuf, wbuf, &file, l, start, end)?;
         }
         self.send_progress(s, rbuf, wbuf, l)?;
@@ -389,9 +391,11 @@ impl Replication {
         let bs = lun.block_size as u64;
         let start = region * region_bytes;
         let end = (start + region_bytes).min(lun.size_bytes);
+        // Writes whose data is final and which wait only for the peer (parked) do not hold
+        // the copy up: a held write waits for this copy (`RangeLock::lock_for_copy`).
         let _guard =
             lun.ranges
-                .lock_waiting(start / bs, end.div_ceil(bs), Duration::from_micros(200));
+                .lock_for_copy(start / bs, end.div_ceil(bs), Duration::from_micros(200));
         let hole = lun.seek(start, true).is_none_or(|d| d >= end);
         let sent = if hole {
             // Nothing allocated here: the peer deallocates the range (and reads zeros).

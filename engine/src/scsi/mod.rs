@@ -313,6 +313,14 @@ impl ScsiTask {
     pub fn empty() -> Self {
         Self::default()
     }
+
+    /// The command is done here and its reply waits only for the peer: its range stays
+    /// held against writes, but a resync may copy under it (`RangeGuard::park` says why).
+    pub fn park_range(&self) {
+        if let Some(g) = &self.guard {
+            g.park();
+        }
+    }
 }
 
 pub struct ExecCtx<'a> {

@@ -24,7 +24,10 @@ impl Conn {
             return;
         }
         if t.rep_inflight > 0 {
-            // Protocol C: GOOD only once the peer has it too.
+            // Protocol C: GOOD only once the peer has it too. The data here is final: a
+            // resync may copy the range meanwhile (a write held while the peer is away is
+            // answered only after the resync copied it).
+            t.scsi.park_range();
             t.held = Some(reply);
             return;
         }
