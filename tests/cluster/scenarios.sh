@@ -3,8 +3,9 @@
 #
 #   kill-primary  SIGKILL the primary's daemon, RUNS times (default 10) on one rig, killing
 #                 whichever node is primary (so it alternates); restart the killed node each time
-#   power-off     cut both of the primary's links, kill all its processes; heal, restart
-#   cut-client    cut only the primary's client network; heal
+#   power-off     cut both of the primary's links, kill all its processes; heal, restart;
+#                 RUNS times (alternating nodes)
+#   cut-client    cut only the primary's client network; heal; RUNS times
 #   cut-link      cut only the dedicated link; heal
 #   sigstop       SIGSTOP the primary's daemon for STOP_S (5) seconds, then SIGCONT
 #   kill-cycles   CYCLES (20) kills in a row, the killed node restarted (and resynced under
@@ -432,9 +433,19 @@ scen_kill_primary() {
 }
 
 scen_power_off() {
-  local p o t_fault t_run
+  local i p
+  for i in $(seq 1 "$RUNS"); do
+    p=$(current_primary) || { echo "    no node serves before run $i: stopping the scenario"; ANY_FAIL=1; SCEN_FAILED=1; return; }
+    one_power_off "$i"
+    healthy_with "$(other_of "$p")" || wait_until 30 healthy_with "$(other_of "$p")" ||
+      { echo "    the pair is not healthy with $(other_of "$p") serving after run $i: stopping the scenario"; return; }
+  done
+}
+
+one_power_off() {
+  local i=$1 p o t_fault t_run
   p=$(current_primary); o=$(other_of "$p")
-  run_begin "power-off (node $p)"
+  run_begin "power-off#$i (node $p)"
   t_run=$(now_ms)
   bench_start 10
   sleep 3
@@ -461,10 +472,20 @@ scen_power_off() {
 }
 
 scen_cut_client() {
-  local p o t_fault t_run st
+  local i p
+  for i in $(seq 1 "$RUNS"); do
+    p=$(current_primary) || { echo "    no node serves before run $i: stopping the scenario"; ANY_FAIL=1; SCEN_FAILED=1; return; }
+    one_cut_client "$i"
+    healthy_with "$(other_of "$p")" || wait_until 30 healthy_with "$(other_of "$p")" ||
+      { echo "    the pair is not healthy with $(other_of "$p") serving after run $i: stopping the scenario"; return; }
+  done
+}
+
+one_cut_client() {
+  local i=$1 p o t_fault t_run st
   p=$(current_primary); o=$(other_of "$p")
   roles_start 0.2
-  run_begin "cut-client (node $p)"
+  run_begin "cut-client#$i (node $p)"
   t_run=$(now_ms)
   bench_start 12
   sleep 3
