@@ -4,8 +4,9 @@
 //! of the directory, so a crash leaves either the old or the new metadata, never a mix.
 //!
 //! # Durability contract
-//! The [`crate::primary::Primary`] state machine asks for a write of the metadata with
-//! `Action::PersistMeta` and is told `persisted(version)` once it is durable. It relies on:
+//! The pair state machine ([`crate::pair::PairLun`]) hands the driver what to store with
+//! [`PairLun::meta_for_disk`](crate::pair::PairLun::meta_for_disk) and is told once it is
+//! durable. It relies on:
 //! - **Before a local or peer write is issued**, every region it touches is set in the persisted
 //!   bitmap (as a write-intent, "hot" region). A crashed primary's unacknowledged tail is therefore
 //!   always inside the persisted bitmap, and is reconciled when the peer returns.

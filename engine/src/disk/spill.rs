@@ -275,6 +275,9 @@ impl Spill {
         files: Vec<File>,
         gates: Arc<SpillGates>,
     ) -> std::io::Result<Spill> {
+        // Bounded by construction: the core offers a write only while fewer than
+        // MAX_SPILLED are in flight (`offer`), and each job gets one completion, so neither
+        // channel holds more than MAX_SPILLED entries.
         let (jobs, job_rx) = crossbeam_channel::unbounded::<SpillWrite>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let bell = Arc::new(Doorbell::new()?);

@@ -26,6 +26,10 @@ const SESSIONS_EVERY_MS: u64 = 100;
 /// Actions waiting for the actuator (a bound: it runs them in order; the controller makes
 /// a few per takeover and one VIP renewal per keepalive).
 const MAX_QUEUED_JOBS: usize = 256;
+/// Operator commands (standby, takeover) waiting for the controller thread: each admin
+/// connection waits for its answer, so a few at once is all there ever is; a full queue
+/// makes the admin command wait, never the controller.
+const MAX_QUEUED_ADMIN: usize = 8;
 
 /// Which node of the pair this is: the one whose replica endpoint sorts first is node 0.
 /// Both nodes compute the same from their mirrored configurations, with no extra setting.
@@ -72,7 +76,7 @@ pub fn start(reg: Arc<Registry>) -> std::io::Result<FailoverHandle> {
         }
         None => None,
     };
-    let (admin_tx, admin_rx) = crossbeam_channel::bounded(8);
+    let (admin_tx, admin_rx) = crossbeam_channel::bounded(MAX_QUEUED_ADMIN);
     let (job_tx, job_rx) = crossbeam_channel::bounded(MAX_QUEUED_JOBS);
     let (done_tx, done_rx) = crossbeam_channel::bounded(MAX_QUEUED_JOBS);
     let status = Arc::new(Mutex::new(String::new()));

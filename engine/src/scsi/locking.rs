@@ -8,7 +8,7 @@ use super::completion::io_error;
 use super::{ctx_lun, with_format, ExecCtx, IoOp, Reply, ScsiTask, Stage, Step, PUNCH_HOLE};
 
 /// Whether the write-intent log lets a write to these blocks of registry LUN `lun` be
-/// issued now (replication.rs); when not, the caller drops its range lock and retries.
+/// issued now (`replication/intents.rs`); when not, the caller drops its range lock and retries.
 /// `Err(errno)`: the metadata has not been writable for a while (the write fails).
 fn intent_ready(ctx: &ExecCtx, lun: usize, lba: u64, blocks: u64) -> Result<bool, i32> {
     let Some(rep) = ctx.reg.replication.get() else {

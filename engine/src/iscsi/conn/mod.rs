@@ -112,7 +112,7 @@ pub struct Out {
     /// the connection's slot).
     pub rep: Vec<crate::replication::RepReq>,
     /// Byte ranges (LUN, offset, length) of commands that failed here after mirroring a
-    /// change: the peer may hold what this node does not (replication.rs `diverged`).
+    /// change: the peer may hold what this node does not (`replication::mirror`, `diverged`).
     pub diverged: Vec<(usize, u64, u64)>,
 }
 
