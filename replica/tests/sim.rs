@@ -39,7 +39,9 @@
 //!   last GOOD write over it or a later write (checked whenever a node starts serving, and at
 //!   the end);
 //! - when the pair is quiet and both say UpToDate after a resync, the two copies are equal;
-//! - a split brain is detected (refused), never resolved by a resync.
+//! - a split brain is detected (refused), never resolved by a resync;
+//! - progress: once the faults stop, a pair with a writer settles by itself (in sync,
+//!   every write answered), unless a forced promotion left it to the operator.
 //!
 //! `SIM_SEEDS` (default 10000), `SIM_SEED_BASE` (default 0) and `SIM_STEPS` (default 600)
 //! scale the run; `SEED` (or `SIM_SEED`) runs one seed and traces it with `SIM_TRACE=1`;
@@ -806,6 +808,20 @@ impl Sim {
                 .any(|w| overlaps(range, (w.offset, w.len)))
     }
 
+    /// Whether the resync's copy of `range` must wait (engine: `RangeLock::lock_for_copy`):
+    /// only for writes whose local I/O still runs. A write done here that waits for the
+    /// peer is parked: its data is final, and while the peer is away such a write is
+    /// answered only once this very copy has carried its region (waiting for it was a
+    /// deadlock: the copy stalled for good).
+    fn copy_blocked(&self, n: NodeId, range: (u64, u64)) -> bool {
+        let Some(p) = self.nodes[n].proc_.as_ref() else {
+            return true;
+        };
+        p.writes
+            .values()
+            .any(|w| !w.local_done && overlaps(range, (w.offset, w.len)))
+    }
+
     /// Makes the write-intent regions of `range` durable (engine: `write_intent_ready` and
     /// the keeper's group commit). False: the metadata cannot be written; the write fails.
     fn intent_ready(&mut self, n: NodeId, range: (u64, u64)) -> bool {
@@ -1393,8 +1409,8 @@ impl Sim {
         }
         if let Some(&region) = queue.front() {
             let range = (region * REGION, REGION);
-            if self.range_busy(n, range) {
-                return; // The range lock: wait for the writes there.
+            if self.copy_blocked(n, range) {
+                return; // The range lock: wait for the writes running there.
             }
             let data =
                 self.nodes[n].disk.volatile[range.0 as usize..(range.0 + REGION) as usize].to_vec();
@@ -1803,8 +1819,12 @@ impl Sim {
             }
             if self.writers().is_empty() {
                 // The rules hold here too: a node is promoted only where they allow it.
-                if let Some(n) = (0..2).find(|&n| self.up(n) && self.operator_may_promote(n)) {
-                    self.promote(n, false);
+                // As an operator would: the other node when one refuses (its data is
+                // unusable: an unfinished resync into it).
+                for n in 0..2 {
+                    if self.up(n) && self.operator_may_promote(n) && self.promote(n, false) {
+                        break;
+                    }
                 }
             }
             let ready = self.deliverable();
@@ -1817,6 +1837,17 @@ impl Sim {
             if self.stats.equal_checks > 0 && self.is_quiet_synced() {
                 break;
             }
+        }
+        // Progress: once the faults stop, the pair settles by itself (one writer, in sync,
+        // idle), unless it waits for the operator: no writer, and the rules let the
+        // operator promote neither node (a split brain, or both nodes' records say the
+        // other is behind), which `resolve` settles. Found the resync that waited for held
+        // writes while they waited for it (the failover rig's hang).
+        // A forced promotion (`promote --force`, the split-brain scenario) is such a case
+        // too: its data may be refused as a resync source until the operator resolves.
+        let needs_operator = self.forced || self.writers().is_empty();
+        if !self.is_quiet_synced() && !needs_operator {
+            self.fail("the faults stopped, and the pair never settled (one writer, in sync, idle)");
         }
         for n in self.writers() {
             self.now_serving(n);
