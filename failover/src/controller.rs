@@ -253,6 +253,11 @@ pub struct Controller {
     witness_outdated: Option<NodeId>,
     /// The witness's record epoch from its last reply.
     witness_epoch: u64,
+    /// The epoch at which this node last claimed its peer in sync (`peer_in_sync`) while
+    /// the record named the peer outdated: until the epoch moves on, such a claim may still
+    /// land at the witness (late, or replayed after its restart) and clear the record, so
+    /// the next alone request asks for a new epoch (`renew_alone`).
+    in_sync_claimed_at: Option<u64>,
     outstanding: VecDeque<Outstanding>,
     next_request_id: u64,
     next_beat_ms: u64,
@@ -304,6 +309,7 @@ impl Controller {
             lease_holder: None,
             witness_outdated: None,
             witness_epoch: 0,
+            in_sync_claimed_at: None,
             outstanding: VecDeque::new(),
             next_request_id: request_id_base,
             next_beat_ms: now_ms,
@@ -430,6 +436,11 @@ impl Controller {
         }
         self.replica = view;
         self.role_change_pending = false;
+        if self.cfg.guard == Guard::Witness && view.primary && view.in_sync && !view.frozen {
+            // The alone period ended: writing alone again takes a new grant (one that
+            // outdates the peer after the in-sync claim), never a leftover of the old one.
+            self.alone_until_ms = 0;
+        }
         if !view.primary {
             self.alone_until_ms = 0;
             if self.vip_held {
@@ -845,12 +856,24 @@ impl Controller {
 
     fn request(&mut self, now_ms: u64, op: LeaseOp, alone: bool) -> LeaseRequest {
         self.next_request_id += 1;
+        let peer_in_sync = self.replica.primary && self.replica.in_sync && !self.replica.frozen;
+        if self
+            .in_sync_claimed_at
+            .is_some_and(|e| e != self.witness_epoch)
+        {
+            self.in_sync_claimed_at = None; // The epoch moved on: the claim is stale.
+        }
+        let renew_alone = alone && self.in_sync_claimed_at == Some(self.witness_epoch);
+        if peer_in_sync && op == LeaseOp::Acquire && self.witness_outdated.is_some() {
+            self.in_sync_claimed_at = Some(self.witness_epoch);
+        }
         let req = LeaseRequest {
             request_id: self.next_request_id,
             op,
             up_to_date: self.replica.promotable,
             alone,
-            peer_in_sync: self.replica.primary && self.replica.in_sync && !self.replica.frozen,
+            peer_in_sync,
+            renew_alone,
             epoch: self.witness_epoch,
         };
         if self.outstanding.len() == MAX_OUTSTANDING {

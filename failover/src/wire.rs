@@ -118,6 +118,12 @@ pub struct LeaseRequest {
     pub alone: bool,
     /// The sender is primary and its peer is in sync: the peer's outdated record goes.
     pub peer_in_sync: bool,
+    /// With `alone`: the sender has claimed its peer in sync (`peer_in_sync`) at this
+    /// epoch since it last wrote alone. The witness moves the epoch on even though the
+    /// record names the peer outdated already, so that claim, should it arrive late
+    /// (delayed, or replayed after a witness restart emptied the replay windows), is stale
+    /// and cannot clear the record of writes made alone after it.
+    pub renew_alone: bool,
     /// The witness's record epoch as the sender last heard it. A request that would change
     /// the record is acted on only if this is current: an old request replayed (after a
     /// witness restart emptied its replay windows, say) cannot undo a newer record.
@@ -318,7 +324,10 @@ pub fn seal(key: &Key, pair_id: &[u8], sender: u8, seq: u64, body: &Body) -> Vec
                 LeaseOp::Query => 3,
             });
             out.push(
-                u8::from(r.up_to_date) | u8::from(r.alone) << 1 | u8::from(r.peer_in_sync) << 2,
+                u8::from(r.up_to_date)
+                    | u8::from(r.alone) << 1
+                    | u8::from(r.peer_in_sync) << 2
+                    | u8::from(r.renew_alone) << 3,
             );
             out.extend_from_slice(&r.epoch.to_be_bytes());
         }
@@ -394,7 +403,7 @@ pub fn open(key: &Key, bytes: &[u8]) -> Result<Datagram, WireError> {
                 3 => LeaseOp::Query,
                 _ => return Err(WireError::BadField("lease op")),
             };
-            if b[9] & !7 != 0 {
+            if b[9] & !15 != 0 {
                 return Err(WireError::BadField("lease request flags"));
             }
             Body::LeaseRequest(LeaseRequest {
@@ -403,6 +412,7 @@ pub fn open(key: &Key, bytes: &[u8]) -> Result<Datagram, WireError> {
                 up_to_date: b[9] & 1 != 0,
                 alone: b[9] & 2 != 0,
                 peer_in_sync: b[9] & 4 != 0,
+                renew_alone: b[9] & 8 != 0,
                 epoch: u64_at(b, 10),
             })
         }

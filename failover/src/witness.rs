@@ -10,7 +10,8 @@
 //! - `alone` records the peer outdated (persisted before the grant is sent); `peer_in_sync`
 //!   from the holder clears that record; either change needs the request to name the
 //!   record's current epoch (so an old request, replayed, changes nothing) and moves the
-//!   epoch on;
+//!   epoch on; so does an `alone` request with `renew_alone` (its sender claimed the peer
+//!   in sync at this epoch since it last wrote alone: that claim must not land later);
 //! - after a restart the witness grants nothing for one lease (it cannot know who held one)
 //!   but keeps the outdated records (they are on disk).
 //!
@@ -136,9 +137,9 @@ impl Witness {
         let mut persist = None;
         if granted.is_ok() && req.op == LeaseOp::Acquire {
             if req.alone {
-                after_change(v, Some(node.peer()), &mut persist);
+                after_change(v, Some(node.peer()), req.renew_alone, &mut persist);
             } else if req.peer_in_sync {
-                after_change(v, None, &mut persist);
+                after_change(v, None, false, &mut persist);
             }
         }
         Decision {
@@ -185,8 +186,15 @@ impl Witness {
     }
 }
 
-fn after_change(v: &mut PairVote, outdated: Option<NodeId>, persist: &mut Option<Record>) {
-    if v.outdated != outdated {
+/// Records `outdated` and moves the epoch on if it changed, or if `renew` asks for a new
+/// epoch anyway (a new alone period after an in-sync claim: `LeaseRequest::renew_alone`).
+fn after_change(
+    v: &mut PairVote,
+    outdated: Option<NodeId>,
+    renew: bool,
+    persist: &mut Option<Record>,
+) {
+    if v.outdated != outdated || renew {
         v.outdated = outdated;
         v.epoch += 1;
         *persist = Some(Record {
@@ -229,7 +237,7 @@ fn decide(
                 return Err(Refusal::NotUpToDate);
             }
             let changes = if req.alone {
-                v.outdated != Some(node.peer())
+                v.outdated != Some(node.peer()) || req.renew_alone
             } else {
                 req.peer_in_sync && v.outdated.is_some()
             };

@@ -100,7 +100,14 @@ fn a_secondary_takes_over_only_after_deadtime_and_with_the_lease() {
     c.lease_reply(530, grant(&asked[0], 1));
     let acts = drain(&mut c);
     assert_eq!(acts.first(), Some(&Action::Promote));
-    c.replica(531, PRIMARY);
+    // Promoted without its peer: not in sync with it.
+    c.replica(
+        531,
+        ReplicaView {
+            in_sync: false,
+            ..PRIMARY
+        },
+    );
     let acts = drain(&mut c);
     let pos = |a: Action| acts.iter().position(|x| *x == a).unwrap();
     assert!(pos(Action::OutdatePeer) < pos(Action::AddVip));

@@ -23,6 +23,7 @@ fn all_bodies() -> Vec<Body> {
             up_to_date: true,
             alone: false,
             peer_in_sync: true,
+            renew_alone: true,
             epoch: 9,
         }),
         Body::LeaseReply(LeaseReply {

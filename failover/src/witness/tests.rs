@@ -10,6 +10,7 @@ fn acquire(id: u64, alone: bool, in_sync: bool, epoch: u64) -> LeaseRequest {
         up_to_date: true,
         alone,
         peer_in_sync: in_sync,
+        renew_alone: false,
         epoch,
     }
 }
@@ -198,4 +199,37 @@ fn records_survive_a_restart_and_a_failed_persist_grants_nothing() {
     assert_eq!(d.reply.granted, Err(Refusal::NotRecorded));
     assert_eq!(w.record(b"p"), rec(None, 0));
     assert!(w.vote(b"p").unwrap().holder.is_none());
+}
+
+/// Found by the failover simulation (seed 28041): B, alone with A outdated at epoch 3,
+/// resynced A and claimed it in sync; the claim was delayed; B lost A again and wrote
+/// alone at the same epoch; the claim, landing after a witness restart (its replay window
+/// gone), cleared A's record, and A promoted without B's last writes. A new alone period
+/// after a claim moves the epoch on, so the late claim is stale.
+#[test]
+fn a_late_in_sync_claim_cannot_clear_writes_made_alone_after_it() {
+    let mut w = started();
+    let alone = w.request(600, b"p", B, acquire(1, true, false, 0));
+    assert!(alone.reply.granted.is_ok());
+    let epoch = alone.reply.epoch;
+    assert_eq!(alone.reply.outdated, Some(A));
+    // The claim (id 2) is sent, and lost for now. B writes alone again, asking for a new
+    // epoch because of that claim.
+    let renew = LeaseRequest {
+        renew_alone: true,
+        ..acquire(3, true, false, epoch)
+    };
+    let d = w.request(700, b"p", B, renew);
+    assert!(d.reply.granted.is_ok());
+    assert!(
+        d.persist.is_some(),
+        "the new epoch is on disk before the grant"
+    );
+    assert_eq!(d.reply.outdated, Some(A));
+    assert!(d.reply.epoch > epoch);
+    // The witness restarts (replay windows and last request ids gone); the claim lands.
+    let mut w = Witness::new(800, 500, [(b"p".to_vec(), w.record(b"p"))]);
+    let late = w.request(1400, b"p", B, acquire(2, false, true, epoch));
+    assert_eq!(late.reply.granted, Err(Refusal::Stale));
+    assert_eq!(w.record(b"p").outdated, Some(A), "A stays outdated");
 }
