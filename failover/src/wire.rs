@@ -505,16 +505,33 @@ impl ReplayWindow {
     }
 }
 
-/// A sender's sequence numbers: they start from the wall clock in microseconds at start,
-/// so they increase across restarts (a receiver that remembers the last one does not take
-/// a restarted sender's datagrams for replays), and never repeat within a run.
+/// Sequence numbers (and lease request ids) of one run of a sender live above
+/// `boot << BOOT_SHIFT`, where `boot` numbers the sender's starts (persisted by the
+/// driver, see [`first_of_boot`]). 2^32 numbers per run: at the 40 datagrams a second a
+/// node sends, over three years.
+pub const BOOT_SHIFT: u32 = 32;
+
+/// The first number of run `boot`: above every number of every earlier run, whatever the
+/// clocks do. Why not the wall clock: a node that restarts with its clock stepped back (an
+/// RTC behind, NTP stepping it at boot) would start below the numbers its receivers last
+/// saw, and be taken for a replay, deaf to its peer and the witness, for as long as it
+/// takes to count up the difference (the failover simulation: a node restarted within a
+/// second, clock stepped back, never reached the witness again).
+pub fn first_of_boot(boot: u64) -> u64 {
+    assert!(boot < 1 << (64 - BOOT_SHIFT), "boot counter out of range");
+    boot << BOOT_SHIFT
+}
+
+/// A sender's sequence numbers: they start at [`first_of_boot`], so they increase across
+/// restarts (a receiver that remembers the last one does not take a restarted sender's
+/// datagrams for replays), and never repeat within a run.
 #[derive(Clone, Debug)]
 pub struct SeqCounter(u64);
 
 impl SeqCounter {
-    /// Starts at `wall_clock_us`.
-    pub fn starting_at(wall_clock_us: u64) -> SeqCounter {
-        SeqCounter(wall_clock_us)
+    /// Starts above `first`.
+    pub fn starting_at(first: u64) -> SeqCounter {
+        SeqCounter(first)
     }
 
     /// The next sequence number.

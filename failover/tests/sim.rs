@@ -3,9 +3,10 @@
 //! shipped wire format (HMAC, replay windows) over a seeded network: loss, duplicates,
 //! reordering, delays, forged and replayed datagrams, cuts of the dedicated link, of either
 //! node's client network and of the witness, paused processes (SIGSTOP), crashes and
-//! restarts, a witness restart, node clocks running at different rates, wall clocks stepped
-//! back at a restart, operator `standby` and `takeover`, and (in some seeds) a fence command
-//! instead of a witness.
+//! restarts (sequence numbers and request ids from a start count kept on disk, so a
+//! restart within moments is never taken for a replay), a witness restart, node clocks
+//! running at different rates, operator `standby` and `takeover`, and (in some seeds) a
+//! fence command instead of a witness.
 //!
 //! The replica is modelled at the level the controller sees it (role, UpToDate, in sync,
 //! frozen; the mirrored writes of protocol C; a resync that takes time), and the driver's
@@ -84,6 +85,8 @@ struct Node {
     reported: ReplicaView,
     windows: [ReplayWindow; 3],
     seq: SeqCounter,
+    /// Starts so far (on the node's disk: the base of its sequence numbers and request ids).
+    boots: u64,
     /// Clock rate error, parts per million.
     ppm: i64,
     fence_pending: bool,
@@ -111,6 +114,7 @@ impl Node {
             reported: ReplicaView::default(),
             windows: Default::default(),
             seq: SeqCounter::starting_at(0),
+            boots: 0,
             ppm,
             fence_pending: false,
             reboot_at_ms: None,
@@ -124,6 +128,7 @@ struct WitnessBox {
     persisted: Record,
     windows: [ReplayWindow; 2],
     seq: SeqCounter,
+    boots: u64,
     disk_fails: bool,
 }
 
@@ -131,7 +136,6 @@ struct Sim {
     seed: u64,
     rng: StdRng,
     now_ms: u64,
-    wall_us: u64,
     key: Key,
     guard: Guard,
     nodes: [Node; 2],
@@ -170,7 +174,6 @@ impl Sim {
             seed,
             rng,
             now_ms: 0,
-            wall_us: 1_700_000_000_000_000,
             key: Key::derive(b"sim pair key"),
             guard,
             nodes: [Node::new(true, ppm[0]), Node::new(false, ppm[1])],
@@ -179,7 +182,8 @@ impl Sim {
                 w: Witness::new(0, TIMINGS.lease_ms() as u32, []),
                 persisted: Record::default(),
                 windows: Default::default(),
-                seq: SeqCounter::starting_at(1),
+                seq: SeqCounter::starting_at(wire::first_of_boot(1)),
+                boots: 1,
                 disk_fails: false,
             },
             net: Vec::new(),
@@ -270,13 +274,10 @@ impl Sim {
             && !peer_ahead
             && self.guard != Guard::Witness
             && peer_reachable;
-        // A wall clock stepped back (by up to 1 s) at a restart now and then.
-        let step_back_us = if self.rng.gen_range(0..10) == 0 {
-            self.rng.gen_range(0..1_000_000)
-        } else {
-            0
-        };
-        let base = self.wall_us - step_back_us;
+        // Sequence numbers and request ids from the start count, not from the wall clock
+        // (which may be stepped back at a restart: see `wire::first_of_boot`).
+        self.nodes[n].boots += 1;
+        let base = wire::first_of_boot(self.nodes[n].boots);
         let node = &mut self.nodes[n];
         node.up = true;
         node.paused = false;
@@ -705,7 +706,8 @@ impl Sim {
                     [(PAIR.to_vec(), self.witness.persisted)],
                 );
                 self.witness.windows = Default::default();
-                self.witness.seq = SeqCounter::starting_at(self.wall_us);
+                self.witness.boots += 1;
+                self.witness.seq = SeqCounter::starting_at(wire::first_of_boot(self.witness.boots));
             }
             26 => self.witness.disk_fails = !self.witness.disk_fails,
             27..=36 if self.nodes[n].up => {
@@ -784,7 +786,6 @@ impl Sim {
         // Time moves in small random steps.
         let dt = self.rng.gen_range(1..20);
         self.now_ms += dt;
-        self.wall_us += dt * 1000;
         let mut due: Vec<Packet> = Vec::new();
         let mut rest = Vec::new();
         for p in self.net.drain(..) {

@@ -80,6 +80,12 @@ pub fn start(reg: Arc<Registry>) -> std::io::Result<FailoverHandle> {
     let (job_tx, job_rx) = crossbeam_channel::bounded(MAX_QUEUED_JOBS);
     let (done_tx, done_rx) = crossbeam_channel::bounded(MAX_QUEUED_JOBS);
     let status = Arc::new(Mutex::new(String::new()));
+    // Sequence numbers and request ids above every earlier run's, whatever the clock did.
+    let first = failover::wire::first_of_boot(super::boot_count::next(
+        &reg.config.data_dir,
+        "failover.boot",
+        super::boot_count::wall_secs(),
+    )?);
     let guard_child = actuator::start(Arc::clone(&reg), &fo, job_rx, done_tx)?;
     let mut d = Driver {
         key: Key::derive(&peer.psk),
@@ -96,11 +102,11 @@ pub fn start(reg: Arc<Registry>) -> std::io::Result<FailoverHandle> {
             },
             ReplicaView::default(),
             boot_clock_ms(),
-            wall_clock_us(),
+            first,
         ),
         sockets,
         witness_socket,
-        seq: SeqCounter::starting_at(wall_clock_us()),
+        seq: SeqCounter::starting_at(first),
         peer_window: ReplayWindow::default(),
         witness_window: ReplayWindow::default(),
         jobs: job_tx,
@@ -444,14 +450,6 @@ impl Driver {
         ));
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = out;
     }
-}
-
-/// The wall clock in microseconds (sequence numbers and lease request ids start there, so
-/// they increase across restarts).
-fn wall_clock_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// SCHED_FIFO for the controller thread: a heartbeat that a saturated core starves is a

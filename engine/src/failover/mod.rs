@@ -11,6 +11,7 @@
 //!   back; the heartbeats keep going meanwhile.
 
 mod actuator;
+mod boot_count;
 mod clock;
 mod driver;
 mod sessions;

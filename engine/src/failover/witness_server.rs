@@ -101,10 +101,9 @@ pub fn serve(listen: SocketAddr, config: &Path) -> std::io::Result<()> {
     let mut w = Witness::new(boot_clock_ms(), lease_ms, records);
     let sock = UdpSocket::bind(listen)?;
     tracing::info!(%listen, pairs = pairs.len(), lease_ms, "witness serving");
-    let wall_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64);
-    let mut seq = SeqCounter::starting_at(wall_us);
+    // Above every earlier run's sequence numbers, whatever the clock did.
+    let boot = super::boot_count::next(&state_dir, "witness.boot", super::boot_count::wall_secs())?;
+    let mut seq = SeqCounter::starting_at(failover::wire::first_of_boot(boot));
     let mut buf = [0u8; wire::MAX_DATAGRAM_LEN + 1];
     loop {
         let (n, from) = sock.recv_from(&mut buf)?;
