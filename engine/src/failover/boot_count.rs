@@ -34,13 +34,22 @@ pub fn next(dir: &Path, name: &str, wall_secs: u64) -> std::io::Result<u64> {
             path.display()
         )));
     }
+    write_durably(&path, &format!("{now}\n"))?;
+    Ok(now)
+}
+
+/// Replaces `path` with `text` so that a crash leaves the old or the new contents, never a
+/// mix: a temporary file, synced, renamed over it, the directory synced.
+pub(super) fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "{now}")?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(now)
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The wall clock in whole seconds (0 if it reads before 1970).

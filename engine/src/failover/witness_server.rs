@@ -15,7 +15,6 @@
 //! pair's deadtime only delays that pair's takeovers, never makes them unsafe.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 
@@ -181,19 +180,11 @@ fn load(path: &Path) -> std::io::Result<Record> {
 /// Writes a record durably: a temporary file, synced, renamed over the old one, the
 /// directory synced.
 fn store(path: &Path, r: Record) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
     let outdated = match r.outdated {
         None => "none".to_string(),
         Some(n) => n.0.to_string(),
     };
-    let mut f = std::fs::File::create(&tmp)?;
-    writeln!(f, "outdated={outdated} epoch={}", r.epoch)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    super::boot_count::write_durably(path, &format!("outdated={outdated} epoch={}\n", r.epoch))
 }
 
 #[cfg(test)]
