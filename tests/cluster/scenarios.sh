@@ -432,15 +432,19 @@ scen_kill_primary() {
   done
 }
 
-scen_power_off() {
-  local i p
+# repeat_runs FN: FN RUN_INDEX, RUNS times, each against whichever node serves then (so the
+# fault alternates); stops when no node serves or the pair does not heal.
+repeat_runs() {
+  local fn=$1 i p
   for i in $(seq 1 "$RUNS"); do
     p=$(current_primary) || { echo "    no node serves before run $i: stopping the scenario"; ANY_FAIL=1; SCEN_FAILED=1; return; }
-    one_power_off "$i"
+    "$fn" "$i"
     healthy_with "$(other_of "$p")" || wait_until 30 healthy_with "$(other_of "$p")" ||
       { echo "    the pair is not healthy with $(other_of "$p") serving after run $i: stopping the scenario"; return; }
   done
 }
+
+scen_power_off() { repeat_runs one_power_off; }
 
 one_power_off() {
   local i=$1 p o t_fault t_run
@@ -471,15 +475,7 @@ one_power_off() {
   run_end power-off "$B_STALL" "$TAKEOVER_MS"
 }
 
-scen_cut_client() {
-  local i p
-  for i in $(seq 1 "$RUNS"); do
-    p=$(current_primary) || { echo "    no node serves before run $i: stopping the scenario"; ANY_FAIL=1; SCEN_FAILED=1; return; }
-    one_cut_client "$i"
-    healthy_with "$(other_of "$p")" || wait_until 30 healthy_with "$(other_of "$p")" ||
-      { echo "    the pair is not healthy with $(other_of "$p") serving after run $i: stopping the scenario"; return; }
-  done
-}
+scen_cut_client() { repeat_runs one_cut_client; }
 
 one_cut_client() {
   local i=$1 p o t_fault t_run st

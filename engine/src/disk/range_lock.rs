@@ -128,12 +128,7 @@ impl RangeLock {
         end: u64,
         poll: std::time::Duration,
     ) -> RangeGuard {
-        loop {
-            if let Some(g) = self.try_lock_if(start, end, |r| !r.parked) {
-                return g;
-            }
-            std::thread::sleep(poll);
-        }
+        self.wait_if(start, end, poll, |r| !r.parked)
     }
 
     /// Waits for `[start, end)` (polling every `poll`). For background threads only
@@ -144,8 +139,19 @@ impl RangeLock {
         end: u64,
         poll: std::time::Duration,
     ) -> RangeGuard {
+        self.wait_if(start, end, poll, |_| true)
+    }
+
+    /// Polls [`try_lock_if`](Self::try_lock_if) every `poll` until it succeeds.
+    fn wait_if(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        poll: std::time::Duration,
+        blocks: impl Fn(&Held) -> bool,
+    ) -> RangeGuard {
         loop {
-            if let Some(g) = self.try_lock(start, end) {
+            if let Some(g) = self.try_lock_if(start, end, &blocks) {
                 return g;
             }
             std::thread::sleep(poll);
