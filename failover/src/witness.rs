@@ -33,6 +33,9 @@ pub struct PairVote {
     pub epoch: u64,
     /// The newest request acted on, per node (a late duplicate must not undo a newer one).
     last_request: [Option<u64>; 2],
+    /// The holder before the last request: what a failed persist restores (a renewal whose
+    /// record could not be stored must not revoke the lease the holder still counts on).
+    holder_before: Option<(NodeId, u64)>,
 }
 
 /// One pair's durable record: who is outdated, and the record's epoch.
@@ -127,6 +130,7 @@ impl Witness {
         if v.holder.is_some_and(|(_, until)| now_ms >= until) {
             v.holder = None;
         }
+        v.holder_before = v.holder;
         let slot = usize::from(node.0);
         let granted = if v.last_request[slot].is_some_and(|last| req.request_id <= last) {
             Err(Refusal::Stale)
@@ -157,21 +161,13 @@ impl Witness {
 
     /// The driver could not persist `decision.persist`: the record goes back to `before`
     /// and the grant becomes a refusal (nothing may rely on a record not on disk).
-    pub fn persist_failed(
-        &mut self,
-        pair: &[u8],
-        node: NodeId,
-        before: Record,
-        reply: &mut LeaseReply,
-    ) {
+    pub fn persist_failed(&mut self, pair: &[u8], before: Record, reply: &mut LeaseReply) {
         if let Some(v) = self.pairs.get_mut(pair) {
             v.outdated = before.outdated;
             v.epoch = before.epoch;
-            if v.holder.is_some_and(|(n, _)| n == node) {
-                v.holder = None;
-            }
+            v.holder = v.holder_before;
             reply.granted = Err(Refusal::NotRecorded);
-            reply.holder = None;
+            reply.holder = v.holder.map(|(n, _)| n);
             reply.outdated = before.outdated;
             reply.epoch = before.epoch;
         }

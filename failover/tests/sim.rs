@@ -645,12 +645,9 @@ impl Sim {
                         .request(self.now_ms, &d.pair_id, NodeId(d.sender), req);
                 if let Some(after) = dec.persist {
                     if self.witness.disk_fails {
-                        self.witness.w.persist_failed(
-                            &d.pair_id,
-                            NodeId(d.sender),
-                            before,
-                            &mut dec.reply,
-                        );
+                        self.witness
+                            .w
+                            .persist_failed(&d.pair_id, before, &mut dec.reply);
                     } else {
                         self.witness.persisted = after;
                     }

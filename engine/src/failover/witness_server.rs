@@ -128,7 +128,7 @@ pub fn serve(listen: SocketAddr, config: &Path) -> std::io::Result<()> {
         if let Some(after) = dec.persist {
             if let Err(e) = store(&pair.state_file, after) {
                 tracing::error!(error = %e, file = %pair.state_file.display(), "cannot persist a witness record: refusing");
-                w.persist_failed(&d.pair_id, node, before, &mut dec.reply);
+                w.persist_failed(&d.pair_id, before, &mut dec.reply);
             } else {
                 tracing::warn!(pair = %String::from_utf8_lossy(&d.pair_id), outdated = ?after.outdated, epoch = after.epoch, "record changed");
             }

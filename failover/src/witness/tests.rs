@@ -195,7 +195,7 @@ fn records_survive_a_restart_and_a_failed_persist_grants_nothing() {
     let mut w = started();
     let mut d = w.request(600, b"p", A, acquire(1, true, false, 0));
     assert_eq!(d.persist, Some(rec(Some(B), 1)));
-    w.persist_failed(b"p", A, rec(None, 0), &mut d.reply);
+    w.persist_failed(b"p", rec(None, 0), &mut d.reply);
     assert_eq!(d.reply.granted, Err(Refusal::NotRecorded));
     assert_eq!(w.record(b"p"), rec(None, 0));
     assert!(w.vote(b"p").unwrap().holder.is_none());
@@ -232,4 +232,31 @@ fn a_late_in_sync_claim_cannot_clear_writes_made_alone_after_it() {
     let late = w.request(1400, b"p", B, acquire(2, false, true, epoch));
     assert_eq!(late.reply.granted, Err(Refusal::Stale));
     assert_eq!(w.record(b"p").outdated, Some(A), "A stays outdated");
+}
+
+/// Found by the failover simulation (seed 54357): B held the lease; its next request
+/// needed a record change that could not be stored, and the failed persist revoked B's
+/// lease, which B still counted on; A was granted it at once: two holders. A failed
+/// persist restores the holder as it was before the request.
+#[test]
+fn a_failed_persist_does_not_revoke_a_lease_already_granted() {
+    let mut w = started();
+    assert!(w
+        .request(600, b"p", B, acquire(1, false, false, 0))
+        .reply
+        .granted
+        .is_ok());
+    let before = w.record(b"p");
+    let mut d = w.request(650, b"p", B, acquire(2, true, false, 0));
+    assert!(d.persist.is_some(), "alone outdates A: a record change");
+    w.persist_failed(b"p", before, &mut d.reply);
+    assert_eq!(d.reply.granted, Err(Refusal::NotRecorded));
+    assert_eq!(w.record(b"p"), before, "nothing recorded");
+    assert_eq!(
+        w.request(700, b"p", A, acquire(1, false, false, 0))
+            .reply
+            .granted,
+        Err(Refusal::HeldByPeer),
+        "B's grant of 600 still runs"
+    );
 }
