@@ -115,8 +115,14 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
         }
         "outdate-peer" => match reg.replication.get() {
             Some(rep) => {
-                rep.outdate_peer();
-                "ok: peer recorded outdated; suspended I/O resumes\n".into()
+                if rep.outdate_peer() {
+                    "ok: peer recorded outdated; suspended I/O resumes\n".into()
+                } else {
+                    "error: the \"peer outdated\" record could not be written to a LUN's \
+                     metadata file (see the log): its I/O stays suspended; run outdate-peer \
+                     again once the metadata disk works\n"
+                        .into()
+                }
             }
             None => "error: no peer configured\n".into(),
         },

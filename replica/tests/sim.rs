@@ -1912,8 +1912,10 @@ fn simulation() {
         }
     }
     println!("{seeds} seeds x {steps} steps: {total:?}");
-    // The run must exercise what it claims to check.
-    assert!(total.good > 0 && total.resyncs > 0 && total.equal_checks > 0);
+    // The run must exercise what it claims to check (one replayed seed need not).
+    if single.is_none() {
+        assert!(total.good > 0 && total.resyncs > 0 && total.equal_checks > 0);
+    }
     if seeds >= 500 {
         assert!(
             total.crashes > 0

@@ -149,7 +149,12 @@ impl Actuator {
             }
             Action::OutdatePeer => {
                 if let Some(rep) = self.reg.replication.get() {
-                    rep.outdate_peer();
+                    if !rep.outdate_peer() {
+                        tracing::error!(
+                            "the peer-outdated record could not be persisted: \
+                             I/O stays suspended on the LUNs concerned"
+                        );
+                    }
                 }
             }
             Action::AddVip => {

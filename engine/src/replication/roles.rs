@@ -228,7 +228,8 @@ impl Replication {
     }
 
     /// `twinsan outdate-peer`: the operator vouches the peer is stale; suspended I/O goes on.
-    pub fn outdate_peer(&self) {
-        self.with_mirror(|m, port| m.operator_outdate(port));
+    /// Returns false when a LUN's record could not be persisted: that LUN stays frozen.
+    pub fn outdate_peer(&self) -> bool {
+        self.with_mirror(|m, port| m.operator_outdate(port))
     }
 }

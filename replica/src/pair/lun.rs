@@ -379,9 +379,15 @@ impl PairLun {
     }
 
     /// After [`PairLun::operator_outdated_peer`]'s persist: suspended I/O goes on only if
-    /// the record is on disk.
+    /// the record is on disk; a record that is not freezes the LUN whatever its state was.
+    /// Why: a node promoted while its peer was away has not lost a peer (its state is
+    /// `Unknown`, not `Suspended`), and letting that state answer alone released held
+    /// writes with no "peer outdated" on disk: after a crash its `status` showed nothing
+    /// that kept the old primary from starting alone without them (replica sim seed 114720).
     pub fn operator_outdate_recorded(&mut self, recorded: bool) {
-        if recorded && self.state == SyncState::Suspended {
+        if !recorded {
+            self.state = SyncState::Suspended;
+        } else if self.state == SyncState::Suspended {
             self.state = SyncState::PeerOutdated;
         }
     }

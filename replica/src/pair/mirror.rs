@@ -322,8 +322,11 @@ impl Mirror {
 
     /// `twinsan outdate-peer`: the operator vouches the peer is stale; held I/O goes on,
     /// for each LUN whose record of what differs is on disk (written again if it failed).
-    pub fn operator_outdate(&mut self, port: &mut dyn Port) {
+    /// Returns whether every LUN's record is on disk (`false`: those LUNs stay frozen, and
+    /// the operator must be told: run it again once the metadata disk works).
+    pub fn operator_outdate(&mut self, port: &mut dyn Port) -> bool {
         self.operator_outdated = true;
+        let mut all_recorded = true;
         for i in 0..port.lun_count() {
             let random = port.random();
             let recorded = port.update_lun(i, &mut |l| l.operator_outdated_peer(random));
@@ -331,10 +334,12 @@ impl Mirror {
                 l.operator_outdate_recorded(recorded);
                 Persist::No
             });
+            all_recorded &= recorded;
         }
         for (core, token, lun) in std::mem::take(&mut self.held) {
             self.complete_alone(port, core, token, lun);
         }
+        all_recorded
     }
 
     /// This node is promoted: a node demoted while mirroring still mirrors over its old data
@@ -567,6 +572,31 @@ mod tests {
         );
         m.alone(&mut port, 0, 11, 0, Some((9 * REGION, 512)));
         assert_eq!(port.answers, vec![(0, 11, false)]);
+    }
+
+    #[test]
+    fn the_operators_word_releases_nothing_until_its_record_is_on_disk() {
+        // Replica sim seed 114720: a node promoted while its peer was away (never
+        // mirroring, so its LUN had lost no peer: state Unknown) held its writes under
+        // Suspend; `outdate-peer` could not persist its record, yet released them, and a
+        // crash left no "peer outdated" on disk to keep the old primary from serving alone.
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Suspend);
+        m.alone(&mut port, 0, 1, 0, Some((2 * REGION, 512)));
+        assert_eq!(m.held(), 1);
+        port.persist_fails = true;
+        assert!(!m.operator_outdate(&mut port), "the operator is told");
+        assert!(
+            port.answers.is_empty(),
+            "nothing on disk says the peer is stale"
+        );
+        assert_eq!(port.luns[0].state(), SyncState::Suspended);
+        m.alone(&mut port, 1, 2, 0, Some((2 * REGION, 512)));
+        assert_eq!(port.answers, vec![(1, 2, false)], "a later write fails");
+        port.persist_fails = false;
+        assert!(m.operator_outdate(&mut port));
+        assert_eq!(port.answers, vec![(1, 2, false), (0, 1, true)]);
+        assert!(port.persisted[0].flags.peer_outdated);
     }
 
     #[test]
