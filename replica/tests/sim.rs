@@ -55,7 +55,7 @@ use replica::intent::IntentLog;
 use replica::meta::Meta;
 use replica::pair::{
     apply::resync_change, Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun, PassEnd,
-    PeerLossPolicy, Pending, Persist, PlanRefusal, Port, SyncState,
+    PeerLossPolicy, Pending, Persist, PlanRefusal, Port, ResyncPlan, SyncState,
 };
 use replica::wire::{AckStatus, Message};
 
@@ -141,6 +141,14 @@ struct Write {
 enum Manager {
     Idle {
         next_try_ms: u64,
+    },
+    /// Planned; the first resync change (engine: `open_round`'s ResyncProgress) is out,
+    /// and the round starts at its ack: the peer closed the older connections first.
+    Opening {
+        conn: ConnId,
+        plan: ResyncPlan,
+        seq: u64,
+        sent_ms: u64,
     },
     Copying {
         conn: ConnId,
@@ -1092,6 +1100,10 @@ impl Sim {
         if kind == ConnKind::Control && !self.conns[id].superseded_older && resync_change(&msg) {
             q.gate.supersede_older(accept_id);
             self.conns[id].superseded_older = true;
+            trace!(
+                self,
+                "node {n}: a resync on conn {id} supersedes older connections"
+            );
         }
         match q.gate.admit(accept_id, q.fenced) {
             Admit::Apply => {}
@@ -1161,6 +1173,15 @@ impl Sim {
                     AckStatus::IoError(5)
                 }
             }
+            Message::ResyncProgress {
+                done_bytes,
+                total_bytes,
+                eta_ms,
+                ..
+            } => {
+                q.parts.lun.progress_heard(done_bytes, total_bytes, eta_ms);
+                AckStatus::Ok
+            }
             Message::Ping { .. } => AckStatus::Ok,
             _ => AckStatus::Refused,
         };
@@ -1221,7 +1242,8 @@ impl Sim {
     fn manager_conn(&self, n: NodeId) -> Option<ConnId> {
         match self.nodes[n].proc_.as_ref()?.manager {
             Manager::Idle { .. } => None,
-            Manager::Copying { conn, .. }
+            Manager::Opening { conn, .. }
+            | Manager::Copying { conn, .. }
             | Manager::Done { conn, .. }
             | Manager::Watching { conn, .. } => Some(conn),
         }
@@ -1270,6 +1292,11 @@ impl Sim {
             Manager::Idle { next_try_ms } => {
                 if primary && !mirroring && self.now >= *next_try_ms {
                     self.manager_connect(n);
+                }
+            }
+            Manager::Opening { sent_ms, .. } => {
+                if self.now.saturating_sub(*sent_ms) > TIMEOUT_MS {
+                    self.manager_abort(n, "the peer did not answer the resync's start");
                 }
             }
             Manager::Copying { awaiting: None, .. } => self.copy_next(n),
@@ -1359,6 +1386,34 @@ impl Sim {
                 "both nodes wrote as primaries (split brain), yet a resync was planned: {plan:?}"
             ));
         }
+        // The first resync change goes out before anything is mirrored on the new data
+        // links (engine: `open_round`): see `Sim::begin_round`.
+        let seq = self.send_control(
+            n,
+            conn,
+            Message::ResyncProgress {
+                lun_key: LUN_KEY,
+                done_bytes: 0,
+                total_bytes: 0,
+                eta_ms: 0,
+            },
+        );
+        self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Opening {
+            conn,
+            plan,
+            seq,
+            sent_ms: self.now,
+        };
+    }
+
+    /// The peer acknowledged the resync's first change, so it applies nothing more of the
+    /// connections accepted before this round's control connection: only now may writes
+    /// be mirrored on the round's new data links. Why: a write mirrored on a new link
+    /// could be applied before that change, and a stale write of an older round's link
+    /// (the primary gave up on it; a copy of its region with its data was acknowledged
+    /// before the loss, so the region is clean) then landed over it: the copies differed
+    /// while both said UpToDate (seed 618664).
+    fn begin_round(&mut self, n: NodeId, conn: ConnId, plan: ResyncPlan) {
         let round = self.with_mirror(n, |m, _| m.start_round()).expect("up");
         let now = self.now;
         let node = &mut self.nodes[n];
@@ -1429,6 +1484,7 @@ impl Sim {
                 }
             };
             let seq = self.send_control(n, conn, msg);
+            trace!(self, "node {n}: copies region {region} (conn {conn})");
             if let Manager::Copying {
                 awaiting,
                 sent_data,
@@ -1486,6 +1542,17 @@ impl Sim {
             return self.manager_abort(n, "the peer failed a resync step");
         }
         let p = self.nodes[n].proc_.as_mut().expect("up");
+        if let Manager::Opening { seq: s, .. } = p.manager {
+            if s == seq {
+                let Manager::Opening { conn, plan, .. } =
+                    std::mem::replace(&mut p.manager, Manager::Idle { next_try_ms: 0 })
+                else {
+                    unreachable!("matched above");
+                };
+                return self.begin_round(n, conn, plan);
+            }
+            return;
+        }
         match &mut p.manager {
             Manager::Copying {
                 queue, awaiting, ..

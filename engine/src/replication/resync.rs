@@ -116,6 +116,7 @@ impl Replication {
             }
             plans.push((i, plan));
         }
+        self.open_round(&mut s, &mut rbuf, &mut wbuf)?;
         // Mirror new writes from now on: a region copy and a write to the same region are
         // serialized by the range lock, so one pass over what is dirty now suffices (writes
         // during the resync reach the peer directly instead of dirtying regions again).
@@ -133,6 +134,31 @@ impl Replication {
         }
         let _ = s.shutdown(std::net::Shutdown::Both);
         r
+    }
+
+    /// The resync's first change, acknowledged before the round mirrors anything: the peer
+    /// stops applying what connections accepted before this control connection still
+    /// carry (`ApplyGate::supersede_older`, raised once the messages being applied have
+    /// finished). Why: a write mirrored on the round's new data links could otherwise be
+    /// applied before that, and a stale write an older link still held (one this node gave
+    /// up on, whose region a copy had already made clean) landed over it: the copies
+    /// differed while both said UpToDate (replica sim seed 618664).
+    fn open_round(
+        &self,
+        s: &mut TcpStream,
+        rbuf: &mut RxBuf,
+        wbuf: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        let Some(l) = self.luns.first() else {
+            return Ok(());
+        };
+        let start = Message::ResyncProgress {
+            lun_key: l.key,
+            done_bytes: 0,
+            total_bytes: 0,
+            eta_ms: 0,
+        };
+        self.request(s, rbuf, wbuf, &start, "resync start")
     }
 
     /// While mirroring, pings the peer over the resync connection every [`PING_INTERVAL`]
