@@ -692,6 +692,8 @@ impl Sim {
         }
         trace!(self, "node {n}: demote");
         self.set_role(n, false);
+        // Engine: `note_role(false)` → `Mirror::demoted`.
+        self.with_mirror(n, |m, port| m.demoted(port));
         if let Some(p) = self.nodes[n].proc_.as_mut() {
             p.demoted_at = Some(self.now);
         }

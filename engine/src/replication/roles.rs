@@ -174,6 +174,9 @@ impl Replication {
     pub fn note_role(&self, primary: bool) {
         if !primary {
             self.apply_fenced.store(false, Ordering::Release);
+            // What it holds, and what would complete without the peer, fails now
+            // (Mirror::demoted says why).
+            self.with_mirror(|m, port| m.demoted(port));
         }
         if primary {
             // Promoted on purpose: the note about the start no longer describes the node.

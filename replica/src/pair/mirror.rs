@@ -159,6 +159,8 @@ pub struct Mirror {
     operator_outdated: bool,
     /// Completions held without the peer (suspend, or no record on disk): (core, token, lun).
     held: Vec<(usize, u64, usize)>,
+    /// Demoted since the last promotion: nothing completes without the peer any more.
+    demoted: bool,
 }
 
 impl Mirror {
@@ -171,6 +173,20 @@ impl Mirror {
             round: 0,
             operator_outdated: false,
             held: Vec::new(),
+            demoted: false,
+        }
+    }
+
+    /// This node was demoted: the completions it holds fail now, and so does every later
+    /// one that would go out without the peer. Why: nothing mirrors them any more, and the
+    /// next primary (the peer promoted, or started as the configured primary) overwrites
+    /// this node's copy of them with its own; a held write released by this node's next
+    /// term's resync was acknowledged with its data gone (replica sim seed 723625). Writes
+    /// mirrored before the demotion still complete by their acks (they are on the peer).
+    pub fn demoted(&mut self, port: &mut dyn Port) {
+        self.demoted = true;
+        for (core, token, _) in std::mem::take(&mut self.held) {
+            port.answer(core, token, false);
         }
     }
 
@@ -260,7 +276,9 @@ impl Mirror {
     }
 
     fn complete_alone(&mut self, port: &mut dyn Port, core: usize, token: u64, lun: usize) {
-        if self.may_answer_now(port, lun) {
+        if self.demoted {
+            port.answer(core, token, false);
+        } else if self.may_answer_now(port, lun) {
             port.answer(core, token, true);
         } else {
             self.held.push((core, token, lun));
@@ -347,6 +365,7 @@ impl Mirror {
     /// primary and would let itself be promoted too (two primaries). The new term starts
     /// like a start.
     pub fn new_term(&mut self, port: &mut dyn Port) -> NewTerm {
+        self.demoted = false;
         if !self.mirroring {
             return NewTerm::Idle;
         }
@@ -597,6 +616,27 @@ mod tests {
         assert!(m.operator_outdate(&mut port));
         assert_eq!(port.answers, vec![(1, 2, false), (0, 1, true)]);
         assert!(port.persisted[0].flags.peer_outdated);
+    }
+
+    #[test]
+    fn a_demotion_fails_what_it_holds_and_what_would_complete_alone() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Suspend);
+        m.alone(&mut port, 0, 1, 0, Some((0, 512)));
+        assert_eq!(m.held(), 1);
+        m.demoted(&mut port);
+        assert_eq!(port.answers, vec![(0, 1, false)], "never released later");
+        assert_eq!(m.held(), 0);
+        // A mirrored write of the last term whose peer is lost: no GOOD alone either.
+        m.start_round();
+        assert!(send(&mut m, &mut port, 1, 1, write(2, 3, 0)));
+        m.peer_lost(&mut port);
+        assert_eq!(port.answers.last(), Some(&(1, 2, false)));
+        // Promoted again: completions alone are possible again (under the usual rules).
+        m.new_term(&mut port);
+        m.operator_outdate(&mut port);
+        m.alone(&mut port, 0, 3, 0, Some((0, 512)));
+        assert_eq!(port.answers.last(), Some(&(0, 3, true)));
     }
 
     #[test]
