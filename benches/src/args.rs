@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Percentage of reads for --rw randrw.
     #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rwmix_read: u8,
+    /// Percentage of writes (randwrite, randrw) sent as UNMAP of the same blocks instead. With
+    /// --verify, unmapped blocks must read as zeros: the target must report LBPRZ=1.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub unmap_pct: u8,
     /// Measured seconds (after the ramp). Default 10; see --verify-state for the exception.
     #[arg(long)]
     pub runtime: Option<f64>,
@@ -296,6 +300,8 @@ pub struct Job {
     pub bs_max: u64,
     pub rw: Rw,
     pub rwmix_read: u8,
+    /// Percentage of writes sent as UNMAP instead.
+    pub unmap_pct: u8,
     pub runtime_s: f64,
     pub ramp_s: f64,
     pub size: Option<u64>,
@@ -360,6 +366,9 @@ impl BenchArgs {
         if self.once && self.rw.random() {
             bail!("--once is for sequential jobs (--rw read or write)");
         }
+        if self.unmap_pct > 0 && !matches!(self.rw, Rw::Randwrite | Rw::Randrw) {
+            bail!("--unmap-pct is for random write jobs (--rw randwrite or randrw)");
+        }
         let reconnect = if self.reconnect {
             if self.io_timeout_ms == 0 {
                 bail!("--io-timeout-ms must be positive");
@@ -385,6 +394,7 @@ impl BenchArgs {
             bs_max,
             rw: self.rw,
             rwmix_read: self.rwmix_read,
+            unmap_pct: self.unmap_pct,
             runtime_s: self.runtime.unwrap_or(10.0),
             ramp_s: self.ramp,
             size: self.size,

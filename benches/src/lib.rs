@@ -396,6 +396,7 @@ pub fn run(job: &Job) -> Result<Report> {
                 job.rw.name().into()
             },
             rwmix_read: job.rwmix_read,
+            unmap_pct: job.unmap_pct,
             bs: job.bs,
             bs_max: job.bs_max,
             sessions: job.sessions,
@@ -413,6 +414,7 @@ pub fn run(job: &Job) -> Result<Report> {
         ios: 0,
         reads: 0,
         writes: 0,
+        unmaps: 0,
         bytes: 0,
         iops: 0.0,
         mib_s: 0.0,
@@ -452,6 +454,7 @@ pub fn run(job: &Job) -> Result<Report> {
         r.ios += s.ios;
         r.reads += s.reads;
         r.writes += s.writes;
+        r.unmaps += s.unmaps;
         r.bytes += s.bytes;
         r.errors += s.errors;
         r.busy += s.busy;

@@ -47,6 +47,7 @@ pub struct JobSummary {
     pub lun: u16,
     pub rw: String,
     pub rwmix_read: u8,
+    pub unmap_pct: u8,
     pub bs: u64,
     /// The largest I/O size (equal to `bs` unless `--bs MIN-MAX`).
     pub bs_max: u64,
@@ -85,6 +86,8 @@ pub struct Report {
     pub ios: u64,
     pub reads: u64,
     pub writes: u64,
+    /// Of `writes`, those sent as UNMAP (--unmap-pct).
+    pub unmaps: u64,
     pub bytes: u64,
     pub iops: f64,
     pub mib_s: f64,
@@ -165,9 +168,14 @@ pub fn format_report(r: &Report) -> String {
         human_bytes(j.size_bytes),
         j.block_size
     );
+    let unmaps = if r.unmaps > 0 {
+        format!(", {} of them UNMAP", r.unmaps)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "  IOPS {:.0}  bandwidth {:.1} MiB/s  ({} I/Os: {} reads, {} writes)",
+        "  IOPS {:.0}  bandwidth {:.1} MiB/s  ({} I/Os: {} reads, {} writes{unmaps})",
         r.iops, r.mib_s, r.ios, r.reads, r.writes
     );
     lat_line(&mut out, "lat", &r.latency_us);
@@ -303,6 +311,7 @@ mod tests {
                 lun: 0,
                 rw: "randrw".into(),
                 rwmix_read: 70,
+                unmap_pct: 0,
                 bs: 4096,
                 bs_max: 4096,
                 sessions: 1,
@@ -320,6 +329,7 @@ mod tests {
             ios: 1000,
             reads: 700,
             writes: 300,
+            unmaps: 0,
             bytes: 4096 * 1000,
             iops: 50.0,
             mib_s: 0.2,

@@ -30,6 +30,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use anyhow::{bail, Context};
 
 pub const SECTOR: usize = 512;
+/// Set in an expectation (acknowledged or pending) when that operation was an UNMAP: the
+/// unit reads as zeros (a target with LBPRZ=1) rather than as a stamp of the generation.
+/// Pending, it is sticky until a write is acknowledged: a lost UNMAP may have deallocated
+/// the unit whatever was sent to it after.
+pub const UNMAPPED: u64 = 1 << 63;
 const MAGIC: &[u8; 8] = b"TWSNVRF1";
 const STATE_MAGIC: &[u8; 8] = b"TWSNACK1";
 
@@ -139,15 +144,22 @@ impl std::fmt::Display for Mismatch {
 /// what the LUN held before (zeros, another tool's data, an older run's stamps), so zeros,
 /// unstamped data and any generation are accepted; only another sector's stamp (data
 /// written or read at the wrong place) is a mismatch. Returns the first bad sector.
+/// An [`UNMAPPED`] flag in either makes zeros acceptable too (an acknowledged UNMAP: only
+/// zeros or a later generation; a pending one: zeros as well as the rest).
 pub fn check(buf: &[u8], first_sector: u64, expected: u64, alternative: u64) -> Option<Mismatch> {
+    let zeros_ok = (expected | alternative) & UNMAPPED != 0;
+    let (acked, latest) = (expected & !UNMAPPED, alternative & !UNMAPPED);
     for (i, s) in buf.chunks_exact(SECTOR).enumerate() {
         let sector = first_sector + i as u64;
         let found = inspect(s, sector);
         let ok = match found {
             SectorState::Gen(g) => {
-                expected == 0 || g == expected || (g > expected && g <= alternative)
+                expected == 0
+                    || (g == acked && expected & UNMAPPED == 0)
+                    || (g > acked && g <= latest)
             }
-            SectorState::Zero | SectorState::Garbage => expected == 0,
+            SectorState::Zero => expected == 0 || zeros_ok,
+            SectorState::Garbage => expected == 0,
             SectorState::WrongSector(_) => false,
         };
         if !ok {
@@ -224,8 +236,26 @@ impl Tracker {
     /// outcome unknown"). A write sent again after a lost connection keeps this generation.
     pub fn begin_write(&self, unit: u64) -> u64 {
         let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
-        self.pending[unit as usize].store(gen, Ordering::Relaxed);
+        let p = &self.pending[unit as usize];
+        p.store(
+            gen | (p.load(Ordering::Relaxed) & UNMAPPED),
+            Ordering::Relaxed,
+        );
         gen
+    }
+
+    /// Starts an UNMAP of `unit`: its generation, recorded pending (zeros may be found
+    /// from now on, until a write is acknowledged).
+    pub fn begin_unmap(&self, unit: u64) -> u64 {
+        let gen = self.next_gen.fetch_add(1, Ordering::Relaxed);
+        self.pending[unit as usize].store(gen | UNMAPPED, Ordering::Relaxed);
+        gen
+    }
+
+    /// The target acknowledged the UNMAP of `gen` to `unit`: it reads as zeros now.
+    pub fn ack_unmap(&self, unit: u64, gen: u64) {
+        self.acked[unit as usize].store(gen | UNMAPPED, Ordering::Relaxed);
+        self.pending[unit as usize].store(0, Ordering::Relaxed);
     }
 
     /// The target acknowledged the write of `gen` to `unit` with GOOD status: the only way
@@ -478,6 +508,48 @@ mod tests {
         assert_eq!(l.expect(5), (g4, 0));
         assert_eq!(l.unacknowledged_units(), 0);
         assert!(check(&block(5, g3), 40, g4, 0).is_some());
+    }
+
+    #[test]
+    fn an_unmapped_unit_reads_as_zeros_or_a_later_write() {
+        let t = Tracker::new(512, 4);
+        let w = t.begin_write(1);
+        t.ack_write(1, w);
+        let u = t.begin_unmap(1);
+        let mut b = vec![0u8; 512];
+        let (e, p) = t.expect(1);
+        assert!(check(&b, 1, e, p).is_none(), "pending: zeros may be found");
+        stamp(&mut b, 1, w);
+        assert!(check(&b, 1, e, p).is_none(), "or the data before it");
+        t.ack_unmap(1, u);
+        let (e, p) = t.expect(1);
+        assert!(
+            check(&b, 1, e, p).is_some(),
+            "acknowledged: old data is lost data"
+        );
+        assert!(check(&[0u8; 512], 1, e, p).is_none());
+        // A write after it, lost: zeros or its stamp.
+        let w2 = t.begin_write(1);
+        let (e, p) = t.expect(1);
+        stamp(&mut b, 1, w2);
+        assert!(check(&b, 1, e, p).is_none());
+        assert!(check(&[0u8; 512], 1, e, p).is_none());
+        stamp(&mut b, 1, w);
+        assert!(check(&b, 1, e, p).is_some(), "older than the UNMAP");
+        // A pending UNMAP stays possible under a later pending write, until an ack.
+        let t = Tracker::new(512, 4);
+        let w = t.begin_write(2);
+        t.ack_write(2, w);
+        t.begin_unmap(2);
+        let w2 = t.begin_write(2);
+        let (e, p) = t.expect(2);
+        assert!(check(&[0u8; 512], 2, e, p).is_none());
+        t.ack_write(2, w2);
+        let (e, p) = t.expect(2);
+        assert!(
+            check(&[0u8; 512], 2, e, p).is_some(),
+            "the write is acknowledged"
+        );
     }
 
     #[test]

@@ -85,6 +85,8 @@ pub struct SessionResult {
     pub ios: u64,
     pub reads: u64,
     pub writes: u64,
+    /// Of `writes`, those sent as UNMAP (they move no data: not in `bytes`).
+    pub unmaps: u64,
     pub bytes: u64,
     pub errors: u64,
     /// Commands answered BUSY or TASK SET FULL (not run; without --reconnect the slot was
@@ -111,6 +113,7 @@ impl Default for SessionResult {
             ios: 0,
             reads: 0,
             writes: 0,
+            unmaps: 0,
             bytes: 0,
             errors: 0,
             busy: 0,
@@ -157,6 +160,9 @@ enum SlotState {
 struct Slot {
     state: SlotState,
     write: bool,
+    /// A write sent as UNMAP of its blocks (--unmap-pct); `param` is its parameter list.
+    unmap: bool,
+    param: [u8; UNMAP_PARAM_BYTES],
     /// The command covers units `unit..unit + n`.
     unit: u64,
     n: u64,
@@ -179,6 +185,36 @@ impl Slot {
     fn len_bytes(&self, bs: u64) -> u64 {
         self.n * bs
     }
+
+    fn command_name(&self) -> &'static str {
+        match (self.write, self.unmap) {
+            (true, true) => "UNMAP",
+            (true, false) => "WRITE(16)",
+            _ => "READ(16)",
+        }
+    }
+}
+
+/// An UNMAP parameter list with one block descriptor (SBC-4 5.32.2): 8 header bytes, 16
+/// per descriptor.
+const UNMAP_PARAM_BYTES: usize = 24;
+
+fn unmap_param_list(lba: u64, blocks: u32) -> [u8; UNMAP_PARAM_BYTES] {
+    let mut p = [0u8; UNMAP_PARAM_BYTES];
+    // UNMAP DATA LENGTH (the bytes after it) and BLOCK DESCRIPTOR DATA LENGTH.
+    p[0..2].copy_from_slice(&((UNMAP_PARAM_BYTES - 2) as u16).to_be_bytes());
+    p[2..4].copy_from_slice(&16u16.to_be_bytes());
+    p[8..16].copy_from_slice(&lba.to_be_bytes());
+    p[16..20].copy_from_slice(&blocks.to_be_bytes());
+    p
+}
+
+/// UNMAP(10) with a parameter list of `len` bytes.
+fn unmap10(len: u16) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = 0x42;
+    c[7..9].copy_from_slice(&len.to_be_bytes());
+    c
 }
 
 /// A tiny xorshift PRNG: the bench's own, so runs need no entropy source.
@@ -253,6 +289,8 @@ impl<'a> Worker<'a> {
             .map(|_| Slot {
                 state: SlotState::Free,
                 write: false,
+                unmap: false,
+                param: [0; UNMAP_PARAM_BYTES],
                 unit: 0,
                 n: 1,
                 gens: Vec::new(),
@@ -549,17 +587,27 @@ impl<'a> Worker<'a> {
                 Rw::Write | Rw::Randwrite => true,
                 Rw::Randrw => self.rng.below(100) >= self.job.rwmix_read as u64,
             };
+        let unmap =
+            write && self.job.unmap_pct > 0 && self.rng.below(100) < u64::from(self.job.unmap_pct);
         let bs = self.plan.bs;
         let s = &mut self.slots[i];
         s.write = write;
+        s.unmap = unmap;
         s.unit = unit;
         s.n = n;
+        if unmap {
+            let lba = unit * bs / self.plan.block_size as u64;
+            let blocks = (n * bs / self.plan.block_size as u64) as u32;
+            s.param = unmap_param_list(lba, blocks);
+        }
         if let Some(t) = &self.plan.tracker {
             s.gens.clear();
             s.exps.clear();
             for k in 0..n {
                 let at = (k * bs) as usize..((k + 1) * bs) as usize;
-                if write {
+                if unmap {
+                    s.gens.push(t.begin_unmap(unit + k));
+                } else if write {
                     let gen = t.begin_write(unit + k);
                     stamp(&mut s.buf[at], (unit + k) * bs / SECTOR as u64, gen);
                     s.gens.push(gen);
@@ -586,14 +634,18 @@ impl<'a> Worker<'a> {
         let (write, len) = (s.write, s.n * bs);
         let lba = s.unit * bs / self.plan.block_size as u64;
         let blocks = (len / self.plan.block_size as u64) as u32;
-        let cdb = rw16(write, lba, blocks);
+        let (cdb, len, data) = if s.unmap {
+            let len = UNMAP_PARAM_BYTES as u64;
+            (unmap10(len as u16), len, Payload::Copy(&s.param))
+        } else if self.plan.tracker.is_some() {
+            let data = Payload::Copy(&s.buf[..len as usize]);
+            (rw16(write, lba, blocks), len, data)
+        } else {
+            let data = Payload::Shared(&self.pattern, len as usize);
+            (rw16(write, lba, blocks), len, data)
+        };
         let p = self.conn.params;
         let itt = i as u32;
-        let data = if self.plan.tracker.is_some() {
-            Payload::Copy(&s.buf[..len as usize])
-        } else {
-            Payload::Shared(&self.pattern, len as usize)
-        };
         let imm = if write && p.immediate_data {
             (len as u32).min(p.first_burst).min(p.target_mrdsl)
         } else {
@@ -813,7 +865,7 @@ impl<'a> Worker<'a> {
                 eprintln!(
                     "twinsan bench: session {}: {} at byte {} ended GOOD but moved {} of {len} bytes (residual {residual}, flags {flags:#04x})",
                     self.idx,
-                    if s.write { "WRITE(16)" } else { "READ(16)" },
+                    s.command_name(),
                     s.unit * self.plan.bs,
                     if s.write { len.saturating_sub(residual as u64) } else { s.received },
                 );
@@ -835,7 +887,7 @@ impl<'a> Worker<'a> {
                 eprintln!(
                     "twinsan bench: session {}: {} at byte {} failed: {what}",
                     self.idx,
-                    if s.write { "WRITE(16)" } else { "READ(16)" },
+                    s.command_name(),
                     s.unit * self.plan.bs
                 );
             }
@@ -847,6 +899,10 @@ impl<'a> Worker<'a> {
         if let Some(t) = &self.plan.tracker {
             for k in 0..s.n {
                 let unit = s.unit + k;
+                if s.unmap {
+                    t.ack_unmap(unit, s.gens[k as usize]);
+                    continue;
+                }
                 if s.write {
                     t.ack_write(unit, s.gens[k as usize]);
                     continue;
@@ -866,8 +922,8 @@ impl<'a> Worker<'a> {
                 }
             }
         }
-        let bytes = s.len_bytes(bs);
-        let write = s.write;
+        let bytes = if s.unmap { 0 } else { s.len_bytes(bs) };
+        let (write, unmap) = (s.write, s.unmap);
         let lat = (now.duration_since(s.start).as_micros() as u64).max(1);
         self.shared.timeline.completed(now);
         self.shared.ios.fetch_add(1, Ordering::Relaxed);
@@ -887,6 +943,7 @@ impl<'a> Worker<'a> {
         if now >= self.plan.measure_start && self.plan.end.is_none_or(|e| now <= e) {
             if write {
                 self.res.writes += 1;
+                self.res.unmaps += u64::from(unmap);
             } else {
                 self.res.reads += 1;
             }

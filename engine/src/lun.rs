@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use crate::config::{derive_naa_id, CacheMode, LunConfig};
+use crate::disk::alloc_map::AllocMap;
 use crate::disk::range_lock::RangeLock;
 use crate::scsi::unit_attention::UaLog;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,6 +66,9 @@ pub struct Lun {
     pub ua: UaLog,
     /// Block ranges under modification (see range_lock.rs).
     pub ranges: Arc<RangeLock>,
+    /// Which chunks may hold data (alloc_map.rs): reads of the others are zeros, answered
+    /// without the file. Built from SEEK_DATA at start, kept by every write and punch.
+    pub alloc: Arc<AllocMap>,
     /// An fd for metadata queries from any core (SEEK_DATA/SEEK_HOLE, fstat): these use
     /// no file position, so sharing it is safe.
     pub meta_fd: File,
@@ -171,7 +175,13 @@ impl Lun {
             Err(e) => return Err(io("reading persistent reservation state")(e)),
         };
         let pr_active = AtomicBool::new(pr_in_use(&pr));
+        let alloc = Arc::new(AllocMap::from_extents(
+            size_bytes,
+            crate::disk::allocation::data_extents(&meta_fd, size_bytes),
+        ));
+        tracing::debug!(path = %cfg.path.display(), data_bytes = alloc.data_bytes(), chunk_bytes = alloc.chunk_bytes(), "allocation map built");
         Ok(Lun {
+            alloc,
             ranges: Arc::new(RangeLock::default()),
             meta_fd,
             soft_threshold_percent: cfg.soft_threshold_percent,
@@ -296,16 +306,12 @@ impl Lun {
     /// The next offset at or after `offset` in a data (`data = true`) or hole region, or
     /// `None` past the end: SEEK_DATA / SEEK_HOLE.
     pub fn seek(&self, offset: u64, data: bool) -> Option<u64> {
-        use std::os::fd::AsRawFd;
-        let whence = if data {
-            libc::SEEK_DATA
-        } else {
-            libc::SEEK_HOLE
-        };
-        // SAFETY: lseek on a valid fd; the returned offset is all we use (no read/write
-        // relies on this description's position).
-        let r = unsafe { libc::lseek(self.meta_fd.as_raw_fd(), offset as libc::off_t, whence) };
-        (r >= 0).then_some(r as u64)
+        crate::disk::allocation::seek(&self.meta_fd, offset, data)
+    }
+
+    /// The extents of the backing file that hold data, as `(offset, len)`.
+    pub fn data_extents(&self) -> crate::disk::allocation::DataExtents<'_> {
+        crate::disk::allocation::data_extents(&self.meta_fd, self.size_bytes)
     }
 
     /// Opens a new fd on the backing file for one core (each core owns its fds).

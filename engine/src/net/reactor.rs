@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::disk::bufpool::BufPool;
+use crate::disk::thin_read::{self, ReadPlan, SplitRead};
 use crate::iscsi::conn::{Conn, Out};
 use crate::registry::Registry;
 use crate::scsi::IoOp;
@@ -46,6 +47,8 @@ enum Kind {
     Rep = 6,
     /// The spill helper's eventfd: large writes it was handed are done (spill.rs).
     Spill = 7,
+    /// One file read of a read split around holes (thin_read.rs).
+    ReadPart = 8,
 }
 
 fn user_data(kind: Kind, slot: usize, task: u32) -> u64 {
@@ -114,6 +117,9 @@ pub struct Reactor {
     spill_efd_buf: Box<[u8; 8]>,
     /// Spilled writes that came back, reused across wake-ups.
     spill_done: Vec<crate::disk::spill::Done>,
+    /// Reads split around holes with a file read in flight (thin_read.rs): at most one per
+    /// task of this core's connections.
+    splits: Vec<SplitRead>,
 }
 
 impl Drop for Reactor {
@@ -180,6 +186,7 @@ impl Reactor {
             spill,
             spill_efd_buf: Box::new([0u8; 8]),
             spill_done: Vec::new(),
+            splits: Vec::new(),
         })
     }
 
@@ -401,6 +408,7 @@ impl Reactor {
             k if k == Kind::Recv as u8 => self.on_recv(slot, res),
             k if k == Kind::Send as u8 => self.on_send(slot, res),
             k if k == Kind::Disk as u8 => self.on_disk(slot, task, res),
+            k if k == Kind::ReadPart as u8 => self.on_read_part(slot, task, res),
             k if k == Kind::Tick as u8 => self.on_tick(),
             // The eventfd woke us: re-arm it; the acks are taken after this batch.
             k if k == Kind::Rep as u8 => self.post_efd(),
@@ -608,6 +616,19 @@ impl Reactor {
             }
             for req in out.io {
                 let file = types::Fixed(req.lun as u32);
+                let map = &self.reg.luns[req.lun].alloc;
+                match req.op {
+                    // Before the write can reach the file: once it is acknowledged, no
+                    // read may take its chunks for holes (alloc_map.rs). A punch clears
+                    // them only once done (scsi/completion.rs).
+                    IoOp::Write { offset, len, .. } => map.mark_data(offset, u64::from(len)),
+                    IoOp::Fallocate { offset, len, mode }
+                        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 =>
+                    {
+                        map.mark_data(offset, len)
+                    }
+                    _ => {}
+                }
                 let sqe = match req.op {
                     IoOp::Flush => opcode::Fsync::new(file)
                         .flags(types::FsyncFlags::DATASYNC)
@@ -694,7 +715,54 @@ impl Reactor {
                                     .rw_flags(flags)
                                     .build()
                             }
-                            _ => opcode::Read::new(file, ptr, len).offset(offset).build(),
+                            IoOp::Read { .. } => {
+                                match thin_read::plan(map, offset, len) {
+                                    ReadPlan::File => {
+                                        opcode::Read::new(file, ptr, len).offset(offset).build()
+                                    }
+                                    ReadPlan::Zeros => {
+                                        // SAFETY: ptr..ptr+len lies inside the task's buffer
+                                        // (asserted above), which the task owns.
+                                        unsafe { std::ptr::write_bytes(ptr, 0, len as usize) };
+                                        let mut o = Out::default();
+                                        s.conn.on_io_done(
+                                            req.task,
+                                            len as i32,
+                                            &self.reg,
+                                            &mut self.pool,
+                                            &mut o,
+                                        );
+                                        pending.push(o);
+                                        continue;
+                                    }
+                                    ReadPlan::Split => {
+                                        let mut r = SplitRead::new(
+                                            idx, req.task, req.lun, offset, buf_off, len,
+                                        );
+                                        // SAFETY: base..base+cap is the task's buffer, which
+                                        // the task owns, unread by anything else, until its
+                                        // I/O completes (io_inflight keeps it).
+                                        let next = r
+                                            .advance(map, unsafe { thin_read::zero_in(base, cap) });
+                                        let Some(f) = next else {
+                                            debug_assert!(false, "a split read holds data");
+                                            continue;
+                                        };
+                                        self.splits.push(r);
+                                        s.ops += 1;
+                                        let ud = user_data(Kind::ReadPart, idx, req.task);
+                                        // SAFETY: as above, until this read's completion.
+                                        sqes.push(unsafe {
+                                            thin_read::sqe(file, base, cap, f, ud)
+                                        });
+                                        continue;
+                                    }
+                                }
+                            }
+                            _ => {
+                                debug_assert!(false, "a buffered op is a read or a write");
+                                continue;
+                            }
                         }
                     }
                 };
@@ -769,6 +837,49 @@ impl Reactor {
         }
         self.apply(idx, out);
         self.maybe_free(idx);
+    }
+
+    /// A file read of a split read is done: the next run goes out, or the whole read
+    /// completes (as one disk completion of its full length) or fails.
+    fn on_read_part(&mut self, idx: usize, task: u32, res: i32) {
+        let Some(at) = self
+            .splits
+            .iter()
+            .position(|r| r.slot == idx && r.task == task)
+        else {
+            debug_assert!(false, "a read part without its split read");
+            return;
+        };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            debug_assert!(false, "a read part for a free slot");
+            return;
+        };
+        let next = match (res, s.conn.task_buf_ptr(task)) {
+            (n, Some((base, cap))) if n > 0 && !s.dead => {
+                let r = &mut self.splits[at];
+                r.file_read_done(n as u32);
+                let map = &self.reg.luns[r.lun].alloc;
+                // SAFETY: the task's buffer, owned by the task until its I/O completes
+                // (its read is still in flight for the conn: io_inflight).
+                r.advance(map, unsafe { thin_read::zero_in(base, cap) })
+                    .map(|f| {
+                        let ud = user_data(Kind::ReadPart, idx, task);
+                        // SAFETY: as above, until this read's completion.
+                        unsafe { thin_read::sqe(types::Fixed(r.lun as u32), base, cap, f, ud) }
+                    })
+                    .ok_or(r.total_len() as i32)
+            }
+            (n, _) if n <= 0 => Err(n),
+            _ => Err(-libc::ECANCELED),
+        };
+        match next {
+            // One file read done, the next in flight: the slot's count stays.
+            Ok(sqe) => self.push(sqe),
+            Err(res) => {
+                self.splits.swap_remove(at);
+                self.on_disk(idx, task, res);
+            }
+        }
     }
 
     fn on_tick(&mut self) {

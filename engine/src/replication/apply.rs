@@ -214,6 +214,7 @@ impl Replication {
                     &mut files,
                     w.lun_key,
                     (w.offset_bytes, w.data.len() as u64),
+                    Allocates::Data,
                     |f| {
                         crate::disk::inline_write::write_all_chunked(f, w.data, w.offset_bytes)?;
                         if w.fua {
@@ -240,13 +241,19 @@ impl Replication {
                             tracing::error!(lun = l.key, error = %e, "cannot record this node inconsistent");
                         }
                     }
+                    // Zero chunks are holes on the primary: keep them holes here too.
+                    let zeros = data.iter().all(|&b| b == 0);
                     self.apply(
                         &mut files,
                         lun_key,
                         (offset_bytes, data.len() as u64),
+                        if zeros {
+                            Allocates::Hole
+                        } else {
+                            Allocates::Data
+                        },
                         |f| {
-                            // Zero chunks are holes on the primary: keep them holes here too.
-                            if data.iter().all(|&b| b == 0) {
+                            if zeros {
                                 punch(f, offset_bytes, data.len() as u64)
                             } else {
                                 crate::disk::inline_write::write_all_chunked(f, &data, offset_bytes)
@@ -259,15 +266,28 @@ impl Replication {
                     offset_bytes,
                     len_bytes,
                     unmap,
-                }) => self.apply(&mut files, lun_key, (offset_bytes, len_bytes), |f| {
+                }) => self.apply(
+                    &mut files,
+                    lun_key,
+                    (offset_bytes, len_bytes),
+                    // Zeroed in place, the blocks stay allocated (as on the primary).
                     if unmap {
-                        punch(f, offset_bytes, len_bytes)
+                        Allocates::Hole
                     } else {
-                        zero_range(f, offset_bytes, len_bytes)
-                    }
-                }),
+                        Allocates::Data
+                    },
+                    |f| {
+                        if unmap {
+                            punch(f, offset_bytes, len_bytes)
+                        } else {
+                            zero_range(f, offset_bytes, len_bytes)
+                        }
+                    },
+                ),
                 Ok(Message::Flush { lun_key }) => {
-                    let status = self.apply(&mut files, lun_key, (0, 0), |f| f.sync_data());
+                    let status = self.apply(&mut files, lun_key, (0, 0), Allocates::Nothing, |f| {
+                        f.sync_data()
+                    });
                     if status != AckStatus::Ok {
                         self.distrust_local(lun_key, "a flush failed");
                     }
@@ -339,16 +359,13 @@ impl Replication {
                 }
                 Ok(Message::VerifyRequest { lun_key, region }) => {
                     let reply = match self.lun_by_key(lun_key) {
-                        Some(i) => {
-                            let region_bytes = self.luns[i].region_bytes();
-                            region_digest(&self.luns[i].backing, region, region_bytes).map(
-                                |digest| Message::VerifyDigest {
-                                    lun_key,
-                                    region,
-                                    digest,
-                                },
-                            )
-                        }
+                        Some(i) => region_digest(&self.luns[i], region).map(|digest| {
+                            Message::VerifyDigest {
+                                lun_key,
+                                region,
+                                digest,
+                            }
+                        }),
                         None => Err(std::io::Error::other("unknown LUN")),
                     };
                     match reply {
@@ -412,6 +429,7 @@ impl Replication {
         files: &mut HashMap<usize, File>,
         key: u64,
         (offset, len): (u64, u64),
+        effect: Allocates,
         f: impl FnOnce(&File) -> std::io::Result<()>,
     ) -> AckStatus {
         let Some(i) = self.lun_by_key(key) else {
@@ -445,10 +463,33 @@ impl Replication {
         let Some(file) = files.get(&i) else {
             return AckStatus::Refused;
         };
+        let alloc = &self.luns[i].alloc;
+        if effect == Allocates::Data {
+            // Before the data can reach the file (disk/alloc_map.rs).
+            alloc.mark_data(offset, len);
+        }
         match f(file) {
-            Ok(()) => AckStatus::Ok,
+            Ok(()) => {
+                if effect == Allocates::Hole {
+                    // Done, and the primary sends nothing that overlaps an operation
+                    // it has not had acknowledged: no write to these chunks runs now.
+                    alloc.mark_hole(offset, len);
+                }
+                AckStatus::Ok
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => AckStatus::NoSpace,
             Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     }
+}
+
+/// What an applied operation does to the allocation map (disk/alloc_map.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Allocates {
+    /// It writes data (or allocates): the chunks are marked before it runs.
+    Data,
+    /// It deallocates: the chunks it covers whole are cleared once it is done.
+    Hole,
+    /// Neither (a flush).
+    Nothing,
 }

@@ -200,6 +200,9 @@ pub struct RepLun {
     intent: IntentLog,
     /// On a secondary: the (origin, version) of the reservation state applied last.
     pr_applied: Mutex<(u64, u64)>,
+    /// The LUN's allocation map (disk/alloc_map.rs): what the apply writes and punches
+    /// keeps it current here too, so that reads after a promotion never take data for holes.
+    alloc: Arc<crate::disk::alloc_map::AllocMap>,
     /// When (ms since `Replication::epoch`, never 0) the write-intent log first failed to
     /// persist, 0 while it persists; and that failure's errno.
     intent_failing_since_ms: AtomicU64,
@@ -508,6 +511,7 @@ impl Replication {
                 region_bytes,
                 intent,
                 pr_applied: Mutex::new((0, 0)),
+                alloc: Arc::clone(&lun.alloc),
                 intent_failing_since_ms: AtomicU64::new(0),
                 intent_errno: std::sync::atomic::AtomicI32::new(0),
                 key: lun.naa_id,

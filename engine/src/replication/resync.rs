@@ -6,24 +6,12 @@ use super::*;
 /// Regions holding data (SEEK_DATA), for the first sync of a thin LUN.
 pub(super) fn allocated_regions(lun: &crate::lun::Lun, region_bytes: u64) -> Vec<u64> {
     let mut v: Vec<u64> = Vec::new();
-    let mut pos = 0;
-    while pos < lun.size_bytes {
-        let Some(start) = lun.seek(pos, true).filter(|&s| s < lun.size_bytes) else {
-            break;
-        };
-        let end = lun
-            .seek(start, false)
-            .unwrap_or(lun.size_bytes)
-            .min(lun.size_bytes);
-        if end <= start {
-            break;
-        }
-        for r in start / region_bytes..end.div_ceil(region_bytes) {
+    for (start, len) in lun.data_extents() {
+        for r in start / region_bytes..(start + len).div_ceil(region_bytes) {
             if v.last() != Some(&r) {
                 v.push(r);
             }
         }
-        pos = end;
     }
     v
 }
@@ -422,7 +410,8 @@ impl Replication {
         let _guard =
             lun.ranges
                 .lock_for_copy(start / bs, end.div_ceil(bs), Duration::from_micros(200));
-        let hole = lun.seek(start, true).is_none_or(|d| d >= end);
+        let hole =
+            lun.alloc.is_hole(start, end - start) || lun.seek(start, true).is_none_or(|d| d >= end);
         let sent = if hole {
             // Nothing allocated here: the peer deallocates the range (and reads zeros).
             let hole = Message::WriteZeroes {

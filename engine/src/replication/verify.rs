@@ -2,17 +2,18 @@
 
 use super::*;
 
-/// SHA-256 of one region of a backing file (the last region may be short).
-pub(super) fn region_digest(
-    path: &std::path::Path,
-    region: u64,
-    region_bytes: u64,
-) -> std::io::Result<[u8; 32]> {
+/// SHA-256 of one region of a LUN's backing file (the last region may be short). A region
+/// the allocation map holds for a hole is not read: its digest is that of zeros.
+pub(super) fn region_digest(l: &RepLun, region: u64) -> std::io::Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
-    let f = File::open(path)?;
-    let size = f.metadata()?.len();
+    let region_bytes = l.region_bytes();
     let start = region.saturating_mul(region_bytes);
-    let end = start.saturating_add(region_bytes).min(size);
+    let end = start.saturating_add(region_bytes).min(l.size_bytes);
+    if l.alloc.is_hole(start, end.saturating_sub(start)) {
+        return Ok(zeros_digest(end.saturating_sub(start)));
+    }
+    let f = File::open(&l.backing)?;
+    let end = end.min(f.metadata()?.len());
     let mut h = Sha256::new();
     let mut buf = vec![0u8; RESYNC_CHUNK_BYTES];
     let mut off = start;
@@ -23,6 +24,32 @@ pub(super) fn region_digest(
         off += n as u64;
     }
     Ok(h.finalize().into())
+}
+
+/// SHA-256 of `len` zero bytes, computed once per length (a pair has two: the region size
+/// and the last region's).
+fn zeros_digest(len: u64) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    /// Lengths remembered: more than a pair of LUN geometries needs.
+    const REMEMBERED: usize = 8;
+    static KNOWN: Mutex<Vec<(u64, [u8; 32])>> = Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, d)) = known.iter().find(|(n, _)| *n == len) {
+        return d;
+    }
+    let mut h = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(crate::scsi::ZEROS.len() as u64) as usize;
+        h.update(&crate::scsi::ZEROS[..n]);
+        left -= n as u64;
+    }
+    let d: [u8; 32] = h.finalize().into();
+    if known.len() == REMEMBERED {
+        known.remove(0);
+    }
+    known.push((len, d));
+    d
 }
 
 impl Replication {
@@ -60,8 +87,7 @@ impl Replication {
                     end.div_ceil(bs),
                     Duration::from_micros(200),
                 );
-                let local =
-                    region_digest(&l.backing, region, region_bytes).map_err(|e| e.to_string())?;
+                let local = region_digest(l, region).map_err(|e| e.to_string())?;
                 let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
                 send(
                     &mut s,

@@ -4,7 +4,9 @@ use proto::scsi::sense::{Asc, Sense, SenseFormat, SenseKey};
 
 use super::extended_copy::{task_flag_written, WRITE_PENDING};
 use super::locking::begin;
-use super::{ctx_lun, with_format, ExecCtx, IoOp, Reply, ReplyData, ScsiTask, Stage, Step};
+use super::{
+    ctx_lun, with_format, ExecCtx, IoOp, Reply, ReplyData, ScsiTask, Stage, Step, PUNCH_HOLE,
+};
 
 /// Maps a failed disk operation to sense data.
 pub(super) fn io_error(errno: i32, writing: bool) -> Sense {
@@ -298,10 +300,13 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 }
             }
         }
-        Stage::Falloc { offset, .. } => {
+        Stage::Falloc { offset, len, mode } => {
             if res < 0 {
                 fail(res, true, offset)
             } else {
+                if mode == PUNCH_HOLE {
+                    punched(ctx, offset, len);
+                }
                 Step::Done(Reply::good())
             }
         }
@@ -382,6 +387,9 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
             if res < 0 {
                 fail(res, true, ranges.get(next).map(|r| r.0).unwrap_or(0))
             } else {
+                if let Some(&(offset, len)) = ranges.get(next) {
+                    punched(ctx, offset, len);
+                }
                 task.stage = Stage::Unmapping {
                     ranges,
                     next: next + 1,
@@ -396,4 +404,13 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
     };
     let _ = transfer;
     with_format(step, fmt)
+}
+
+/// A punch of `[offset, offset + len)` completed: the chunks it covers whole read as zeros
+/// from now on. The task still holds its range lock, so no write to them is in flight
+/// (disk/alloc_map.rs).
+fn punched(ctx: &ExecCtx, offset: u64, len: u64) {
+    if let Some(l) = ctx_lun(ctx) {
+        l.alloc.mark_hole(offset, len);
+    }
 }

@@ -240,9 +240,9 @@ fn run(
             if want == 0 {
                 return Ok(Step::Done(Reply::good().transfer(transfer)));
             }
-            // Read whole blocks; the transport sends only the first `want` bytes.
+            // Read whole blocks; the transport sends only the first `want` bytes. The
+            // buffer is taken once the read can start (locking.rs): a hole needs none.
             let len = want.div_ceil(bs) * bs;
-            task.buf = Some(ctx.pool.get(len as usize));
             let offset = byte_offset(lun, rw.lba);
             task.stage = Stage::ReadBlocked {
                 lba: rw.lba,

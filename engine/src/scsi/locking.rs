@@ -5,7 +5,9 @@
 use proto::scsi::sense::{Asc, Sense, SenseFormat};
 
 use super::completion::io_error;
-use super::{ctx_lun, with_format, ExecCtx, IoOp, Reply, ScsiTask, Stage, Step, PUNCH_HOLE};
+use super::{
+    ctx_lun, with_format, ExecCtx, IoOp, Reply, ReplyData, ScsiTask, Stage, Step, PUNCH_HOLE,
+};
 
 /// Whether the write-intent log lets a write to these blocks of registry LUN `lun` be
 /// issued now (`replication/intents.rs`); when not, the caller drops its range lock and retries.
@@ -163,7 +165,20 @@ pub fn retry(task: &mut ScsiTask, ctx: &mut ExecCtx) -> Step {
             len,
             transfer,
         } => {
-            if ctx_lun(ctx).is_some_and(|l| l.ranges.readable(lba, lba + blocks.max(1))) {
+            let lun = ctx_lun(ctx).filter(|l| l.ranges.readable(lba, lba + blocks.max(1)));
+            if let Some(l) = lun {
+                if l.alloc.is_hole(offset, u64::from(len)) {
+                    // Nothing written there (or unmapped since): zeros from the shared
+                    // buffer, with no file read and no page cache (alloc_map.rs).
+                    return Step::Done(
+                        Reply {
+                            data: ReplyData::Zeros(len as usize),
+                            ..Reply::good()
+                        }
+                        .transfer(transfer),
+                    );
+                }
+                task.buf = Some(ctx.pool.get(len as usize));
                 task.stage = Stage::Read {
                     offset,
                     len,

@@ -81,7 +81,15 @@ pub enum ReplyData {
     Inline(Vec<u8>),
     /// The first n bytes of the task's buffer.
     Buf(usize),
+    /// n zero bytes, sent from one shared buffer ([`ZEROS`]): a read of chunks that hold no
+    /// data (disk/alloc_map.rs), with no task buffer and no file I/O.
+    Zeros(usize),
 }
+
+/// The zeros every read of a hole is answered from: as long as the largest transfer. In
+/// .bss, and only ever read, so its pages are the kernel's shared zero page: it costs no
+/// memory.
+pub static ZEROS: [u8; read_write::MAX_XFER_BYTES] = [0; read_write::MAX_XFER_BYTES];
 
 /// A finished command.
 pub struct Reply {

@@ -6,7 +6,9 @@ use proto::scsi::sense::Sense;
 use super::{check_range, lun_info};
 use crate::lun::Lun;
 
-/// GET LBA STATUS descriptors from SEEK_DATA / SEEK_HOLE, starting at `lba`.
+/// GET LBA STATUS descriptors starting at `lba`: chunks the allocation map holds for holes
+/// are deallocated without asking the file system (disk/alloc_map.rs); elsewhere
+/// SEEK_DATA / SEEK_HOLE give the exact extents.
 pub(super) fn lba_status(lun: &Lun, lba: u64, alloc_len: u32) -> Vec<u8> {
     const MAX_DESCRIPTORS: usize = 64;
     let bs = lun.block_size as u64;
@@ -15,7 +17,10 @@ pub(super) fn lba_status(lun: &Lun, lba: u64, alloc_len: u32) -> Vec<u8> {
     let mut descs: Vec<(u64, u64, u8)> = Vec::new();
     let mut pos = lba * bs;
     while pos < size && descs.len() < room {
-        let data_at = lun.seek(pos, true).unwrap_or(size).min(size);
+        let data_at = match lun.alloc.next_data(pos) {
+            Some(from) => lun.seek(from, true).unwrap_or(size).min(size),
+            None => size,
+        };
         let (end, status) = if data_at <= pos {
             (lun.seek(pos, false).unwrap_or(size).min(size), 0u8)
         } else {

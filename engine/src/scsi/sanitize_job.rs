@@ -133,6 +133,7 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
     match kind {
         Kind::BlockErase => {
             punch(&f, 0, size)?;
+            lun.alloc.mark_hole(0, size);
         }
         Kind::Overwrite {
             pattern,
@@ -157,10 +158,15 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                 // then deallocate them so the thin LUN stays thin; holes already read zeros.
                 // Any other pattern is written over every block.
                 let extents = if zeros {
-                    allocated_extents(lun)
+                    lun.data_extents().collect()
                 } else {
                     vec![(0, size)]
                 };
+                // Before the pattern reaches the file (disk/alloc_map.rs); the whole LUN is
+                // locked, so the punches below clear what they cover safely.
+                for &(start, len) in &extents {
+                    lun.alloc.mark_data(start, len);
+                }
                 let total: u64 = extents.iter().map(|e| e.1).sum::<u64>() * (passes - pass) as u64;
                 for &(start, len) in &extents {
                     let mut off = start;
@@ -180,6 +186,7 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                     f.sync_data()?;
                     for &(start, len) in &extents {
                         punch(&f, start, len)?;
+                        lun.alloc.mark_hole(start, len);
                     }
                 }
             }
@@ -203,23 +210,4 @@ impl Pacer {
             std::thread::sleep(wait);
         }
     }
-}
-
-/// The byte ranges of the backing file that hold data (SEEK_DATA / SEEK_HOLE).
-fn allocated_extents(lun: &Lun) -> Vec<(u64, u64)> {
-    let size = lun.size_bytes;
-    let mut v = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let Some(start) = lun.seek(pos, true).filter(|&s| s < size) else {
-            break;
-        };
-        let end = lun.seek(start, false).unwrap_or(size).min(size);
-        if end <= start {
-            break;
-        }
-        v.push((start, end - start));
-        pos = end;
-    }
-    v
 }

@@ -142,6 +142,10 @@ struct Task {
     lun: usize,
     edtl: u32,
     read_dir: bool,
+    /// Data-Out bytes the command takes (a parameter list's length from its CDB): what
+    /// its residual counts against when its reply does not say otherwise. Why: an UNMAP
+    /// that took its whole list was answered with an underflow of the list's length.
+    takes_bytes: u32,
     scsi: ScsiTask,
     data_out: Option<DataOutState>,
     io_inflight: u32,

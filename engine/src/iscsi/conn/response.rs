@@ -45,6 +45,7 @@ impl Conn {
             }
         }
         let (itt, edtl, lun, read_dir) = (t.itt, t.edtl, encode_lun(t.lun_id), t.read_dir);
+        let takes_bytes = t.takes_bytes;
         let sense_format = match t.lun {
             usize::MAX => SenseFormat::Fixed,
             _ => reply.sense_format,
@@ -59,10 +60,17 @@ impl Conn {
                 .as_deref()
                 .map(|b| &b[..(*n).min(b.len())])
                 .unwrap_or(&[]),
+            ReplyData::Zeros(n) => &crate::scsi::ZEROS[..(*n).min(crate::scsi::ZEROS.len())],
         };
         let produced = data.len() as u32;
         // Residuals compare the expected length with what the command would transfer.
-        let transfer = reply.transfer_bytes.unwrap_or(produced);
+        let transfer = reply
+            .transfer_bytes
+            .unwrap_or(if read_dir || takes_bytes == 0 {
+                produced
+            } else {
+                takes_bytes
+            });
         let residual = Residual::of(edtl, transfer);
         let sendable = if read_dir {
             &data[..(produced.min(edtl)) as usize]
@@ -78,7 +86,7 @@ impl Conn {
         // Data from the task's buffer goes out in place when large (the buffer is held in
         // the send queue until it has); inline data and short reads are copied.
         let in_place = good
-            && matches!(reply.data, ReplyData::Buf(_))
+            && matches!(reply.data, ReplyData::Buf(_) | ReplyData::Zeros(_))
             && sendable.len() >= SEND_IN_PLACE_MIN_BYTES;
         let mut data_sn = 0u32;
         if !sendable.is_empty() {

@@ -108,6 +108,10 @@ impl Conn {
             lun: lun_index.unwrap_or(usize::MAX),
             edtl: c.expected_data_len_bytes,
             read_dir: c.read,
+            takes_bytes: match step {
+                Step::NeedData(n) => n,
+                _ => 0,
+            },
             scsi: scsi_task,
             data_out: None,
             io_inflight: 0,
