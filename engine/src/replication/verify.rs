@@ -40,8 +40,9 @@ fn zeros_digest(len: u64) -> [u8; 32] {
     let mut h = Sha256::new();
     let mut left = len;
     while left > 0 {
-        let n = left.min(crate::scsi::ZEROS.len() as u64) as usize;
-        h.update(&crate::scsi::ZEROS[..n]);
+        let z = crate::scsi::zeros();
+        let n = left.min(z.len() as u64) as usize;
+        h.update(&z[..n]);
         left -= n as u64;
     }
     let d: [u8; 32] = h.finalize().into();

@@ -81,15 +81,20 @@ pub enum ReplyData {
     Inline(Vec<u8>),
     /// The first n bytes of the task's buffer.
     Buf(usize),
-    /// n zero bytes, sent from one shared buffer ([`ZEROS`]): a read of chunks that hold no
+    /// n zero bytes, sent from one shared buffer ([`zeros`]): a read of chunks that hold no
     /// data (disk/alloc_map.rs), with no task buffer and no file I/O.
     Zeros(usize),
 }
 
-/// The zeros every read of a hole is answered from: as long as the largest transfer. In
-/// .bss, and only ever read, so its pages are the kernel's shared zero page: it costs no
-/// memory.
-pub static ZEROS: [u8; read_write::MAX_XFER_BYTES] = [0; read_write::MAX_XFER_BYTES];
+/// The zeros every read of a hole is answered from, as long as the largest transfer.
+/// Allocated zeroed once (fresh anonymous memory at this size) and only ever read, so its
+/// pages stay the kernel's shared zero page: no memory, no page cache. Why not a static: an
+/// immutable all-zero static lands in the binary's read-only data (8 MiB of file, and page
+/// cache when read).
+pub fn zeros() -> &'static [u8] {
+    static ZEROS: std::sync::OnceLock<Box<[u8]>> = std::sync::OnceLock::new();
+    ZEROS.get_or_init(|| vec![0u8; read_write::MAX_XFER_BYTES].into_boxed_slice())
+}
 
 /// A finished command.
 pub struct Reply {

@@ -60,7 +60,10 @@ impl Conn {
                 .as_deref()
                 .map(|b| &b[..(*n).min(b.len())])
                 .unwrap_or(&[]),
-            ReplyData::Zeros(n) => &crate::scsi::ZEROS[..(*n).min(crate::scsi::ZEROS.len())],
+            ReplyData::Zeros(n) => {
+                let z = crate::scsi::zeros();
+                &z[..(*n).min(z.len())]
+            }
         };
         let produced = data.len() as u32;
         // Residuals compare the expected length with what the command would transfer.
