@@ -616,19 +616,8 @@ impl Reactor {
             }
             for req in out.io {
                 let file = types::Fixed(req.lun as u32);
+                // Writes marked their chunks already (conn: mark_allocation).
                 let map = &self.reg.luns[req.lun].alloc;
-                match req.op {
-                    // Before the write can reach the file: once it is acknowledged, no
-                    // read may take its chunks for holes (alloc_map.rs). A punch clears
-                    // them only once done (scsi/completion.rs).
-                    IoOp::Write { offset, len, .. } => map.mark_data(offset, u64::from(len)),
-                    IoOp::Fallocate { offset, len, mode }
-                        if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 =>
-                    {
-                        map.mark_data(offset, len)
-                    }
-                    _ => {}
-                }
                 let sqe = match req.op {
                     IoOp::Flush => opcode::Fsync::new(file)
                         .flags(types::FsyncFlags::DATASYNC)

@@ -208,6 +208,7 @@ impl Conn {
                 if let Some(Some(t)) = self.tasks.get_mut(idx as usize) {
                     t.io_inflight += 1;
                     let lun = t.lun;
+                    mark_allocation(reg, lun, op);
                     out.io.push(IoReq { task: idx, lun, op });
                     mirror(reg, t, idx, lun, op, out);
                 }
@@ -215,6 +216,7 @@ impl Conn {
             Step::IoAt(lun, op) => {
                 if let Some(Some(t)) = self.tasks.get_mut(idx as usize) {
                     t.io_inflight += 1;
+                    mark_allocation(reg, lun, op);
                     out.io.push(IoReq { task: idx, lun, op });
                     mirror(reg, t, idx, lun, op, out);
                 }
@@ -312,5 +314,19 @@ impl Conn {
         let t = self.tasks.get_mut(idx as usize)?.as_mut()?;
         let b = t.scsi.buf.as_mut()?;
         Some((b.as_mut_ptr(), b.len()))
+    }
+}
+
+/// Before a write or an allocation can reach the file, whichever driver issues it: once it
+/// is acknowledged, no read may take its chunks for holes (disk/alloc_map.rs). A punch
+/// clears them only once done (scsi/completion.rs).
+fn mark_allocation(reg: &Registry, lun: usize, op: scsi::IoOp) {
+    let Some(l) = reg.luns.get(lun) else { return };
+    match op {
+        scsi::IoOp::Write { offset, len, .. } => l.alloc.mark_data(offset, u64::from(len)),
+        scsi::IoOp::Fallocate { offset, len, mode } if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 => {
+            l.alloc.mark_data(offset, len)
+        }
+        _ => {}
     }
 }
