@@ -302,7 +302,7 @@ impl Harness {
         let req = self.rep.swap_remove(pick);
         let mut out = Out::default();
         self.conn
-            .on_rep_done(req.token as u32, ok, &mut self.pool, &mut out);
+            .on_rep_done(req.token as u32, ok, &self.reg, &mut self.pool, &mut out);
         self.take(out);
     }
 
@@ -421,6 +421,24 @@ fn a_write_the_peer_could_not_store_is_not_reported_good() {
     // Fixed sense: key MEDIUM ERROR (3), WRITE ERROR (0C/00).
     assert_eq!(r[0].2[2] & 0x0f, 0x03, "{:02x?}", r[0].2);
     assert_eq!(r[0].2[12], 0x0c, "{:02x?}", r[0].2);
+}
+
+#[test]
+fn a_write_failed_by_a_demotion_is_answered_standby_for_the_initiator_to_retry_elsewhere() {
+    let mut h = Harness::new("demoted", 5, true);
+    let itt = h.command(&write16(0, 1, false), 0, &pattern(2, BLOCK as usize));
+    while !h.io.is_empty() {
+        h.complete_io(0);
+    }
+    // Demoted while the write waited for the peer: the pair fails it (Mirror::demoted).
+    h.reg.set_role(engine::config::Role::Secondary);
+    h.ack_rep(0, false);
+    let r = h.responses();
+    assert_eq!((r[0].0, r[0].1), (itt, 0x02), "CHECK CONDITION, never GOOD");
+    // Fixed sense: NOT READY (2), LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY
+    // STATE (04/0B).
+    assert_eq!(r[0].2[2] & 0x0f, 0x02, "{:02x?}", r[0].2);
+    assert_eq!((r[0].2[12], r[0].2[13]), (0x04, 0x0b), "{:02x?}", r[0].2);
 }
 
 #[test]

@@ -290,7 +290,7 @@ impl Reactor {
             };
             while let Some(d) = done.get(i).filter(|d| (d.token >> 32) as usize == slot) {
                 s.conn
-                    .on_rep_done(d.token as u32, d.ok, &mut self.pool, &mut out);
+                    .on_rep_done(d.token as u32, d.ok, &self.reg, &mut self.pool, &mut out);
                 i += 1;
             }
             if !s.dead {

@@ -10,7 +10,14 @@ use crate::scsi;
 
 impl Conn {
     /// The peer acknowledged (or the link settled) one mirrored operation of task `idx`.
-    pub fn on_rep_done(&mut self, idx: u32, ok: bool, pool: &mut BufPool, out: &mut Out) {
+    pub fn on_rep_done(
+        &mut self,
+        idx: u32,
+        ok: bool,
+        reg: &Registry,
+        pool: &mut BufPool,
+        out: &mut Out,
+    ) {
         let Some(Some(t)) = self.tasks.get_mut(idx as usize) else {
             return;
         };
@@ -28,8 +35,15 @@ impl Conn {
         }
         if let Some(reply) = t.held.take() {
             let reply = if t.rep_failed && reply.status == status::GOOD {
-                // The peer could not store it: never report a write that is on one node only.
-                scsi::Reply::check(Sense::medium_error(Asc::WRITE_ERROR))
+                // Never report a write that is on one node only. Failed because this node
+                // was demoted meanwhile (Mirror::demoted): the standby answer, so that the
+                // initiator retries it on the new primary; otherwise the peer could not
+                // store it.
+                scsi::Reply::check(if reg.role() == crate::config::Role::Secondary {
+                    Sense::not_ready(Asc::LOGICAL_UNIT_NOT_ACCESSIBLE_STANDBY)
+                } else {
+                    Sense::medium_error(Asc::WRITE_ERROR)
+                })
             } else {
                 reply
             };
