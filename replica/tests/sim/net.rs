@@ -1,0 +1,284 @@
+//! The simulated network: TCP-like connections between the primary and the secondary,
+//! and what each end does with what arrives.
+
+use super::*;
+
+/// What travels on a connection: a framed message with its sequence, or the end of the
+/// stream (FIN after the data sent before it).
+#[derive(Clone, Debug)]
+pub(super) enum Frame {
+    Msg(u64, Message),
+    Fin,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ConnKind {
+    Data(usize),
+    Control,
+}
+
+pub(super) struct Conn {
+    /// The primary that connected, and the secondary that accepted.
+    pub(super) from: NodeId,
+    pub(super) to: NodeId,
+    pub(super) kind: ConnKind,
+    /// The secondary's accept number (its `ApplyGate`).
+    pub(super) accept_id: u64,
+    /// Frames toward the secondary and toward the primary, with their arrival time.
+    pub(super) to_secondary: VecDeque<(u64, Frame)>,
+    pub(super) to_primary: VecDeque<(u64, Frame)>,
+    /// Closed at each end (a closed end sends nothing more and drops what arrives).
+    pub(super) closed_from: bool,
+    pub(super) closed_to: bool,
+    /// The secondary saw a resync change on it (it superseded older connections once).
+    pub(super) superseded_older: bool,
+    pub(super) last_heard_ms: u64,
+}
+
+/// Closes one end of a connection: a FIN follows whatever that end sent before.
+pub(super) fn close_end(conns: &mut [Conn], id: ConnId, primary_end: bool, now: u64) {
+    let c = &mut conns[id];
+    if primary_end && !c.closed_from {
+        c.closed_from = true;
+        c.to_secondary.push_back((now + 1, Frame::Fin));
+    } else if !primary_end && !c.closed_to {
+        c.closed_to = true;
+        c.to_primary.push_back((now + 1, Frame::Fin));
+    }
+}
+
+impl Sim {
+    /// A frame's time on the wire: mostly a LAN's, sometimes a congested link's, now and
+    /// then longer than `replica_timeout_ms` (a loss is declared while frames are still on
+    /// their way, and they arrive afterwards).
+    pub(super) fn delay(&mut self) -> u64 {
+        match self.rng.gen_range(0..100) {
+            0..=84 => self.rng.gen_range(0..3),
+            85..=97 => self.rng.gen_range(20..150),
+            _ => self.rng.gen_range(150..2 * TIMEOUT_MS),
+        }
+    }
+
+    /// Connects a replica connection from primary `n` to the peer (engine: `connect` and the
+    /// peer's `serve`/`apply_conn` handshake). None: unreachable or refused.
+    pub(super) fn connect(&mut self, n: NodeId, kind: ConnKind) -> Option<ConnId> {
+        let o = Self::other(n);
+        if !self.reachable(o) {
+            return None;
+        }
+        let q = self.nodes[o].proc_.as_mut().expect("reachable");
+        let accept_id = q.gate.accept();
+        if q.primary {
+            // "refusing replica connection: this node is primary too".
+            trace!(self, "node {o}: refuses a replica connection: primary too");
+            return None;
+        }
+        if kind == ConnKind::Control {
+            let h = self.nodes[n].proc_.as_ref()?.parts.lun.hello(true);
+            let node = &mut self.nodes[o];
+            let q = node.proc_.as_mut().expect("reachable");
+            if q.parts.lun.primary_connected(&h).needed() {
+                persist(&mut node.disk, &mut q.parts.lun, &q.parts.intent);
+            }
+        }
+        self.conns.push(Conn {
+            from: n,
+            to: o,
+            kind,
+            accept_id,
+            to_secondary: VecDeque::new(),
+            to_primary: VecDeque::new(),
+            closed_from: false,
+            closed_to: false,
+            superseded_older: false,
+            last_heard_ms: self.now,
+        });
+        Some(self.conns.len() - 1)
+    }
+
+    /// Connections with a frame that can arrive now: (conn, toward the secondary).
+    pub(super) fn deliverable(&self) -> Vec<(ConnId, bool)> {
+        let mut out = Vec::new();
+        if self.partitioned {
+            return out;
+        }
+        for (id, c) in self.conns.iter().enumerate() {
+            let ready = |q: &VecDeque<(u64, Frame)>, to: NodeId| {
+                q.front().is_some_and(|(at, _)| *at <= self.now) && !self.nodes[to].paused
+            };
+            if ready(&c.to_secondary, c.to) {
+                out.push((id, true));
+            }
+            if ready(&c.to_primary, c.from) {
+                out.push((id, false));
+            }
+        }
+        out
+    }
+
+    pub(super) fn deliver(&mut self, id: ConnId, to_secondary: bool) {
+        let c = &mut self.conns[id];
+        let frame = if to_secondary {
+            c.to_secondary.pop_front()
+        } else {
+            c.to_primary.pop_front()
+        };
+        let Some((_, frame)) = frame else { return };
+        if to_secondary {
+            if c.closed_to {
+                return;
+            }
+            c.last_heard_ms = self.now;
+            match frame {
+                Frame::Fin => {
+                    let now = self.now;
+                    close_end(&mut self.conns, id, false, now);
+                }
+                Frame::Msg(seq, msg) => self.secondary_apply(id, seq, msg),
+            }
+        } else {
+            if c.closed_from {
+                return;
+            }
+            match frame {
+                Frame::Fin => self.primary_conn_ended(id),
+                Frame::Msg(_, Message::Ack { seq, status }) => self.primary_ack(id, seq, status),
+                Frame::Msg(..) => {}
+            }
+        }
+    }
+
+    /// The secondary applies one message (engine: `apply_conn`).
+    pub(super) fn secondary_apply(&mut self, id: ConnId, seq: u64, msg: Message) {
+        let n = self.conns[id].to;
+        let kind = self.conns[id].kind;
+        let accept_id = self.conns[id].accept_id;
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        let Some(q) = node.proc_.as_mut() else { return };
+        if kind == ConnKind::Control && !self.conns[id].superseded_older && resync_change(&msg) {
+            q.gate.supersede_older(accept_id);
+            self.conns[id].superseded_older = true;
+        }
+        match q.gate.admit(accept_id, q.fenced) {
+            Admit::Apply => {}
+            Admit::Promoted | Admit::Superseded => {
+                if q.gate.admit(accept_id, false) == Admit::Superseded {
+                    self.stats.superseded += 1;
+                }
+                trace!(
+                    self,
+                    "node {n}: closes connection {id} ({:?})",
+                    q.gate.admit(accept_id, q.fenced)
+                );
+                close_end(&mut self.conns, id, false, now);
+                return;
+            }
+        }
+        let disk = &mut node.disk;
+        let status = match msg {
+            Message::Write { .. } | Message::ResyncData { .. } if disk.data_full => {
+                AckStatus::NoSpace
+            }
+            Message::Write {
+                offset_bytes,
+                fua,
+                data,
+                ..
+            } => {
+                let at = offset_bytes as usize..offset_bytes as usize + data.len();
+                trace!(
+                    self,
+                    "node {n}: applies write {} at {offset_bytes} (conn {id})",
+                    sector_value(&data, 0)
+                );
+                disk.volatile[at.clone()].copy_from_slice(&data);
+                if fua {
+                    disk.durable[at].copy_from_slice(&data);
+                }
+                AckStatus::Ok
+            }
+            Message::ResyncData {
+                offset_bytes, data, ..
+            } => {
+                if q.parts.lun.resync_data_arriving().needed() {
+                    persist(disk, &mut q.parts.lun, &q.parts.intent);
+                }
+                let at = offset_bytes as usize..offset_bytes as usize + data.len();
+                disk.volatile[at].copy_from_slice(&data);
+                AckStatus::Ok
+            }
+            Message::WriteZeroes {
+                offset_bytes,
+                len_bytes,
+                ..
+            } => {
+                let at = offset_bytes as usize..(offset_bytes + len_bytes) as usize;
+                disk.volatile[at].fill(0);
+                AckStatus::Ok
+            }
+            Message::ResyncDone { gen, .. } => {
+                // Everything copied is on stable storage before the source forgets it.
+                disk.durable.copy_from_slice(&disk.volatile);
+                let _ = q.parts.lun.resync_done_target(&gen);
+                if persist(disk, &mut q.parts.lun, &q.parts.intent) {
+                    q.parts.lun.resync_target_recorded();
+                    AckStatus::Ok
+                } else {
+                    AckStatus::IoError(5)
+                }
+            }
+            Message::Ping { .. } => AckStatus::Ok,
+            _ => AckStatus::Refused,
+        };
+        let at = now + self.delay();
+        let c = &mut self.conns[id];
+        if !c.closed_to {
+            c.to_primary
+                .push_back((at, Frame::Msg(0, Message::Ack { seq, status })));
+        }
+    }
+
+    /// An ack reaches the primary: a data link's (engine: `link_reader`) or the manager's.
+    pub(super) fn primary_ack(&mut self, id: ConnId, seq: u64, status: AckStatus) {
+        let n = self.conns[id].from;
+        match self.conns[id].kind {
+            ConnKind::Data(core) => {
+                let Some(p) = self.nodes[n].proc_.as_mut() else {
+                    return;
+                };
+                let out = p.parts.shards[core].take_acks([(seq, status)]);
+                for token in out.answered {
+                    self.peer_side_done(n, token, true, false);
+                }
+                if out.peer_failed.is_some() {
+                    self.peer_lost(n, "the peer failed a mirrored write");
+                }
+            }
+            ConnKind::Control => self.manager_ack(n, id, seq, status),
+        }
+    }
+
+    /// The peer closed a connection (or the primary's end saw it die).
+    pub(super) fn primary_conn_ended(&mut self, id: ConnId) {
+        let n = self.conns[id].from;
+        let now = self.now;
+        close_end(&mut self.conns, id, true, now);
+        match self.conns[id].kind {
+            ConnKind::Data(core) => {
+                let Some(p) = self.nodes[n].proc_.as_mut() else {
+                    return;
+                };
+                if p.parts.links[core] == Some(id) {
+                    p.parts.links[core] = None;
+                    self.peer_lost(n, "link closed");
+                }
+            }
+            ConnKind::Control => {
+                if self.manager_conn(n) == Some(id) {
+                    self.manager_abort(n, "control connection closed");
+                }
+            }
+        }
+    }
+}
