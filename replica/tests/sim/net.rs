@@ -33,6 +33,22 @@ pub(super) struct Conn {
     /// The secondary saw a resync change on it (it superseded older connections once).
     pub(super) superseded_older: bool,
     pub(super) last_heard_ms: u64,
+    /// This connection alone is cut, toward the secondary, toward the primary, or both,
+    /// while the others between the same nodes work (`Sim::cut_one` says what that is);
+    /// since when. Its frames wait (TCP retransmits them) and arrive once it heals.
+    pub(super) cut_to_secondary: bool,
+    pub(super) cut_to_primary: bool,
+    pub(super) cut_since_ms: u64,
+}
+
+impl Conn {
+    /// Whether neither end can still send or receive anything on it.
+    fn gone(&self) -> bool {
+        self.closed_from
+            && self.closed_to
+            && self.to_secondary.is_empty()
+            && self.to_primary.is_empty()
+    }
 }
 
 /// Closes one end of a connection: a FIN follows whatever that end sent before.
@@ -92,8 +108,84 @@ impl Sim {
             closed_to: false,
             superseded_older: false,
             last_heard_ms: self.now,
+            cut_to_secondary: false,
+            cut_to_primary: false,
+            cut_since_ms: 0,
         });
         Some(self.conns.len() - 1)
+    }
+
+    /// Cuts one connection (or heals it, if it is cut), in one direction or both, while the
+    /// others between the same nodes work. Why this is real: a flow is lost alone when a
+    /// stateful firewall or NAT on the replica path forgets its state (an idle data link
+    /// outlives a conntrack timeout; a failover of the firewall pair), or when the bond
+    /// member its hash chose fails; a one-way loss when a rule or a fiber fails in one
+    /// direction. What was sent waits, as TCP retransmits it, and arrives after the heal; a
+    /// new connection (another port) is not affected (`reachable` stays true), so this
+    /// models a lost flow, not a down path that new flows might hash onto too.
+    pub(super) fn cut_one(&mut self) {
+        let live: Vec<ConnId> = (0..self.conns.len())
+            .filter(|&id| !self.conns[id].gone())
+            .collect();
+        let Some(&id) = live.get(self.rng.gen_range(0..live.len().max(1))) else {
+            return;
+        };
+        let way = self.rng.gen_range(0..5);
+        let now = self.now;
+        let c = &mut self.conns[id];
+        if c.cut_to_secondary || c.cut_to_primary {
+            c.cut_to_secondary = false;
+            c.cut_to_primary = false;
+            trace!(self, "connection {id} heals");
+            return;
+        }
+        c.cut_to_secondary = way != 0;
+        c.cut_to_primary = way != 1;
+        c.cut_since_ms = now;
+        self.stats.cuts += 1;
+        trace!(
+            self,
+            "connection {id} ({:?}, node {} -> {}) cut{}",
+            self.conns[id].kind,
+            self.conns[id].from,
+            self.conns[id].to,
+            match way {
+                0 => " toward the primary",
+                1 => " toward the secondary",
+                _ => "",
+            }
+        );
+    }
+
+    /// Heals every cut connection.
+    pub(super) fn heal_cuts(&mut self) {
+        for c in &mut self.conns {
+            c.cut_to_secondary = false;
+            c.cut_to_primary = false;
+        }
+    }
+
+    /// The secondary's TCP keepalive (engine: `apply_conn` sets it; 11 s with the default
+    /// 2 s timeout, so 5.5 timeouts here) ends a connection cut both ways on which it has
+    /// nothing unacknowledged (with data unacknowledged TCP retransmits instead, for many
+    /// minutes, and keepalive does not probe). Its end closes: what still arrives is
+    /// dropped, and the primary hears of it (the reset, at its next send) after the heal.
+    pub(super) fn keepalive_expires(&mut self, n: NodeId) {
+        let now = self.now;
+        for id in 0..self.conns.len() {
+            let c = &self.conns[id];
+            let idle = c.to_primary.iter().all(|(_, f)| matches!(f, Frame::Fin));
+            if c.to == n
+                && c.cut_to_secondary
+                && c.cut_to_primary
+                && !c.closed_to
+                && idle
+                && now.saturating_sub(c.cut_since_ms) > KEEPALIVE_MS
+            {
+                trace!(self, "node {n}: keepalive ends the cut connection {id}");
+                close_end(&mut self.conns, id, false, now);
+            }
+        }
     }
 
     /// Connections with a frame that can arrive now: (conn, toward the secondary).
@@ -106,10 +198,10 @@ impl Sim {
             let ready = |q: &VecDeque<(u64, Frame)>, to: NodeId| {
                 q.front().is_some_and(|(at, _)| *at <= self.now) && !self.nodes[to].paused
             };
-            if ready(&c.to_secondary, c.to) {
+            if ready(&c.to_secondary, c.to) && !c.cut_to_secondary {
                 out.push((id, true));
             }
-            if ready(&c.to_primary, c.from) {
+            if ready(&c.to_primary, c.from) && !c.cut_to_primary {
                 out.push((id, false));
             }
         }
@@ -205,6 +297,10 @@ impl Sim {
                     persist(disk, &mut q.parts.lun, &q.parts.intent);
                 }
                 let at = offset_bytes as usize..offset_bytes as usize + data.len();
+                trace!(
+                    self,
+                    "node {n}: resync data at {offset_bytes} (conn {id}, accepted {accept_id})"
+                );
                 disk.volatile[at].copy_from_slice(&data);
                 AckStatus::Ok
             }

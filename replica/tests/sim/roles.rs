@@ -136,9 +136,12 @@ impl Sim {
             return false;
         };
         if !p.primary && !force {
-            let primary_connected = self.conns.iter().any(|c| {
-                c.to == n && c.kind == ConnKind::Control && !c.closed_to && !c.closed_from
-            });
+            // Counted until this end closes (engine: `primary_links`, until the apply thread
+            // ends): a primary that closed its end still counts until the FIN arrives.
+            let primary_connected = self
+                .conns
+                .iter()
+                .any(|c| c.to == n && c.kind == ConnKind::Control && !c.closed_to);
             // The tool asks the peer too (a primary without a control connection yet).
             let o = Self::other(n);
             let peer_primary = self.reachable(o) && self.is_primary(o);

@@ -16,6 +16,7 @@ impl Sim {
         }
         self.cool_intents(n);
         self.drain_done(n);
+        self.keepalive_expires(n);
         for id in 0..self.conns.len() {
             let c = &self.conns[id];
             if c.to == n
@@ -103,70 +104,48 @@ impl Sim {
 
     pub(super) fn fault(&mut self) {
         let n = self.rng.gen_range(0..2);
-        match self.rng.gen_range(0..100) {
+        // An admin command to a paused daemon waits for it: not issued meanwhile.
+        let admin = !self.nodes[n].paused;
+        match self.rng.gen_range(0..110) {
             0..=14 => {
                 self.partitioned = !self.partitioned;
-                trace!(
-                    self,
-                    "partition {}",
-                    if self.partitioned { "on" } else { "healed" }
-                );
+                let on = if self.partitioned { "on" } else { "healed" };
+                trace!(self, "partition {on}");
             }
-            15..=27 => {
-                if self.up(n) {
-                    self.nodes[n].paused = !self.nodes[n].paused;
-                    trace!(
-                        self,
-                        "node {n}: {}",
-                        if self.nodes[n].paused {
-                            "paused"
-                        } else {
-                            "resumed"
-                        }
-                    );
-                }
+            15..=27 if self.up(n) => {
+                self.nodes[n].paused = !self.nodes[n].paused;
+                let what = if self.nodes[n].paused {
+                    "paused"
+                } else {
+                    "resumed"
+                };
+                trace!(self, "node {n}: {what}");
             }
             28..=37 => self.crash(n, false),
             38..=42 => self.crash(n, true),
             43..=62 => self.restart(n),
             63..=64 => {
-                self.nodes[n].disk.data_full = !self.nodes[n].disk.data_full;
-                trace!(
-                    self,
-                    "node {n}: data disk {}",
-                    if self.nodes[n].disk.data_full {
-                        "full"
-                    } else {
-                        "has room"
-                    }
-                );
+                let d = &mut self.nodes[n].disk;
+                d.data_full = !d.data_full;
+                let what = if d.data_full { "full" } else { "has room" };
+                trace!(self, "node {n}: data disk {what}");
             }
             65..=67 => {
-                self.nodes[n].disk.meta_fails = !self.nodes[n].disk.meta_fails;
-                trace!(
-                    self,
-                    "node {n}: metadata writes {}",
-                    if self.nodes[n].disk.meta_fails {
-                        "fail"
-                    } else {
-                        "work"
-                    }
-                );
+                let d = &mut self.nodes[n].disk;
+                d.meta_fails = !d.meta_fails;
+                let what = if d.meta_fails { "fail" } else { "work" };
+                trace!(self, "node {n}: metadata writes {what}");
             }
-            // An admin command to a paused daemon waits for it: not issued meanwhile.
-            68..=77 if !self.nodes[n].paused => self.demote(n),
-            78..=92 if !self.nodes[n].paused => {
-                if self.operator_may_promote(n) {
-                    self.promote(n, false);
-                }
+            68..=77 if admin => self.demote(n),
+            78..=92 if admin && self.operator_may_promote(n) => {
+                self.promote(n, false);
             }
-            68..=92 => {}
-            _ => {
-                if self.is_primary(n) && !self.nodes[n].paused {
-                    trace!(self, "node {n}: outdate-peer");
-                    self.with_mirror(n, |m, port| m.operator_outdate(port));
-                }
+            93..=99 if admin && self.is_primary(n) => {
+                trace!(self, "node {n}: outdate-peer");
+                self.with_mirror(n, |m, port| m.operator_outdate(port));
             }
+            100..=109 => self.cut_one(),
+            _ => {}
         }
     }
 
@@ -275,6 +254,7 @@ impl Sim {
     /// Heals every fault, lets the pair converge without new writes, and checks the end.
     pub(super) fn settle(&mut self) {
         self.partitioned = false;
+        self.heal_cuts();
         for n in 0..2 {
             self.nodes[n].paused = false;
             self.nodes[n].disk.meta_fails = false;
