@@ -334,10 +334,18 @@ impl PairLun {
     /// `random`) if it is not yet. "Outdated" with no bitmap id is a completion sent and
     /// not acknowledged (see [`PairLun::end_pass`]): the peer may hold the current ids, so
     /// writes made alone go under a new generation (whose bitmap id is those ids).
+    ///
+    /// A completion still on its way is void from here: its ack must not put back the
+    /// ids this node just moved on from. Why: `twinsan outdate-peer` while a completion
+    /// was on its way drew a new generation, and the ack then replaced it in memory with
+    /// the sent ids (UpToDate) while a failed persist left the new one on disk; after a
+    /// crash the operator, told UpToDate, promoted the peer, and its writes made the two
+    /// a split brain with no forced promotion (replica sim seed 1242531).
     fn outdate_peer_record(&mut self, random: [u8; 8]) {
         if !self.meta.flags.peer_outdated || self.meta.gen.bitmap == 0 {
             self.meta.flags.peer_outdated = true;
             self.meta.gen.bump(random);
+            self.completing = None;
         }
     }
 
@@ -971,6 +979,41 @@ mod tests {
         assert_eq!(regions, vec![1]);
         lun.region_copied(1);
         assert!(!lun.meta().bitmap.is_dirty(1));
+    }
+
+    #[test]
+    fn the_operators_word_voids_a_completion_on_its_way() {
+        // Replica sim seed 1242531: `outdate-peer` while the completion's ids were on
+        // their way; their ack must not put back in memory the ids the record moved on
+        // from (the operator would see UpToDate, and promote the peer).
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
+        lun.mark_persisted();
+        let plan = ResyncPlan {
+            regions: vec![],
+            initial: false,
+            every_region_after_crash: false,
+            decision: crate::genid::Decision::SyncSourceBitmap,
+        };
+        let (regions, _) = lun.begin_resync(&plan, 0);
+        for r in regions {
+            lun.region_copied(r);
+        }
+        let PassEnd::Complete { gen: sent, .. } = lun.end_pass(false, 0, [2; 8]) else {
+            panic!("nothing is dirty");
+        };
+        lun.mark_persisted();
+        assert_eq!(lun.operator_outdated_peer([3; 8]), Persist::Needed);
+        let moved_on = lun.meta().gen;
+        assert_ne!(moved_on.current, sent.current);
+        assert_eq!(
+            moved_on.bitmap, sent.current,
+            "the peer may hold the sent ids"
+        );
+        assert_eq!(lun.completion_acknowledged(), Persist::No);
+        assert_eq!(lun.meta().gen, moved_on);
+        assert!(lun.meta().flags.peer_outdated);
+        assert_ne!(lun.state(), SyncState::UpToDate);
     }
 
     #[test]
