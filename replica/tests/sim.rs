@@ -75,6 +75,9 @@ const PING_MS: u64 = 50;
 const QUIET_MS: u64 = 2 * TIMEOUT_MS;
 /// Write-intent regions idle this long are forgotten.
 const INTENT_COOL_MS: u64 = 300;
+/// The first bytes of a resync, always sent as data (engine: `HEAD_CHUNK_BYTES`, here a
+/// part of a region as there).
+const HEAD_BYTES: u64 = REGION / 4;
 /// The secondary's TCP keepalive gives up on a silent connection after this long.
 const KEEPALIVE_MS: u64 = 11 * TIMEOUT_MS / 2;
 
@@ -137,11 +140,13 @@ enum Manager {
         initial: bool,
         queue: VecDeque<u64>,
         passes: u32,
-        /// The region copied now (locked until its ack) and the frame awaited.
-        awaiting: Option<(u64, u64)>,
-        /// Data was sent already: the target knows it is a sync target (the engine sends
-        /// the head of the first region as data first, whatever it holds).
-        sent_data: bool,
+        /// The copy on its way (its range locked until its ack).
+        awaiting: Option<Chunk>,
+        /// The head of the first region went first, as data whatever it holds (engine:
+        /// `copy_lun`; the target marks itself inconsistent on it, and it raises the
+        /// target's gate); that region is then copied again whole with the others, so its
+        /// head arrives twice.
+        head_sent: bool,
     },
     Done {
         conn: ConnId,
@@ -153,6 +158,16 @@ enum Manager {
         next_ping_ms: u64,
         awaiting: Option<(u64, u64)>,
     },
+}
+
+/// A resync copy on its way: the range it carries (locked against writes until its ack),
+/// the frame awaited, and the region whose bit its ack clears (none for the head chunk).
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    offset: u64,
+    len: u64,
+    seq: u64,
+    region: Option<u64>,
 }
 
 /// A daemon: what a crash loses.
@@ -211,6 +226,10 @@ struct Stats {
     superseded: u64,
     /// Connections cut alone.
     cuts: u64,
+    /// Backlogs of connections given up on, held up, and frames of such connections that
+    /// reached the secondary behind a newer control connection.
+    held_backlogs: u64,
+    stale_frames: u64,
 }
 
 impl Stats {
@@ -226,6 +245,8 @@ impl Stats {
         self.split_brains += s.split_brains;
         self.superseded += s.superseded;
         self.cuts += s.cuts;
+        self.held_backlogs += s.held_backlogs;
+        self.stale_frames += s.stale_frames;
     }
 
     /// Whether every fault and check a long run claims happened at least once.
@@ -238,6 +259,8 @@ impl Stats {
             self.split_brains,
             self.superseded,
             self.cuts,
+            self.held_backlogs,
+            self.stale_frames,
         ]
         .iter()
         .all(|&x| x > 0)

@@ -163,7 +163,7 @@ impl Sim {
             queue: regions.into(),
             passes: 0,
             awaiting: None,
-            sent_data: false,
+            head_sent: false,
         };
         if persist_needed.needed() {
             let node = &mut self.nodes[n];
@@ -174,7 +174,7 @@ impl Sim {
         }
     }
 
-    /// Copies the next region, or ends the pass (engine: `copy_lun`).
+    /// Copies the next region, or ends the pass (engine: `copy_lun`, `copy_region`).
     pub(super) fn copy_next(&mut self, n: NodeId) {
         let p = self.nodes[n].proc_.as_ref().expect("up");
         let Manager::Copying {
@@ -183,7 +183,7 @@ impl Sim {
             initial,
             ref queue,
             passes,
-            sent_data,
+            head_sent,
             ..
         } = p.manager
         else {
@@ -193,35 +193,44 @@ impl Sim {
             return self.manager_abort(n, "the peer was lost during the resync");
         }
         if let Some(&region) = queue.front() {
-            let range = (region * REGION, REGION);
-            if self.copy_blocked(n, range) {
+            let (offset, len) = if head_sent {
+                (region * REGION, REGION)
+            } else {
+                (region * REGION, HEAD_BYTES)
+            };
+            if self.copy_blocked(n, (offset, len)) {
                 return; // The range lock: wait for the writes running there.
             }
             let data =
-                self.nodes[n].disk.volatile[range.0 as usize..(range.0 + REGION) as usize].to_vec();
-            let msg = if data.iter().all(|&b| b == 0) && sent_data {
+                self.nodes[n].disk.volatile[offset as usize..(offset + len) as usize].to_vec();
+            let msg = if data.iter().all(|&b| b == 0) && head_sent {
                 Message::WriteZeroes {
                     lun_key: LUN_KEY,
-                    offset_bytes: range.0,
-                    len_bytes: REGION,
+                    offset_bytes: offset,
+                    len_bytes: len,
                     unmap: true,
                 }
             } else {
                 Message::ResyncData {
                     lun_key: LUN_KEY,
-                    offset_bytes: range.0,
+                    offset_bytes: offset,
                     data,
                 }
             };
             let seq = self.send_control(n, conn, msg);
             if let Manager::Copying {
                 awaiting,
-                sent_data,
+                head_sent: head,
                 ..
             } = &mut self.nodes[n].proc_.as_mut().expect("up").manager
             {
-                *awaiting = Some((region, seq));
-                *sent_data = true;
+                *awaiting = Some(Chunk {
+                    offset,
+                    len,
+                    seq,
+                    region: head_sent.then_some(region),
+                });
+                *head = true;
             }
             return;
         }
@@ -275,13 +284,13 @@ impl Sim {
             Manager::Copying {
                 queue, awaiting, ..
             } => {
-                if let Some((region, s)) = *awaiting {
-                    if s == seq {
-                        // Still under the range lock: a write to the region after this is mirrored.
+                if let Some(copy) = awaiting.filter(|c| c.seq == seq) {
+                    // Still under the range lock: a write to the region after this is mirrored.
+                    if let Some(region) = copy.region {
                         p.parts.lun.region_copied(region);
                         queue.pop_front();
-                        *awaiting = None;
                     }
+                    *awaiting = None;
                 }
             }
             Manager::Done {

@@ -157,6 +157,38 @@ impl Sim {
         );
     }
 
+    /// A connection the primary gave up on (its end closed: a peer loss reset its links,
+    /// the process crashed or was demoted) still has frames on their way: they are held up
+    /// (its path is down, as for `cut_one`) and arrive after newer connections' frames,
+    /// once it heals. This is how the engine sees a message twice, or out of its time: TCP
+    /// never duplicates nor reorders within a connection, and the primary never sends a
+    /// frame again on another connection, but the regions of the writes it gave up on are
+    /// copied again by the next resync, so the same bytes arrive on two connections in
+    /// either order; and a frame of an old round may land after a newer round's write to
+    /// the same region. The secondary's gate (accept numbering) and the resync's copy
+    /// behind it must make that harmless; sequence numbers are only echoed in acks.
+    pub(super) fn hold_backlog(&mut self) {
+        let given_up: Vec<ConnId> = (0..self.conns.len())
+            .filter(|&id| {
+                let c = &self.conns[id];
+                c.closed_from
+                    && !c.closed_to
+                    && !c.cut_to_secondary
+                    && c.to_secondary
+                        .iter()
+                        .any(|(_, f)| matches!(f, Frame::Msg(..)))
+            })
+            .collect();
+        let Some(&id) = given_up.get(self.rng.gen_range(0..given_up.len().max(1))) else {
+            return;
+        };
+        let c = &mut self.conns[id];
+        c.cut_to_secondary = true;
+        c.cut_since_ms = self.now;
+        self.stats.held_backlogs += 1;
+        trace!(self, "connection {id}: its backlog is held up");
+    }
+
     /// Heals every cut connection.
     pub(super) fn heal_cuts(&mut self) {
         for c in &mut self.conns {
@@ -246,6 +278,12 @@ impl Sim {
         let kind = self.conns[id].kind;
         let accept_id = self.conns[id].accept_id;
         let now = self.now;
+        // A frame of a connection given up on, behind a newer resync's control connection.
+        let stale = self.conns[id].closed_from
+            && self.conns.iter().any(|c| {
+                c.to == n && c.kind == ConnKind::Control && c.accept_id > accept_id && !c.closed_to
+            });
+        self.stats.stale_frames += u64::from(stale);
         let node = &mut self.nodes[n];
         let Some(q) = node.proc_.as_mut() else { return };
         if kind == ConnKind::Control && !self.conns[id].superseded_older && resync_change(&msg) {

@@ -106,7 +106,7 @@ impl Sim {
         let n = self.rng.gen_range(0..2);
         // An admin command to a paused daemon waits for it: not issued meanwhile.
         let admin = !self.nodes[n].paused;
-        match self.rng.gen_range(0..110) {
+        match self.rng.gen_range(0..115) {
             0..=14 => {
                 self.partitioned = !self.partitioned;
                 let on = if self.partitioned { "on" } else { "healed" };
@@ -145,6 +145,7 @@ impl Sim {
                 self.with_mirror(n, |m, port| m.operator_outdate(port));
             }
             100..=109 => self.cut_one(),
+            110..=114 => self.hold_backlog(),
             _ => {}
         }
     }

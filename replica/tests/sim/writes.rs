@@ -51,7 +51,11 @@ impl Sim {
             return;
         };
         let Some(w) = p.writes.get_mut(&token) else {
-            return;
+            // Every command is answered once: in the engine the token names a task slot
+            // that a later command reuses, and a second answer (a duplicate or stale ack
+            // taken for a pending one, a held completion released twice) would complete
+            // that other command.
+            self.fail(&format!("node {n}: command {token} answered twice"));
         };
         w.peer = Some(ok);
         if !w.local_done {
@@ -95,9 +99,8 @@ impl Sim {
         };
         let copying = match &p.manager {
             Manager::Copying {
-                awaiting: Some((region, _)),
-                ..
-            } => overlaps(range, (region * REGION, REGION)),
+                awaiting: Some(c), ..
+            } => overlaps(range, (c.offset, c.len)),
             _ => false,
         };
         copying
