@@ -172,8 +172,14 @@ impl Sim {
         true
     }
 
+    /// A process crash (the page cache survives) or a power loss of machine `n` (its
+    /// daemon running or not).
     pub(super) fn crash(&mut self, n: NodeId, power_loss: bool) {
         if !self.up(n) {
+            if power_loss {
+                trace!(self, "node {n}: power loss (daemon down)");
+                self.lose_power(n);
+            }
             return;
         }
         trace!(
@@ -213,13 +219,27 @@ impl Sim {
             }
         }
         if power_loss {
-            let d = &mut self.nodes[n].disk;
-            d.volatile = d.durable.clone();
-            d.boot += 1;
-            self.stats.power_losses += 1;
-            self.model.power_loss();
+            self.lose_power(n);
         } else {
             self.stats.crashes += 1;
         }
+    }
+
+    /// Machine `n` lost power: unflushed writes are gone, and a metadata rename not yet
+    /// on stable storage may be undone.
+    fn lose_power(&mut self, n: NodeId) {
+        let keep_last = self.rng.gen_bool(0.5);
+        self.stats.unsynced_renames += u64::from(self.nodes[n].disk.meta_synced.is_some());
+        self.nodes[n].disk.power_lost(keep_last);
+        self.stats.power_losses += 1;
+        self.model.power_loss();
+    }
+
+    /// The power failed in the middle of a metadata write of machine `n` (`Disk::write_meta`
+    /// chose what is on disk): its daemon, if it ran, stopped there.
+    pub(super) fn power_cut(&mut self, n: NodeId) {
+        trace!(self, "node {n}: the power fails during a metadata write");
+        self.stats.power_cuts += 1;
+        self.crash(n, true);
     }
 }

@@ -106,7 +106,7 @@ impl Sim {
         let n = self.rng.gen_range(0..2);
         // An admin command to a paused daemon waits for it: not issued meanwhile.
         let admin = !self.nodes[n].paused;
-        match self.rng.gen_range(0..115) {
+        match self.rng.gen_range(0..116) {
             0..=14 => {
                 self.partitioned = !self.partitioned;
                 let on = if self.partitioned { "on" } else { "healed" };
@@ -131,23 +131,45 @@ impl Sim {
                 trace!(self, "node {n}: data disk {what}");
             }
             65..=67 => {
+                let fails = match self.rng.gen_bool(0.5) {
+                    true => MetaFailure::Tmp,
+                    false => MetaFailure::DirSync,
+                };
                 let d = &mut self.nodes[n].disk;
-                d.meta_fails = !d.meta_fails;
-                let what = if d.meta_fails { "fail" } else { "work" };
-                trace!(self, "node {n}: metadata writes {what}");
+                d.meta_fails = if d.meta_fails.is_some() {
+                    None
+                } else {
+                    Some(fails)
+                };
+                trace!(self, "node {n}: metadata writes fail: {:?}", d.meta_fails);
             }
             68..=77 if admin => self.demote(n),
             78..=92 if admin && self.operator_may_promote(n) => {
                 self.promote(n, false);
             }
-            93..=99 if admin && self.is_primary(n) => {
-                trace!(self, "node {n}: outdate-peer");
-                self.with_mirror(n, |m, port| m.operator_outdate(port));
-            }
+            93..=99 if admin && self.is_primary(n) => self.outdate_peer(n),
             100..=109 => self.cut_one(),
             110..=114 => self.hold_backlog(),
+            115 => {
+                let renamed = self.rng.gen_bool(0.5);
+                self.nodes[n].disk.power_cut = Some(renamed);
+                trace!(
+                    self,
+                    "node {n}: the power will fail in its next metadata write"
+                );
+            }
             _ => {}
         }
+    }
+
+    /// `twinsan outdate-peer` on node `n`. The operator counts the peer outdated from the
+    /// moment the command is issued, whether it returns or not: one cut short by a power
+    /// failure may still have recorded it (the rename done, kept by the journal), and the
+    /// node then starts ahead of the peer.
+    fn outdate_peer(&mut self, n: NodeId) {
+        trace!(self, "node {n}: outdate-peer");
+        self.nodes[n].seen_peer_outdated = true;
+        self.with_mirror(n, |m, port| m.operator_outdate(port));
     }
 
     /// Restarts a stopped daemon; a node configured primary waits for the link (it asks the
@@ -219,7 +241,19 @@ impl Sim {
         }
     }
 
+    /// One step; a power cut in the middle of a metadata write ends it there (`PowerCut`).
     pub(super) fn step(&mut self) {
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.act()));
+        if let Err(payload) = stepped {
+            match payload.downcast::<PowerCut>() {
+                Ok(cut) => self.power_cut(cut.0),
+                Err(other) => std::panic::resume_unwind(other),
+            }
+        }
+        self.check();
+    }
+
+    fn act(&mut self) {
         match self.rng.gen_range(0..100) {
             0..=34 => self.initiator_write(),
             35..=69 => {
@@ -249,7 +283,6 @@ impl Sim {
                 }
             }
         }
-        self.check();
     }
 
     /// Heals every fault, lets the pair converge without new writes, and checks the end.
@@ -258,7 +291,8 @@ impl Sim {
         self.heal_cuts();
         for n in 0..2 {
             self.nodes[n].paused = false;
-            self.nodes[n].disk.meta_fails = false;
+            self.nodes[n].disk.meta_fails = None;
+            self.nodes[n].disk.power_cut = None;
             self.nodes[n].disk.data_full = false;
         }
         for _ in 0..2000 {

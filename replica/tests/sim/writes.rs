@@ -136,11 +136,10 @@ impl Sim {
         let wanted = p.parts.intent.take_wanted();
         let mut all = p.parts.intent.durable_regions();
         all.extend_from_slice(&wanted);
-        if node.disk.meta_fails {
+        if !node.disk.write_meta(p.parts.lun.meta_for_disk(&all)) {
             p.parts.intent.want_again(&wanted);
             return false;
         }
-        node.disk.meta = p.parts.lun.meta_for_disk(&all);
         p.parts.intent.made_durable(&wanted);
         true
     }
