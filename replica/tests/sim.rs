@@ -104,16 +104,21 @@ mod manager;
 mod model;
 #[path = "sim/net.rs"]
 mod net;
+#[path = "sim/operator.rs"]
+mod operator;
 #[path = "sim/roles.rs"]
 mod roles;
 #[path = "sim/run.rs"]
 mod run;
+#[path = "sim/verify.rs"]
+mod verify;
 #[path = "sim/writes.rs"]
 mod writes;
 
 use disk::*;
 use model::*;
 use net::*;
+use verify::*;
 
 /// A write in flight on the primary.
 struct Write {
@@ -155,6 +160,7 @@ enum Manager {
     },
     Watching {
         conn: ConnId,
+        round: u64,
         next_ping_ms: u64,
         awaiting: Option<(u64, u64)>,
     },
@@ -185,6 +191,8 @@ struct Proc {
     /// When this node was demoted: `demote` waits for the writes running (engine:
     /// `drain_after_demotion`), then ends the mirroring round.
     demoted_at: Option<u64>,
+    /// An operator's `verify` running here.
+    verify: Option<Verify>,
 }
 
 /// The parts of a daemon the coordinator's port touches (the `Mirror` is borrowed apart).
@@ -234,6 +242,12 @@ struct Stats {
     /// rename not known to be on stable storage.
     power_cuts: u64,
     unsynced_renames: u64,
+    /// Verifies started, and regions they compared while the pair was in sync.
+    verifies: u64,
+    verified_in_sync: u64,
+    /// `resolve --discard-local` done, and split brains it resolved.
+    discards: u64,
+    resolved: u64,
 }
 
 impl Stats {
@@ -253,6 +267,10 @@ impl Stats {
         self.stale_frames += s.stale_frames;
         self.power_cuts += s.power_cuts;
         self.unsynced_renames += s.unsynced_renames;
+        self.verifies += s.verifies;
+        self.verified_in_sync += s.verified_in_sync;
+        self.discards += s.discards;
+        self.resolved += s.resolved;
     }
 
     /// Whether every fault and check a long run claims happened at least once.
@@ -269,6 +287,10 @@ impl Stats {
             self.stale_frames,
             self.power_cuts,
             self.unsynced_renames,
+            self.verifies,
+            self.verified_in_sync,
+            self.discards,
+            self.resolved,
         ]
         .iter()
         .all(|&x| x > 0)
@@ -289,6 +311,10 @@ struct Sim {
     next_token: u64,
     /// A forced promotion made two primaries on purpose (the split-brain scenario).
     forced: bool,
+    /// Steps left in a quiet spell (no faults).
+    calm_steps: u32,
+    /// The split brain of the forced promotion was detected (`status` shows SplitBrain).
+    split_seen: bool,
     stats: Stats,
 }
 
@@ -398,6 +424,8 @@ impl Sim {
             next_write: 1,
             next_token: 1,
             forced: false,
+            calm_steps: 0,
+            split_seen: false,
             stats: Stats::default(),
         };
         sim.start(1);

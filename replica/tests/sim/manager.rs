@@ -61,10 +61,12 @@ impl Sim {
             Manager::Copying { .. } | Manager::Done { .. } => {}
             Manager::Watching {
                 conn,
+                round,
                 next_ping_ms,
                 awaiting,
             } => {
-                let (conn, next_ping_ms, awaiting) = (*conn, *next_ping_ms, *awaiting);
+                let (conn, round, next_ping_ms) = (*conn, *round, *next_ping_ms);
+                let awaiting = *awaiting;
                 if !primary || !mirroring {
                     // watch_peer returns: the control connection closes.
                     let now = self.now;
@@ -80,6 +82,7 @@ impl Sim {
                     let seq = self.send_control(n, conn, Message::Ping { now_ms: self.now });
                     self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Watching {
                         conn,
+                        round,
                         next_ping_ms: self.now + PING_MS,
                         awaiting: Some((seq, self.now)),
                     };
@@ -129,6 +132,8 @@ impl Sim {
                     if !self.forced {
                         self.fail("a split brain without a forced promotion");
                     }
+                    // `status` shows it: the operator may resolve it now.
+                    self.split_seen = true;
                 }
                 trace!(self, "node {n}: resync refused: {refusal:?}");
                 let now = self.now;
@@ -139,7 +144,11 @@ impl Sim {
                 return;
             }
         };
-        if self.nodes.iter().all(|node| node.diverged) {
+        // Resolved only by the operator: the peer's data given up (`resolve --discard-local`,
+        // in memory at least: a command whose persist failed still takes effect there).
+        let f = hello.flags;
+        let discarded = f.outdated && f.inconsistent && f.crashed && !f.primary;
+        if self.nodes.iter().all(|node| node.diverged) && !discarded {
             self.fail(&format!(
                 "both nodes wrote as primaries (split brain), yet a resync was planned: {plan:?}"
             ));
@@ -234,7 +243,11 @@ impl Sim {
             }
             return;
         }
-        // The pass is over: complete only if the round still stands (the coordinator's lock).
+        self.end_pass(n, conn, round, initial, passes);
+    }
+
+    /// The pass is over: complete only if the round still stands (the coordinator's lock).
+    fn end_pass(&mut self, n: NodeId, conn: ConnId, round: u64, initial: bool, passes: u32) {
         let random = self.rng.gen();
         let node = &mut self.nodes[n];
         let p = node.proc_.as_mut().expect("up");
@@ -316,6 +329,7 @@ impl Sim {
                 trace!(self, "node {n}: resync round {round} complete");
                 self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Watching {
                     conn,
+                    round,
                     next_ping_ms: self.now + PING_MS,
                     awaiting: None,
                 };

@@ -48,6 +48,17 @@ impl Model {
         }
     }
 
+    /// A split brain was resolved: what the initiator may read back is what the node that
+    /// kept its data holds (`volatile`; `durable` after a power loss), whatever either node
+    /// acknowledged before.
+    pub(super) fn reset_to(&mut self, volatile: &[u8], durable: &[u8]) {
+        for s in 0..SECTORS {
+            self.acked[s] = sector_value(volatile, s);
+            self.durable[s] = sector_value(durable, s);
+            self.maybe[s].clear();
+        }
+    }
+
     /// Whether `data` holds, in every sector, the last GOOD write or one issued after it.
     pub(super) fn holds(&self, data: &[u8]) -> Result<(), String> {
         for s in 0..SECTORS {

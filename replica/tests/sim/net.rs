@@ -66,8 +66,15 @@ pub(super) fn close_end(conns: &mut [Conn], id: ConnId, primary_end: bool, now: 
 impl Sim {
     /// A frame's time on the wire: mostly a LAN's, sometimes a congested link's, now and
     /// then longer than `replica_timeout_ms` (a loss is declared while frames are still on
-    /// their way, and they arrive afterwards).
+    /// their way, and they arrive afterwards). In a quiet spell a round trip stays well
+    /// within the timeout.
     pub(super) fn delay(&mut self) -> u64 {
+        if self.calm_steps > 0 {
+            return match self.rng.gen_range(0..100) {
+                0..=84 => self.rng.gen_range(0..3),
+                _ => self.rng.gen_range(20..TIMEOUT_MS / 3),
+            };
+        }
         match self.rng.gen_range(0..100) {
             0..=84 => self.rng.gen_range(0..3),
             85..=97 => self.rng.gen_range(20..150),
@@ -267,13 +274,39 @@ impl Sim {
             match frame {
                 Frame::Fin => self.primary_conn_ended(id),
                 Frame::Msg(_, Message::Ack { seq, status }) => self.primary_ack(id, seq, status),
+                Frame::Msg(_, Message::VerifyDigest { digest, .. }) => {
+                    self.verify_reply(id, digest)
+                }
                 Frame::Msg(..) => {}
             }
         }
     }
 
-    /// The secondary applies one message (engine: `apply_conn`).
+    /// The secondary takes one message (engine: `apply_conn`): through its gate, applied,
+    /// answered.
     pub(super) fn secondary_apply(&mut self, id: ConnId, seq: u64, msg: Message) {
+        if !self.secondary_admits(id, &msg) {
+            return;
+        }
+        let Some(reply) = self.secondary_applies(id, seq, msg) else {
+            return;
+        };
+        // Acks travel in frames of their own numbered 0; a digest in its request's number.
+        let frame_seq = if matches!(reply, Message::Ack { .. }) {
+            0
+        } else {
+            seq
+        };
+        let at = self.now + self.delay();
+        let c = &mut self.conns[id];
+        if !c.closed_to {
+            c.to_primary.push_back((at, Frame::Msg(frame_seq, reply)));
+        }
+    }
+
+    /// Whether the secondary's gate lets connection `id`'s `msg` be applied; a connection
+    /// it refuses closes.
+    fn secondary_admits(&mut self, id: ConnId, msg: &Message) -> bool {
         let n = self.conns[id].to;
         let kind = self.conns[id].kind;
         let accept_id = self.conns[id].accept_id;
@@ -284,27 +317,31 @@ impl Sim {
                 c.to == n && c.kind == ConnKind::Control && c.accept_id > accept_id && !c.closed_to
             });
         self.stats.stale_frames += u64::from(stale);
-        let node = &mut self.nodes[n];
-        let Some(q) = node.proc_.as_mut() else { return };
-        if kind == ConnKind::Control && !self.conns[id].superseded_older && resync_change(&msg) {
+        let Some(q) = self.nodes[n].proc_.as_mut() else {
+            return false;
+        };
+        if kind == ConnKind::Control && !self.conns[id].superseded_older && resync_change(msg) {
             q.gate.supersede_older(accept_id);
             self.conns[id].superseded_older = true;
         }
-        match q.gate.admit(accept_id, q.fenced) {
-            Admit::Apply => {}
-            Admit::Promoted | Admit::Superseded => {
-                if q.gate.admit(accept_id, false) == Admit::Superseded {
-                    self.stats.superseded += 1;
-                }
-                trace!(
-                    self,
-                    "node {n}: closes connection {id} ({:?})",
-                    q.gate.admit(accept_id, q.fenced)
-                );
-                close_end(&mut self.conns, id, false, now);
-                return;
-            }
+        let admit = q.gate.admit(accept_id, q.fenced);
+        if admit == Admit::Apply {
+            return true;
         }
+        if q.gate.admit(accept_id, false) == Admit::Superseded {
+            self.stats.superseded += 1;
+        }
+        trace!(self, "node {n}: closes connection {id} ({admit:?})");
+        close_end(&mut self.conns, id, false, now);
+        false
+    }
+
+    /// Applies `msg` on the secondary; returns its answer (none: not running).
+    fn secondary_applies(&mut self, id: ConnId, seq: u64, msg: Message) -> Option<Message> {
+        let n = self.conns[id].to;
+        let accept_id = self.conns[id].accept_id;
+        let node = &mut self.nodes[n];
+        let q = node.proc_.as_mut()?;
         let disk = &mut node.disk;
         let status = match msg {
             Message::Write { .. } | Message::ResyncData { .. } if disk.data_full => {
@@ -362,15 +399,18 @@ impl Sim {
                     AckStatus::IoError(5)
                 }
             }
+            // Answered with the digest itself (engine: `region_digest` of the file).
+            Message::VerifyRequest { lun_key, region } => {
+                return Some(Message::VerifyDigest {
+                    lun_key,
+                    region,
+                    digest: region_digest(&disk.volatile, region),
+                });
+            }
             Message::Ping { .. } => AckStatus::Ok,
             _ => AckStatus::Refused,
         };
-        let at = now + self.delay();
-        let c = &mut self.conns[id];
-        if !c.closed_to {
-            c.to_primary
-                .push_back((at, Frame::Msg(0, Message::Ack { seq, status })));
-        }
+        Some(Message::Ack { seq, status })
     }
 
     /// An ack reaches the primary: a data link's (engine: `link_reader`) or the manager's.
@@ -412,6 +452,7 @@ impl Sim {
                 if self.manager_conn(n) == Some(id) {
                     self.manager_abort(n, "control connection closed");
                 }
+                self.verify_failed(n, id);
             }
         }
     }

@@ -50,6 +50,7 @@ impl Sim {
             gate: ApplyGate::default(),
             fenced: primary,
             demoted_at: None,
+            verify: None,
         });
         trace!(
             self,
@@ -89,6 +90,9 @@ impl Sim {
     pub(super) fn set_role(&mut self, n: NodeId, primary: bool) {
         let node = &mut self.nodes[n];
         let Some(p) = node.proc_.as_mut() else { return };
+        if p.primary == primary {
+            return; // Registry::set_role: nothing happens unless the role changes.
+        }
         p.primary = primary;
         if !primary {
             p.fenced = false;

@@ -17,6 +17,7 @@ impl Sim {
         self.cool_intents(n);
         self.drain_done(n);
         self.keepalive_expires(n);
+        self.verify_tick(n);
         for id in 0..self.conns.len() {
             let c = &self.conns[id];
             if c.to == n
@@ -85,28 +86,11 @@ impl Sim {
         }
     }
 
-    /// Whether the operator may run `promote` on `n` (the rules of manual failover, in the
-    /// module docs); the tool itself refuses what it must.
-    pub(super) fn operator_may_promote(&self, n: NodeId) -> bool {
-        let o = Self::other(n);
-        let old_alive = self.up(o) && self.is_primary(o);
-        // What `status` showed of the other node (its record on disk): it changed data the
-        // peer does not have ("PeerOutdated", dirty regions); then this node must be
-        // resynced from it first.
-        // `demote` returns once the writes that were running are answered (or warns, and
-        // the operator waits): a node still draining is not yet out of the way.
-        let draining = self.nodes[o]
-            .proc_
-            .as_ref()
-            .is_some_and(|p| !p.writes.is_empty());
-        (!old_alive || self.reachable(o)) && !draining && !self.nodes[o].seen_peer_outdated
-    }
-
     pub(super) fn fault(&mut self) {
         let n = self.rng.gen_range(0..2);
         // An admin command to a paused daemon waits for it: not issued meanwhile.
         let admin = !self.nodes[n].paused;
-        match self.rng.gen_range(0..116) {
+        match self.rng.gen_range(0..125) {
             0..=14 => {
                 self.partitioned = !self.partitioned;
                 let on = if self.partitioned { "on" } else { "healed" };
@@ -150,6 +134,18 @@ impl Sim {
             93..=99 if admin && self.is_primary(n) => self.outdate_peer(n),
             100..=109 => self.cut_one(),
             110..=114 => self.hold_backlog(),
+            116..=119 if admin => {
+                let repair = self.rng.gen_bool(0.5);
+                self.verify(n, repair);
+            }
+            120..=121 => {
+                // A quiet spell: the faults stop for a while and the pair resyncs while
+                // the initiator writes on (what verify compares in sync needs).
+                self.heal_all();
+                self.calm_steps = self.rng.gen_range(100..300);
+                trace!(self, "quiet spell of {} steps", self.calm_steps);
+            }
+            122..=124 if admin => self.resolve(n),
             115 => {
                 let renamed = self.rng.gen_bool(0.5);
                 self.nodes[n].disk.power_cut = Some(renamed);
@@ -160,16 +156,6 @@ impl Sim {
             }
             _ => {}
         }
-    }
-
-    /// `twinsan outdate-peer` on node `n`. The operator counts the peer outdated from the
-    /// moment the command is issued, whether it returns or not: one cut short by a power
-    /// failure may still have recorded it (the rename done, kept by the journal), and the
-    /// node then starts ahead of the peer.
-    fn outdate_peer(&mut self, n: NodeId) {
-        trace!(self, "node {n}: outdate-peer");
-        self.nodes[n].seen_peer_outdated = true;
-        self.with_mirror(n, |m, port| m.operator_outdate(port));
     }
 
     /// Restarts a stopped daemon; a node configured primary waits for the link (it asks the
@@ -243,6 +229,7 @@ impl Sim {
 
     /// One step; a power cut in the middle of a metadata write ends it there (`PowerCut`).
     pub(super) fn step(&mut self) {
+        self.calm_steps = self.calm_steps.saturating_sub(1);
         let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.act()));
         if let Err(payload) = stepped {
             match payload.downcast::<PowerCut>() {
@@ -261,6 +248,11 @@ impl Sim {
                 if ready.is_empty() {
                     let ms = self.rng.gen_range(1..20);
                     self.advance(ms);
+                } else if self.calm_steps > 0 {
+                    // A quiet link keeps up with the writes: whatever has arrived is taken.
+                    for (id, to_secondary) in ready {
+                        self.deliver(id, to_secondary);
+                    }
                 } else {
                     let (id, to_secondary) = ready[self.rng.gen_range(0..ready.len())];
                     self.deliver(id, to_secondary);
@@ -269,6 +261,17 @@ impl Sim {
             70..=89 => {
                 let ms = self.rng.gen_range(1..60);
                 self.advance(ms);
+            }
+            _ if self.calm_steps > 0 => {
+                // A quiet spell: stopped daemons come back, the operator verifies the
+                // primary now and then, writes go on.
+                for n in 0..2 {
+                    self.restart(n);
+                }
+                if let (Some(&n), true) = (self.writers().first(), self.rng.gen_bool(0.2)) {
+                    let repair = self.rng.gen_bool(0.5);
+                    self.verify(n, repair);
+                }
             }
             _ => {
                 if self.rng.gen_bool(0.01) && self.partitioned && self.up(1) && !self.forced {
@@ -285,8 +288,9 @@ impl Sim {
         }
     }
 
-    /// Heals every fault, lets the pair converge without new writes, and checks the end.
-    pub(super) fn settle(&mut self) {
+    /// Every fault ends (the network, paused processes, the disks); crashed daemons are
+    /// restarted by `settle` or the restart fault.
+    fn heal_all(&mut self) {
         self.partitioned = false;
         self.heal_cuts();
         for n in 0..2 {
@@ -295,6 +299,11 @@ impl Sim {
             self.nodes[n].disk.power_cut = None;
             self.nodes[n].disk.data_full = false;
         }
+    }
+
+    /// Heals every fault, lets the pair converge without new writes, and checks the end.
+    pub(super) fn settle(&mut self) {
+        self.heal_all();
         for _ in 0..2000 {
             for n in 0..2 {
                 self.restart(n);
@@ -308,6 +317,12 @@ impl Sim {
                         break;
                     }
                 }
+            }
+            if self.split_visible() {
+                // The operator resolves it: the node that serves keeps its data (node 0's
+                // if both do).
+                let victim = if self.is_primary(0) { 1 } else { 0 };
+                self.resolve_split_brain(victim);
             }
             let ready = self.deliverable();
             if let Some(&(id, to_secondary)) = ready.first() {

@@ -104,6 +104,7 @@ impl Sim {
             _ => false,
         };
         copying
+            || self.verify_locks(n, range)
             || p.writes
                 .values()
                 .any(|w| overlaps(range, (w.offset, w.len)))
@@ -118,9 +119,11 @@ impl Sim {
         let Some(p) = self.nodes[n].proc_.as_ref() else {
             return true;
         };
-        p.writes
-            .values()
-            .any(|w| !w.local_done && overlaps(range, (w.offset, w.len)))
+        // A verify comparing the region holds its lock until the peer's answer.
+        self.verify_locks(n, range)
+            || p.writes
+                .values()
+                .any(|w| !w.local_done && overlaps(range, (w.offset, w.len)))
     }
 
     /// Makes the write-intent regions of `range` durable (engine: `write_intent_ready` and
