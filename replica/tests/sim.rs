@@ -13,35 +13,63 @@
 //! partitions (what was sent arrives after the heal, as TCP retransmits), closed by the
 //! primary's link reset, a crash or a demotion. The primary's manager connects a control
 //! connection when not mirroring, plans the resync from the generation ids, starts a round,
-//! copies each planned region under its range lock (no write to it meanwhile, until the ack),
-//! completes under the round check, then pings. The secondary numbers connections in accept
-//! order and lets a resync supersede the older ones; a promotion fences them all.
+//! sends the head of the first region as data, copies each planned region under its range
+//! lock (no write to it meanwhile, until the ack), completes under the round check, then
+//! pings. The secondary numbers connections in accept order and lets a resync supersede the
+//! older ones; a promotion fences them all. The metadata is written as `write_meta` does
+//! (a synced `.tmp` exchanged with the record, then the directory synced).
 //!
-//! Faults at random steps: delays, partitions of the replica link, a paused node (SIGSTOP:
-//! nothing of it runs, its sockets stay open), a process crash (the page cache survives), a
-//! machine restart (unflushed writes are lost), metadata writes that fail (a full or broken
-//! disk), operator commands (switchover, a switchover called off: demote then promote,
-//! `outdate-peer`).
+//! Faults at random steps, each as the engine can meet it (the code says why):
+//! - the network: delays (some beyond `replica_timeout_ms`), a partition of the replica
+//!   path, one connection cut alone, one way or both (a flow a firewall forgot, a failed
+//!   bond member), the backlog of a connection the primary gave up on held up until newer
+//!   connections' frames have arrived (TCP never duplicates a frame nor the primary resends
+//!   one: what the secondary sees twice is the same bytes on two connections, a given-up
+//!   write and the next resync's copy, in either order), the secondary's keepalive ending
+//!   a silent cut connection;
+//! - the nodes: a paused process (SIGSTOP: nothing of it runs, its sockets stay open), a
+//!   process crash (the page cache survives), a machine restart (unflushed writes are lost;
+//!   also while the daemon is down);
+//! - the disks: a full data disk, metadata writes that fail before their rename (nothing
+//!   changes) or at the directory's sync (reported failed, yet in place, and a power loss
+//!   may undo it), the power failing in the middle of a metadata write (the step unwinds
+//!   there, `PowerCut`: nothing after it runs); a record failing its checksum cannot come
+//!   from the engine's write order and is not modelled;
+//! - the operator: switchover, a switchover called off (demote then promote),
+//!   `outdate-peer`, `verify` and `verify --repair`, `resolve --discard-local`;
+//! - quiet spells: the faults stop for a while and the pair resyncs while writes go on.
 //!
 //! The rules of manual failover (what an operator may do before the failover controller
 //! exists): `promote` without `--force` only when the tool accepts it, and not while the
 //! old primary is alive but unreachable (the link cut, or the process paused: the operator
-//! cannot tell that from a dead node; the witness of the failover issue can); after the primary recorded writes alone
-//! ("PeerOutdated" in `status`), the other node is promoted only once it was resynced. A
-//! node configured primary whose peer was promoted or changed data alone restarts only once
-//! it can reach the peer
+//! cannot tell that from a dead node; the witness of the failover issue can); after the
+//! primary recorded writes alone ("PeerOutdated" in `status`, or `outdate-peer` issued
+//! there), the other node is promoted only once it was resynced. A node configured primary
+//! whose peer was promoted or changed data alone restarts only once it can reach the peer
 //! (its start asks the peer first; an unreachable peer lets it start as a second primary:
-//! what the failover issue's witness lifts).
+//! what the failover issue's witness lifts). `verify` runs on the primary (the tool refuses
+//! it elsewhere). `resolve --discard-local` gives up a secondary's data while the other
+//! node serves, or the split-brain victim's once the split brain shows (the victim's daemon
+//! restarted first if it is primary or has writes running); the engine refuses it on a
+//! primary.
 //!
 //! Invariants, checked at every step:
 //! - at most one node takes writes;
 //! - no write an initiator saw GOOD is lost: every sector of the node that serves holds the
 //!   last GOOD write over it or a later write (checked whenever a node starts serving, and at
-//!   the end);
+//!   the end); after a split brain is resolved, what the surviving node held is the start;
+//! - every command is answered once (a stale or duplicate ack completes nothing);
 //! - when the pair is quiet and both say UpToDate after a resync, the two copies are equal;
-//! - a split brain is detected (refused), never resolved by a resync;
+//!   and a region `verify` compares while the pair stays in sync is equal on both;
+//! - a split brain is detected (refused), never resolved by a resync but by the operator;
 //! - progress: once the faults stop, a pair with a writer settles by itself (in sync,
-//!   every write answered), unless a forced promotion left it to the operator.
+//!   every write answered), and a split brain once the operator resolved it.
+//!
+//! Layout: this file holds the types and the test; sim/ the parts: `net` (connections and
+//! the secondary), `disk` (data and metadata files), `model` (what the initiator may read),
+//! `writes` (the primary's write path), `manager` (resync and pings), `roles` (start,
+//! promote, demote, crash), `operator` (the rules and the commands), `verify`, `run`
+//! (timers, faults, invariants, the run).
 //!
 //! `SIM_SEEDS` (default 10000), `SIM_SEED_BASE` (default 0) and `SIM_STEPS` (default 600)
 //! scale the run; `SEED` (or `SIM_SEED`) runs one seed and traces it with `SIM_TRACE=1`;
