@@ -21,13 +21,10 @@ impl Sim {
         (!old_alive || self.reachable(o)) && !draining && !self.nodes[o].seen_peer_outdated
     }
 
-    /// `twinsan outdate-peer` on node `n`. The operator counts the peer outdated from the
-    /// moment the command is issued, whether it returns or not: one cut short by a power
-    /// failure may still have recorded it (the rename done, kept by the journal), and the
-    /// node then starts ahead of the peer.
+    /// `twinsan outdate-peer` on node `n`. One cut short by a power failure may still have
+    /// recorded it (the rename done, kept by the journal); `status` showed it in memory.
     pub(super) fn outdate_peer(&mut self, n: NodeId) {
         trace!(self, "node {n}: outdate-peer");
-        self.nodes[n].seen_peer_outdated = true;
         self.with_mirror(n, |m, port| m.operator_outdate(port));
     }
 

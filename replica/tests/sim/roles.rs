@@ -247,9 +247,13 @@ impl Sim {
     }
 
     /// The power failed in the middle of a metadata write of machine `n` (`Disk::write_meta`
-    /// chose what is on disk): its daemon, if it ran, stopped there.
+    /// chose what is on disk): its daemon, if it ran, stopped there. The operator's last
+    /// `status` is of that moment, the record being written already in memory (else a node
+    /// that died recording its peer outdated looked in sync: the operator promoted the peer,
+    /// and the two split, seed 779968).
     pub(super) fn power_cut(&mut self, n: NodeId) {
         trace!(self, "node {n}: the power fails during a metadata write");
+        self.note_status(n);
         self.stats.power_cuts += 1;
         self.crash(n, true);
     }

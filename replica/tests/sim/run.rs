@@ -177,13 +177,20 @@ impl Sim {
         self.start(n);
     }
 
+    /// What the operator sees of node `n` in `status` (kept while it is down): its role and
+    /// its record in memory, which a transition changes before it persists it.
+    pub(super) fn note_status(&mut self, n: NodeId) {
+        let node = &mut self.nodes[n];
+        if let Some(p) = &node.proc_ {
+            node.seen_primary = p.primary;
+            node.seen_peer_outdated = p.parts.lun.meta().flags.peer_outdated;
+        }
+    }
+
     /// The invariants that hold at every step.
     pub(super) fn check(&mut self) {
-        for node in &mut self.nodes {
-            if let Some(p) = &node.proc_ {
-                node.seen_primary = p.primary;
-                node.seen_peer_outdated = p.parts.lun.meta().flags.peer_outdated;
-            }
+        for n in 0..2 {
+            self.note_status(n);
         }
         let writers = self.writers();
         if writers.len() > 1 && !self.forced {
