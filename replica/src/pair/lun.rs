@@ -82,6 +82,9 @@ pub struct PairLun {
     /// The ids a resync's completion sent the target, until it acknowledged them
     /// ([`PairLun::completion_acknowledged`]).
     completing: Option<GenIds>,
+    /// A peer loss came since the resync began: a copy acknowledged from now on does not
+    /// clear its region (see [`PairLun::region_copied`]).
+    copies_void: bool,
 }
 
 impl PairLun {
@@ -161,6 +164,7 @@ impl PairLun {
             progress: Progress::default(),
             unpersisted: persist,
             completing: None,
+            copies_void: false,
         };
         (lun, Persist::from_changed(persist), note)
     }
@@ -287,6 +291,7 @@ impl PairLun {
         // (found by the simulation). `bump` keeps the sent ids in the history, so such a
         // target gets a full sync, not a false split brain.
         let completing = self.completing.take().is_some();
+        self.copies_void = true;
         let mut any = false;
         for (offset, len) in unanswered {
             if len > 0 {
@@ -329,10 +334,18 @@ impl PairLun {
     /// `random`) if it is not yet. "Outdated" with no bitmap id is a completion sent and
     /// not acknowledged (see [`PairLun::end_pass`]): the peer may hold the current ids, so
     /// writes made alone go under a new generation (whose bitmap id is those ids).
+    ///
+    /// A completion still on its way is void from here: its ack must not put back the
+    /// ids this node just moved on from. Why: `twinsan outdate-peer` while a completion
+    /// was on its way drew a new generation, and the ack then replaced it in memory with
+    /// the sent ids (UpToDate) while a failed persist left the new one on disk; after a
+    /// crash the operator, told UpToDate, promoted the peer, and its writes made the two
+    /// a split brain with no forced promotion (replica sim seed 1242531).
     fn outdate_peer_record(&mut self, random: [u8; 8]) {
         if !self.meta.flags.peer_outdated || self.meta.gen.bitmap == 0 {
             self.meta.flags.peer_outdated = true;
             self.meta.gen.bump(random);
+            self.completing = None;
         }
     }
 
@@ -444,14 +457,26 @@ impl PairLun {
             fresh |= self.meta.bitmap.set(r);
         }
         let regions: Vec<u64> = self.meta.bitmap.iter_dirty().collect();
+        self.copies_void = false;
         self.state = SyncState::SyncSource;
         self.progress = Progress::start(regions.len() as u64 * self.region_bytes(), now_ms);
         (regions, self.needs_if(fresh))
     }
 
     /// The peer acknowledged the copy of `region`: it is in sync (unless a write dirties it
-    /// again, which the next pass finds).
+    /// again, which the next pass finds). Not after a peer loss since the resync began
+    /// (the ack came late, or the loss raced it): the region stays dirty. Why: the loss
+    /// marked the regions of the writes it gave up on, whose frames may still be on their
+    /// way on the old links; this copy was applied before the next round's gate closed
+    /// those links, so one of those frames can still land there after a newer write, and
+    /// only the next round's copy, behind its gate, makes the region equal again (replica
+    /// sim seed 1072395: a data link cut alone held a write of round 1 whose region's
+    /// copy was acknowledged after the loss; it landed over a newer write of round 2
+    /// before that round's first change, and round 2 did not copy the region).
     pub fn region_copied(&mut self, region: u64) {
+        if self.copies_void {
+            return;
+        }
         self.meta.bitmap.clear(region);
         self.progress.done_bytes = self.progress.done_bytes.saturating_add(self.region_bytes());
     }
@@ -927,6 +952,68 @@ mod tests {
         assert_eq!(lun.meta().gen, gen);
         assert!(!lun.meta().flags.peer_outdated);
         assert_eq!(lun.state(), SyncState::UpToDate);
+    }
+
+    #[test]
+    fn a_copy_acknowledged_after_a_loss_leaves_its_region_dirty() {
+        // Replica sim seed 1072395: the loss gave up a write to region 1 whose frame was
+        // still on a data link; the copy of region 1, sent before the loss, is acknowledged
+        // after it. That frame can land after the copy (before the next round's gate), so
+        // the next round must copy region 1 again.
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
+        lun.mark_persisted();
+        let plan = ResyncPlan {
+            regions: vec![],
+            initial: false,
+            every_region_after_crash: false,
+            decision: crate::genid::Decision::SyncSourceBitmap,
+        };
+        let (regions, _) = lun.begin_resync(&plan, 0);
+        assert_eq!(regions, vec![1]);
+        let _ = lun.peer_lost([(REGION + 512, 512)], [2; 8], PeerLossPolicy::Degrade);
+        lun.region_copied(1);
+        assert!(lun.meta().bitmap.is_dirty(1), "the late ack clears nothing");
+        // The next round's copies count.
+        let (regions, _) = lun.begin_resync(&plan, 10);
+        assert_eq!(regions, vec![1]);
+        lun.region_copied(1);
+        assert!(!lun.meta().bitmap.is_dirty(1));
+    }
+
+    #[test]
+    fn the_operators_word_voids_a_completion_on_its_way() {
+        // Replica sim seed 1242531: `outdate-peer` while the completion's ids were on
+        // their way; their ack must not put back in memory the ids the record moved on
+        // from (the operator would see UpToDate, and promote the peer).
+        let (mut lun, _, _) = open(blank(), Marker::Absent, true);
+        let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
+        lun.mark_persisted();
+        let plan = ResyncPlan {
+            regions: vec![],
+            initial: false,
+            every_region_after_crash: false,
+            decision: crate::genid::Decision::SyncSourceBitmap,
+        };
+        let (regions, _) = lun.begin_resync(&plan, 0);
+        for r in regions {
+            lun.region_copied(r);
+        }
+        let PassEnd::Complete { gen: sent, .. } = lun.end_pass(false, 0, [2; 8]) else {
+            panic!("nothing is dirty");
+        };
+        lun.mark_persisted();
+        assert_eq!(lun.operator_outdated_peer([3; 8]), Persist::Needed);
+        let moved_on = lun.meta().gen;
+        assert_ne!(moved_on.current, sent.current);
+        assert_eq!(
+            moved_on.bitmap, sent.current,
+            "the peer may hold the sent ids"
+        );
+        assert_eq!(lun.completion_acknowledged(), Persist::No);
+        assert_eq!(lun.meta().gen, moved_on);
+        assert!(lun.meta().flags.peer_outdated);
+        assert_ne!(lun.state(), SyncState::UpToDate);
     }
 
     #[test]

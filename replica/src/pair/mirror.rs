@@ -364,8 +364,17 @@ impl Mirror {
     /// links, but its control connection closed with the demotion, so the peer sees no
     /// primary and would let itself be promoted too (two primaries). The new term starts
     /// like a start.
+    ///
+    /// Completions still held from the last term (a demotion that did not drain them: the
+    /// peer was away under `Suspend`) fail now. Why: their data was on this node only, and
+    /// while it was secondary the other node's resync may have overwritten it; released by
+    /// this term's first synced round they were GOOD for data neither node held (replica
+    /// sim seed 4166424).
     pub fn new_term(&mut self, port: &mut dyn Port) -> NewTerm {
         self.demoted = false;
+        for (core, token, _) in std::mem::take(&mut self.held) {
+            port.answer(core, token, false);
+        }
         if !self.mirroring {
             return NewTerm::Idle;
         }
@@ -652,6 +661,24 @@ mod tests {
         assert!(send(&mut m, &mut port, 1, 1, write(10, 4, 0)));
         assert_eq!(m.new_term(&mut port), NewTerm::PeerLost);
         assert!(port.persisted[0].bitmap.is_dirty(4));
+    }
+
+    #[test]
+    fn a_promotion_fails_the_completions_held_from_the_last_term() {
+        // Replica sim seed 4166424: writes held under Suspend when this node was demoted;
+        // the other node, primary meanwhile, resynced this one over their regions. Released
+        // by the next term's round they would have been GOOD with their data gone.
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Suspend);
+        m.alone(&mut port, 0, 10, 0, Some((2 * REGION, 512)));
+        assert_eq!(m.held(), 1);
+        // Demoted (not drained), secondary for a while, then promoted again.
+        assert_eq!(m.new_term(&mut port), NewTerm::Idle);
+        assert_eq!(port.answers, vec![(0, 10, false)]);
+        assert_eq!(m.held(), 0);
+        let round = m.start_round();
+        assert!(m.round_synced(&mut port, round));
+        assert_eq!(port.answers.len(), 1, "nothing answered twice");
     }
 
     #[test]
