@@ -274,6 +274,9 @@ fn writes_land_on_both_nodes_identically() {
     let _serial = serial();
     let (a, b) = pair(18100, "pair-test-psk-0123456789");
     wait_in_sync(&a, Duration::from_secs(20));
+    // The operator's word on the peer is the primary's only.
+    let refused = b.admin("outdate-peer");
+    assert!(refused.starts_with("error"), "{refused}");
     // Writes of 4 KiB to 64 KiB, and reads that check every block against its last
     // acknowledged write.
     let o = bench(

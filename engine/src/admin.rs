@@ -114,6 +114,11 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             }
         }
         "outdate-peer" => match reg.replication.get() {
+            // Only the primary's word counts: on a secondary it would release writes held
+            // from its last term, which the primary's resync may have overwritten since.
+            Some(_) if reg.role() != crate::config::Role::Primary => {
+                "error: outdate-peer runs on the primary (this node is secondary)\n".into()
+            }
             Some(rep) => {
                 if rep.outdate_peer() {
                     "ok: peer recorded outdated; suspended I/O resumes\n".into()

@@ -269,7 +269,38 @@ impl Replication {
         let _ = s.set_nodelay(true);
         let mut rbuf = RxBuf::default();
         let (hellos, _) = self.handshake(&mut s, &mut rbuf, AuthRole::Initiator, link)?;
+        if link == LINK_NONE {
+            self.bound_control_waits(&s)?;
+        }
         Ok((s, rbuf, hellos))
+    }
+
+    /// The control connection (resync, verify) waits for one answer at a time: without a
+    /// bound, a peer that died or hung after taking a request left the manager in `recv`
+    /// for good (no resync ever again; verify kept its region's range lock, so writes there
+    /// hung too; found by the replica simulation's faithful model). Keepalives find a dead
+    /// machine or a cut network within about `replica_timeout_ms`; the read timeout, long
+    /// enough for the slowest honest answer (a resync's final flush of the target's page
+    /// cache), finds a hung process.
+    fn bound_control_waits(&self, s: &TcpStream) -> std::io::Result<()> {
+        /// The least TCP_USER_TIMEOUT on a control connection (see below).
+        const UNACKED_MIN: Duration = Duration::from_secs(10);
+        s.set_read_timeout(Some(CONTROL_ANSWER_TIMEOUT))?;
+        s.set_write_timeout(Some(CONTROL_ANSWER_TIMEOUT))?;
+        // Whole seconds, at least one: the kernel's keepalive unit.
+        let probe = Duration::from_secs((self.cfg.replica_timeout_ms / 4000).max(1));
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(probe)
+            .with_interval(probe)
+            .with_retries(3);
+        let sock = socket2::SockRef::from(s);
+        sock.set_tcp_keepalive(&keepalive)?;
+        // A request the peer's machine never acknowledged ends it too (TCP_USER_TIMEOUT).
+        // Not as short as the replica timeout: the kernel counts a zero receive window as
+        // unacknowledged, and a target busy writing a 1 MiB resync chunk may close its
+        // window for a moment.
+        let unacked = Duration::from_millis(self.cfg.replica_timeout_ms).max(UNACKED_MIN);
+        sock.set_tcp_user_timeout(Some(unacked))
     }
 }
 

@@ -420,6 +420,10 @@ const HEAD_CHUNK_BYTES: u64 = 4096;
 
 /// Frames we read at most while waiting for one (handshake): bounds a hostile peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for one answer on the control connection (link_io.rs `bound_control_waits`):
+/// above the slowest honest answer, a resync's final flush of the target's dirty page cache
+/// (bounded by the kernel's dirty limit: seconds to tens of seconds on a slow disk).
+const CONTROL_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn now_ms(epoch: &Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
