@@ -204,12 +204,10 @@ impl Sim {
             if power_loss {
                 // Nothing more leaves the machine. The survivor notices: a secondary by
                 // keepalive (apply_conn sets it), a primary's data link by an overdue ack
-                // or the reset its next send meets once the peer is back. Not so, in the
-                // engine, the primary's resync or verify connection waiting for an answer
-                // to a request the peer took before it died: it has no read timeout and no
-                // keepalive, and waits for good (the manager never resyncs again; verify
-                // keeps its region locked). Reported; here it ends as if it had one (with
-                // it ending only where the engine's would, seed 26 never settles).
+                // or the reset its next send meets once the peer is back, and the primary's
+                // resync or verify connection waiting for an answer by its keepalive
+                // (link_io.rs `bound_control_waits`; without it the manager waited for
+                // good, and seed 26 never settled).
                 if primary_end {
                     c.closed_from = true;
                     c.to_secondary.clear();
