@@ -441,6 +441,155 @@ fn a_write_failed_by_a_demotion_is_answered_standby_for_the_initiator_to_retry_e
     assert_eq!((r[0].2[12], r[0].2[13]), (0x04, 0x0b), "{:02x?}", r[0].2);
 }
 
+/// Data-Out PDUs of at most this much data (below any MaxRecvDataSegmentLength the target
+/// declares).
+const DATA_OUT_SEG: usize = 16 << 10;
+
+#[test]
+fn a_write_past_its_immediate_data_is_solicited_by_r2t_and_good_only_after_both() {
+    for seed in 0..8u64 {
+        let mut h = Harness::new("r2t", seed, true);
+        let total = 96 << 10;
+        let data = pattern(seed as u32 + 9, total);
+        let imm = 8 << 10;
+        // F = 1 with 8 KiB of immediate data: nothing unsolicited follows, so the target
+        // asks for the rest with R2Ts (RFC 7143 section 11.3.4).
+        let itt = h.itt;
+        h.itt += 1;
+        let cdb = write16(32, (total as u64 / BLOCK) as u32, false);
+        let bhs = initiator::scsi_command(
+            encode_lun(0),
+            itt,
+            h.cmd_sn,
+            h.exp_stat_sn,
+            false,
+            true,
+            total as u32,
+            &cdb,
+            imm as u32,
+        );
+        h.cmd_sn = h.cmd_sn.wrapping_add(1);
+        h.send(&bhs, &data[..imm]);
+        let mut sent = imm;
+        while sent < total {
+            let p = h.recv().expect("an R2T for the rest of the data");
+            assert_eq!((p.v.opcode, p.v.itt), (0x31, itt), "seed {seed}: R2T");
+            let (at, want) = (p.v.buffer_offset as usize, p.v.word44 as usize);
+            assert_eq!(at, sent, "seed {seed}: the R2T asks for what is missing");
+            assert!(want > 0 && at + want <= total, "seed {seed}: {at}+{want}");
+            for (n, off) in (at..at + want).step_by(DATA_OUT_SEG).enumerate() {
+                let end = (off + DATA_OUT_SEG).min(at + want);
+                let d = initiator::data_out(
+                    end == at + want,
+                    encode_lun(0),
+                    itt,
+                    p.v.ttt,
+                    h.exp_stat_sn,
+                    n as u32,
+                    off as u32,
+                    (end - off) as u32,
+                );
+                h.send(&d, &data[off..end]);
+            }
+            sent = at + want;
+        }
+        assert!(!h.rep.is_empty(), "seed {seed}: mirrored");
+        h.settle(|h| {
+            let early = h.responses();
+            assert!(
+                early.is_empty(),
+                "seed {seed}: a status before both: {early:?}"
+            );
+        });
+        let done = h.responses();
+        assert_eq!(done.len(), 1, "seed {seed}");
+        assert_eq!((done[0].0, done[0].1), (itt, 0), "seed {seed}: GOOD");
+        let mut on_disk = vec![0u8; total];
+        h.file
+            .read_exact_at(&mut on_disk, 32 * BLOCK)
+            .expect("read back");
+        assert!(on_disk == data, "seed {seed}: the data as sent");
+    }
+}
+
+#[test]
+fn an_abort_of_a_write_waiting_for_the_peer_is_answered_once_the_peer_is_done() {
+    let mut h = Harness::new("abort", 11, true);
+    let (cmd_sn, itt) = (h.cmd_sn, h.itt);
+    h.command(&write16(8, 4, false), 0, &pattern(4, 4 * BLOCK as usize));
+    while !h.io.is_empty() {
+        h.complete_io(0);
+    }
+    assert_eq!(h.rep.len(), 1, "the mirrored write waits for its ack");
+    // ABORT TASK (function 1), immediate.
+    let tmf_itt = h.itt;
+    h.itt += 1;
+    let tmf = initiator::task_mgmt(
+        1,
+        encode_lun(0),
+        tmf_itt,
+        itt,
+        h.cmd_sn,
+        h.exp_stat_sn,
+        cmd_sn,
+    );
+    h.send(&tmf, &[]);
+    // The task is not gone while its change may still land on the peer (RFC 7143 section
+    // 4.2.3.3: the answer comes once the aborted task is over).
+    let mut early = Vec::new();
+    while let Some(p) = h.recv() {
+        early.push((p.v.opcode, p.v.itt));
+    }
+    assert!(early.is_empty(), "nothing before the peer's ack: {early:?}");
+    h.ack_rep(0, true);
+    let mut after = Vec::new();
+    while let Some(p) = h.recv() {
+        after.push((p.v.opcode, p.v.itt, p.v.byte2));
+    }
+    // Only the TMF response, FUNCTION COMPLETE; never a status for the aborted write.
+    assert_eq!(after, vec![(0x22, tmf_itt, 0)], "{after:?}");
+}
+
+#[test]
+fn compare_and_write_answers_miscompare_or_writes_only_after_the_peer() {
+    let mut h = Harness::new("caw", 5, true);
+    let old = pattern(1, BLOCK as usize);
+    h.command(&write16(100, 1, false), 0, &old);
+    h.settle(|_| {});
+    assert_eq!(h.responses()[0].1, 0, "the first write is GOOD");
+    let new = pattern(2, BLOCK as usize);
+    let caw = |nlb: u8| {
+        let mut c = [0u8; 16];
+        c[0] = 0x89;
+        c[2..10].copy_from_slice(&100u64.to_be_bytes());
+        c[13] = nlb;
+        c
+    };
+    // Verify data that does not match: MISCOMPARE, nothing written, nothing mirrored.
+    let wrong = [pattern(3, BLOCK as usize), new.clone()].concat();
+    let itt = h.command(&caw(1), 0, &wrong);
+    let reps_before = h.rep.len();
+    h.settle(|_| {});
+    let r = h.responses();
+    assert_eq!((r[0].0, r[0].1), (itt, 0x02), "CHECK CONDITION");
+    assert_eq!(r[0].2[2] & 0x0f, 0x0e, "MISCOMPARE: {:02x?}", r[0].2);
+    assert_eq!(h.rep.len(), reps_before, "nothing mirrored");
+    // Matching: the new block is written, and GOOD waits for the peer's ack.
+    let right = [old.clone(), new.clone()].concat();
+    let itt = h.command(&caw(1), 0, &right);
+    h.settle(|h| {
+        let early = h.responses();
+        assert!(early.is_empty(), "a status before both: {early:?}");
+    });
+    let r = h.responses();
+    assert_eq!((r[0].0, r[0].1), (itt, 0), "GOOD");
+    let mut on_disk = vec![0u8; BLOCK as usize];
+    h.file
+        .read_exact_at(&mut on_disk, 100 * BLOCK)
+        .expect("read back");
+    assert!(on_disk == new, "the new data");
+}
+
 #[test]
 fn interleaved_writes_and_reads_complete_in_any_order_and_read_what_was_acknowledged() {
     for seed in 0..32u64 {

@@ -63,6 +63,29 @@ pub fn data_out(
     b
 }
 
+/// A Task Management Function Request BHS (RFC 7143 section 11.5), sent immediate:
+/// `function` 1 is ABORT TASK (of `referenced_tag`, issued at `ref_cmd_sn`).
+pub fn task_mgmt(
+    function: u8,
+    lun: u64,
+    itt: u32,
+    referenced_tag: u32,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    ref_cmd_sn: u32,
+) -> [u8; BHS_LEN] {
+    let mut b = [0u8; BHS_LEN];
+    b[0] = 0x40 | opcode::TASK_MGMT_REQUEST;
+    b[1] = 0x80 | (function & 0x7f);
+    put64(&mut b, 8, lun);
+    put32(&mut b, 16, itt);
+    put32(&mut b, 20, referenced_tag);
+    put32(&mut b, 24, cmd_sn);
+    put32(&mut b, 28, exp_stat_sn);
+    put32(&mut b, 32, ref_cmd_sn);
+    b
+}
+
 /// A Login Request BHS.
 #[allow(clippy::too_many_arguments)]
 pub fn login(

@@ -93,12 +93,7 @@ impl Conn {
             TaskReassign => tmf_response::REASSIGNMENT_NOT_SUPPORTED,
             ClearAca | Other(_) => tmf_response::NOT_SUPPORTED,
         };
-        let waiting = self
-            .tasks
-            .iter()
-            .flatten()
-            .any(|x| x.aborted && x.io_inflight > 0);
-        if waiting && response == tmf_response::FUNCTION_COMPLETE {
+        if self.aborted_unfinished() && response == tmf_response::FUNCTION_COMPLETE {
             // RFC 7143 section 4.2.3.3 (and SAM): answer only once the aborted tasks are gone.
             self.deferred_tmf.push((t.itt, response));
         } else {
@@ -125,13 +120,18 @@ impl Conn {
         }
     }
 
-    pub(super) fn flush_deferred_tmf(&mut self, out: &mut Out) {
-        if self
-            .tasks
+    /// Whether an aborted task still has an effect on its way: its disk I/O, or its copy to
+    /// the peer (a write is over only once both are; an answer before the peer's ack let
+    /// the initiator take a change for gone that could still land on the other node).
+    fn aborted_unfinished(&self) -> bool {
+        self.tasks
             .iter()
             .flatten()
-            .any(|x| x.aborted && x.io_inflight > 0)
-        {
+            .any(|x| x.aborted && (x.io_inflight > 0 || x.rep_inflight > 0))
+    }
+
+    pub(super) fn flush_deferred_tmf(&mut self, out: &mut Out) {
+        if self.aborted_unfinished() {
             return;
         }
         for (itt, response) in std::mem::take(&mut self.deferred_tmf) {
