@@ -152,7 +152,8 @@ fn normalized(current: u64) -> u64 {
 /// 4. our bitmap id is the peer's `current` → `SyncSourceBitmap` (and mirrored → `SyncTargetBitmap`);
 /// 5. the peer's `current` is in our history → `SyncSourceFull` (and mirrored);
 /// 6. any common ancestor → `SplitBrain`;
-/// 7. otherwise `Unrelated`.
+/// 7. otherwise `Unrelated`; except that a blank side in its first sync (current 0 and
+///    inconsistent) is a full target of the other (before 4).
 ///
 /// A decision that would make an inconsistent side the source becomes `Unrelated`. The table is
 /// symmetric: `decide(a, b)` is the mirror image of `decide(b, a)`.
@@ -180,7 +181,17 @@ pub fn decide(
             (true, true) => Decision::Unrelated,
         };
     }
-    let decision = if local.bitmap != 0 && local.bitmap == peer_current {
+    // A side still without a current id that is inconsistent is in the middle of its first
+    // sync: it never held data of its own (the first write it answers alone draws an id,
+    // and so does a completed sync into it), whatever the other side did meanwhile (its
+    // history keeps only two ids). A full copy into it, not "unrelated", which left the
+    // pair waiting for an operator with nothing to decide (replica sim seed 3097325). A
+    // blank side that is consistent stays unrelated: its metadata may have been lost.
+    let decision = if peer.current == 0 && peer_flags.inconsistent {
+        Decision::SyncSourceFull
+    } else if local.current == 0 && local_flags.inconsistent {
+        Decision::SyncTargetFull
+    } else if local.bitmap != 0 && local.bitmap == peer_current {
         Decision::SyncSourceBitmap
     } else if peer.bitmap != 0 && peer.bitmap == local_current {
         Decision::SyncTargetBitmap
@@ -411,6 +422,22 @@ mod tests {
             ids(200, 0, [0, 0]),
             SEC,
             Decision::SyncSourceBitmap,
+        );
+    }
+
+    #[test]
+    fn a_blank_side_in_its_first_sync_is_copied_whole_whatever_the_other_did() {
+        let inconsistent = GenFlags {
+            inconsistent: true,
+            ..SEC
+        };
+        // The primary moved on several generations while the peer's first sync was cut.
+        check(
+            ids(5, 6, [7, 8]),
+            PRI,
+            GenIds::BLANK,
+            inconsistent,
+            Decision::SyncSourceFull,
         );
     }
 
