@@ -13,22 +13,6 @@ fn session(d: &Daemon) -> Conn {
     common::session_at(&d.addr, TARGET, "iqn.2026-11.io.twinsan:test-initiator", 1)
 }
 
-fn unmap_cdb(param_len: u16) -> [u8; 10] {
-    let mut cdb = [0u8; 10];
-    cdb[0] = 0x42;
-    cdb[7..9].copy_from_slice(&param_len.to_be_bytes());
-    cdb
-}
-
-fn unmap_params(lba: u64, blocks: u32) -> [u8; 24] {
-    let mut p = [0u8; 24];
-    p[0..2].copy_from_slice(&22u16.to_be_bytes());
-    p[2..4].copy_from_slice(&16u16.to_be_bytes());
-    p[8..16].copy_from_slice(&lba.to_be_bytes());
-    p[16..20].copy_from_slice(&blocks.to_be_bytes());
-    p
-}
-
 #[test]
 fn unmap_gives_the_space_back() {
     let d = Daemon::simple("thin-unmap", "1GiB", "");
@@ -43,7 +27,11 @@ fn unmap_gives_the_space_back() {
     let mut c = session(&d);
     // 64 MiB at LBA 0 = 131072 blocks of 512 bytes.
     let r = c
-        .command_sync_data(&unmap_cdb(24), 0, &unmap_params(0, 131072))
+        .command_sync_data(
+            &benches::conn::unmap10(24),
+            0,
+            &benches::conn::unmap_param_list(0, 131072),
+        )
         .expect("UNMAP");
     assert_eq!(r.status, 0, "UNMAP failed: {}", r.sense);
     let after = allocated_bytes(&lun);

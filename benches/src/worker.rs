@@ -19,7 +19,10 @@ use proto::login::chap::ChapInitiator;
 use proto::pdu::{initiator, opcode, RESERVED_TAG};
 
 use crate::args::{Job, Rw};
-use crate::conn::{describe_sense, parse_sense, rw16, Conn, Pdu, SENSE_KEY_UNIT_ATTENTION};
+use crate::conn::{
+    describe_sense, parse_sense, rw16, unmap10, unmap_param_list, Conn, Pdu,
+    SENSE_KEY_UNIT_ATTENTION, UNMAP_PARAM_BYTES,
+};
 use crate::report::new_histogram;
 use crate::stall::Timeline;
 
@@ -193,28 +196,6 @@ impl Slot {
             _ => "READ(16)",
         }
     }
-}
-
-/// An UNMAP parameter list with one block descriptor (SBC-4 5.32.2): 8 header bytes, 16
-/// per descriptor.
-const UNMAP_PARAM_BYTES: usize = 24;
-
-fn unmap_param_list(lba: u64, blocks: u32) -> [u8; UNMAP_PARAM_BYTES] {
-    let mut p = [0u8; UNMAP_PARAM_BYTES];
-    // UNMAP DATA LENGTH (the bytes after it) and BLOCK DESCRIPTOR DATA LENGTH.
-    p[0..2].copy_from_slice(&((UNMAP_PARAM_BYTES - 2) as u16).to_be_bytes());
-    p[2..4].copy_from_slice(&16u16.to_be_bytes());
-    p[8..16].copy_from_slice(&lba.to_be_bytes());
-    p[16..20].copy_from_slice(&blocks.to_be_bytes());
-    p
-}
-
-/// UNMAP(10) with a parameter list of `len` bytes.
-fn unmap10(len: u16) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = 0x42;
-    c[7..9].copy_from_slice(&len.to_be_bytes());
-    c
 }
 
 /// A tiny xorshift PRNG: the bench's own, so runs need no entropy source.
