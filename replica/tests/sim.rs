@@ -82,8 +82,9 @@ use rand::{Rng, SeedableRng};
 use replica::intent::IntentLog;
 use replica::meta::Meta;
 use replica::pair::{
-    apply::resync_change, Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun, PassEnd,
-    PeerLossPolicy, Pending, Persist, PlanRefusal, Port, ResyncPlan, SyncState,
+    apply::resync_change, Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun,
+    PeerLossPolicy, Pending, Persist, PlanRefusal, Port, SourceRun, SourceStep, SourceTimers,
+    SyncState,
 };
 use replica::wire::{AckStatus, Message};
 
@@ -103,9 +104,18 @@ const PING_MS: u64 = 50;
 const QUIET_MS: u64 = 2 * TIMEOUT_MS;
 /// Write-intent regions idle this long are forgotten.
 const INTENT_COOL_MS: u64 = 300;
-/// The first bytes of a resync, always sent as data (engine: `HEAD_CHUNK_BYTES`, here a
-/// part of a region as there).
-const HEAD_BYTES: u64 = REGION / 4;
+/// The resync's pace and timers, scaled to `TIMEOUT_MS` as the engine's are to its 2 s
+/// default: progress every half timeout, the longest answer 60 timeouts (engine: 1 s and
+/// `CONTROL_ANSWER_TIMEOUT`, 120 s); the head chunk a part of a region as there
+/// (`HEAD_CHUNK_BYTES`); a rate that copies the whole LUN in a few network delays.
+const SOURCE_TIMERS: SourceTimers = SourceTimers {
+    rate_bytes_per_s: SIZE * 50,
+    progress_interval_ms: TIMEOUT_MS / 2,
+    ping_interval_ms: PING_MS,
+    ping_timeout_ms: TIMEOUT_MS,
+    answer_timeout_ms: 60 * TIMEOUT_MS,
+    head_bytes: REGION / 4,
+};
 /// The secondary's TCP keepalive gives up on a silent connection after this long.
 const KEEPALIVE_MS: u64 = 11 * TIMEOUT_MS / 2;
 
@@ -161,55 +171,20 @@ struct Write {
     peer: Option<bool>,
 }
 
-/// The manager's resync, step by step (engine: `resync`, `copy_lun`, `watch_peer`).
+/// The manager (engine: `manage`, `resync`): idle between attempts, or running the shipped
+/// resync round and watch ([`SourceRun`]) on its control connection.
 #[derive(Debug)]
 enum Manager {
     Idle {
         next_try_ms: u64,
     },
-    /// Planned; the first resync change (engine: `open_round`'s ResyncProgress) is out,
-    /// and the round starts at its ack: the peer closed the older connections first.
-    Opening {
+    Running {
         conn: ConnId,
-        plan: ResyncPlan,
-        seq: u64,
-        sent_ms: u64,
+        run: Box<SourceRun>,
+        /// The frame the step in flight waits for; `None` while that step has not been
+        /// performed yet (a copy waiting for its range lock).
+        seq: Option<u64>,
     },
-    Copying {
-        conn: ConnId,
-        round: u64,
-        initial: bool,
-        queue: VecDeque<u64>,
-        passes: u32,
-        /// The copy on its way (its range locked until its ack).
-        awaiting: Option<Chunk>,
-        /// The head of the first region went first, as data whatever it holds (engine:
-        /// `copy_lun`; the target marks itself inconsistent on it, and it raises the
-        /// target's gate); that region is then copied again whole with the others, so its
-        /// head arrives twice.
-        head_sent: bool,
-    },
-    Done {
-        conn: ConnId,
-        round: u64,
-        seq: u64,
-    },
-    Watching {
-        conn: ConnId,
-        round: u64,
-        next_ping_ms: u64,
-        awaiting: Option<(u64, u64)>,
-    },
-}
-
-/// A resync copy on its way: the range it carries (locked against writes until its ack),
-/// the frame awaited, and the region whose bit its ack clears (none for the head chunk).
-#[derive(Clone, Copy, Debug)]
-struct Chunk {
-    offset: u64,
-    len: u64,
-    seq: u64,
-    region: Option<u64>,
 }
 
 /// A daemon: what a crash loses.

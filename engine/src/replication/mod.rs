@@ -41,8 +41,9 @@ use replica::auth::{Role as AuthRole, Transcript};
 use replica::intent::IntentLog;
 use replica::meta::Meta;
 use replica::pair::{
-    Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun, PassEnd, PeerLossPolicy,
-    Pending, Persist, PlanRefusal, Port, ResyncPlan, StartNote, SyncState,
+    Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun, PeerLossPolicy, Pending,
+    Persist, PlanRefusal, Port, ResyncPlan, SourceRun, SourceStep, SourceTimers, StartNote,
+    SyncState,
 };
 use replica::wire::{self, AckStatus, Frame, LunHello, Message, LINK_NONE};
 
@@ -402,7 +403,7 @@ const RECONNECT_MS: u64 = 500;
 /// The longest wait between resync attempts that keep failing.
 const RESYNC_RETRY_MAX_MS: u64 = 30_000;
 
-/// How often the primary pings an idle peer (watch_peer).
+/// How often the primary pings an idle peer (the watch after a resync round).
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long `promote` waits for the control connection of a peer that just went away or
@@ -415,7 +416,7 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest data per resync message.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 
-/// The first bytes of a resync, always sent as data (see `copy_all`).
+/// The first bytes of a resync, always sent as data (see `SourceRun::begin`).
 const HEAD_CHUNK_BYTES: u64 = 4096;
 
 /// Frames we read at most while waiting for one (handshake): bounds a hostile peer.

@@ -16,14 +16,6 @@ pub(super) fn allocated_regions(lun: &crate::lun::Lun, region_bytes: u64) -> Vec
     v
 }
 
-/// A resync's pace: bytes copied since it started (held to `resync_rate`), and when the
-/// target last heard the progress.
-struct Pace {
-    started: Instant,
-    copied: u64,
-    progress_sent: Instant,
-}
-
 impl Replication {
     pub(super) fn manage(self: Arc<Self>) {
         let mut retry_ms = RECONNECT_MS;
@@ -47,6 +39,11 @@ impl Replication {
         }
     }
 
+    /// Plans the resync of every LUN from the peer's hellos, then drives the round and the
+    /// watch after it (`replica::pair::SourceRun` decides each step; this thread performs it
+    /// on the control connection `s`, the LUNs' files and range locks). Returns when the
+    /// round failed (the peer is then lost: whatever was not copied stays dirty), or when
+    /// the watch ended (the peer lost, or this node no longer primary).
     pub(super) fn resync(
         &self,
         mut s: TcpStream,
@@ -56,8 +53,20 @@ impl Replication {
         let Some(reg) = self.registry() else {
             return Ok(());
         };
-        let mut wbuf = Vec::new();
-        let mut plans: Vec<(usize, ResyncPlan)> = Vec::new();
+        let plans = self.plan_all(hellos)?;
+        let mut run = SourceRun::new(plans, self.source_timers(), now_ms(&self.epoch));
+        let r = self.drive(&reg, &mut s, &mut rbuf, &mut run);
+        if let Err(e) = &r {
+            // Whatever was not copied stays dirty; stop mirroring to a half-synced peer.
+            self.peer_lost(&format!("resync failed: {e}"));
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        r
+    }
+
+    /// The plan of each LUN for the peer that sent `hellos`, or why there is none.
+    fn plan_all(&self, hellos: &[LunHello]) -> std::io::Result<Vec<(usize, ResyncPlan)>> {
+        let mut plans = Vec::new();
         for (i, l) in self.luns.iter().enumerate() {
             let Some(h) = hellos.iter().find(|h| h.lun_key == l.key) else {
                 tracing::error!(lun = l.key, "peer does not have this LUN");
@@ -104,85 +113,214 @@ impl Replication {
             }
             plans.push((i, plan));
         }
-        self.open_round(&mut s, &mut rbuf, &mut wbuf)?;
-        // Mirror new writes from now on: a region copy and a write to the same region are
-        // serialized by the range lock, so one pass over what is dirty now suffices (writes
-        // during the resync reach the peer directly instead of dirtying regions again).
-        let round = self.with_mirror(|m, _| m.start_round());
-        let r = self.copy_all(&reg, &mut s, &mut rbuf, &mut wbuf, plans, round);
-        if r.is_ok() {
-            for l in &self.luns {
-                l.pair().crash_covered();
-            }
-        }
-        match &r {
-            // Whatever was not copied stays dirty; stop mirroring to a half-synced peer.
-            Err(e) => self.peer_lost(&format!("resync failed: {e}")),
-            Ok(()) => self.watch_peer(&mut s, &mut rbuf),
-        }
-        let _ = s.shutdown(std::net::Shutdown::Both);
-        r
+        Ok(plans)
     }
 
-    /// The resync's first change, acknowledged before the round mirrors anything: the peer
-    /// stops applying what connections accepted before this control connection still
-    /// carry (`ApplyGate::supersede_older`, raised once the messages being applied have
-    /// finished). Why: a write mirrored on the round's new data links could otherwise be
-    /// applied before that, and a stale write an older link still held (one this node gave
-    /// up on, whose region a copy had already made clean) landed over it: the copies
-    /// differed while both said UpToDate (replica sim seed 618664).
-    fn open_round(
+    /// The resync's pace and timers (see `SourceTimers`).
+    fn source_timers(&self) -> SourceTimers {
+        SourceTimers {
+            rate_bytes_per_s: self.cfg.resync_rate_bytes_per_s.max(1),
+            progress_interval_ms: PROGRESS_INTERVAL.as_millis() as u64,
+            ping_interval_ms: PING_INTERVAL.as_millis() as u64,
+            ping_timeout_ms: self.cfg.replica_timeout_ms,
+            answer_timeout_ms: CONTROL_ANSWER_TIMEOUT.as_millis() as u64,
+            head_bytes: HEAD_CHUNK_BYTES,
+        }
+    }
+
+    /// Performs `run`'s steps until it ends. The watch's end (the peer lost, this node
+    /// demoted) is `Ok`; a failed round is the error.
+    fn drive(
         &self,
+        reg: &Registry,
+        s: &mut TcpStream,
+        rbuf: &mut RxBuf,
+        run: &mut SourceRun,
+    ) -> std::io::Result<()> {
+        let mut wbuf = Vec::new();
+        let mut files: Vec<Option<File>> = (0..self.luns.len()).map(|_| None).collect();
+        loop {
+            let watching = run.watching();
+            if watching && !self.is_primary() {
+                return Ok(());
+            }
+            let now = now_ms(&self.epoch);
+            let step = run.next(now, self.peer_up.load(Ordering::Acquire));
+            match step {
+                SourceStep::Wait { until_ms } => {
+                    std::thread::sleep(Duration::from_millis(until_ms.saturating_sub(now)));
+                }
+                SourceStep::Stop(why) if watching => {
+                    tracing::debug!(%why, "the watch of the peer ends");
+                    return Ok(());
+                }
+                SourceStep::Stop(why) => return Err(std::io::Error::other(why)),
+                SourceStep::Over => return Ok(()),
+                SourceStep::Ping => {
+                    if !self.ping(s, rbuf, &mut wbuf) {
+                        return Ok(());
+                    }
+                    run.sent(now_ms(&self.epoch), 0);
+                }
+                SourceStep::Finish => {
+                    self.with_mirror(|m, port| run.finish(m, port, now))
+                        .map_err(std::io::Error::other)?;
+                    // The watch: each ping's answer within the replica timeout.
+                    let timeout = Duration::from_millis(self.cfg.replica_timeout_ms);
+                    s.set_read_timeout(Some(timeout))?;
+                    s.set_write_timeout(Some(timeout))?;
+                }
+                step => self.resync_step(reg, s, rbuf, &mut wbuf, &mut files, run, step)?,
+            }
+        }
+    }
+
+    /// Performs one step of the round itself (copies, messages, pass ends, completions).
+    #[allow(clippy::too_many_arguments)]
+    fn resync_step(
+        &self,
+        reg: &Registry,
         s: &mut TcpStream,
         rbuf: &mut RxBuf,
         wbuf: &mut Vec<u8>,
+        files: &mut [Option<File>],
+        run: &mut SourceRun,
+        step: SourceStep,
     ) -> std::io::Result<()> {
-        let Some(l) = self.luns.first() else {
-            return Ok(());
-        };
-        let start = Message::ResyncProgress {
-            lun_key: l.key,
-            done_bytes: 0,
-            total_bytes: 0,
-            eta_ms: 0,
-        };
-        self.request(s, rbuf, wbuf, &start, "resync start")
+        let now = || now_ms(&self.epoch);
+        match step {
+            SourceStep::Open { lun } => {
+                if let Some(i) = lun {
+                    let start = Message::ResyncProgress {
+                        lun_key: self.luns[i].key,
+                        done_bytes: 0,
+                        total_bytes: 0,
+                        eta_ms: 0,
+                    };
+                    self.request(s, rbuf, wbuf, &start, "resync start")?;
+                }
+                let round = self.with_mirror(|m, _| run.opened(m));
+                tracing::debug!(round, "resync round opened");
+            }
+            SourceStep::Begin { lun: i } => {
+                let l = &self.luns[i];
+                let mut p = l.pair();
+                let persist = run.begin(&mut p, now());
+                l.persist_if(&mut p, persist)?;
+                drop(p);
+                files[i] = Some(File::open(&l.backing)?);
+                tracing::info!(
+                    lun = l.key,
+                    regions = run.pass_regions(),
+                    initial = run.initial(),
+                    "resync started"
+                );
+            }
+            SourceStep::CopyHead {
+                lun: i,
+                offset,
+                len,
+            } => {
+                let lun = &reg.luns[i];
+                let bs = lun.block_size as u64;
+                // Not waiting for parked writes (`RangeLock::lock_for_copy`): writes held
+                // while the peer was away are answered only once this resync copied them.
+                let _guard = lun.ranges.lock_for_copy(
+                    offset / bs,
+                    (offset + len).div_ceil(bs),
+                    Duration::from_micros(200),
+                );
+                let file = lun_file(files, i)?;
+                let sent =
+                    self.copy_range(s, rbuf, wbuf, file, &self.luns[i], offset, offset + len)?;
+                run.sent(now(), sent);
+            }
+            SourceStep::CopyRegion { lun: i, region } => {
+                let file = lun_file(files, i)?;
+                self.copy_region(s, rbuf, wbuf, file, &reg.luns[i], i, region, run)?;
+            }
+            SourceStep::Progress { lun: i } => {
+                self.send_progress(s, rbuf, wbuf, &self.luns[i])?;
+                run.sent(now(), 0);
+            }
+            SourceStep::EndPass { lun: i } => {
+                // Under the coordinator's lock: a peer loss either happened before (and its
+                // record stands: no completion) or comes after the completion is persisted
+                // (and records the peer outdated again).
+                let mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+                let l = &self.luns[i];
+                let mut p = l.pair();
+                let persist = run
+                    .end_pass(&mirror, &mut p, random8())
+                    .map_err(std::io::Error::other)?;
+                l.persist_if(&mut p, persist)?;
+            }
+            SourceStep::Reservations { lun: i } => {
+                let (pr, version) = reg.luns[i].pr_snapshot();
+                let pr = Message::PrState {
+                    lun_key: self.luns[i].key,
+                    origin: self.instance,
+                    version,
+                    state: pr,
+                };
+                self.request(s, rbuf, wbuf, &pr, "resync reservations")?;
+                run.sent(now(), 0);
+            }
+            SourceStep::Completion { lun: i, gen } => {
+                let l = &self.luns[i];
+                let done = Message::ResyncDone {
+                    lun_key: l.key,
+                    gen,
+                };
+                self.request(s, rbuf, wbuf, &done, "resync completion")?;
+                // Under the coordinator's lock, as the pass's end: a loss since then voided it.
+                let mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+                let mut p = l.pair();
+                let persist = run
+                    .completion_acked(&mirror, &mut p)
+                    .map_err(std::io::Error::other)?;
+                if let Err(e) = l.persist_if(&mut p, persist) {
+                    // The record still says the peer is outdated: only a longer resync.
+                    tracing::warn!(lun = l.key, error = %e, "cannot record the resync's completion");
+                }
+                drop(p);
+                drop(mirror);
+                files[i] = None;
+                tracing::info!(
+                    lun = l.key,
+                    copied_bytes = run.copied_bytes(),
+                    "resync complete; mirroring"
+                );
+            }
+            step => unreachable!("{step:?} is the driver loop's"),
+        }
+        Ok(())
     }
 
-    /// While mirroring, pings the peer over the resync connection every [`PING_INTERVAL`]
-    /// and waits up to `replica_timeout_ms` for each answer. Why: the data links only
-    /// carry writes, so an idle pair would not notice a dead or hung peer until the next
-    /// write (status would say "mirroring" meanwhile); and this connection tells the peer
-    /// that a primary is there (its `promote` refuses to make a second one). Returns when
-    /// the peer is lost or this node stops being primary (which closes the connection).
-    pub(super) fn watch_peer(&self, s: &mut TcpStream, rbuf: &mut RxBuf) {
-        let timeout = Duration::from_millis(self.cfg.replica_timeout_ms);
-        if s.set_read_timeout(Some(timeout)).is_err() || s.set_write_timeout(Some(timeout)).is_err()
-        {
-            return;
-        }
-        let mut wbuf = Vec::new();
-        let watching = || self.peer_up.load(Ordering::Acquire) && self.is_primary();
-        while watching() {
-            std::thread::sleep(PING_INTERVAL);
-            if !watching() {
-                return;
+    /// One ping of the watch over the control connection, answered within the replica
+    /// timeout. Why: the data links only carry writes, so an idle pair would not notice a
+    /// dead or hung peer until the next write (status would say "mirroring" meanwhile);
+    /// and this connection tells the peer that a primary is there (its `promote` refuses
+    /// to make a second one). False: the peer is lost (declared here unless it already
+    /// was, or this node stopped being primary meanwhile).
+    fn ping(&self, s: &mut TcpStream, rbuf: &mut RxBuf, wbuf: &mut Vec<u8>) -> bool {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let ping = Message::Ping {
+            now_ms: now_ms(&self.epoch),
+        };
+        let answer = send(s, &ping, seq, wbuf).and_then(|()| recv(s, rbuf));
+        match answer {
+            Ok((Message::Ack { seq: acked, status }, _))
+                if acked == seq && status == AckStatus::Ok =>
+            {
+                true
             }
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-            let ping = Message::Ping {
-                now_ms: now_ms(&self.epoch),
-            };
-            let answer = send(s, &ping, seq, &mut wbuf).and_then(|()| recv(s, rbuf));
-            match answer {
-                Ok((Message::Ack { seq: acked, status }, _))
-                    if acked == seq && status == AckStatus::Ok => {}
-                other => {
-                    if watching() {
-                        tracing::warn!(answer = ?other.map(|(m, _)| m), "the peer did not answer a ping");
-                        self.peer_lost("the peer stopped answering pings");
-                    }
-                    return;
+            other => {
+                if self.peer_up.load(Ordering::Acquire) && self.is_primary() {
+                    tracing::warn!(answer = ?other.map(|(m, _)| m), "the peer did not answer a ping");
+                    self.peer_lost("the peer stopped answering pings");
                 }
+                false
             }
         }
     }
@@ -205,147 +343,6 @@ impl Replication {
         self.request(s, rbuf, wbuf, &progress, "resync progress")
     }
 
-    pub(super) fn copy_all(
-        &self,
-        reg: &Registry,
-        s: &mut TcpStream,
-        rbuf: &mut RxBuf,
-        wbuf: &mut Vec<u8>,
-        plans: Vec<(usize, ResyncPlan)>,
-        round: u64,
-    ) -> std::io::Result<()> {
-        let mut pace = Pace {
-            started: Instant::now(),
-            copied: 0,
-            progress_sent: Instant::now(),
-        };
-        for (i, plan) in plans {
-            self.copy_lun(reg, s, rbuf, wbuf, (i, &plan, round), &mut pace)?;
-        }
-        if !self.with_mirror(|m, port| m.round_synced(port, round)) {
-            // Held writes were recorded by the loss; they stay held (suspend) until the
-            // next resync or `outdate-peer`.
-            return Err(std::io::Error::other("the peer was lost during the resync"));
-        }
-        Ok(())
-    }
-
-    /// Resyncs LUN `i` by `plan`: its regions (and whatever gets dirty behind them), its
-    /// reservations, then the completion the peer adopts.
-    fn copy_lun(
-        &self,
-        reg: &Registry,
-        s: &mut TcpStream,
-        rbuf: &mut RxBuf,
-        wbuf: &mut Vec<u8>,
-        (i, plan, round): (usize, &ResyncPlan, u64),
-        pace: &mut Pace,
-    ) -> std::io::Result<()> {
-        let l = &self.luns[i];
-        let lun = &reg.luns[i];
-        let region_bytes = l.region_bytes();
-        // Everything planned plus everything dirty (the bitmap only shrinks from here); the
-        // plan is durable in the bitmap first (PairLun::begin_resync says why).
-        let regions = {
-            let mut p = l.pair();
-            let (regions, persist) = p.begin_resync(plan, now_ms(&self.epoch));
-            l.persist_if(&mut p, persist)?;
-            regions
-        };
-        tracing::info!(
-            lun = l.key,
-            regions = regions.len(),
-            initial = plan.initial,
-            "resync started"
-        );
-        let file = File::open(&l.backing)?;
-        // The target marks itself inconsistent on the first ResyncData: send the start of
-        // the first region as data even if it is a hole, before any hole region goes as
-        // WriteZeroes (which the target cannot tell from a mirrored write).
-        if let Some(&first) = regions.first() {
-            let start = first * region_bytes;
-            let end = start + (lun.size_bytes - start).min(HEAD_CHUNK_BYTES);
-            let bs = lun.block_size as u64;
-            // Not waiting for parked writes (`RangeLock::lock_for_copy`): writes held while
-            // the peer was away are answered only once this resync copied their regions.
-            let _guard =
-                lun.ranges
-                    .lock_for_copy(start / bs, end.div_ceil(bs), Duration::from_micros(200));
-            pace.copied += self.copy_range(s, rbuf, wbuf, &file, l, start, end)?;
-        }
-        self.send_progress(s, rbuf, wbuf, l)?;
-        pace.progress_sent = Instant::now();
-        // Passes until the bitmap is clean: a region can be dirtied again behind the pass
-        // (a mirrored write the peer failed, a write that failed here after being
-        // mirrored), and the peer may only hear "done" when it holds everything.
-        let mut pass = regions;
-        let mut passes = 0;
-        let gen = loop {
-            for region in pass {
-                if !self.peer_up.load(Ordering::Acquire) {
-                    return Err(std::io::Error::other("the peer was lost during the resync"));
-                }
-                pace.copied += self.copy_region(s, rbuf, wbuf, &file, lun, l, region)?;
-                self.keep_pace(s, rbuf, wbuf, l, pace)?;
-            }
-            // Under the coordinator's lock: a peer loss either happened before (and its
-            // record stands: no completion) or comes after the completion is persisted (and
-            // records the peer outdated again).
-            let mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
-            if !mirror.round_stands(round) {
-                return Err(std::io::Error::other("the peer was lost during the resync"));
-            }
-            let mut p = l.pair();
-            match p.end_pass(plan.initial, passes, random8()) {
-                PassEnd::Complete { gen, persist } => {
-                    l.persist_if(&mut p, persist)?;
-                    break gen;
-                }
-                PassEnd::Again(dirty) => pass = dirty,
-                PassEnd::GiveUp { dirty } => {
-                    return Err(std::io::Error::other(format!(
-                        "{dirty} regions keep getting dirty during the resync"
-                    )));
-                }
-            }
-            passes += 1;
-        };
-        // Reservations changed while the peer was away were not mirrored: the peer takes
-        // the current state before it is declared up to date.
-        let (pr, version) = lun.pr_snapshot();
-        let pr = Message::PrState {
-            lun_key: l.key,
-            origin: self.instance,
-            version,
-            state: pr,
-        };
-        self.request(s, rbuf, wbuf, &pr, "resync reservations")?;
-        let done = Message::ResyncDone {
-            lun_key: l.key,
-            gen,
-        };
-        self.request(s, rbuf, wbuf, &done, "resync completion")?;
-        // Under the coordinator's lock, as the pass's end: a loss since then voided it.
-        let mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
-        if !mirror.round_stands(round) {
-            return Err(std::io::Error::other("the peer was lost during the resync"));
-        }
-        let mut p = l.pair();
-        let persist = p.completion_acknowledged();
-        if let Err(e) = l.persist_if(&mut p, persist) {
-            // The record still says the peer is outdated: only a longer resync next time.
-            tracing::warn!(lun = l.key, error = %e, "cannot record the resync's completion");
-        }
-        drop(p);
-        drop(mirror);
-        tracing::info!(
-            lun = l.key,
-            copied_bytes = pace.copied,
-            "resync complete; mirroring"
-        );
-        Ok(())
-    }
-
     /// Sends `msg` on the control connection and waits for its Ok ack.
     pub(super) fn request(
         &self,
@@ -360,47 +357,22 @@ impl Replication {
         expect_ok(recv(s, rbuf)?.0, what)
     }
 
-    /// Holds the resync to `resync_rate`, telling the target the progress meanwhile. The
-    /// pause comes in slices with progress between them: a large region at a low rate
-    /// pauses longer than the target waits on a silent control connection (twice
-    /// `replica_timeout_ms`).
-    fn keep_pace(
-        &self,
-        s: &mut TcpStream,
-        rbuf: &mut RxBuf,
-        wbuf: &mut Vec<u8>,
-        l: &RepLun,
-        pace: &mut Pace,
-    ) -> std::io::Result<()> {
-        let due =
-            Duration::from_secs_f64(pace.copied as f64 / self.cfg.resync_rate_bytes_per_s as f64);
-        loop {
-            if pace.progress_sent.elapsed() >= PROGRESS_INTERVAL {
-                self.send_progress(s, rbuf, wbuf, l)?;
-                pace.progress_sent = Instant::now();
-            }
-            match due.checked_sub(pace.started.elapsed()) {
-                Some(wait) if !wait.is_zero() => {
-                    std::thread::sleep(wait.min(PROGRESS_INTERVAL));
-                }
-                _ => return Ok(()),
-            }
-        }
-    }
-
-    /// Copies one region under its range lock (no write to it runs meanwhile) and clears
-    /// its bit once the peer acknowledged it. Returns the bytes sent.
+    /// Copies region `region` of LUN `i` under its range lock (no write to it runs
+    /// meanwhile) and, once the peer acknowledged it and still under the lock, tells `run`
+    /// (its bit clears).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn copy_region(
+    fn copy_region(
         &self,
         s: &mut TcpStream,
         rbuf: &mut RxBuf,
         wbuf: &mut Vec<u8>,
         file: &File,
         lun: &crate::lun::Lun,
-        l: &RepLun,
+        i: usize,
         region: u64,
-    ) -> std::io::Result<u64> {
+        run: &mut SourceRun,
+    ) -> std::io::Result<()> {
+        let l = &self.luns[i];
         let region_bytes = l.region_bytes();
         let bs = lun.block_size as u64;
         let start = region * region_bytes;
@@ -426,8 +398,8 @@ impl Replication {
             self.copy_range(s, rbuf, wbuf, file, l, start, end)?
         };
         // Still under the range lock: a write to the region after this is mirrored.
-        l.pair().region_copied(region);
-        Ok(sent)
+        run.region_sent(&mut l.pair(), sent);
+        Ok(())
     }
 
     /// Sends `start..end` of the source file as ResyncData chunks, each acknowledged.
@@ -467,4 +439,12 @@ impl Replication {
         }
         Ok(sent)
     }
+}
+
+/// The backing file of LUN `i`, opened when its resync began.
+fn lun_file(files: &[Option<File>], i: usize) -> std::io::Result<&File> {
+    files
+        .get(i)
+        .and_then(Option::as_ref)
+        .ok_or_else(|| std::io::Error::other("a copy before its LUN's resync began"))
 }

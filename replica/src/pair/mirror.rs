@@ -417,7 +417,7 @@ impl Mirror {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::meta::Meta;
     use crate::pair::Marker;
@@ -425,19 +425,19 @@ mod tests {
     const REGION: u64 = 1 << 20;
 
     /// Two links, one LUN, a disk whose metadata writes fail on demand.
-    struct TestPort {
-        luns: Vec<PairLun>,
+    pub(crate) struct TestPort {
+        pub(crate) luns: Vec<PairLun>,
         shards: Vec<LinkShard>,
         persisted: Vec<Meta>,
         persist_fails: bool,
         resets: u32,
-        answers: Vec<(usize, u64, bool)>,
+        pub(crate) answers: Vec<(usize, u64, bool)>,
         now_ms: u64,
         alone_until_ms: u64,
     }
 
     impl TestPort {
-        fn new() -> TestPort {
+        pub(crate) fn new() -> TestPort {
             let meta = Meta::new(1, 16 * REGION, REGION).unwrap();
             let (lun, _, _) = PairLun::open(meta.clone(), Marker::Absent, true, |_| vec![]);
             TestPort {

@@ -13,18 +13,21 @@
 //! - [`apply`]: the secondary's gate on the primary's connections.
 //! - [`plan`]: which regions a resync copies, and why it may refuse.
 //! - [`progress`]: a resync's progress and its estimate of the time left.
+//! - [`source`]: the sync source's resync round and watch, as steps its drivers take.
 
 pub mod apply;
 mod lun;
 pub mod mirror;
 pub mod plan;
 pub mod progress;
+pub mod source;
 
 pub use apply::{Admit, ApplyGate};
 pub use lun::{Marker, PairLun, PassEnd, StartNote, RESYNC_PASSES_MAX};
 pub use mirror::{AckOutcome, LinkShard, Mirror, NewTerm, Pending, Port};
 pub use plan::{PlanRefusal, ResyncPlan};
 pub use progress::{Progress, ETA_UNKNOWN};
+pub use source::{SourceRun, SourceStep, SourceStop, SourceTimers};
 
 /// Whether a transition changed what must be on disk before its effect may be relied on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

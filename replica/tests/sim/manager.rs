@@ -1,4 +1,6 @@
-//! The primary's manager: reconnect, plan, copy, complete, watch (engine: resync.rs).
+//! The primary's manager (engine: resync.rs): reconnect, plan, then the shipped
+//! [`SourceRun`] says every step of the round and of the watch after it; this driver performs
+//! them on the simulated control connection and disk, as the engine's does on its own.
 
 use super::*;
 
@@ -6,10 +8,25 @@ impl Sim {
     pub(super) fn manager_conn(&self, n: NodeId) -> Option<ConnId> {
         match self.nodes[n].proc_.as_ref()?.manager {
             Manager::Idle { .. } => None,
-            Manager::Opening { conn, .. }
-            | Manager::Copying { conn, .. }
-            | Manager::Done { conn, .. }
-            | Manager::Watching { conn, .. } => Some(conn),
+            Manager::Running { conn, .. } => Some(conn),
+        }
+    }
+
+    /// The run of node `n`'s manager, if one is on.
+    pub(super) fn manager_run(&self, n: NodeId) -> Option<(ConnId, &SourceRun)> {
+        match &self.nodes[n].proc_.as_ref()?.manager {
+            Manager::Idle { .. } => None,
+            Manager::Running { conn, run, .. } => Some((*conn, run)),
+        }
+    }
+
+    /// The range node `n`'s resync copy on its way holds locked (until its ack).
+    pub(super) fn copy_locked(&self, n: NodeId) -> Option<(u64, u64)> {
+        match &self.nodes[n].proc_.as_ref()?.manager {
+            Manager::Running {
+                run, seq: Some(_), ..
+            } => run.copy_in_flight(REGION).map(|(_, o, l)| (o, l)),
+            _ => None,
         }
     }
 
@@ -17,6 +34,13 @@ impl Sim {
     /// dirty), the control connection closes, the manager retries later.
     pub(super) fn manager_abort(&mut self, n: NodeId, why: &str) {
         trace!(self, "node {n}: manager stops: {why}");
+        self.manager_close(n);
+        self.peer_lost(n, why);
+    }
+
+    /// The control connection closes and the manager waits to retry (engine: `resync`
+    /// returns to `manage`).
+    fn manager_close(&mut self, n: NodeId) {
         if let Some(c) = self.manager_conn(n) {
             let now = self.now;
             close_end(&mut self.conns, c, true, now);
@@ -26,7 +50,6 @@ impl Sim {
                 next_try_ms: self.now + RECONNECT_MS,
             };
         }
-        self.peer_lost(n, why);
     }
 
     pub(super) fn send_control(&mut self, n: NodeId, conn: ConnId, msg: Message) -> u64 {
@@ -42,7 +65,7 @@ impl Sim {
         seq
     }
 
-    /// One look of the manager (engine: `manage`, `resync`, `copy_lun`, `watch_peer`).
+    /// One look of the manager (engine: `manage`, `resync`, `watch_peer`).
     pub(super) fn manager_tick(&mut self, n: NodeId) {
         let Some(p) = self.nodes[n].proc_.as_ref() else {
             return;
@@ -50,50 +73,13 @@ impl Sim {
         if self.nodes[n].paused {
             return;
         }
-        let primary = p.primary;
-        let mirroring = p.mirror.mirroring();
-        match &p.manager {
+        match p.manager {
             Manager::Idle { next_try_ms } => {
-                if primary && !mirroring && self.now >= *next_try_ms {
+                if p.primary && !p.mirror.mirroring() && self.now >= next_try_ms {
                     self.manager_connect(n);
                 }
             }
-            Manager::Opening { sent_ms, .. } => {
-                if self.now.saturating_sub(*sent_ms) > TIMEOUT_MS {
-                    self.manager_abort(n, "the peer did not answer the resync's start");
-                }
-            }
-            Manager::Copying { awaiting: None, .. } => self.copy_next(n),
-            Manager::Copying { .. } | Manager::Done { .. } => {}
-            Manager::Watching {
-                conn,
-                round,
-                next_ping_ms,
-                awaiting,
-            } => {
-                let (conn, round, next_ping_ms) = (*conn, *round, *next_ping_ms);
-                let awaiting = *awaiting;
-                if !primary || !mirroring {
-                    // watch_peer returns: the control connection closes.
-                    let now = self.now;
-                    close_end(&mut self.conns, conn, true, now);
-                    self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Idle {
-                        next_try_ms: self.now + RECONNECT_MS,
-                    };
-                } else if let Some((_, sent)) = awaiting {
-                    if self.now.saturating_sub(sent) > TIMEOUT_MS {
-                        self.manager_abort(n, "the peer stopped answering pings");
-                    }
-                } else if self.now >= next_ping_ms {
-                    let seq = self.send_control(n, conn, Message::Ping { now_ms: self.now });
-                    self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Watching {
-                        conn,
-                        round,
-                        next_ping_ms: self.now + PING_MS,
-                        awaiting: Some((seq, self.now)),
-                    };
-                }
-            }
+            Manager::Running { .. } => self.manager_steps(n),
         }
     }
 
@@ -111,25 +97,13 @@ impl Sim {
             let q = self.nodes[o].proc_.as_ref().expect("connected");
             q.parts.lun.hello(q.primary)
         };
+        let p = self.nodes[n].proc_.as_mut().expect("up");
+        let local = p.parts.lun.hello(true);
+        let planned = p.parts.lun.plan_resync(&hello);
         trace!(
             self,
-            "node {n}: control connection: local {:?}, peer {:?}",
-            self.nodes[n]
-                .proc_
-                .as_ref()
-                .expect("up")
-                .parts
-                .lun
-                .hello(true),
-            hello
+            "node {n}: control connection: local {local:?}, peer {hello:?}"
         );
-        let planned = self.nodes[n]
-            .proc_
-            .as_mut()
-            .expect("up")
-            .parts
-            .lun
-            .plan_resync(&hello);
         let plan = match planned {
             Ok(plan) => plan,
             Err(refusal) => {
@@ -159,234 +133,254 @@ impl Sim {
                 "both nodes wrote as primaries (split brain), yet a resync was planned: {plan:?}"
             ));
         }
-        // The first resync change goes out before anything is mirrored on the new data
-        // links (engine: `open_round`): see `Sim::begin_round`.
-        let seq = self.send_control(
-            n,
+        let run = Box::new(SourceRun::new(vec![(0, plan)], SOURCE_TIMERS, self.now));
+        self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Running {
             conn,
-            Message::ResyncProgress {
+            run,
+            seq: None,
+        };
+        self.manager_steps(n);
+    }
+
+    /// Performs the run's steps until one waits for the peer, a lock or the clock.
+    fn manager_steps(&mut self, n: NodeId) {
+        // Bounded: each step either waits or moves the run on, and a round has few steps
+        // between two waits (begin, a pass's end, the finish).
+        for _ in 0..16 {
+            let p = self.nodes[n].proc_.as_mut().expect("up");
+            let (primary, mirroring) = (p.primary, p.mirror.mirroring());
+            let now = self.now;
+            let Manager::Running { conn, run, seq } = &mut p.manager else {
+                return;
+            };
+            let conn = *conn;
+            if run.watching() && !(primary && mirroring) {
+                // watch_peer returns (demoted, or the peer lost elsewhere): the control
+                // connection closes.
+                return self.manager_close(n);
+            }
+            let step = match (run.in_flight(), *seq) {
+                // Performed; its answer is awaited (or overdue).
+                (Some(_), Some(_)) => run.next(now, mirroring),
+                // Handed out, not performed yet: try again.
+                (Some(step), None) => step.clone(),
+                (None, _) => run.next(now, mirroring),
+            };
+            if !self.manager_step(n, conn, step) {
+                return;
+            }
+        }
+    }
+
+    /// Performs `step`; returns whether the next step may follow at once.
+    fn manager_step(&mut self, n: NodeId, conn: ConnId, step: SourceStep) -> bool {
+        let now = self.now;
+        let msg = match step {
+            SourceStep::Wait { .. } | SourceStep::Over => return false,
+            SourceStep::Stop(why) => {
+                self.manager_abort(n, &why.to_string());
+                return false;
+            }
+            SourceStep::Open { .. } => Message::ResyncProgress {
                 lun_key: LUN_KEY,
                 done_bytes: 0,
                 total_bytes: 0,
                 eta_ms: 0,
             },
-        );
-        self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Opening {
-            conn,
-            plan,
-            seq,
-            sent_ms: self.now,
-        };
-    }
-
-    /// The peer acknowledged the resync's first change, so it applies nothing more of the
-    /// connections accepted before this round's control connection: only now may writes
-    /// be mirrored on the round's new data links. Why: a write mirrored on a new link
-    /// could be applied before that change, and a stale write of an older round's link
-    /// (the primary gave up on it; a copy of its region with its data was acknowledged
-    /// before the loss, so the region is clean) then landed over it: the copies differed
-    /// while both said UpToDate (seed 618664).
-    fn begin_round(&mut self, n: NodeId, conn: ConnId, plan: ResyncPlan) {
-        let round = self.with_mirror(n, |m, _| m.start_round()).expect("up");
-        let now = self.now;
-        let node = &mut self.nodes[n];
-        let p = node.proc_.as_mut().expect("up");
-        let (regions, persist_needed) = p.parts.lun.begin_resync(&plan, now);
-        trace!(
-            self,
-            "node {n}: resync round {round}: {} regions ({:?})",
-            regions.len(),
-            plan.decision
-        );
-        let p = self.nodes[n].proc_.as_mut().expect("up");
-        p.manager = Manager::Copying {
-            conn,
-            round,
-            initial: plan.initial,
-            queue: regions.into(),
-            passes: 0,
-            awaiting: None,
-            head_sent: false,
-        };
-        if persist_needed.needed() {
-            let node = &mut self.nodes[n];
-            let p = node.proc_.as_mut().expect("up");
-            if !persist(&mut node.disk, &mut p.parts.lun, &p.parts.intent) {
-                self.manager_abort(n, "cannot persist the resync plan");
-            }
-        }
-    }
-
-    /// Copies the next region, or ends the pass (engine: `copy_lun`, `copy_region`).
-    pub(super) fn copy_next(&mut self, n: NodeId) {
-        let p = self.nodes[n].proc_.as_ref().expect("up");
-        let Manager::Copying {
-            conn,
-            round,
-            initial,
-            ref queue,
-            passes,
-            head_sent,
-            ..
-        } = p.manager
-        else {
-            return;
-        };
-        if !p.mirror.mirroring() {
-            return self.manager_abort(n, "the peer was lost during the resync");
-        }
-        if let Some(&region) = queue.front() {
-            let (offset, len) = if head_sent {
-                (region * REGION, REGION)
-            } else {
-                (region * REGION, HEAD_BYTES)
-            };
-            if self.copy_blocked(n, (offset, len)) {
-                return; // The range lock: wait for the writes running there.
-            }
-            let data =
-                self.nodes[n].disk.volatile[offset as usize..(offset + len) as usize].to_vec();
-            let msg = if data.iter().all(|&b| b == 0) && head_sent {
-                Message::WriteZeroes {
-                    lun_key: LUN_KEY,
-                    offset_bytes: offset,
-                    len_bytes: len,
-                    unmap: true,
+            SourceStep::Begin { .. } => return self.manager_begin(n),
+            SourceStep::CopyHead { offset, len, .. } => {
+                if self.copy_blocked(n, (offset, len)) {
+                    return false; // The range lock: wait for the writes running there.
                 }
-            } else {
+                trace!(self, "node {n}: copies head {len} bytes at {offset}");
                 Message::ResyncData {
                     lun_key: LUN_KEY,
                     offset_bytes: offset,
-                    data,
+                    data: self.nodes[n].disk.volatile[offset as usize..(offset + len) as usize]
+                        .to_vec(),
                 }
-            };
-            let seq = self.send_control(n, conn, msg);
-            trace!(
-                self,
-                "node {n}: copies {len} bytes at {offset} (conn {conn})"
-            );
-            if let Manager::Copying {
-                awaiting,
-                head_sent: head,
-                ..
-            } = &mut self.nodes[n].proc_.as_mut().expect("up").manager
-            {
-                *awaiting = Some(Chunk {
-                    offset,
-                    len,
-                    seq,
-                    region: head_sent.then_some(region),
-                });
-                *head = true;
             }
-            return;
+            SourceStep::CopyRegion { region, .. } => {
+                let (offset, len) = (region * REGION, REGION);
+                if self.copy_blocked(n, (offset, len)) {
+                    return false;
+                }
+                trace!(self, "node {n}: copies region {region} (conn {conn})");
+                let data =
+                    self.nodes[n].disk.volatile[offset as usize..(offset + len) as usize].to_vec();
+                if data.iter().all(|&b| b == 0) {
+                    Message::WriteZeroes {
+                        lun_key: LUN_KEY,
+                        offset_bytes: offset,
+                        len_bytes: len,
+                        unmap: true,
+                    }
+                } else {
+                    Message::ResyncData {
+                        lun_key: LUN_KEY,
+                        offset_bytes: offset,
+                        data,
+                    }
+                }
+            }
+            SourceStep::Progress { .. } => {
+                let p = self.nodes[n].proc_.as_ref().expect("up");
+                let (done_bytes, total_bytes, eta_ms) = p.parts.lun.source_progress(now);
+                Message::ResyncProgress {
+                    lun_key: LUN_KEY,
+                    done_bytes,
+                    total_bytes,
+                    eta_ms,
+                }
+            }
+            SourceStep::EndPass { .. } => return self.manager_end_pass(n),
+            // The simulation has no reservations: an empty state, as a LUN without any.
+            SourceStep::Reservations { .. } => Message::PrState {
+                lun_key: LUN_KEY,
+                origin: n as u64,
+                version: 0,
+                state: Vec::new(),
+            },
+            SourceStep::Completion { gen, .. } => Message::ResyncDone {
+                lun_key: LUN_KEY,
+                gen,
+            },
+            SourceStep::Finish => return self.manager_finish(n),
+            SourceStep::Ping => Message::Ping { now_ms: now },
+        };
+        let sent = self.send_control(n, conn, msg);
+        if let Manager::Running { seq, .. } = &mut self.nodes[n].proc_.as_mut().expect("up").manager
+        {
+            *seq = Some(sent);
         }
-        self.end_pass(n, conn, round, initial, passes);
+        false
     }
 
-    /// The pass is over: complete only if the round still stands (the coordinator's lock).
-    fn end_pass(&mut self, n: NodeId, conn: ConnId, round: u64, initial: bool, passes: u32) {
+    /// The LUN's resync begins on its record; the plan is persisted first if it must be.
+    fn manager_begin(&mut self, n: NodeId) -> bool {
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        let p = node.proc_.as_mut().expect("up");
+        let Manager::Running { run, .. } = &mut p.manager else {
+            return false;
+        };
+        let persist_needed = run.begin(&mut p.parts.lun, now);
+        trace!(self, "node {n}: resync round {:?} begins", run.round());
+        if persist_needed.needed() && !persist(&mut node.disk, &mut p.parts.lun, &p.parts.intent) {
+            self.manager_abort(n, "cannot persist the resync plan");
+            return false;
+        }
+        true
+    }
+
+    /// The pass is over: the run decides under the coordinator (its round must stand).
+    fn manager_end_pass(&mut self, n: NodeId) -> bool {
         let random = self.rng.gen();
         let node = &mut self.nodes[n];
         let p = node.proc_.as_mut().expect("up");
-        if !p.mirror.round_stands(round) {
-            return self.manager_abort(n, "the peer was lost during the resync");
-        }
-        match p.parts.lun.end_pass(initial, passes, random) {
-            PassEnd::Complete {
-                gen,
-                persist: persist_needed,
-            } => {
+        let Manager::Running { run, .. } = &mut p.manager else {
+            return false;
+        };
+        match run.end_pass(&p.mirror, &mut p.parts.lun, random) {
+            Ok(persist_needed) => {
                 if persist_needed.needed()
                     && !persist(&mut node.disk, &mut p.parts.lun, &p.parts.intent)
                 {
-                    return self.manager_abort(n, "cannot persist the completion's ids");
+                    self.manager_abort(n, "cannot persist the completion's ids");
+                    return false;
                 }
-                let seq = self.send_control(
-                    n,
-                    conn,
-                    Message::ResyncDone {
-                        lun_key: LUN_KEY,
-                        gen,
-                    },
-                );
-                self.nodes[n].proc_.as_mut().expect("up").manager =
-                    Manager::Done { conn, round, seq };
+                true
             }
-            PassEnd::Again(dirty) => {
-                if let Manager::Copying { queue, passes, .. } = &mut p.manager {
-                    *queue = dirty.into();
-                    *passes += 1;
-                }
+            Err(why) => {
+                self.manager_abort(n, &why.to_string());
+                false
             }
-            PassEnd::GiveUp { .. } => self.manager_abort(n, "regions keep getting dirty"),
+        }
+    }
+
+    /// Every LUN is in sync: held completions go out, and the run watches the peer.
+    fn manager_finish(&mut self, n: NodeId) -> bool {
+        let now = self.now;
+        let Some(mut manager) = self.nodes[n]
+            .proc_
+            .as_mut()
+            .map(|p| std::mem::replace(&mut p.manager, Manager::Idle { next_try_ms: 0 }))
+        else {
+            return false;
+        };
+        let Manager::Running { run, .. } = &mut manager else {
+            unreachable!("finishing a run");
+        };
+        let round = run.round();
+        let finished = self.with_mirror(n, |m, port| run.finish(m, port, now));
+        if let Some(p) = self.nodes[n].proc_.as_mut() {
+            p.manager = manager;
+        }
+        match finished {
+            Some(Ok(())) => {
+                self.stats.resyncs += 1;
+                trace!(self, "node {n}: resync round {round:?} complete");
+                true
+            }
+            Some(Err(why)) => {
+                self.manager_abort(n, &why.to_string());
+                false
+            }
+            None => false,
         }
     }
 
     pub(super) fn manager_ack(&mut self, n: NodeId, id: ConnId, seq: u64, status: AckStatus) {
-        if self.manager_conn(n) != Some(id) {
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        let Some(p) = node.proc_.as_mut() else {
+            return;
+        };
+        let Manager::Running {
+            conn,
+            run,
+            seq: awaited,
+        } = &mut p.manager
+        else {
+            return;
+        };
+        if *conn != id || *awaited != Some(seq) {
             return;
         }
         if status != AckStatus::Ok {
             return self.manager_abort(n, "the peer failed a resync step");
         }
-        let p = self.nodes[n].proc_.as_mut().expect("up");
-        if let Manager::Opening { seq: s, .. } = p.manager {
-            if s == seq {
-                let Manager::Opening { conn, plan, .. } =
-                    std::mem::replace(&mut p.manager, Manager::Idle { next_try_ms: 0 })
-                else {
-                    unreachable!("matched above");
-                };
-                return self.begin_round(n, conn, plan);
+        *awaited = None;
+        let step = run.in_flight().cloned().expect("an awaited step");
+        match step {
+            SourceStep::Open { .. } => {
+                let round = run.opened(&mut p.mirror);
+                trace!(self, "node {n}: resync round {round} opened");
             }
-            return;
-        }
-        match &mut p.manager {
-            Manager::Copying {
-                queue, awaiting, ..
-            } => {
-                if let Some(copy) = awaiting.filter(|c| c.seq == seq) {
-                    // Still under the range lock: a write to the region after this is mirrored.
-                    if let Some(region) = copy.region {
-                        p.parts.lun.region_copied(region);
-                        queue.pop_front();
+            SourceStep::CopyHead { len, .. } => run.sent(now, len),
+            SourceStep::CopyRegion { region, .. } => {
+                let offset = (region * REGION) as usize;
+                let data = &node.disk.volatile[offset..offset + REGION as usize];
+                let bytes = if data.iter().all(|&b| b == 0) {
+                    0
+                } else {
+                    REGION
+                };
+                run.region_sent(&mut p.parts.lun, bytes);
+            }
+            SourceStep::Completion { .. } => {
+                match run.completion_acked(&p.mirror, &mut p.parts.lun) {
+                    Ok(persist_needed) => {
+                        // A failure only costs a longer resync next time.
+                        if persist_needed.needed() {
+                            persist(&mut node.disk, &mut p.parts.lun, &p.parts.intent);
+                        }
                     }
-                    *awaiting = None;
+                    Err(why) => return self.manager_abort(n, &why.to_string()),
                 }
             }
-            Manager::Done {
-                conn,
-                round,
-                seq: s,
-            } if *s == seq => {
-                let (conn, round) = (*conn, *round);
-                if !p.mirror.round_stands(round) {
-                    return self.manager_abort(n, "the peer was lost during the resync");
-                }
-                let node = &mut self.nodes[n];
-                let p = node.proc_.as_mut().expect("up");
-                if p.parts.lun.completion_acknowledged().needed() {
-                    persist(&mut node.disk, &mut p.parts.lun, &p.parts.intent);
-                }
-                p.parts.lun.crash_covered();
-                let synced = self.with_mirror(n, |m, port| m.round_synced(port, round));
-                if synced != Some(true) {
-                    return self.manager_abort(n, "the peer was lost during the resync");
-                }
-                self.stats.resyncs += 1;
-                trace!(self, "node {n}: resync round {round} complete");
-                self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Watching {
-                    conn,
-                    round,
-                    next_ping_ms: self.now + PING_MS,
-                    awaiting: None,
-                };
-            }
-            Manager::Watching { awaiting, .. } if awaiting.is_some_and(|(s, _)| s == seq) => {
-                *awaiting = None;
-            }
-            _ => {}
+            _ => run.sent(now, 0),
         }
+        self.manager_steps(n);
     }
 }

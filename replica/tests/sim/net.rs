@@ -420,7 +420,9 @@ impl Sim {
                 q.parts.lun.progress_heard(done_bytes, total_bytes, eta_ms);
                 AckStatus::Ok
             }
-            Message::Ping { .. } => AckStatus::Ok,
+            // The simulation has no reservations to store (engine: `PrState::decode`, then
+            // the LUN's state replaced).
+            Message::PrState { .. } | Message::Ping { .. } => AckStatus::Ok,
             _ => AckStatus::Refused,
         };
         Some(Message::Ack { seq, status })

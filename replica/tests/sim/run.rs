@@ -211,7 +211,7 @@ impl Sim {
         let quiet = pp.primary
             && !ps.primary
             && pp.mirror.mirroring()
-            && matches!(pp.manager, Manager::Watching { .. })
+            && matches!(&pp.manager, Manager::Running { run, .. } if run.watching())
             && pp.writes.is_empty()
             && pp.parts.lun.state() == SyncState::UpToDate
             && ps.parts.lun.state() == SyncState::UpToDate
@@ -362,7 +362,8 @@ impl Sim {
         let w = self.writers();
         w.len() == 1
             && self.nodes[w[0]].proc_.as_ref().is_some_and(|p| {
-                matches!(p.manager, Manager::Watching { .. }) && p.writes.is_empty()
+                matches!(&p.manager, Manager::Running { run, .. } if run.watching())
+                    && p.writes.is_empty()
             })
     }
 

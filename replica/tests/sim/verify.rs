@@ -66,9 +66,11 @@ impl Sim {
     /// ends (the secondary that took the completion has not crashed or closed it since).
     fn in_sync_round(&self, n: NodeId) -> Option<u64> {
         let p = self.nodes[n].proc_.as_ref()?;
-        let Manager::Watching { conn, round, .. } = p.manager else {
+        let (conn, run) = self.manager_run(n)?;
+        if !run.watching() {
             return None;
-        };
+        }
+        let round = run.round()?;
         let c = &self.conns[conn];
         let stands = p.mirror.round_stands(round)
             && p.parts.lun.state() == SyncState::UpToDate
@@ -102,10 +104,7 @@ impl Sim {
         }
         let (conn, region) = (v.conn, v.region);
         let range = (region * REGION, REGION);
-        let copying = matches!(
-            &p.manager,
-            Manager::Copying { awaiting: Some(c), .. } if overlaps(range, (c.offset, c.len))
-        );
+        let copying = self.copy_locked(n).is_some_and(|c| overlaps(range, c));
         if copying
             || p.writes
                 .values()

@@ -97,12 +97,7 @@ impl Sim {
         let Some(p) = self.nodes[n].proc_.as_ref() else {
             return true;
         };
-        let copying = match &p.manager {
-            Manager::Copying {
-                awaiting: Some(c), ..
-            } => overlaps(range, (c.offset, c.len)),
-            _ => false,
-        };
+        let copying = self.copy_locked(n).is_some_and(|c| overlaps(range, c));
         copying
             || self.verify_locks(n, range)
             || p.writes
