@@ -199,7 +199,9 @@ impl Replication {
                     };
                     self.request(s, rbuf, wbuf, &start, "resync start")?;
                 }
-                let round = self.with_mirror(|m, _| run.opened(m));
+                let round = self
+                    .with_mirror(|m, _| run.opened(m))
+                    .map_err(std::io::Error::other)?;
                 tracing::debug!(round, "resync round opened");
             }
             SourceStep::Begin { lun: i } => {

@@ -159,7 +159,8 @@ pub struct Mirror {
     operator_outdated: bool,
     /// Completions held without the peer (suspend, or no record on disk): (core, token, lun).
     held: Vec<(usize, u64, usize)>,
-    /// Demoted since the last promotion: nothing completes without the peer any more.
+    /// Demoted since the last promotion: nothing completes without the peer any more, and
+    /// no resync round starts.
     demoted: bool,
 }
 
@@ -311,11 +312,25 @@ impl Mirror {
 
     /// A resync is about to copy: writes are mirrored from now on (a region copy and a
     /// write to the same region are serialized by the range lock, so one pass over what is
-    /// dirty suffices). Returns the round the resync belongs to.
-    pub fn start_round(&mut self) -> u64 {
+    /// dirty suffices). Returns the round the resync belongs to, or `None` (nothing
+    /// changes: the resync must stop) on a node demoted since its last promotion.
+    ///
+    /// Why: a demotion ends the round it finds ([`Mirror::end_term`], once drained), but a
+    /// resync that connected as primary and was demoted before its round began (between
+    /// the plan and the peer's answer to the round's first change) started one after it,
+    /// and nothing ended that: the demoted node mirrored and completed the resync as a
+    /// secondary, then took its control connection's close for a lost peer and recorded
+    /// itself as having moved on (a new generation). The operator had promoted the other
+    /// node meanwhile, as the rules allow once the old primary is demoted; its first write
+    /// moved on from the same ids, and the next connection was a split brain without a
+    /// forced promotion (replica sim seed 5138500).
+    pub fn start_round(&mut self) -> Option<u64> {
+        if self.demoted {
+            return None;
+        }
         self.mirroring = true;
         self.round += 1;
-        self.round
+        Some(self.round)
     }
 
     /// Whether round `round` still stands: a resync may record its completion only then (a
@@ -514,7 +529,7 @@ pub(crate) mod tests {
     fn a_lost_peer_records_every_unanswered_write_before_any_completes_alone() {
         let mut port = TestPort::new();
         let mut m = Mirror::new(PeerLossPolicy::Degrade);
-        let round = m.start_round();
+        let round = m.start_round().unwrap();
         assert!(send(&mut m, &mut port, 0, 1, write(10, 2, 0)));
         assert!(send(&mut m, &mut port, 1, 2, write(11, 5, 0)));
         let out = port.shards[0].take_acks([(1, AckStatus::Ok)]);
@@ -541,7 +556,7 @@ pub(crate) mod tests {
         // its controller does must not complete without the peer.
         let mut port = TestPort::new();
         let mut m = Mirror::new(PeerLossPolicy::Suspend);
-        m.start_round();
+        m.start_round().unwrap();
         m.peer_lost(&mut port);
         port.alone_until_ms = 1000;
         port.now_ms = 900;
@@ -562,18 +577,18 @@ pub(crate) mod tests {
     fn suspend_holds_completions_until_a_resync_round_or_the_operator() {
         let mut port = TestPort::new();
         let mut m = Mirror::new(PeerLossPolicy::Suspend);
-        m.start_round();
+        m.start_round().unwrap();
         assert!(send(&mut m, &mut port, 0, 1, write(10, 1, 0)));
         m.peer_lost(&mut port);
         m.alone(&mut port, 1, 11, 0, Some((3 * REGION, 512)));
         assert!(port.answers.is_empty());
         assert_eq!(m.held(), 2);
         // A round that falls before it is synced releases nothing.
-        let round = m.start_round();
+        let round = m.start_round().unwrap();
         m.peer_lost(&mut port);
         assert!(!m.round_synced(&mut port, round));
         assert_eq!(m.held(), 2);
-        let round = m.start_round();
+        let round = m.start_round().unwrap();
         assert!(m.round_synced(&mut port, round));
         assert_eq!(port.answers.len(), 2);
         // The operator's word releases them too.
@@ -589,7 +604,7 @@ pub(crate) mod tests {
     fn a_record_that_cannot_be_persisted_fails_the_write_and_freezes_the_lun() {
         let mut port = TestPort::new();
         let mut m = Mirror::new(PeerLossPolicy::Degrade);
-        m.start_round();
+        m.start_round().unwrap();
         assert!(send(&mut m, &mut port, 0, 1, write(10, 1, 0)));
         port.persist_fails = true;
         m.peer_lost(&mut port);
@@ -633,12 +648,13 @@ pub(crate) mod tests {
         let mut m = Mirror::new(PeerLossPolicy::Suspend);
         m.alone(&mut port, 0, 1, 0, Some((0, 512)));
         assert_eq!(m.held(), 1);
+        // A write mirrored before the demotion, not acknowledged yet.
+        m.start_round().unwrap();
+        assert!(send(&mut m, &mut port, 1, 1, write(2, 3, 0)));
         m.demoted(&mut port);
         assert_eq!(port.answers, vec![(0, 1, false)], "never released later");
         assert_eq!(m.held(), 0);
-        // A mirrored write of the last term whose peer is lost: no GOOD alone either.
-        m.start_round();
-        assert!(send(&mut m, &mut port, 1, 1, write(2, 3, 0)));
+        // Its peer is lost: no GOOD alone either.
         m.peer_lost(&mut port);
         assert_eq!(port.answers.last(), Some(&(1, 2, false)));
         // Promoted again: completions alone are possible again (under the usual rules).
@@ -649,15 +665,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_resync_demoted_before_its_round_began_starts_none() {
+        // Replica sim seed 5138500: the manager had planned as primary and sent the
+        // round's first change; the node was demoted (drained: no round to end) before the
+        // peer answered. The round it started then mirrored on a secondary, and the close
+        // of its control connection, taken for a lost peer, drew a new generation: the
+        // peer, promoted meanwhile, moved on from the same ids (a split brain).
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Degrade);
+        m.demoted(&mut port);
+        assert!(!m.end_term(&mut port), "nothing to end yet");
+        assert_eq!(m.start_round(), None, "the resync stops");
+        assert!(!m.mirroring());
+        let before = port.luns[0].meta().clone();
+        assert!(!m.peer_lost(&mut port), "no peer to lose");
+        assert_eq!(port.luns[0].meta().gen, before.gen, "no new generation");
+        assert!(!port.luns[0].meta().flags.peer_outdated);
+        assert_eq!(port.resets, 0);
+        // Promoted again: the next resync starts its round.
+        assert_eq!(m.new_term(&mut port), NewTerm::Idle);
+        assert_eq!(m.start_round(), Some(1));
+        assert!(m.mirroring());
+    }
+
+    #[test]
     fn a_promotion_while_mirroring_starts_a_new_round() {
         let mut port = TestPort::new();
         let mut m = Mirror::new(PeerLossPolicy::Degrade);
         assert_eq!(m.new_term(&mut port), NewTerm::Idle);
-        m.start_round();
+        m.start_round().unwrap();
         assert_eq!(m.new_term(&mut port), NewTerm::Reconnect);
         assert!(!m.mirroring());
         assert_eq!(port.resets, 1);
-        m.start_round();
+        m.start_round().unwrap();
         assert!(send(&mut m, &mut port, 1, 1, write(10, 4, 0)));
         assert_eq!(m.new_term(&mut port), NewTerm::PeerLost);
         assert!(port.persisted[0].bitmap.is_dirty(4));
@@ -676,7 +716,7 @@ pub(crate) mod tests {
         assert_eq!(m.new_term(&mut port), NewTerm::Idle);
         assert_eq!(port.answers, vec![(0, 10, false)]);
         assert_eq!(m.held(), 0);
-        let round = m.start_round();
+        let round = m.start_round().unwrap();
         assert!(m.round_synced(&mut port, round));
         assert_eq!(port.answers.len(), 1, "nothing answered twice");
     }
@@ -685,7 +725,7 @@ pub(crate) mod tests {
     fn a_drained_demotion_ends_the_round_without_a_loss() {
         let mut port = TestPort::new();
         let mut m = Mirror::new(PeerLossPolicy::Degrade);
-        m.start_round();
+        m.start_round().unwrap();
         assert!(send(&mut m, &mut port, 0, 1, write(10, 4, 0)));
         assert!(!m.end_term(&mut port), "a write is unanswered");
         assert!(m.mirroring());
@@ -729,7 +769,7 @@ pub(crate) mod tests {
             !m.diverged(&mut port, 0, 0, 512),
             "not mirroring: recorded alone"
         );
-        m.start_round();
+        m.start_round().unwrap();
         assert!(m.diverged(&mut port, 0, 6 * REGION, 512));
         assert!(port.persisted[0].bitmap.is_dirty(6));
         assert!(!m.mirroring());

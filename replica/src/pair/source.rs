@@ -118,9 +118,9 @@ pub enum SourceStop {
     /// Regions kept getting dirty behind the passes.
     #[error("{0} regions keep getting dirty during the resync")]
     KeepsDirty(u64),
-    /// This node stopped being primary.
-    #[error("this node is no longer primary")]
-    NotPrimary,
+    /// This node was demoted before the round began.
+    #[error("demoted before the resync's round began")]
+    Demoted,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -340,13 +340,15 @@ impl SourceRun {
 
     /// The peer acknowledged the round's first change: the round starts on the coordinator
     /// (writes are mirrored from now on: a region copy and a write to the same region are
-    /// serialized by the range lock, so one pass over what is dirty suffices). Returns it.
-    pub fn opened(&mut self, mirror: &mut Mirror) -> u64 {
+    /// serialized by the range lock, so one pass over what is dirty suffices). Returns it,
+    /// or `Demoted`: the node was demoted since it planned, and no round starts
+    /// ([`Mirror::start_round`] says why); end the run.
+    pub fn opened(&mut self, mirror: &mut Mirror) -> Result<u64, SourceStop> {
         self.answered(|s| matches!(s, SourceStep::Open { .. }));
-        let round = mirror.start_round();
+        let round = mirror.start_round().ok_or(SourceStop::Demoted)?;
         self.round = Some(round);
         self.phase = Phase::Begin;
-        round
+        Ok(round)
     }
 
     /// The current LUN's resync begins on its record at `now_ms`: every region to copy is
@@ -496,7 +498,7 @@ impl SourceRun {
         now_ms: u64,
     ) -> Result<(), SourceStop> {
         self.answered(|s| matches!(s, SourceStep::Finish));
-        let round = self.round.ok_or(SourceStop::PeerLost)?;
+        let round = self.round.ok_or(SourceStop::Demoted)?;
         if !mirror.round_synced(port, round) {
             // Held writes were recorded by the loss; they stay held (suspend) until the next
             // resync or `outdate-peer`.

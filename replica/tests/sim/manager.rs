@@ -353,10 +353,11 @@ impl Sim {
         *awaited = None;
         let step = run.in_flight().cloned().expect("an awaited step");
         match step {
-            SourceStep::Open { .. } => {
-                let round = run.opened(&mut p.mirror);
-                trace!(self, "node {n}: resync round {round} opened");
-            }
+            // A node demoted since it planned starts no round (Mirror::start_round says why).
+            SourceStep::Open { .. } => match run.opened(&mut p.mirror) {
+                Ok(round) => trace!(self, "node {n}: resync round {round} opened"),
+                Err(why) => return self.manager_abort(n, &why.to_string()),
+            },
             SourceStep::CopyHead { len, .. } => run.sent(now, len),
             SourceStep::CopyRegion { region, .. } => {
                 let offset = (region * REGION) as usize;

@@ -29,7 +29,7 @@ fn plan(regions: &[u64]) -> ResyncPlan {
 /// A run over the port's one LUN, opened and begun at 0 ms; returns the round.
 fn begun(run: &mut SourceRun, mirror: &mut Mirror, port: &mut TestPort) -> u64 {
     assert_eq!(run.next(0, false), SourceStep::Open { lun: Some(0) });
-    let round = run.opened(mirror);
+    let round = run.opened(mirror).expect("not demoted");
     assert_eq!(run.next(0, true), SourceStep::Begin { lun: 0 });
     let _ = run.begin(&mut port.luns[0], 0);
     round
@@ -246,9 +246,22 @@ fn an_unanswered_step_ends_the_round_after_its_timeout() {
     // A ping's answer is due within the replica timeout, not the long one.
     let mut run = SourceRun::new(vec![], TIMERS, 0);
     assert_eq!(run.next(0, false), SourceStep::Open { lun: None });
-    run.opened(&mut mirror);
+    run.opened(&mut mirror).expect("not demoted");
     assert_eq!(run.next(0, true), SourceStep::Finish);
     run.finish(&mut mirror, &mut port, 0).unwrap();
     assert_eq!(run.next(500, true), SourceStep::Ping);
     assert_eq!(run.next(2501, true), SourceStep::Stop(SourceStop::Overdue));
+}
+
+#[test]
+fn a_node_demoted_before_its_round_opened_starts_none() {
+    // The plan was made as primary and the round's first change is on its way when the
+    // operator demotes the node: its ack must not start mirroring (replica sim seed 5138500).
+    let mut port = TestPort::new();
+    let mut mirror = Mirror::new(PeerLossPolicy::Degrade);
+    let mut run = SourceRun::new(vec![(0, plan(&[1]))], TIMERS, 0);
+    assert_eq!(run.next(0, false), SourceStep::Open { lun: Some(0) });
+    mirror.demoted(&mut port);
+    assert_eq!(run.opened(&mut mirror), Err(SourceStop::Demoted));
+    assert!(!mirror.mirroring());
 }
