@@ -82,11 +82,11 @@ use rand::{Rng, SeedableRng};
 use replica::intent::IntentLog;
 use replica::meta::Meta;
 use replica::pair::{
-    apply::resync_change, Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun,
-    PeerLossPolicy, Pending, Persist, PlanRefusal, Port, SourceRun, SourceStep, SourceTimers,
-    SyncState,
+    apply::{Apply, ApplyConn, Change, ChangeOp},
+    Admit, ApplyGate, LinkShard, Marker, Mirror, NewTerm, PairLun, PeerLossPolicy, Pending,
+    Persist, PlanRefusal, Port, SourceRun, SourceStep, SourceTimers, SyncState,
 };
-use replica::wire::{AckStatus, Message};
+use replica::wire::{AckStatus, Frame as WireFrame, Message};
 
 const REGION: u64 = 4096;
 const REGIONS: u64 = 16;

@@ -4,6 +4,8 @@
 use super::verify::region_digest;
 use super::*;
 use crate::disk::allocation::{punch, zero_range};
+use replica::genid::GenIds;
+use replica::pair::apply::{Apply, ApplyConn, Change, ChangeOp};
 
 /// The secondary sends its acks after at most this many applied messages (and always
 /// before it would block for more). Why 16: each ack write on a one-machine pair also runs
@@ -155,7 +157,7 @@ impl Replication {
         let mut files: HashMap<usize, File> = HashMap::new();
         let mut acks = Vec::new();
         let mut pending_acks = 0usize;
-        let mut superseded_older = false;
+        let mut conn = ApplyConn::new(conn_id, peer_link == LINK_NONE);
         loop {
             // Acks go out in one write just before we would block for more input: one
             // syscall per batch of applied messages, not per message.
@@ -171,12 +173,8 @@ impl Replication {
                     continue;
                 }
             };
-            if peer_link == LINK_NONE
-                && !superseded_older
-                && matches!(&frame, Frame::Other(m) if replica::pair::apply::resync_change(m))
-            {
-                self.supersede_older(conn_id);
-                superseded_older = true;
+            if conn.supersedes(&frame) {
+                self.supersede_older(conn.id());
             }
             // Counted before the fence is read, so a promotion that set the fence either
             // stops this message or waits for it (fence_for_promotion).
@@ -197,7 +195,7 @@ impl Replication {
             let gate = self.apply_gate.read().unwrap_or_else(|p| p.into_inner());
             // The fence again under the gate: waiting for it (a resync raising it) may
             // have taken longer than a promotion waits for the messages being applied.
-            match gate.admit(conn_id, self.apply_fenced.load(Ordering::SeqCst)) {
+            match conn.admit(&gate, self.apply_fenced.load(Ordering::SeqCst)) {
                 Admit::Apply => {}
                 Admit::Promoted => return Err(std::io::Error::other("this node was promoted")),
                 Admit::Superseded => {
@@ -208,190 +206,53 @@ impl Replication {
                     return Err(std::io::Error::other("superseded by a newer resync"));
                 }
             }
-            let msg = match frame {
-                // The hot path: straight from the receive buffer to the file.
-                Frame::Write(w) => Err(self.apply(
-                    &mut files,
-                    w.lun_key,
-                    (w.offset_bytes, w.data.len() as u64),
-                    Allocates::Data,
-                    |f| {
-                        crate::disk::inline_write::write_all_chunked(f, w.data, w.offset_bytes)?;
-                        if w.fua {
-                            f.sync_data()?;
-                        }
-                        Ok(())
-                    },
-                )),
-                Frame::Other(m) => Ok(m),
-            };
-            let status = match msg {
-                Err(status) => status,
-                Ok(Message::ResyncData {
-                    lun_key,
-                    offset_bytes,
-                    data,
-                }) => {
-                    if let Some(i) = self.lun_by_key(lun_key) {
-                        let l = &self.luns[i];
-                        // Inconsistent until the resync completes: persist that first.
-                        let mut p = l.pair();
-                        let persist = p.resync_data_arriving();
-                        if let Err(e) = l.persist_if(&mut p, persist) {
-                            tracing::error!(lun = l.key, error = %e, "cannot record this node inconsistent");
-                        }
-                    }
-                    // Zero chunks are holes on the primary: keep them holes here too.
-                    let zeros = data.iter().all(|&b| b == 0);
-                    self.apply(
-                        &mut files,
-                        lun_key,
-                        (offset_bytes, data.len() as u64),
-                        if zeros {
-                            Allocates::Hole
-                        } else {
-                            Allocates::Data
-                        },
-                        |f| {
-                            if zeros {
-                                punch(f, offset_bytes, data.len() as u64)
-                            } else {
-                                crate::disk::inline_write::write_all_chunked(f, &data, offset_bytes)
-                            }
-                        },
-                    )
+            let lun = |key| self.lun_by_key(key).map(|i| (i, self.luns[i].size_bytes));
+            let status = match conn.plan(frame, lun) {
+                Apply::Answer(status) => status,
+                Apply::Refused(why) => {
+                    tracing::error!(%why, "refused an operation from the peer");
+                    AckStatus::Refused
                 }
-                Ok(Message::WriteZeroes {
-                    lun_key,
-                    offset_bytes,
-                    len_bytes,
-                    unmap,
-                }) => self.apply(
-                    &mut files,
-                    lun_key,
-                    (offset_bytes, len_bytes),
-                    // Zeroed in place, the blocks stay allocated (as on the primary).
-                    if unmap {
-                        Allocates::Hole
-                    } else {
-                        Allocates::Data
-                    },
-                    |f| {
-                        if unmap {
-                            punch(f, offset_bytes, len_bytes)
-                        } else {
-                            zero_range(f, offset_bytes, len_bytes)
-                        }
-                    },
-                ),
-                Ok(Message::Flush { lun_key }) => {
-                    let status = self.apply(&mut files, lun_key, (0, 0), Allocates::Nothing, |f| {
+                Apply::Change(change) => self.apply_change(&mut files, change),
+                Apply::Flush { lun } => {
+                    let status = self.apply_at(&mut files, lun, (0, 0), Allocates::Nothing, |f| {
                         f.sync_data()
                     });
                     if status != AckStatus::Ok {
-                        self.distrust_local(lun_key, "a flush failed");
+                        self.distrust_local(self.luns[lun].key, "a flush failed");
                     }
                     status
                 }
-                Ok(Message::ResyncDone { lun_key, gen }) => match self.lun_by_key(lun_key) {
-                    None => AckStatus::Refused,
-                    Some(i) => 'done: {
-                        let l = &self.luns[i];
-                        // Everything copied (and punched) must be on stable storage before
-                        // the source forgets which regions it copied.
-                        let synced = match files.get(&i) {
-                            Some(f) => f.sync_data(),
-                            None => File::open(&l.backing).and_then(|f| f.sync_data()),
-                        };
-                        if let Err(e) = synced {
-                            self.distrust_local(lun_key, "the resync's flush failed");
-                            break 'done AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO));
-                        }
-                        let mut p = l.pair();
-                        let persist = p.resync_done_target(&gen);
-                        match l.persist_if(&mut p, persist) {
-                            Ok(()) => {
-                                p.resync_target_recorded();
-                                tracing::info!(lun = l.key, "resync complete: up to date");
-                                AckStatus::Ok
-                            }
-                            Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
-                        }
-                    }
-                },
-                Ok(Message::PrState {
-                    lun_key,
+                Apply::Complete { lun, gen } => self.complete_resync(&files, lun, &gen),
+                Apply::StorePr {
+                    lun,
                     origin,
                     version,
                     state,
-                }) => {
-                    match (self.lun_by_key(lun_key), self.registry()) {
-                        (Some(i), Some(reg)) => match proto::scsi::pr::PrState::decode(&state) {
-                            Ok(st) => {
-                                // Checked and applied under one lock: PR snapshots arrive on
-                                // every core's link, and an older one (overtaken on another
-                                // link) must not replace a newer state.
-                                let mut applied = self.luns[i]
-                                    .pr_applied
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner());
-                                if replica::pair::pr_snapshot_supersedes(
-                                    *applied,
-                                    (origin, version),
-                                ) {
-                                    *applied = (origin, version);
-                                    let lun = &reg.luns[i];
-                                    lun.with_pr(|cur| *cur = st.clone());
-                                    match lun.persist_pr(&st) {
-                                        Ok(()) => AckStatus::Ok,
-                                        Err(e) => AckStatus::IoError(
-                                            e.raw_os_error().unwrap_or(libc::EIO),
-                                        ),
-                                    }
-                                } else {
-                                    AckStatus::Ok
-                                }
-                            }
-                            Err(_) => AckStatus::Refused,
-                        },
-                        _ => AckStatus::Refused,
+                } => self.store_pr(lun, origin, version, &state),
+                Apply::Digest { lun, region } => match region_digest(&self.luns[lun], region) {
+                    Ok(digest) => {
+                        let digest = Message::VerifyDigest {
+                            lun_key: self.luns[lun].key,
+                            region,
+                            digest,
+                        };
+                        wire::encode(&digest, seq, &mut acks);
+                        continue;
                     }
-                }
-                Ok(Message::VerifyRequest { lun_key, region }) => {
-                    let reply = match self.lun_by_key(lun_key) {
-                        Some(i) => region_digest(&self.luns[i], region).map(|digest| {
-                            Message::VerifyDigest {
-                                lun_key,
-                                region,
-                                digest,
-                            }
-                        }),
-                        None => Err(std::io::Error::other("unknown LUN")),
-                    };
-                    match reply {
-                        Ok(m) => {
-                            wire::encode(&m, seq, &mut acks);
-                            continue;
-                        }
-                        Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
-                    }
-                }
-                Ok(Message::ResyncProgress {
-                    lun_key,
+                    Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
+                },
+                Apply::Progress {
+                    lun,
                     done_bytes,
                     total_bytes,
                     eta_ms,
-                }) => match self.lun_by_key(lun_key) {
-                    Some(i) => {
-                        self.luns[i]
-                            .pair()
-                            .progress_heard(done_bytes, total_bytes, eta_ms);
-                        AckStatus::Ok
-                    }
-                    None => AckStatus::Refused,
-                },
-                Ok(Message::Ping { .. }) => AckStatus::Ok,
-                _ => AckStatus::Refused,
+                } => {
+                    self.luns[lun]
+                        .pair()
+                        .progress_heard(done_bytes, total_bytes, eta_ms);
+                    AckStatus::Ok
+                }
             };
             // Not held while acks are written: a stale connection's write may block on a
             // peer that stopped reading, and a resync waits for this lock.
@@ -422,32 +283,109 @@ impl Replication {
             .supersede_older(conn_id);
     }
 
-    /// Runs `f` on LUN `key`'s backing file if `[offset, offset + len)` lies inside the LUN
-    /// (a peer configured with a larger LUN must not grow ours).
-    pub(super) fn apply(
+    /// Performs a change of a LUN's bytes (`ApplyConn::plan` checked its range).
+    fn apply_change(&self, files: &mut HashMap<usize, File>, change: Change<'_>) -> AckStatus {
+        let Change {
+            lun,
+            offset,
+            op,
+            resync,
+        } = change;
+        if resync {
+            let l = &self.luns[lun];
+            // Inconsistent until the resync completes: persist that first.
+            let mut p = l.pair();
+            let persist = p.resync_data_arriving();
+            if let Err(e) = l.persist_if(&mut p, persist) {
+                tracing::error!(lun = l.key, error = %e, "cannot record this node inconsistent");
+            }
+        }
+        let len = op.len();
+        match op {
+            // The hot path: straight from the receive buffer to the file.
+            ChangeOp::Write { data, fua } => {
+                self.apply_at(files, lun, (offset, len), Allocates::Data, |f| {
+                    crate::disk::inline_write::write_all_chunked(f, &data, offset)?;
+                    if fua {
+                        f.sync_data()?;
+                    }
+                    Ok(())
+                })
+            }
+            ChangeOp::Punch { .. } => {
+                self.apply_at(files, lun, (offset, len), Allocates::Hole, |f| {
+                    punch(f, offset, len)
+                })
+            }
+            // Zeroed in place, the blocks stay allocated (as on the primary).
+            ChangeOp::ZeroRange { .. } => {
+                self.apply_at(files, lun, (offset, len), Allocates::Data, |f| {
+                    zero_range(f, offset, len)
+                })
+            }
+        }
+    }
+
+    /// The resync into LUN `i` completed: everything copied (and punched) must be on stable
+    /// storage before the source forgets which regions it copied; then the ids are adopted.
+    fn complete_resync(&self, files: &HashMap<usize, File>, i: usize, gen: &GenIds) -> AckStatus {
+        let l = &self.luns[i];
+        let synced = match files.get(&i) {
+            Some(f) => f.sync_data(),
+            None => File::open(&l.backing).and_then(|f| f.sync_data()),
+        };
+        if let Err(e) = synced {
+            self.distrust_local(l.key, "the resync's flush failed");
+            return AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        let mut p = l.pair();
+        let persist = p.resync_done_target(gen);
+        match l.persist_if(&mut p, persist) {
+            Ok(()) => {
+                p.resync_target_recorded();
+                tracing::info!(lun = l.key, "resync complete: up to date");
+                AckStatus::Ok
+            }
+            Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    /// Stores reservation snapshot (`origin`, `version`) of LUN `i` if it is newer than the
+    /// one applied last. Checked and applied under one lock: snapshots arrive on every
+    /// core's link, and an older one (overtaken on another link) must not replace a newer.
+    fn store_pr(&self, i: usize, origin: u64, version: u64, state: &[u8]) -> AckStatus {
+        let Some(reg) = self.registry() else {
+            return AckStatus::Refused;
+        };
+        let Ok(st) = proto::scsi::pr::PrState::decode(state) else {
+            return AckStatus::Refused;
+        };
+        let mut applied = self.luns[i]
+            .pr_applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !replica::pair::pr_snapshot_supersedes(*applied, (origin, version)) {
+            return AckStatus::Ok;
+        }
+        *applied = (origin, version);
+        let lun = &reg.luns[i];
+        lun.with_pr(|cur| *cur = st.clone());
+        match lun.persist_pr(&st) {
+            Ok(()) => AckStatus::Ok,
+            Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    /// Runs `f` on LUN `i`'s backing file (opened once per connection), keeping its
+    /// allocation map right around it (`effect`) for the range `offset..offset + len`.
+    fn apply_at(
         &self,
         files: &mut HashMap<usize, File>,
-        key: u64,
+        i: usize,
         (offset, len): (u64, u64),
         effect: Allocates,
         f: impl FnOnce(&File) -> std::io::Result<()>,
     ) -> AckStatus {
-        let Some(i) = self.lun_by_key(key) else {
-            return AckStatus::Refused;
-        };
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.luns[i].size_bytes)
-        {
-            tracing::error!(
-                lun = key,
-                offset,
-                len,
-                size = self.luns[i].size_bytes,
-                "peer sent an operation beyond the LUN: refused"
-            );
-            return AckStatus::Refused;
-        }
         if let std::collections::hash_map::Entry::Vacant(slot) = files.entry(i) {
             match OpenOptions::new()
                 .read(true)

@@ -1,5 +1,6 @@
-//! The secondary's gate on the primary's connections: which connection's messages may still
-//! change data here.
+//! The secondary's side of the primary's connections: which connection's messages may still
+//! change data here ([`ApplyGate`]), and what each message does ([`ApplyConn::plan`]: the
+//! engine's apply threads and the simulation perform the same [`Apply`] actions).
 //!
 //! A secondary that was paused (a frozen VM) or cut off and came back still holds, in its
 //! socket buffers, writes the primary gave up on when it declared the peer lost (it recorded
@@ -9,7 +10,10 @@
 //! connection, and only once it is authenticated its new data links), and the first change
 //! a resync makes closes every connection accepted before it.
 
-use crate::wire::Message;
+use std::borrow::Cow;
+
+use crate::genid::GenIds;
+use crate::wire::{AckStatus, Frame, Message};
 
 /// Accept order and the oldest connection whose messages are still applied.
 #[derive(Debug, Default)]
@@ -78,6 +82,312 @@ pub fn resync_change(msg: &Message) -> bool {
     )
 }
 
+/// One of the primary's connections on this node: decides, for each message it carries,
+/// whether a resync starts with it and what applying it does.
+#[derive(Debug)]
+pub struct ApplyConn {
+    id: u64,
+    control: bool,
+    superseded_older: bool,
+}
+
+/// What applying one message does. The driver performs it, then acknowledges the message
+/// with the outcome (the status an action names, or the I/O's).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Apply<'a> {
+    /// Nothing to change: answer with this status (a ping).
+    Answer(AckStatus),
+    /// Not applied, answered `Refused` (log why).
+    Refused(Refusal),
+    /// Change the LUN's bytes (checked inside the LUN).
+    Change(Change<'a>),
+    /// Make the LUN durable; a failure distrusts this node's copy (a failed fsync may have
+    /// dropped written pages): the next resync copies every region into it.
+    Flush {
+        /// LUN index.
+        lun: usize,
+    },
+    /// The resync into this LUN is complete: make everything copied durable first (a
+    /// failure distrusts the copy and answers the error), then record `gen`
+    /// ([`super::PairLun::resync_done_target`]), persisted before the answer.
+    Complete {
+        /// LUN index.
+        lun: usize,
+        /// The ids to adopt.
+        gen: GenIds,
+    },
+    /// Store the reservation snapshot if it supersedes the one applied last
+    /// ([`super::pr_snapshot_supersedes`], checked and stored under one lock).
+    StorePr {
+        /// LUN index.
+        lun: usize,
+        /// The primary instance that sent it.
+        origin: u64,
+        /// Its version at `origin`.
+        version: u64,
+        /// The encoded state.
+        state: Vec<u8>,
+    },
+    /// Answer with the digest of a region instead of an ack (verify).
+    Digest {
+        /// LUN index.
+        lun: usize,
+        /// Region number.
+        region: u64,
+    },
+    /// The source's progress ([`super::PairLun::progress_heard`]).
+    Progress {
+        /// LUN index.
+        lun: usize,
+        /// Bytes copied.
+        done_bytes: u64,
+        /// Bytes planned.
+        total_bytes: u64,
+        /// The source's estimate.
+        eta_ms: u64,
+    },
+}
+
+/// A change of a LUN's bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Change<'a> {
+    /// LUN index.
+    pub lun: usize,
+    /// Byte offset.
+    pub offset: u64,
+    /// What is done there.
+    pub op: ChangeOp<'a>,
+    /// A resync's copy: this node is recorded inconsistent (persisted) before it lands
+    /// ([`super::PairLun::resync_data_arriving`]), until the resync completes.
+    pub resync: bool,
+}
+
+/// What a [`Change`] does to its range.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChangeOp<'a> {
+    /// Write `data` (durable before the answer if `fua`); its range is allocated.
+    Write {
+        /// The bytes.
+        data: Cow<'a, [u8]>,
+        /// Durable before the answer.
+        fua: bool,
+    },
+    /// Deallocate `len` bytes (they read as zeros; the chunks it covers whole become holes
+    /// once it is done). A resync chunk of zeros is one: a hole on the primary stays one.
+    Punch {
+        /// Bytes.
+        len: u64,
+    },
+    /// Zero `len` bytes in place (they stay allocated, as on the primary).
+    ZeroRange {
+        /// Bytes.
+        len: u64,
+    },
+}
+
+impl ChangeOp<'_> {
+    /// Bytes the change covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            ChangeOp::Write { data, .. } => data.len() as u64,
+            ChangeOp::Punch { len } | ChangeOp::ZeroRange { len } => *len,
+        }
+    }
+
+    /// Whether it covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a message is not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// This node has no LUN with that key.
+    #[error("no LUN with key {0:#x} here")]
+    UnknownLun(u64),
+    /// The range reaches past the LUN's end: a peer configured with a larger LUN must not
+    /// grow ours.
+    #[error("{len} bytes at {offset} reach past the LUN's {size_bytes} bytes")]
+    BeyondLun {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The LUN's size here.
+        size_bytes: u64,
+    },
+    /// A message a primary never sends on a connection to its secondary.
+    #[error("not a message a secondary applies")]
+    Unexpected,
+}
+
+impl ApplyConn {
+    /// Connection `id` (from [`ApplyGate::accept`]); `control`: the primary's control
+    /// connection (resync, pings, verify), not a data link.
+    pub fn new(id: u64, control: bool) -> ApplyConn {
+        ApplyConn {
+            id,
+            control,
+            superseded_older: false,
+        }
+    }
+
+    /// Whether this message is the first resync change on the control connection: every
+    /// connection accepted before it must apply nothing more. The driver then raises the
+    /// gate ([`ApplyGate::supersede_older`] with [`Self::id`]) once the messages being
+    /// applied have finished, before this one is applied.
+    pub fn supersedes(&mut self, frame: &Frame<'_>) -> bool {
+        let first = self.control
+            && !self.superseded_older
+            && matches!(frame, Frame::Other(m) if resync_change(m));
+        self.superseded_older |= first;
+        first
+    }
+
+    /// The connection's number in accept order.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether its messages may be applied (`fenced`: this node is being promoted).
+    pub fn admit(&self, gate: &ApplyGate, fenced: bool) -> Admit {
+        gate.admit(self.id, fenced)
+    }
+
+    /// What applying `frame` does; `lun` finds a LUN's index and size by its key.
+    pub fn plan<'a>(
+        &self,
+        frame: Frame<'a>,
+        lun: impl Fn(u64) -> Option<(usize, u64)>,
+    ) -> Apply<'a> {
+        let msg = match frame {
+            Frame::Write(w) => {
+                return change(
+                    &lun,
+                    w.lun_key,
+                    w.offset_bytes,
+                    false,
+                    ChangeOp::Write {
+                        data: Cow::Borrowed(w.data),
+                        fua: w.fua,
+                    },
+                )
+            }
+            Frame::Other(msg) => msg,
+        };
+        let find = |key| lun(key).map(|(i, _)| i).ok_or(Refusal::UnknownLun(key));
+        let planned = match msg {
+            Message::Write {
+                lun_key,
+                offset_bytes,
+                fua,
+                data,
+            } => {
+                return change(
+                    &lun,
+                    lun_key,
+                    offset_bytes,
+                    false,
+                    ChangeOp::Write {
+                        data: Cow::Owned(data),
+                        fua,
+                    },
+                )
+            }
+            Message::ResyncData {
+                lun_key,
+                offset_bytes,
+                data,
+            } => {
+                let op = if data.iter().all(|&b| b == 0) {
+                    ChangeOp::Punch {
+                        len: data.len() as u64,
+                    }
+                } else {
+                    ChangeOp::Write {
+                        data: Cow::Owned(data),
+                        fua: false,
+                    }
+                };
+                return change(&lun, lun_key, offset_bytes, true, op);
+            }
+            Message::WriteZeroes {
+                lun_key,
+                offset_bytes,
+                len_bytes,
+                unmap,
+            } => {
+                let op = if unmap {
+                    ChangeOp::Punch { len: len_bytes }
+                } else {
+                    ChangeOp::ZeroRange { len: len_bytes }
+                };
+                return change(&lun, lun_key, offset_bytes, false, op);
+            }
+            Message::Flush { lun_key } => find(lun_key).map(|lun| Apply::Flush { lun }),
+            Message::ResyncDone { lun_key, gen } => {
+                find(lun_key).map(|lun| Apply::Complete { lun, gen })
+            }
+            Message::PrState {
+                lun_key,
+                origin,
+                version,
+                state,
+            } => find(lun_key).map(|lun| Apply::StorePr {
+                lun,
+                origin,
+                version,
+                state,
+            }),
+            Message::VerifyRequest { lun_key, region } => {
+                find(lun_key).map(|lun| Apply::Digest { lun, region })
+            }
+            Message::ResyncProgress {
+                lun_key,
+                done_bytes,
+                total_bytes,
+                eta_ms,
+            } => find(lun_key).map(|lun| Apply::Progress {
+                lun,
+                done_bytes,
+                total_bytes,
+                eta_ms,
+            }),
+            Message::Ping { .. } => Ok(Apply::Answer(AckStatus::Ok)),
+            _ => Err(Refusal::Unexpected),
+        };
+        planned.unwrap_or_else(Apply::Refused)
+    }
+}
+
+/// A change of `op` at `offset` of LUN `key`, if the LUN is here and holds the range.
+fn change<'a>(
+    lun: &impl Fn(u64) -> Option<(usize, u64)>,
+    key: u64,
+    offset: u64,
+    resync: bool,
+    op: ChangeOp<'a>,
+) -> Apply<'a> {
+    let Some((i, size_bytes)) = lun(key) else {
+        return Apply::Refused(Refusal::UnknownLun(key));
+    };
+    let len = op.len();
+    if offset.checked_add(len).is_none_or(|end| end > size_bytes) {
+        return Apply::Refused(Refusal::BeyondLun {
+            offset,
+            len,
+            size_bytes,
+        });
+    }
+    Apply::Change(Change {
+        lun: i,
+        offset,
+        op,
+        resync,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +425,130 @@ mod tests {
         }));
         assert!(!resync_change(&Message::Ping { now_ms: 1 }));
         assert!(!resync_change(&Message::Flush { lun_key: 1 }));
+    }
+
+    const LUN_KEY: u64 = 9;
+    const SIZE: u64 = 1 << 20;
+
+    fn luns(key: u64) -> Option<(usize, u64)> {
+        (key == LUN_KEY).then_some((0, SIZE))
+    }
+
+    #[test]
+    fn only_the_first_resync_change_on_the_control_connection_supersedes() {
+        let resync = || {
+            Frame::Other(Message::ResyncProgress {
+                lun_key: LUN_KEY,
+                done_bytes: 0,
+                total_bytes: 0,
+                eta_ms: 0,
+            })
+        };
+        let mut control = ApplyConn::new(3, true);
+        assert!(!control.supersedes(&Frame::Other(Message::Ping { now_ms: 1 })));
+        assert!(control.supersedes(&resync()));
+        assert!(!control.supersedes(&resync()), "once");
+        // A data link carries no resync.
+        let mut link = ApplyConn::new(4, false);
+        assert!(!link.supersedes(&resync()));
+    }
+
+    #[test]
+    fn a_change_outside_the_lun_or_of_another_lun_is_refused() {
+        let conn = ApplyConn::new(1, false);
+        let write = |offset_bytes, lun_key| {
+            Frame::Write(crate::wire::WriteRef {
+                lun_key,
+                offset_bytes,
+                fua: true,
+                data: &[7; 512],
+            })
+        };
+        assert_eq!(
+            conn.plan(write(SIZE - 512, LUN_KEY), luns),
+            Apply::Change(Change {
+                lun: 0,
+                offset: SIZE - 512,
+                op: ChangeOp::Write {
+                    data: Cow::Borrowed(&[7; 512]),
+                    fua: true
+                },
+                resync: false,
+            })
+        );
+        assert_eq!(
+            conn.plan(write(SIZE - 511, LUN_KEY), luns),
+            Apply::Refused(Refusal::BeyondLun {
+                offset: SIZE - 511,
+                len: 512,
+                size_bytes: SIZE
+            })
+        );
+        // An offset that would wrap around is beyond the LUN too, not a small one.
+        let zeroes = Frame::Other(Message::WriteZeroes {
+            lun_key: LUN_KEY,
+            offset_bytes: u64::MAX,
+            len_bytes: 2,
+            unmap: true,
+        });
+        assert!(matches!(
+            conn.plan(zeroes, luns),
+            Apply::Refused(Refusal::BeyondLun { .. })
+        ));
+        assert_eq!(
+            conn.plan(write(0, 8), luns),
+            Apply::Refused(Refusal::UnknownLun(8))
+        );
+        let ack = Frame::Other(Message::Ack {
+            seq: 1,
+            status: AckStatus::Ok,
+        });
+        assert_eq!(conn.plan(ack, luns), Apply::Refused(Refusal::Unexpected));
+    }
+
+    #[test]
+    fn resync_zeros_stay_holes_and_mark_the_copy_inconsistent_first() {
+        let conn = ApplyConn::new(1, true);
+        let chunk = |data: Vec<u8>| {
+            Frame::Other(Message::ResyncData {
+                lun_key: LUN_KEY,
+                offset_bytes: 4096,
+                data,
+            })
+        };
+        let Apply::Change(hole) = conn.plan(chunk(vec![0; 4096]), luns) else {
+            panic!("a change");
+        };
+        assert_eq!(hole.op, ChangeOp::Punch { len: 4096 });
+        assert!(hole.resync);
+        let Apply::Change(data) = conn.plan(chunk(vec![1; 4096]), luns) else {
+            panic!("a change");
+        };
+        assert!(matches!(data.op, ChangeOp::Write { fua: false, .. }));
+        assert!(data.resync);
+        // A mirrored WRITE SAME: deallocated with UNMAP, zeroed in place without.
+        let same = |unmap| {
+            Frame::Other(Message::WriteZeroes {
+                lun_key: LUN_KEY,
+                offset_bytes: 0,
+                len_bytes: 8192,
+                unmap,
+            })
+        };
+        assert!(matches!(
+            conn.plan(same(true), luns),
+            Apply::Change(Change {
+                op: ChangeOp::Punch { len: 8192 },
+                resync: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            conn.plan(same(false), luns),
+            Apply::Change(Change {
+                op: ChangeOp::ZeroRange { len: 8192 },
+                ..
+            })
+        ));
     }
 }

@@ -22,16 +22,15 @@ pub(super) struct Conn {
     pub(super) from: NodeId,
     pub(super) to: NodeId,
     pub(super) kind: ConnKind,
-    /// The secondary's accept number (its `ApplyGate`).
-    pub(super) accept_id: u64,
     /// Frames toward the secondary and toward the primary, with their arrival time.
     pub(super) to_secondary: VecDeque<(u64, Frame)>,
     pub(super) to_primary: VecDeque<(u64, Frame)>,
     /// Closed at each end (a closed end sends nothing more and drops what arrives).
     pub(super) closed_from: bool,
     pub(super) closed_to: bool,
-    /// The secondary saw a resync change on it (it superseded older connections once).
-    pub(super) superseded_older: bool,
+    /// The secondary's side of it (the shipped `ApplyConn`: its accept number, whether a
+    /// resync began on it, what each message does).
+    pub(super) apply: ApplyConn,
     pub(super) last_heard_ms: u64,
     /// This connection alone is cut, toward the secondary, toward the primary, or both,
     /// while the others between the same nodes work (`Sim::cut_one` says what that is);
@@ -108,12 +107,11 @@ impl Sim {
             from: n,
             to: o,
             kind,
-            accept_id,
             to_secondary: VecDeque::new(),
             to_primary: VecDeque::new(),
             closed_from: false,
             closed_to: false,
-            superseded_older: false,
+            apply: ApplyConn::new(accept_id, kind == ConnKind::Control),
             last_heard_ms: self.now,
             cut_to_secondary: false,
             cut_to_primary: false,
@@ -285,10 +283,11 @@ impl Sim {
     /// The secondary takes one message (engine: `apply_conn`): through its gate, applied,
     /// answered.
     pub(super) fn secondary_apply(&mut self, id: ConnId, seq: u64, msg: Message) {
-        if !self.secondary_admits(id, &msg) {
+        let frame = WireFrame::Other(msg);
+        if !self.secondary_admits(id, &frame) {
             return;
         }
-        let Some(reply) = self.secondary_applies(id, seq, msg) else {
+        let Some(reply) = self.secondary_applies(id, seq, frame) else {
             return;
         };
         // Acks travel in frames of their own numbered 0; a digest in its request's number.
@@ -304,35 +303,34 @@ impl Sim {
         }
     }
 
-    /// Whether the secondary's gate lets connection `id`'s `msg` be applied; a connection
+    /// Whether the secondary's gate lets connection `id`'s `frame` be applied; a connection
     /// it refuses closes.
-    fn secondary_admits(&mut self, id: ConnId, msg: &Message) -> bool {
+    fn secondary_admits(&mut self, id: ConnId, frame: &WireFrame<'_>) -> bool {
         let n = self.conns[id].to;
-        let kind = self.conns[id].kind;
-        let accept_id = self.conns[id].accept_id;
+        let accept_id = self.conns[id].apply.id();
         let now = self.now;
         // A frame of a connection given up on, behind a newer resync's control connection.
         let stale = self.conns[id].closed_from
             && self.conns.iter().any(|c| {
-                c.to == n && c.kind == ConnKind::Control && c.accept_id > accept_id && !c.closed_to
+                c.to == n && c.kind == ConnKind::Control && c.apply.id() > accept_id && !c.closed_to
             });
         self.stats.stale_frames += u64::from(stale);
         let Some(q) = self.nodes[n].proc_.as_mut() else {
             return false;
         };
-        if kind == ConnKind::Control && !self.conns[id].superseded_older && resync_change(msg) {
+        if self.conns[id].apply.supersedes(frame) {
             q.gate.supersede_older(accept_id);
-            self.conns[id].superseded_older = true;
             trace!(
                 self,
                 "node {n}: a resync on conn {id} supersedes older connections"
             );
         }
-        let admit = q.gate.admit(accept_id, q.fenced);
+        let q = self.nodes[n].proc_.as_mut().expect("up");
+        let admit = self.conns[id].apply.admit(&q.gate, q.fenced);
         if admit == Admit::Apply {
             return true;
         }
-        if q.gate.admit(accept_id, false) == Admit::Superseded {
+        if self.conns[id].apply.admit(&q.gate, false) == Admit::Superseded {
             self.stats.superseded += 1;
         }
         trace!(self, "node {n}: closes connection {id} ({admit:?})");
@@ -340,59 +338,56 @@ impl Sim {
         false
     }
 
-    /// Applies `msg` on the secondary; returns its answer (none: not running).
-    fn secondary_applies(&mut self, id: ConnId, seq: u64, msg: Message) -> Option<Message> {
+    /// Applies `frame` on the secondary as the shipped `ApplyConn::plan` says; returns its
+    /// answer (none: not running).
+    fn secondary_applies(&mut self, id: ConnId, seq: u64, frame: WireFrame<'_>) -> Option<Message> {
         let n = self.conns[id].to;
-        let accept_id = self.conns[id].accept_id;
+        let accept_id = self.conns[id].apply.id();
+        let plan = self.conns[id]
+            .apply
+            .plan(frame, |key| (key == LUN_KEY).then_some((0, SIZE)));
         let node = &mut self.nodes[n];
         let q = node.proc_.as_mut()?;
         let disk = &mut node.disk;
-        let status = match msg {
-            Message::Write { .. } | Message::ResyncData { .. } if disk.data_full => {
-                AckStatus::NoSpace
+        let status = match plan {
+            Apply::Answer(status) => status,
+            Apply::Refused(why) => {
+                trace!(self, "node {n}: refuses a message: {why}");
+                AckStatus::Refused
             }
-            Message::Write {
-                offset_bytes,
-                fua,
-                data,
-                ..
-            } => {
-                let at = offset_bytes as usize..offset_bytes as usize + data.len();
-                trace!(
-                    self,
-                    "node {n}: applies write {} at {offset_bytes} (conn {id})",
-                    sector_value(&data, 0)
-                );
-                disk.volatile[at.clone()].copy_from_slice(&data);
-                if fua {
-                    disk.durable[at].copy_from_slice(&data);
-                }
-                AckStatus::Ok
-            }
-            Message::ResyncData {
-                offset_bytes, data, ..
-            } => {
-                if q.parts.lun.resync_data_arriving().needed() {
+            Apply::Change(Change {
+                offset, op, resync, ..
+            }) => {
+                if resync && q.parts.lun.resync_data_arriving().needed() {
                     persist(disk, &mut q.parts.lun, &q.parts.intent);
                 }
-                let at = offset_bytes as usize..offset_bytes as usize + data.len();
-                trace!(
-                    self,
-                    "node {n}: resync data at {offset_bytes} (conn {id}, accepted {accept_id})"
-                );
-                disk.volatile[at].copy_from_slice(&data);
+                let at = offset as usize..(offset + op.len()) as usize;
+                match op {
+                    ChangeOp::Write { .. } if disk.data_full => AckStatus::NoSpace,
+                    ChangeOp::Write { data, fua } => {
+                        trace!(
+                            self,
+                            "node {n}: applies {} {} at {offset} (conn {id}, accepted {accept_id})",
+                            if resync { "resync data" } else { "write" },
+                            sector_value(&data, 0)
+                        );
+                        disk.volatile[at.clone()].copy_from_slice(&data);
+                        if fua {
+                            disk.durable[at].copy_from_slice(&data);
+                        }
+                        AckStatus::Ok
+                    }
+                    ChangeOp::Punch { .. } | ChangeOp::ZeroRange { .. } => {
+                        disk.volatile[at].fill(0);
+                        AckStatus::Ok
+                    }
+                }
+            }
+            Apply::Flush { .. } => {
+                disk.durable.copy_from_slice(&disk.volatile);
                 AckStatus::Ok
             }
-            Message::WriteZeroes {
-                offset_bytes,
-                len_bytes,
-                ..
-            } => {
-                let at = offset_bytes as usize..(offset_bytes + len_bytes) as usize;
-                disk.volatile[at].fill(0);
-                AckStatus::Ok
-            }
-            Message::ResyncDone { gen, .. } => {
+            Apply::Complete { gen, .. } => {
                 // Everything copied is on stable storage before the source forgets it.
                 disk.durable.copy_from_slice(&disk.volatile);
                 let _ = q.parts.lun.resync_done_target(&gen);
@@ -403,15 +398,18 @@ impl Sim {
                     AckStatus::IoError(5)
                 }
             }
+            // The simulation has no reservations to store (engine: `PrState::decode`, then
+            // the LUN's state replaced if the snapshot is newer).
+            Apply::StorePr { .. } => AckStatus::Ok,
             // Answered with the digest itself (engine: `region_digest` of the file).
-            Message::VerifyRequest { lun_key, region } => {
+            Apply::Digest { region, .. } => {
                 return Some(Message::VerifyDigest {
-                    lun_key,
+                    lun_key: LUN_KEY,
                     region,
                     digest: region_digest(&disk.volatile, region),
                 });
             }
-            Message::ResyncProgress {
+            Apply::Progress {
                 done_bytes,
                 total_bytes,
                 eta_ms,
@@ -420,10 +418,6 @@ impl Sim {
                 q.parts.lun.progress_heard(done_bytes, total_bytes, eta_ms);
                 AckStatus::Ok
             }
-            // The simulation has no reservations to store (engine: `PrState::decode`, then
-            // the LUN's state replaced).
-            Message::PrState { .. } | Message::Ping { .. } => AckStatus::Ok,
-            _ => AckStatus::Refused,
         };
         Some(Message::Ack { seq, status })
     }
