@@ -301,6 +301,41 @@ fn put_gen(out: &mut Vec<u8>, gen: &GenIds) {
     }
 }
 
+/// An ack's body: the sequence answered, the outcome's code and errno.
+fn put_ack_body(seq: u64, status: AckStatus, out: &mut Vec<u8>) {
+    put_u64(out, seq);
+    let (code, errno) = match status {
+        AckStatus::Ok => (0u8, 0i32),
+        AckStatus::IoError(errno) => (1, errno),
+        AckStatus::NoSpace => (2, 0),
+        AckStatus::Refused => (3, 0),
+    };
+    out.push(code);
+    out.extend_from_slice(&errno.to_le_bytes());
+}
+
+/// A hello's body: node id, link, and each LUN's geometry, ids and flags.
+fn put_hello_body(node_id: &str, luns: &[LunHello], link: u16, out: &mut Vec<u8>) {
+    assert!(node_id.len() <= NODE_ID_BYTES_MAX, "node id too long");
+    assert!(luns.len() <= LUNS_MAX, "too many LUNs in hello");
+    out.push(node_id.len() as u8);
+    out.extend_from_slice(node_id.as_bytes());
+    out.extend_from_slice(&link.to_le_bytes());
+    out.extend_from_slice(&(luns.len() as u32).to_le_bytes());
+    for lun in luns {
+        put_u64(out, lun.lun_key);
+        put_u64(out, lun.size_bytes);
+        put_u64(out, lun.region_bytes);
+        put_gen(out, &lun.gen);
+        out.push(
+            (u8::from(lun.flags.outdated) * LUN_FLAG_OUTDATED)
+                | (u8::from(lun.flags.inconsistent) * LUN_FLAG_INCONSISTENT)
+                | (u8::from(lun.flags.primary) * LUN_FLAG_PRIMARY)
+                | (u8::from(lun.flags.crashed) * LUN_FLAG_CRASHED),
+        );
+    }
+}
+
 /// Appends one frame carrying `msg` with sequence `seq` to `out`.
 ///
 /// Panics if the message breaks a limit (payload over [`DATA_BYTES_MAX`], node id over 64 bytes,
@@ -312,26 +347,7 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
             node_id,
             luns,
             link,
-        } => {
-            assert!(node_id.len() <= NODE_ID_BYTES_MAX, "node id too long");
-            assert!(luns.len() <= LUNS_MAX, "too many LUNs in hello");
-            out.push(node_id.len() as u8);
-            out.extend_from_slice(node_id.as_bytes());
-            out.extend_from_slice(&link.to_le_bytes());
-            out.extend_from_slice(&(luns.len() as u32).to_le_bytes());
-            for lun in luns {
-                put_u64(out, lun.lun_key);
-                put_u64(out, lun.size_bytes);
-                put_u64(out, lun.region_bytes);
-                put_gen(out, &lun.gen);
-                out.push(
-                    (u8::from(lun.flags.outdated) * LUN_FLAG_OUTDATED)
-                        | (u8::from(lun.flags.inconsistent) * LUN_FLAG_INCONSISTENT)
-                        | (u8::from(lun.flags.primary) * LUN_FLAG_PRIMARY)
-                        | (u8::from(lun.flags.crashed) * LUN_FLAG_CRASHED),
-                );
-            }
-        }
+        } => put_hello_body(node_id, luns, *link, out),
         Message::AuthChallenge { nonce } => out.extend_from_slice(nonce),
         Message::AuthResponse { mac } => out.extend_from_slice(mac),
         Message::Write {
@@ -372,17 +388,7 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
             put_u64(out, *version);
             out.extend_from_slice(state);
         }
-        Message::Ack { seq, status } => {
-            put_u64(out, *seq);
-            let (code, errno) = match status {
-                AckStatus::Ok => (0u8, 0i32),
-                AckStatus::IoError(errno) => (1, *errno),
-                AckStatus::NoSpace => (2, 0),
-                AckStatus::Refused => (3, 0),
-            };
-            out.push(code);
-            out.extend_from_slice(&errno.to_le_bytes());
-        }
+        Message::Ack { seq, status } => put_ack_body(*seq, *status, out),
         Message::ResyncData {
             lun_key,
             offset_bytes,
@@ -618,6 +624,68 @@ fn parse_write<'a>(reader: &mut Reader<'a>) -> Result<WriteRef<'a>, WireError> {
     })
 }
 
+fn parse_hello(reader: &mut Reader<'_>) -> Result<Message, WireError> {
+    let id_len = reader.u8()? as usize;
+    if id_len > NODE_ID_BYTES_MAX {
+        return Err(WireError::BadField("node_id length"));
+    }
+    let node_id = std::str::from_utf8(reader.take(id_len)?)
+        .map_err(|_| WireError::BadField("node_id utf-8"))?
+        .to_owned();
+    let link = u16::from_le_bytes([reader.u8()?, reader.u8()?]);
+    let count = le_u32(reader.take(4)?) as usize;
+    // The count is checked against the limit and the bytes present before allocating.
+    if count > LUNS_MAX || reader.bytes.len() != count * LUN_HELLO_BYTES {
+        return Err(WireError::BadField("lun count"));
+    }
+    let mut luns = Vec::with_capacity(count);
+    for _ in 0..count {
+        let lun_key = reader.u64()?;
+        let size_bytes = reader.u64()?;
+        let region_bytes = reader.u64()?;
+        let gen = reader.gen()?;
+        let flags = reader.u8()?;
+        if flags
+            & !(LUN_FLAG_OUTDATED | LUN_FLAG_INCONSISTENT | LUN_FLAG_PRIMARY | LUN_FLAG_CRASHED)
+            != 0
+        {
+            return Err(WireError::BadField("lun flags"));
+        }
+        let flags = GenFlags {
+            outdated: flags & LUN_FLAG_OUTDATED != 0,
+            inconsistent: flags & LUN_FLAG_INCONSISTENT != 0,
+            primary: flags & LUN_FLAG_PRIMARY != 0,
+            crashed: flags & LUN_FLAG_CRASHED != 0,
+        };
+        luns.push(LunHello {
+            lun_key,
+            size_bytes,
+            region_bytes,
+            gen,
+            flags,
+        });
+    }
+    Ok(Message::Hello {
+        node_id,
+        luns,
+        link,
+    })
+}
+
+fn parse_ack(reader: &mut Reader<'_>) -> Result<Message, WireError> {
+    let seq = reader.u64()?;
+    let code = reader.u8()?;
+    let errno = le_u32(reader.take(4)?) as i32;
+    let status = match (code, errno) {
+        (0, 0) => AckStatus::Ok,
+        (1, errno) => AckStatus::IoError(errno),
+        (2, 0) => AckStatus::NoSpace,
+        (3, 0) => AckStatus::Refused,
+        _ => return Err(WireError::BadField("ack status")),
+    };
+    Ok(Message::Ack { seq, status })
+}
+
 fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
     use msg_type::*;
     let mut reader = Reader {
@@ -626,56 +694,7 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
         len: body.len(),
     };
     let msg = match msg_type {
-        HELLO => {
-            let id_len = reader.u8()? as usize;
-            if id_len > NODE_ID_BYTES_MAX {
-                return Err(WireError::BadField("node_id length"));
-            }
-            let node_id = std::str::from_utf8(reader.take(id_len)?)
-                .map_err(|_| WireError::BadField("node_id utf-8"))?
-                .to_owned();
-            let link = u16::from_le_bytes([reader.u8()?, reader.u8()?]);
-            let count = le_u32(reader.take(4)?) as usize;
-            // The count is checked against the limit and the bytes present before allocating.
-            if count > LUNS_MAX || reader.bytes.len() != count * LUN_HELLO_BYTES {
-                return Err(WireError::BadField("lun count"));
-            }
-            let mut luns = Vec::with_capacity(count);
-            for _ in 0..count {
-                let lun_key = reader.u64()?;
-                let size_bytes = reader.u64()?;
-                let region_bytes = reader.u64()?;
-                let gen = reader.gen()?;
-                let flags = reader.u8()?;
-                if flags
-                    & !(LUN_FLAG_OUTDATED
-                        | LUN_FLAG_INCONSISTENT
-                        | LUN_FLAG_PRIMARY
-                        | LUN_FLAG_CRASHED)
-                    != 0
-                {
-                    return Err(WireError::BadField("lun flags"));
-                }
-                let flags = GenFlags {
-                    outdated: flags & LUN_FLAG_OUTDATED != 0,
-                    inconsistent: flags & LUN_FLAG_INCONSISTENT != 0,
-                    primary: flags & LUN_FLAG_PRIMARY != 0,
-                    crashed: flags & LUN_FLAG_CRASHED != 0,
-                };
-                luns.push(LunHello {
-                    lun_key,
-                    size_bytes,
-                    region_bytes,
-                    gen,
-                    flags,
-                });
-            }
-            Message::Hello {
-                node_id,
-                luns,
-                link,
-            }
-        }
+        HELLO => parse_hello(&mut reader)?,
         AUTH_CHALLENGE => Message::AuthChallenge {
             nonce: reader.array32()?,
         },
@@ -706,19 +725,7 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
             version: reader.u64()?,
             state: reader.rest(PR_STATE_BYTES_MAX, "pr state length")?,
         },
-        ACK => {
-            let seq = reader.u64()?;
-            let code = reader.u8()?;
-            let errno = le_u32(reader.take(4)?) as i32;
-            let status = match (code, errno) {
-                (0, 0) => AckStatus::Ok,
-                (1, errno) => AckStatus::IoError(errno),
-                (2, 0) => AckStatus::NoSpace,
-                (3, 0) => AckStatus::Refused,
-                _ => return Err(WireError::BadField("ack status")),
-            };
-            Message::Ack { seq, status }
-        }
+        ACK => parse_ack(&mut reader)?,
         RESYNC_DATA => Message::ResyncData {
             lun_key: reader.u64()?,
             offset_bytes: reader.u64()?,

@@ -276,89 +276,94 @@ impl ApplyConn {
             }
             Frame::Other(msg) => msg,
         };
-        let find = |key| lun(key).map(|(i, _)| i).ok_or(Refusal::UnknownLun(key));
-        let planned = match msg {
-            Message::Write {
-                lun_key,
-                offset_bytes,
-                fua,
-                data,
-            } => {
-                return change(
-                    &lun,
-                    lun_key,
-                    offset_bytes,
-                    false,
-                    ChangeOp::Write {
-                        data: Cow::Owned(data),
-                        fua,
-                    },
-                )
-            }
-            Message::ResyncData {
-                lun_key,
-                offset_bytes,
-                data,
-            } => {
-                let op = if data.iter().all(|&b| b == 0) {
-                    ChangeOp::Punch {
-                        len: data.len() as u64,
-                    }
-                } else {
-                    ChangeOp::Write {
-                        data: Cow::Owned(data),
-                        fua: false,
-                    }
-                };
-                return change(&lun, lun_key, offset_bytes, true, op);
-            }
-            Message::WriteZeroes {
-                lun_key,
-                offset_bytes,
-                len_bytes,
-                unmap,
-            } => {
-                let op = if unmap {
-                    ChangeOp::Punch { len: len_bytes }
-                } else {
-                    ChangeOp::ZeroRange { len: len_bytes }
-                };
-                return change(&lun, lun_key, offset_bytes, false, op);
-            }
-            Message::Flush { lun_key } => find(lun_key).map(|lun| Apply::Flush { lun }),
-            Message::ResyncDone { lun_key, gen } => {
-                find(lun_key).map(|lun| Apply::Complete { lun, gen })
-            }
-            Message::PrState {
-                lun_key,
-                origin,
-                version,
-                state,
-            } => find(lun_key).map(|lun| Apply::StorePr {
-                lun,
-                origin,
-                version,
-                state,
-            }),
-            Message::VerifyRequest { lun_key, region } => {
-                find(lun_key).map(|lun| Apply::Digest { lun, region })
-            }
-            Message::ResyncProgress {
-                lun_key,
-                done_bytes,
-                total_bytes,
-                eta_ms,
-            } => find(lun_key).map(|lun| Apply::Progress {
-                lun,
-                done_bytes,
-                total_bytes,
-                eta_ms,
-            }),
-            Message::Ping { .. } => Ok(Apply::Answer(AckStatus::Ok)),
-            _ => Err(Refusal::Unexpected),
-        };
-        planned.unwrap_or_else(Apply::Refused)
+        plan_message(msg, lun)
     }
+}
+
+/// What applying `msg` (not a borrowed write) does.
+fn plan_message<'a>(msg: Message, lun: impl Fn(u64) -> Option<(usize, u64)>) -> Apply<'a> {
+    let find = |key| lun(key).map(|(i, _)| i).ok_or(Refusal::UnknownLun(key));
+    let planned = match msg {
+        Message::Write {
+            lun_key,
+            offset_bytes,
+            fua,
+            data,
+        } => {
+            return change(
+                &lun,
+                lun_key,
+                offset_bytes,
+                false,
+                ChangeOp::Write {
+                    data: Cow::Owned(data),
+                    fua,
+                },
+            )
+        }
+        Message::ResyncData {
+            lun_key,
+            offset_bytes,
+            data,
+        } => {
+            let op = if data.iter().all(|&b| b == 0) {
+                ChangeOp::Punch {
+                    len: data.len() as u64,
+                }
+            } else {
+                ChangeOp::Write {
+                    data: Cow::Owned(data),
+                    fua: false,
+                }
+            };
+            return change(&lun, lun_key, offset_bytes, true, op);
+        }
+        Message::WriteZeroes {
+            lun_key,
+            offset_bytes,
+            len_bytes,
+            unmap,
+        } => {
+            let op = if unmap {
+                ChangeOp::Punch { len: len_bytes }
+            } else {
+                ChangeOp::ZeroRange { len: len_bytes }
+            };
+            return change(&lun, lun_key, offset_bytes, false, op);
+        }
+        Message::Flush { lun_key } => find(lun_key).map(|lun| Apply::Flush { lun }),
+        Message::ResyncDone { lun_key, gen } => {
+            find(lun_key).map(|lun| Apply::Complete { lun, gen })
+        }
+        Message::PrState {
+            lun_key,
+            origin,
+            version,
+            state,
+        } => find(lun_key).map(|lun| Apply::StorePr {
+            lun,
+            origin,
+            version,
+            state,
+        }),
+        Message::VerifyRequest { lun_key, region } => {
+            find(lun_key).map(|lun| Apply::Digest { lun, region })
+        }
+        Message::ResyncProgress {
+            lun_key,
+            done_bytes,
+            total_bytes,
+            eta_ms,
+        } => find(lun_key).map(|lun| Apply::Progress {
+            lun,
+            done_bytes,
+            total_bytes,
+            eta_ms,
+        }),
+        Message::Ping { .. } => Ok(Apply::Answer(AckStatus::Ok)),
+        _ => Err(Refusal::Unexpected),
+    };
+    planned.unwrap_or_else(Apply::Refused)
 }
 
 /// A change of `op` at `offset` of LUN `key`, if the LUN is here and holds the range.
