@@ -34,7 +34,8 @@ impl Replication {
     pub(super) fn link_writer(self: Arc<Self>, core: usize, rx: Receiver<RepReq>) {
         self.keep_off_core(core);
         let link = &self.links[core];
-        let mut stream: Option<TcpStream> = None;
+        // The link and the mirroring round it was connected in (Mirror::link_failed).
+        let mut stream: Option<(TcpStream, u64)> = None;
         let mut wbuf = Vec::new();
         let mut batch: Vec<(u64, Pending)> = Vec::new();
         loop {
@@ -55,7 +56,7 @@ impl Replication {
             };
             self.check_timeouts();
             if link.reset.swap(false, Ordering::AcqRel) {
-                if let Some(s) = stream.take() {
+                if let Some((s, _)) = stream.take() {
                     let _ = s.shutdown(std::net::Shutdown::Both);
                 }
             }
@@ -68,26 +69,11 @@ impl Replication {
                 }
             }
             if stream.is_none() {
-                let connected = self
-                    .connect(u16::try_from(core).unwrap_or(LINK_NONE))
-                    .and_then(|(s, rbuf, h)| {
-                        // Sends give up waiting now and then (send_watched says why).
-                        s.set_write_timeout(Some(SEND_POLL))?;
-                        Ok((s, rbuf, h))
-                    });
-                match connected {
-                    Ok((s, rbuf, _)) => {
-                        if let Ok(r) = s.try_clone() {
-                            let rep = Arc::clone(&self);
-                            let _ = std::thread::Builder::new()
-                                .name(format!("twinsan-link{core}-rx"))
-                                .spawn(move || rep.link_reader(core, r, rbuf));
-                        }
-                        stream = Some(s);
-                    }
-                    Err(e) => {
+                match self.connect_link(core) {
+                    Ok(connected) => stream = Some(connected),
+                    Err((e, round)) => {
                         tracing::warn!(error = %e, "replica link connect failed");
-                        self.peer_lost("connect failed");
+                        self.link_failed(round, "connect failed");
                         if let Some(r) = self.degraded(core, req) {
                             // Only if the peer came back in between; retry from the top.
                             let _ = self.links[core].done_tx.send(RepDone {
@@ -134,12 +120,48 @@ impl Replication {
             if !send {
                 continue;
             }
-            let sent = stream.as_mut().map(|s| self.send_watched(s, &wbuf));
-            if let Some(Err(e)) = sent {
+            let sent = stream
+                .as_mut()
+                .map(|(s, round)| (self.send_watched(s, &wbuf), *round));
+            if let Some((Err(e), round)) = sent {
                 tracing::debug!(core, error = %e, "replica link send failed");
                 stream = None;
-                self.peer_lost("send failed");
+                self.link_failed(round, "send failed");
             }
+        }
+    }
+
+    /// Connects core `core`'s data link and starts its ack reader; returns the link and
+    /// the mirroring round it belongs to (read before connecting). A link whose connect
+    /// straddled a loss and the next round's start belongs to the old round: it is closed
+    /// and connected again once, in the new round. The error carries the round too.
+    fn connect_link(
+        self: &Arc<Self>,
+        core: usize,
+    ) -> Result<(TcpStream, u64), (std::io::Error, u64)> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let round = self.with_mirror(|m, _| m.round());
+            let (s, rbuf, _) = self
+                .connect(u16::try_from(core).unwrap_or(LINK_NONE))
+                .and_then(|(s, rbuf, h)| {
+                    // Sends give up waiting now and then (send_watched says why).
+                    s.set_write_timeout(Some(SEND_POLL))?;
+                    Ok((s, rbuf, h))
+                })
+                .map_err(|e| (e, round))?;
+            if attempts < 2 && self.with_mirror(|m, _| m.round()) != round {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                continue;
+            }
+            if let Ok(r) = s.try_clone() {
+                let rep = Arc::clone(self);
+                let _ = std::thread::Builder::new()
+                    .name(format!("twinsan-link{core}-rx"))
+                    .spawn(move || rep.link_reader(core, round, r, rbuf));
+            }
+            return Ok((s, round));
         }
     }
 
@@ -220,7 +242,14 @@ impl Replication {
         (offset, len)
     }
 
-    pub(super) fn link_reader(self: Arc<Self>, core: usize, mut s: TcpStream, mut rbuf: RxBuf) {
+    /// Takes the acks of core `core`'s link, connected in mirroring round `round`.
+    pub(super) fn link_reader(
+        self: Arc<Self>,
+        core: usize,
+        round: u64,
+        mut s: TcpStream,
+        mut rbuf: RxBuf,
+    ) {
         self.keep_off_core(core);
         let link = &self.links[core];
         // Acks are taken a read's worth at a time: one lock of the pending map and one
@@ -264,7 +293,7 @@ impl Replication {
             };
             if failed.is_some() {
                 if self.peer_up.load(Ordering::Acquire) {
-                    self.peer_lost("link closed");
+                    self.link_failed(round, "link closed");
                 }
                 return;
             }
@@ -292,6 +321,14 @@ impl Replication {
     /// them (suspend). `Mirror::peer_lost` decides; this logs why.
     pub(super) fn peer_lost(&self, why: &str) {
         if self.with_mirror(|m, port| m.peer_lost(port)) {
+            tracing::warn!(reason = why, mode = ?self.cfg.on_peer_loss, "replication peer lost");
+        }
+    }
+
+    /// A data link of mirroring round `round` failed: the peer is lost only if that round
+    /// still stands (`Mirror::link_failed`).
+    fn link_failed(&self, round: u64, why: &str) {
+        if self.with_mirror(|m, port| m.link_failed(port, round)) {
             tracing::warn!(reason = why, mode = ?self.cfg.on_peer_loss, "replication peer lost");
         }
     }

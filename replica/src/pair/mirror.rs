@@ -333,6 +333,21 @@ impl Mirror {
         Some(self.round)
     }
 
+    /// The current round (the last one started; it stands while mirroring). A data link
+    /// notes it when it connects: the link belongs to that round.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// A data link of round `round` failed (its connect, a send, its reader): the peer is
+    /// lost if that round still stands. A link of an older round says nothing about the
+    /// current one. Why: a link whose connect straddled a loss and the next resync failed
+    /// after the new round began, and ended that round at once (its writes recorded dirty
+    /// and the resync restarted: harmless, but the round was lost).
+    pub fn link_failed(&mut self, port: &mut dyn Port, round: u64) -> bool {
+        self.round_stands(round) && self.peer_lost(port)
+    }
+
     /// Whether round `round` still stands: a resync may record its completion only then (a
     /// loss before it stands recorded; a loss after it records the peer outdated again).
     pub fn round_stands(&self, round: u64) -> bool {
@@ -523,6 +538,26 @@ pub(crate) mod tests {
         let sent = m.sending(port, &mut shard, core, [(seq, p)]);
         port.shards[core] = shard;
         sent
+    }
+
+    #[test]
+    fn a_link_of_an_older_round_does_not_end_the_current_one() {
+        let mut port = TestPort::new();
+        let mut m = Mirror::new(PeerLossPolicy::Degrade);
+        let old = m.start_round().unwrap();
+        // The link connects in round `old`; the peer is lost and a new round starts
+        // before its connect fails.
+        assert!(m.peer_lost(&mut port));
+        let new = m.start_round().unwrap();
+        assert_eq!(m.round(), new);
+        assert!(
+            !m.link_failed(&mut port, old),
+            "a stale link's failure is not a loss"
+        );
+        assert!(m.round_stands(new));
+        // A link of the current round that fails is.
+        assert!(m.link_failed(&mut port, new));
+        assert!(!m.mirroring());
     }
 
     #[test]
