@@ -160,7 +160,7 @@ impl StatusReport {
                         l.replica
                             .as_ref()
                             .and_then(|r| r.resync.as_ref())
-                            .map_or_else(|| "-".to_string(), resync_text),
+                            .map_or_else(|| "-".to_string(), resync_cell),
                         l.path.clone(),
                     ]
                 })
@@ -194,10 +194,7 @@ impl StatusReport {
                     r.gen_current,
                     r.gen_bitmap,
                     r.dirty_bytes,
-                    r.resync
-                        .as_ref()
-                        .map(|p| format!(" resync {}", resync_text(p)))
-                        .unwrap_or_default()
+                    r.resync.as_ref().map(resync_suffix).unwrap_or_default()
                 );
             }
         }
@@ -205,10 +202,20 @@ impl StatusReport {
     }
 }
 
-fn resync_text(p: &Resync) -> String {
+/// The RESYNC cell of the table. Worded unlike the pair's own line (" resync P% eta E"),
+/// which scripts and tests search for.
+fn resync_cell(p: &Resync) -> String {
     match p.eta_seconds {
-        Some(e) => format!("{:.1}% eta {e}s", p.percent),
-        None => format!("{:.1}% eta unknown", p.percent),
+        Some(e) => format!("{:.1}% ({e}s left)", p.percent),
+        None => format!("{:.1}% (rate unknown)", p.percent),
+    }
+}
+
+/// The pair's own suffix, as `replica::pair::progress::status_suffix` words it.
+fn resync_suffix(p: &Resync) -> String {
+    match p.eta_seconds {
+        Some(e) => format!(" resync {:.1}% eta {e}s", p.percent),
+        None => format!(" resync {:.1}% eta unknown", p.percent),
     }
 }
 

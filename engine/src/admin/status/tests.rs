@@ -55,6 +55,26 @@ fn resync_progress_parses_from_the_pairs_suffix() {
 }
 
 #[test]
+fn the_suffix_is_worded_as_the_pairs_own() {
+    let r = Resync {
+        percent: 25.0,
+        eta_seconds: Some(3),
+    };
+    assert_eq!(
+        resync_suffix(&r),
+        replica::pair::progress::status_suffix((250, 1000, 3000))
+    );
+    let r = Resync {
+        percent: 0.0,
+        eta_seconds: None,
+    };
+    assert_eq!(
+        resync_suffix(&r),
+        replica::pair::progress::status_suffix((0, 1000, replica::pair::ETA_UNKNOWN))
+    );
+}
+
+#[test]
 fn unknown_lines_are_not_taken_for_replica_lines() {
     assert_eq!(
         parse_replica("replica lun 01: UpToDate gen current=1 bitmap=2 dirty=x bytes"),
@@ -140,14 +160,22 @@ role: primary
 peer: node-b at 127.0.0.1:7790 (connected, mirroring)
 sessions: 2
 
-TARGET                          LUN  STATE       SIZE      ALLOCATED  RESYNC        PATH
-iqn.2026-11.io.twinsan:default  0    SyncSource  10.0 GiB  4.0 KiB    25.0% eta 3s  /var/lib/twinsan/lun0.img
-iqn.2026-11.io.twinsan:x        12   UpToDate    512 B     0 B        -             x.img
+TARGET                          LUN  STATE       SIZE      ALLOCATED  RESYNC           PATH
+iqn.2026-11.io.twinsan:default  0    SyncSource  10.0 GiB  4.0 KiB    25.0% (3s left)  /var/lib/twinsan/lun0.img
+iqn.2026-11.io.twinsan:x        12   UpToDate    512 B     0 B        -                x.img
 
 replica lun 00000000000000aa: SyncSource gen current=01 bitmap=02 dirty=1048576 bytes resync 25.0% eta 3s
 replica lun 00000000000000bb: UpToDate   gen current=03 bitmap=00 dirty=0 bytes
 ";
     assert_eq!(text, expected);
+    // Scripts and tests find the progress by " resync P% eta": only the pair's line has it.
+    let first = text
+        .lines()
+        .find(|l| l.contains("SyncSource") && l.contains("% eta "));
+    assert!(
+        first.is_some_and(|l| l.starts_with("replica lun ")),
+        "{text}"
+    );
     // The replica lines it shows parse back to the same fields (one source of truth).
     for (line, lun) in text
         .lines()
