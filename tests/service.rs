@@ -179,3 +179,79 @@ fn completions_and_man_pages_come_from_the_cli_definitions() {
     // The hidden internal subcommand gets no page.
     assert!(!dir.join("twinsan-vip-guard.1").exists());
 }
+
+/// The thread id of the daemon's thread named `name` (its comm), if it has one.
+fn thread_id(pid: u32, name: &str) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+}
+
+/// Whether a datagram with `what` arrives within `d`.
+fn heard_within(sock: &UnixDatagram, what: &str, d: Duration) -> bool {
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    while let Some(left) = d.checked_sub(t.elapsed()).filter(|l| !l.is_zero()) {
+        sock.set_read_timeout(Some(left)).unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == what)
+            {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The watchdog is the cores' health, not a timer: one core thread stopped (ptrace stops
+/// that thread alone; SIGSTOP would stop the whole process, the pinging thread too) and the
+/// pings stop; it runs again and they resume.
+#[test]
+fn a_stalled_core_thread_stops_the_watchdog_pings() {
+    let dir = scratch("watchdog-stall");
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1500000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sock, "READY=1", Duration::from_secs(10));
+    wait_for(&sock, "WATCHDOG=1", Duration::from_secs(2));
+    let tid = thread_id(child.id(), "twinsan-core0").expect("a twinsan-core0 thread");
+    // SAFETY: ptrace and waitpid on a thread of our own child; no memory is shared.
+    unsafe {
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0),
+            0,
+            "seize core0"
+        );
+        assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0), 0);
+        let mut st = 0;
+        assert_eq!(libc::waitpid(tid, &mut st, libc::__WALL), tid);
+    }
+    // The look under way may still count ticks from before the stop: skip it.
+    std::thread::sleep(Duration::from_millis(600));
+    sock.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    while sock.recv(&mut buf).is_ok() {}
+    sock.set_nonblocking(false).unwrap();
+    let pinged = heard_within(&sock, "WATCHDOG=1", Duration::from_millis(1600));
+    // SAFETY: as above; the thread is in a ptrace stop, so it may be detached.
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0, 0) };
+    assert!(!pinged, "pinged while core 0 was stopped");
+    assert!(
+        heard_within(&sock, "WATCHDOG=1", Duration::from_secs(2)),
+        "no ping after core 0 ran again"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
