@@ -12,6 +12,16 @@ use common::{scratch, text, Daemon, TARGET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_twinsan");
 
+/// A daemon killed when the test ends, also when an assertion fails first.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Receives notification datagrams until one contains `what` (or panics after `within`).
 fn wait_for(sock: &UnixDatagram, what: &str, within: Duration) -> (String, Instant) {
     let t = Instant::now();
@@ -39,21 +49,23 @@ fn systemd_hears_ready_after_the_listener_then_watchdog_pings_then_stopping() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env("NOTIFY_SOCKET", &sock_path)
-        // 1.5 s: a look every 500 ms.
-        .env("WATCHDOG_USEC", "1500000")
-        .env("WATCHDOG_PID", std::process::id().to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Killed(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .env("NOTIFY_SOCKET", &sock_path)
+            // 1.5 s: a look every 500 ms.
+            .env("WATCHDOG_USEC", "1500000")
+            .env("WATCHDOG_PID", std::process::id().to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // WATCHDOG_PID names another process: this one must not ping (systemd's rule).
     std::thread::sleep(Duration::from_millis(1200));
     let mut buf = [0u8; 4096];
@@ -73,23 +85,24 @@ fn systemd_hears_ready_after_the_listener_then_watchdog_pings_then_stopping() {
         "{ready}"
     );
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("READY before the listener");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 
     // Now with the watchdog meant for the daemon itself.
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1500000")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Killed(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "1500000")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let (_, ready_at) = wait_for(&sock, "READY=1", Duration::from_secs(10));
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("READY before the listener");
     // Three pings in a row, about a look (500 ms) apart.
@@ -103,9 +116,9 @@ fn systemd_hears_ready_after_the_listener_then_watchdog_pings_then_stopping() {
         last = at;
     }
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     wait_for(&sock, "STOPPING=1", Duration::from_secs(10));
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
 }
 
 #[test]
@@ -215,18 +228,20 @@ fn a_stalled_core_thread_stops_the_watchdog_pings() {
     let dir = scratch("watchdog-stall");
     let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1500000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Killed(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "1500000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for(&sock, "READY=1", Duration::from_secs(10));
     wait_for(&sock, "WATCHDOG=1", Duration::from_secs(2));
-    let tid = thread_id(child.id(), "twinsan-core0").expect("a twinsan-core0 thread");
+    let tid = thread_id(child.0.id(), "twinsan-core0").expect("a twinsan-core0 thread");
     // SAFETY: ptrace and waitpid on a thread of our own child; no memory is shared.
     unsafe {
         assert_eq!(
@@ -252,6 +267,5 @@ fn a_stalled_core_thread_stops_the_watchdog_pings() {
         heard_within(&sock, "WATCHDOG=1", Duration::from_secs(2)),
         "no ping after core 0 ran again"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
