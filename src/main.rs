@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 use engine::config::{Config, Overrides};
 use engine::server::Server;
 
+mod generate;
+mod service;
+
 /// mimalloc instead of glibc malloc: replicated writes allocate a buffer on a core thread and
 /// free it on a link thread, and glibc serializes such cross-thread frees on the arena lock
 /// (perf showed the lock's futex wakes on the write path).
@@ -44,7 +47,13 @@ enum Cmd {
     // Boxed: its options outweigh every other subcommand's many times over.
     Bench(Box<benches::BenchArgs>),
     /// Show role, peer, LUN states and sessions of a running daemon.
-    Status(AdminArgs),
+    Status {
+        /// One JSON document instead of the table, for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Make this node primary (serve initiator writes). Refused while the peer is primary
     /// and connected, or while this node's data is outdated or inconsistent.
     Promote {
@@ -110,6 +119,19 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print a shell completion script (e.g. `twinsan completions bash >
+    /// /etc/bash_completion.d/twinsan`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page twinsan(1) (troff), or write one page per subcommand into a
+    /// directory.
+    Man {
+        /// Write twinsan.1 and twinsan-SUBCOMMAND.1 here instead of printing twinsan.1.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -122,16 +144,52 @@ struct AdminArgs {
     socket: Option<PathBuf>,
 }
 
-fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
-    let socket = match (args.socket, args.config) {
-        (Some(s), _) => s,
+/// The admin socket named by the arguments, or exit status 2 after saying why.
+fn admin_socket(args: AdminArgs) -> Result<PathBuf, ExitCode> {
+    match (args.socket, args.config) {
+        (Some(s), _) => Ok(s),
         (None, cfg) => match load(cfg, &Overrides::default()) {
-            Ok(c) => c.admin_socket,
+            Ok(c) => Ok(c.admin_socket),
             Err(e) => {
                 eprintln!("twinsan: configuration error: {e}");
-                return ExitCode::from(2);
+                Err(ExitCode::from(2))
             }
         },
+    }
+}
+
+/// `status --json`: the daemon's JSON document without the "ok" line, so the output
+/// parses as it is. Errors go to stderr with status 1, as for the other commands.
+fn status_json(args: AdminArgs) -> ExitCode {
+    let socket = match admin_socket(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match engine::admin::request(&socket, "status-json") {
+        Ok(reply) => match reply.strip_prefix("ok\n") {
+            Some(json) => {
+                print!("{json}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprint!("{reply}");
+                ExitCode::from(1)
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "twinsan: cannot reach the daemon at {}: {e}",
+                socket.display()
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
+    let socket = match admin_socket(args) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     match engine::admin::request(&socket, cmd) {
         Ok(reply) => {
@@ -150,28 +208,6 @@ fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// Blocks SIGINT and SIGTERM in this thread (and so in every thread spawned later), then
-/// returns the set, for `sigwait` in the main thread: a clean stop without signal handlers.
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data that sigemptyset initialises; the calls only touch
-    // the set we own and this thread's signal mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: set is initialised and the signals in it are blocked in this thread.
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
 }
 
 fn load(config: Option<PathBuf>, ov: &Overrides) -> Result<Config, engine::config::ConfigError> {
@@ -205,7 +241,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let signals = block_stop_signals();
+            let signals = service::block_stop_signals();
             let server = match Server::start(cfg) {
                 Ok(s) => s,
                 Err(e) => {
@@ -229,12 +265,35 @@ fn main() -> ExitCode {
                 }
                 let _ = o.flush();
             }
-            let sig = wait_for_signal(&signals);
+            service::ready(&server);
+            let sig = service::wait_for_stop(&signals, &server.beats);
             tracing::info!(signal = sig, "stopping");
+            service::stopping();
             server.shutdown();
             ExitCode::SUCCESS
         }
-        Cmd::Status(a) => admin(a, "status"),
+        Cmd::Status {
+            json: false,
+            admin: a,
+        } => admin(a, "status"),
+        Cmd::Status {
+            json: true,
+            admin: a,
+        } => status_json(a),
+        Cmd::Completions { shell } => match generate::completions(shell) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinsan completions: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Man { out_dir } => match generate::man(out_dir.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("twinsan man: {e}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Promote { force, admin: a } => {
             admin(a, if force { "promote-force" } else { "promote" })
         }

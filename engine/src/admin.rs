@@ -11,6 +11,8 @@ use std::time::Duration;
 use crate::config::Role;
 use crate::registry::Registry;
 
+pub mod status;
+
 /// Longest command line accepted: the commands are single words plus a LUN.
 const MAX_LINE_BYTES: usize = 256;
 
@@ -62,7 +64,12 @@ fn handle(stream: UnixStream, reg: &Registry) -> std::io::Result<()> {
 /// Runs one admin command. Replies start with "ok" or "error".
 pub fn execute(cmd: &str, reg: &Registry) -> String {
     match cmd {
-        "status" => status(reg),
+        "status" => format!("ok\n{}", status::StatusReport::gather(reg).render()),
+        // One JSON document after the "ok" line (the CLI strips that line).
+        "status-json" => match serde_json::to_string_pretty(&status::StatusReport::gather(reg)) {
+            Ok(j) => format!("ok\n{j}\n"),
+            Err(e) => format!("error: status as JSON: {e}\n"),
+        },
         "standby" | "takeover" => match reg.failover.get() {
             Some(f) => {
                 let op = if cmd == "standby" {
@@ -146,7 +153,7 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             None => "error: no peer configured\n".into(),
         },
         other => {
-            format!("error: unknown command `{other}` (status, promote, promote-force, demote, standby, takeover, outdate-peer, verify, verify-repair, resolve-discard-local)\n")
+            format!("error: unknown command `{other}` (status, status-json, promote, promote-force, demote, standby, takeover, outdate-peer, verify, verify-repair, resolve-discard-local)\n")
         }
     }
 }
@@ -156,51 +163,6 @@ fn role_name(r: Role) -> &'static str {
         Role::Primary => "primary",
         Role::Secondary => "secondary",
     }
-}
-
-fn status(reg: &Registry) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::new();
-    let _ = writeln!(s, "ok");
-    let _ = writeln!(s, "role: {}", role_name(reg.role()));
-    match &reg.config.peer {
-        None => {
-            let _ = writeln!(s, "peer: none (standalone)");
-        }
-        Some(_) => {
-            if let Some(rep) = reg.replication.get() {
-                s.push_str(&rep.status());
-            }
-            if let Some(f) = reg.failover.get() {
-                s.push_str(&f.status());
-            }
-        }
-    }
-    let _ = writeln!(
-        s,
-        "sessions: {}",
-        reg.sessions.load(std::sync::atomic::Ordering::Relaxed)
-    );
-    for t in &reg.targets {
-        for &(id, idx) in &t.luns {
-            let lun = &reg.luns[idx];
-            let state = if lun.sanitize.active() {
-                "Sanitizing"
-            } else {
-                "UpToDate"
-            };
-            let _ = writeln!(
-                s,
-                "lun {}/{}: {state} size={} allocated={} path={}",
-                t.cfg.name,
-                id,
-                lun.size_bytes,
-                lun.allocated_bytes(),
-                lun.path.display()
-            );
-        }
-    }
-    s
 }
 
 /// How long a client waits for the admin socket of a daemon that is still starting: the

@@ -12,12 +12,14 @@
 //! - [`replication`]: the drivers of the pair (link sockets, apply and resync file I/O,
 //!   timers) around `replica::pair`.
 //! - [`lun`], [`registry`], [`config`], [`server`], [`admin`]: the LUNs, the daemon's shared
-//!   state, its configuration, start-up and the admin socket.
+//!   state, its configuration, start-up and the admin socket; [`health`]: the core threads'
+//!   liveness, for the service manager's watchdog.
 
 pub mod admin;
 pub mod config;
 pub mod disk;
 pub mod failover;
+pub mod health;
 pub mod iscsi;
 pub mod log_limit;
 pub mod lun;

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::config::{Config, SpillWrites};
 use crate::disk::spill::SpillGates;
+use crate::health::CoreBeats;
 use crate::lun::LunError;
 use crate::net::reactor::Reactor;
 use crate::registry::Registry;
@@ -36,6 +37,8 @@ pub enum ServeError {
 pub struct Server {
     pub local_addr: SocketAddr,
     pub registry: Arc<Registry>,
+    /// Each core thread's tick count (the systemd watchdog's evidence that they run).
+    pub beats: Arc<CoreBeats>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -124,6 +127,7 @@ impl Server {
             .map_err(|source| ServeError::Listen { addr: want, source })?;
         let registry = Arc::new(Registry::build(config, local_addr)?);
         let stop = Arc::new(AtomicBool::new(false));
+        let beats = Arc::new(CoreBeats::new(n));
         let mut listeners = vec![first];
         for _ in 1..n {
             listeners.push(listener(local_addr).map_err(|source| ServeError::Listen {
@@ -177,6 +181,7 @@ impl Server {
                 l,
                 Arc::clone(&registry),
                 Arc::clone(&stop),
+                Arc::clone(&beats),
                 link,
                 spill,
             )
@@ -219,6 +224,7 @@ impl Server {
         Ok(Server {
             local_addr,
             registry,
+            beats,
             stop,
             threads,
         })

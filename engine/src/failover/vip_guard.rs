@@ -57,6 +57,14 @@ pub fn spawn(args: &GuardArgs) -> std::io::Result<Child> {
 /// The guard's body: waits for its stdin to close, for the daemon's listeners to be
 /// released (bounded), then removes the VIP.
 pub fn run(args: &GuardArgs) -> std::io::Result<()> {
+    // A stop signal to the whole group (systemd's default KillMode=control-group, Ctrl-C
+    // in a terminal) must not end the guard before the daemon: it would leave the VIP
+    // behind. The guard ends on its own once the daemon has gone (its stdin closes).
+    // SAFETY: SIG_IGN installs no handler code; it only changes this process's dispositions.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
     let v = Vip::resolve(args.vip.addr, args.vip.prefix_len, &args.vip.interface)
         .map_err(std::io::Error::other)?;
     let mut buf = [0u8; 64];

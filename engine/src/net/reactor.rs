@@ -101,6 +101,8 @@ pub struct Reactor {
     tick_ts: Box<types::Timespec>,
     epoch: Instant,
     stop: Arc<AtomicBool>,
+    /// This core's liveness counter, bumped every tick.
+    beats: Arc<crate::health::CoreBeats>,
     accept_posted: bool,
     last_space_check_s: u64,
     /// The replica link of this core, when a peer is configured.
@@ -139,6 +141,7 @@ impl Reactor {
         listener: TcpListener,
         reg: Arc<Registry>,
         stop: Arc<AtomicBool>,
+        beats: Arc<crate::health::CoreBeats>,
         link: Option<crate::replication::CoreLink>,
         spill: Option<(Arc<crate::disk::spill::SpillGates>, Option<usize>)>,
     ) -> std::io::Result<Self> {
@@ -177,6 +180,7 @@ impl Reactor {
             tick_ts: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
             epoch: Instant::now(),
             stop,
+            beats,
             accept_posted: false,
             last_space_check_s: 0,
             link,
@@ -872,6 +876,8 @@ impl Reactor {
     }
 
     fn on_tick(&mut self) {
+        // This loop turns: the watchdog's evidence (health.rs).
+        self.beats.beat(self.core);
         let now = self.now_ms();
         // Pool space is a node-wide fact: one core watches it, about once a second.
         if self.core == 0 && now / 1000 != self.last_space_check_s {
