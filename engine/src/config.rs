@@ -120,6 +120,7 @@ struct RawServer {
     role: Option<Role>,
     admin_socket: Option<String>,
     spill_writes: Option<SpillWrites>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -344,6 +345,8 @@ pub struct Config {
     pub failover: Option<FailoverConfig>,
     /// The admin socket (`twinsan status`, `promote`, `demote`).
     pub admin_socket: PathBuf,
+    /// Where the Prometheus metrics are served (`GET /metrics`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -400,6 +403,15 @@ impl Config {
                 format!("`{listen_s}` is not an ADDRESS:PORT"),
             )
         })?;
+        let metrics_listen = match raw.server.metrics_listen.as_deref() {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                bad(
+                    "server.metrics_listen",
+                    format!("`{s}` is not an ADDRESS:PORT"),
+                )
+            })?),
+        };
         // Paths in a file are relative to the file (so a config and its data travel together);
         // command-line paths are relative to the working directory.
         let base = source
@@ -703,6 +715,7 @@ impl Config {
             peer,
             failover,
             admin_socket,
+            metrics_listen,
         })
     }
 

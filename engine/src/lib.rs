@@ -23,6 +23,7 @@ pub mod health;
 pub mod iscsi;
 pub mod log_limit;
 pub mod lun;
+pub mod metrics;
 pub mod net;
 pub mod registry;
 pub mod replication;

@@ -38,6 +38,8 @@ pub struct Registry {
     pub replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
     /// The failover driver, when `[failover]` is configured.
     pub failover: std::sync::OnceLock<crate::failover::FailoverHandle>,
+    /// The per-core command counters (set once at start, before the cores run).
+    pub metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
     /// Sessions in full feature phase, for status.
     pub sessions: std::sync::atomic::AtomicUsize,
     /// Normal sessions by (initiator name, ISID, target index): the one a new login with
@@ -127,6 +129,7 @@ impl Registry {
             next_session_id: AtomicU64::new(1),
             copy_results: Default::default(),
             role: std::sync::atomic::AtomicU8::new(role_code(config_role)),
+            metrics: Default::default(),
             sessions: Default::default(),
             live_sessions: Default::default(),
             replication: std::sync::OnceLock::new(),

@@ -126,6 +126,12 @@ impl Server {
             .local_addr()
             .map_err(|source| ServeError::Listen { addr: want, source })?;
         let registry = Arc::new(Registry::build(config, local_addr)?);
+        let metrics = crate::metrics::Metrics::new(n, registry.luns.len());
+        let _ = registry.metrics.set(Arc::clone(&metrics));
+        if let Some(addr) = registry.config.metrics_listen {
+            crate::metrics::http::spawn(addr, metrics, Arc::clone(&registry))
+                .map_err(|source| ServeError::Listen { addr, source })?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let beats = Arc::new(CoreBeats::new(n));
         let mut listeners = vec![first];

@@ -449,7 +449,11 @@ impl Reactor {
         // Latency matters more than segment efficiency for SCSI responses.
         let _ = stream.set_nodelay(true);
         tracing::debug!(core = self.core, %peer, "connection accepted");
-        let conn = Conn::new(&self.reg, peer, stream.local_addr().ok(), self.now_ms());
+        let mut conn = Conn::new(&self.reg, peer, stream.local_addr().ok(), self.now_ms());
+        if let Some(m) = self.reg.metrics.get() {
+            m.connection(self.core, true);
+            conn.count_into(Arc::clone(m), self.core);
+        }
         let slot = Slot {
             stream,
             conn,
@@ -925,6 +929,9 @@ impl Reactor {
         };
         if s.dead && s.ops == 0 && !s.conn.io_inflight() {
             tracing::debug!(core = self.core, "connection closed");
+            if let Some(m) = self.reg.metrics.get() {
+                m.connection(self.core, false);
+            }
             self.slots[idx] = None;
             self.free.push(idx);
         }

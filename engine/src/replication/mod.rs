@@ -59,6 +59,7 @@ mod mirror;
 mod resync;
 mod roles;
 mod status;
+pub use status::PairFigures;
 mod verify;
 
 use link_io::*;

@@ -62,3 +62,44 @@ impl Replication {
         s
     }
 }
+
+/// The pair's figures for the metrics endpoint.
+pub struct PairFigures {
+    /// Writes are mirrored to the peer now (primary), or a primary's control connection
+    /// stands (secondary).
+    pub peer_connected: bool,
+    /// Per LUN: its registry index, bytes out of sync (the dirty bitmap), and the resync's
+    /// `(done, total)` bytes (zeros when none runs).
+    pub luns: Vec<(usize, u64, (u64, u64))>,
+}
+
+impl Replication {
+    /// What the metrics endpoint shows of the pair, read at scrape.
+    pub fn figures(&self) -> PairFigures {
+        let peer_connected = if self.is_primary() {
+            self.peer_up.load(Ordering::Acquire)
+        } else {
+            self.primary_links.load(Ordering::Acquire) > 0
+        };
+        let now = now_ms(&self.epoch);
+        let luns = self
+            .luns
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let p = l.pair();
+                let dirty = p.meta().bitmap.dirty_bytes();
+                let (done, total, _) = match p.state() {
+                    SyncState::SyncSource => p.source_progress(now),
+                    SyncState::SyncTarget => p.heard_progress(),
+                    _ => (0, 0, 0),
+                };
+                (i, dirty, (done, total))
+            })
+            .collect();
+        PairFigures {
+            peer_connected,
+            luns,
+        }
+    }
+}

@@ -159,6 +159,9 @@ struct Task {
     rep_failed: bool,
     /// The byte range (LUN, start, end) of the changes mirrored for this command.
     mirrored: Option<(usize, u64, u64)>,
+    /// What the metrics count it as, and when it arrived.
+    kind: crate::metrics::CmdKind,
+    arrived: std::time::Instant,
 }
 
 /// A command that arrived ahead of a CmdSN gap, with its immediate data.
@@ -223,6 +226,8 @@ pub struct Conn {
     /// Set by a newer login of the same initiator, ISID and target (reinstatement): this
     /// session closes at the next tick, its I_T nexus already lost.
     reinstated: Arc<std::sync::atomic::AtomicBool>,
+    /// The counters this connection's commands go into, and its core (the one writer).
+    metrics: Option<(Arc<crate::metrics::Metrics>, usize)>,
 }
 
 impl Conn {
@@ -249,7 +254,14 @@ impl Conn {
             closing: false,
             counted_out: false,
             reinstated: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            metrics: None,
         }
+    }
+
+    /// Counts this connection's answered commands into `metrics` as core `core`'s (the
+    /// thread that owns this connection and calls its methods).
+    pub fn count_into(&mut self, metrics: Arc<crate::metrics::Metrics>, core: usize) {
+        self.metrics = Some((metrics, core));
     }
 
     /// Largest PDU (all segments) we may receive now: the reactor sizes its buffer by it.

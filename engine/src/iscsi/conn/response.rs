@@ -46,6 +46,7 @@ impl Conn {
         }
         let (itt, edtl, lun, read_dir) = (t.itt, t.edtl, encode_lun(t.lun_id), t.read_dir);
         let takes_bytes = t.takes_bytes;
+        let (kind, arrived, lun_index) = (t.kind, t.arrived, t.lun);
         let sense_format = match t.lun {
             usize::MAX => SenseFormat::Fixed,
             _ => reply.sense_format,
@@ -86,6 +87,23 @@ impl Conn {
             Phase::Login(_) => max_seg,
         };
         let good = reply.status == status::GOOD && reply.sense.is_none();
+        if let Some((m, core)) = &self.metrics {
+            let bytes = match (good, read_dir) {
+                (false, _) => 0,
+                (true, true) => sendable.len() as u64,
+                (true, false) => u64::from(transfer),
+            };
+            m.finished(
+                *core,
+                crate::metrics::Finished {
+                    lun: lun_index,
+                    kind,
+                    bytes,
+                    sense_key: reply.sense.as_ref().map(|s| s.key.code()),
+                    latency: arrived.elapsed(),
+                },
+            );
+        }
         // Data from the task's buffer goes out in place when large (the buffer is held in
         // the send queue until it has); inline data and short reads are copied.
         let in_place = good

@@ -121,6 +121,8 @@ impl Conn {
             held: None,
             rep_failed: false,
             mirrored: None,
+            kind: crate::metrics::CmdKind::of(c.cdb()[0]),
+            arrived: std::time::Instant::now(),
         };
         let idx = self.alloc_task(task);
         let expected = c.expected_data_len_bytes;

@@ -1,0 +1,378 @@
+//! The scrape: every core's counters summed, and the facts read at that moment (sessions,
+//! space, the pair), encoded in the Prometheus text format by `prometheus_client`.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+
+use super::{read, CmdKind, Histogram, LunCounters, Metrics, LATENCY_BOUNDS_NS};
+use crate::registry::Registry;
+
+/// SPC sense key names, by key (the label of `twinsan_scsi_check_conditions_total`).
+const SENSE_KEYS: [&str; 16] = [
+    "no_sense",
+    "recovered_error",
+    "not_ready",
+    "medium_error",
+    "hardware_error",
+    "illegal_request",
+    "unit_attention",
+    "data_protect",
+    "blank_check",
+    "vendor_specific",
+    "copy_aborted",
+    "aborted_command",
+    "reserved_c",
+    "volume_overflow",
+    "miscompare",
+    "completed",
+];
+
+/// The metrics page in `format`: `metrics` summed over the cores, with `reg`'s state.
+pub fn render(metrics: &Arc<Metrics>, reg: &Arc<Registry>, format: Format) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(Scrape {
+        metrics: Arc::clone(metrics),
+        reg: Arc::clone(reg),
+    }));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    match format {
+        Format::OpenMetrics => out,
+        Format::Prometheus => prometheus_text(&out),
+    }
+}
+
+/// Which exposition format a scraper asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (`Accept: application/openmetrics-text`), what the encoder writes.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (every other scraper, `curl`, `promtool`).
+    Prometheus,
+}
+
+/// The OpenMetrics page `om` in the Prometheus text format: a counter family's HELP and
+/// TYPE lines name its samples (`x_total`, where OpenMetrics names the family `x`), and
+/// there is no `# EOF`. Why: the older parsers (promtool's among them) take a `_total`
+/// sample of family `x` for an undocumented metric of its own.
+pub fn prometheus_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut help: Option<&str> = None;
+    for line in om.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            // Held until its TYPE line says whether the name changes.
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name}{suffix} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+struct Scrape {
+    metrics: Arc<Metrics>,
+    reg: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scrape")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+impl Scrape {
+    fn lun_labels(&self, i: usize) -> Labels {
+        let lun = &self.reg.luns[i];
+        vec![
+            ("target", lun.target_name.clone()),
+            ("lun", lun.id.to_string()),
+        ]
+    }
+
+    /// `f` of LUN `i`'s counters, summed over the cores.
+    fn sum(&self, i: usize, f: impl Fn(&LunCounters) -> u64) -> u64 {
+        self.metrics
+            .cores
+            .iter()
+            .filter_map(|c| c.luns.get(i))
+            .map(f)
+            .fold(0u64, u64::wrapping_add)
+    }
+
+    fn counter(
+        &self,
+        enc: &mut DescriptorEncoder<'_>,
+        (name, help): (&str, &str),
+        samples: impl Iterator<Item = (Labels, u64)>,
+    ) -> std::fmt::Result {
+        let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, v) in samples {
+            ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn gauge(
+        &self,
+        enc: &mut DescriptorEncoder<'_>,
+        (name, help): (&str, &str),
+        samples: impl Iterator<Item = (Labels, i64)>,
+    ) -> std::fmt::Result {
+        let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, v) in samples {
+            ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// A gauge without labels.
+    fn gauge1(
+        &self,
+        enc: &mut DescriptorEncoder<'_>,
+        (name, help): (&str, &str),
+        v: i64,
+    ) -> std::fmt::Result {
+        let family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(v).encode(family)
+    }
+
+    fn commands(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let luns = 0..self.reg.luns.len();
+        let samples = luns.flat_map(|i| {
+            CmdKind::ALL.into_iter().map(move |k| {
+                let mut labels = self.lun_labels(i);
+                labels.push(("op", k.label().to_string()));
+                (labels, self.sum(i, |l| read(&l.commands[k.index()])))
+            })
+        });
+        self.counter(
+            enc,
+            (
+                "twinsan_scsi_commands",
+                "SCSI commands answered, by LUN and kind",
+            ),
+            samples,
+        )?;
+        let n = self.reg.luns.len();
+        self.counter(
+            enc,
+            (
+                "twinsan_scsi_read_bytes",
+                "Bytes read by GOOD READ commands",
+            ),
+            (0..n).map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.read_bytes)))),
+        )?;
+        self.counter(
+            enc,
+            (
+                "twinsan_scsi_written_bytes",
+                "Bytes written by GOOD WRITE commands",
+            ),
+            (0..n).map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.write_bytes)))),
+        )?;
+        let errors = (0..n).flat_map(|i| {
+            (0..16).filter_map(move |key| {
+                let v = self.sum(i, |l| read(&l.errors[key]));
+                // Only the keys that occurred: 16 zero series per LUN say nothing.
+                (v > 0).then(|| {
+                    let mut labels = self.lun_labels(i);
+                    labels.push(("sense_key", SENSE_KEYS[key].to_string()));
+                    (labels, v)
+                })
+            })
+        });
+        self.counter(
+            enc,
+            (
+                "twinsan_scsi_check_conditions",
+                "Commands answered CHECK CONDITION, by sense key",
+            ),
+            errors,
+        )
+    }
+
+    fn latencies(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let mut family = enc.encode_descriptor(
+            "twinsan_scsi_command_duration_seconds",
+            "Time from a READ or WRITE's arrival to its answer",
+            None,
+            MetricType::Histogram,
+        )?;
+        for i in 0..self.reg.luns.len() {
+            for (op, pick) in [
+                (
+                    "read",
+                    (|l: &LunCounters| &l.read_latency) as fn(&LunCounters) -> &Histogram,
+                ),
+                ("write", |l: &LunCounters| &l.write_latency),
+            ] {
+                let mut counts = [0u64; LATENCY_BOUNDS_NS.len() + 1];
+                let mut sum_ns = 0u64;
+                for c in self.metrics.cores.iter().filter_map(|c| c.luns.get(i)) {
+                    let h = pick(c);
+                    for (total, n) in counts.iter_mut().zip(&h.counts) {
+                        *total = total.wrapping_add(read(n));
+                    }
+                    sum_ns = sum_ns.wrapping_add(read(&h.sum_ns));
+                }
+                // Per bucket (the encoder makes them cumulative), with their upper bounds;
+                // the last is +Inf, which the encoder writes for `f64::MAX`.
+                let total = counts.iter().fold(0u64, |s, n| s.wrapping_add(*n));
+                let buckets: Vec<(f64, u64)> = counts
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &n)| {
+                        let bound = LATENCY_BOUNDS_NS
+                            .get(k)
+                            .map_or(f64::MAX, |&b| b as f64 / 1e9);
+                        (bound, n)
+                    })
+                    .collect();
+                let mut labels = self.lun_labels(i);
+                labels.push(("op", op.to_string()));
+                family.encode_family(&labels)?.encode_histogram::<Labels>(
+                    sum_ns as f64 / 1e9,
+                    total,
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn node(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let open: u64 = self.metrics.cores.iter().fold(0, |s, c| {
+            s.wrapping_add(read(&c.connections_opened))
+                .wrapping_sub(read(&c.connections_closed))
+        });
+        self.gauge1(
+            enc,
+            ("twinsan_connections", "Initiator connections open"),
+            open as i64,
+        )?;
+        let sessions = self.reg.sessions.load(std::sync::atomic::Ordering::Relaxed);
+        self.gauge1(
+            enc,
+            ("twinsan_sessions", "iSCSI sessions in full feature phase"),
+            sessions as i64,
+        )?;
+        let n = self.reg.luns.len();
+        self.gauge(
+            enc,
+            (
+                "twinsan_lun_size_bytes",
+                "The LUN's size as initiators see it",
+            ),
+            (0..n).map(|i| (self.lun_labels(i), self.reg.luns[i].size_bytes as i64)),
+        )?;
+        self.gauge(
+            enc,
+            (
+                "twinsan_lun_allocated_bytes",
+                "Bytes the LUN's backing file occupies on disk (thin: what was written)",
+            ),
+            (0..n).map(|i| {
+                (
+                    self.lun_labels(i),
+                    self.reg.luns[i].allocated_bytes() as i64,
+                )
+            }),
+        )?;
+        let used = (0..n).filter_map(|i| {
+            let pct = self.reg.luns[i].pool_used_percent()?;
+            Some((self.lun_labels(i), i64::from(pct)))
+        });
+        self.gauge(
+            enc,
+            (
+                "twinsan_pool_used_percent",
+                "Percent of the file system under the LUN in use (the thin threshold's measure)",
+            ),
+            used,
+        )
+    }
+
+    fn pair(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let Some(rep) = self.reg.replication.get() else {
+            return Ok(());
+        };
+        let primary = self.reg.role() == crate::config::Role::Primary;
+        let figures = rep.figures();
+        self.gauge1(
+            enc,
+            (
+                "twinsan_pair_primary",
+                "1 on the pair's primary, 0 on its secondary",
+            ),
+            i64::from(primary),
+        )?;
+        self.gauge1(
+            enc,
+            (
+                "twinsan_pair_peer_connected",
+                "1 while the peer is mirrored to (primary) or a primary is connected (secondary)",
+            ),
+            i64::from(figures.peer_connected),
+        )?;
+        let luns = &figures.luns;
+        self.gauge(
+            enc,
+            (
+                "twinsan_pair_out_of_sync_bytes",
+                "Bytes in regions that may differ from the peer (the dirty bitmap)",
+            ),
+            luns.iter()
+                .map(|&(i, dirty, _)| (self.lun_labels(i), dirty as i64)),
+        )?;
+        self.gauge(
+            enc,
+            (
+                "twinsan_pair_resync_done_bytes",
+                "Bytes the running resync has copied (0 when none runs)",
+            ),
+            luns.iter()
+                .map(|&(i, _, (done, _))| (self.lun_labels(i), done as i64)),
+        )?;
+        self.gauge(
+            enc,
+            (
+                "twinsan_pair_resync_total_bytes",
+                "Bytes the running resync plans to copy (0 when none runs)",
+            ),
+            luns.iter()
+                .map(|&(i, _, (_, total))| (self.lun_labels(i), total as i64)),
+        )
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        self.commands(&mut enc)?;
+        self.latencies(&mut enc)?;
+        self.node(&mut enc)?;
+        self.pair(&mut enc)
+    }
+}

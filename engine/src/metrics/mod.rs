@@ -1,0 +1,208 @@
+//! Prometheus metrics. The I/O path only bumps counters that its own core thread owns
+//! (one writer each: a relaxed load and store, no lock prefix, no lock, no allocation); a
+//! scrape sums the cores and reads the slower facts (space, sessions, the pair) at that
+//! moment, through a `prometheus_client` collector. Names follow the Prometheus
+//! conventions: base units (seconds, bytes), `_total` counters, labels `target` and `lun`.
+
+mod collector;
+pub mod http;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use collector::{prometheus_text, render, Format};
+
+/// Upper bounds of the command latency histogram's buckets, in nanoseconds (25 us to
+/// 10 s: a cached read at the bottom, ESXi's 8 s ATS heartbeat limit near the top).
+pub const LATENCY_BOUNDS_NS: [u64; 18] = [
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// What kind of command finished (from its CDB's operation code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmdKind {
+    /// READ (6/10/12/16).
+    Read,
+    /// WRITE (6/10/12/16), WRITE AND VERIFY, COMPARE AND WRITE.
+    Write,
+    /// UNMAP.
+    Unmap,
+    /// Everything else (INQUIRY, TEST UNIT READY, WRITE SAME, ...).
+    Other,
+}
+
+impl CmdKind {
+    /// The kind of the command whose CDB starts with `opcode`.
+    pub fn of(opcode: u8) -> CmdKind {
+        match opcode {
+            0x08 | 0x28 | 0xa8 | 0x88 => CmdKind::Read,
+            0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x89 => CmdKind::Write,
+            0x42 => CmdKind::Unmap,
+            _ => CmdKind::Other,
+        }
+    }
+
+    const ALL: [CmdKind; 4] = [
+        CmdKind::Read,
+        CmdKind::Write,
+        CmdKind::Unmap,
+        CmdKind::Other,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            CmdKind::Read => "read",
+            CmdKind::Write => "write",
+            CmdKind::Unmap => "unmap",
+            CmdKind::Other => "other",
+        }
+    }
+}
+
+/// Adds `n` to a counter only the calling core thread writes. Why not `fetch_add`: its
+/// lock prefix costs on every command, and a single writer needs none; a scrape reads a
+/// value that is at most one update old.
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
+fn read(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// A latency histogram with fixed buckets ([`LATENCY_BOUNDS_NS`] and +Inf).
+#[derive(Default)]
+struct Histogram {
+    counts: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, ns: u64) {
+        let i = LATENCY_BOUNDS_NS
+            .iter()
+            .position(|&b| ns <= b)
+            .unwrap_or(LATENCY_BOUNDS_NS.len());
+        bump(&self.counts[i], 1);
+        bump(&self.sum_ns, ns);
+    }
+}
+
+/// One core's counters of one LUN. Aligned to a cache line: cores never share one.
+#[repr(align(64))]
+#[derive(Default)]
+struct LunCounters {
+    commands: [AtomicU64; 4],
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    /// CHECK CONDITION answers by sense key (0..=15).
+    errors: [AtomicU64; 16],
+    read_latency: Histogram,
+    write_latency: Histogram,
+}
+
+/// One core's counters.
+struct CoreCounters {
+    luns: Box<[LunCounters]>,
+    connections_opened: AtomicU64,
+    connections_closed: AtomicU64,
+}
+
+/// Every core's counters, summed at scrape.
+pub struct Metrics {
+    cores: Box<[CoreCounters]>,
+}
+
+/// What a finished command adds.
+#[derive(Clone, Copy, Debug)]
+pub struct Finished {
+    /// The registry's LUN index.
+    pub lun: usize,
+    /// Its kind.
+    pub kind: CmdKind,
+    /// Bytes it moved (GOOD reads and writes).
+    pub bytes: u64,
+    /// The sense key of a CHECK CONDITION.
+    pub sense_key: Option<u8>,
+    /// From its arrival to its answer.
+    pub latency: Duration,
+}
+
+impl Metrics {
+    /// Counters for `cores` core threads and `luns` LUNs (the registry's).
+    pub fn new(cores: usize, luns: usize) -> Arc<Metrics> {
+        let cores = (0..cores)
+            .map(|_| CoreCounters {
+                luns: (0..luns).map(|_| LunCounters::default()).collect(),
+                connections_opened: AtomicU64::new(0),
+                connections_closed: AtomicU64::new(0),
+            })
+            .collect();
+        Arc::new(Metrics { cores })
+    }
+
+    /// Core `core` answered a command. Only core `core`'s thread calls this.
+    pub fn finished(&self, core: usize, f: Finished) {
+        let Some(l) = self.cores.get(core).and_then(|c| c.luns.get(f.lun)) else {
+            return;
+        };
+        bump(&l.commands[f.kind.index()], 1);
+        let ns = u64::try_from(f.latency.as_nanos()).unwrap_or(u64::MAX);
+        match f.kind {
+            CmdKind::Read => {
+                bump(&l.read_bytes, f.bytes);
+                l.read_latency.observe(ns);
+            }
+            CmdKind::Write => {
+                bump(&l.write_bytes, f.bytes);
+                l.write_latency.observe(ns);
+            }
+            CmdKind::Unmap | CmdKind::Other => {}
+        }
+        if let Some(key) = f.sense_key {
+            bump(&l.errors[usize::from(key & 0x0f)], 1);
+        }
+    }
+
+    /// Core `core` accepted (`true`) or closed an initiator connection.
+    pub fn connection(&self, core: usize, opened: bool) {
+        if let Some(c) = self.cores.get(core) {
+            bump(
+                if opened {
+                    &c.connections_opened
+                } else {
+                    &c.connections_closed
+                },
+                1,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

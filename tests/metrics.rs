@@ -1,0 +1,144 @@
+//! The Prometheus endpoint: what `twinsan bench` did shows in the counters, and the page
+//! passes `promtool check metrics` (when promtool is installed: Debian's `prometheus`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+
+use common::{bench, text, Daemon, TARGET};
+
+/// A loopback port free a moment ago (the daemon binds it right after).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").port()
+}
+
+/// The page at `addr`'s `/metrics`, without the HTTP head.
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send the request");
+    let mut page = String::new();
+    s.read_to_string(&mut page).expect("read the answer");
+    let (head, body) = page.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{page}"))
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad value of {series}"))
+}
+
+#[test]
+fn the_counters_match_what_the_initiator_did() {
+    let port = free_port();
+    let d = Daemon::start(
+        "metrics",
+        &format!(
+            "[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"64MiB\"\n"
+        ),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let lun = format!("{{target=\"{TARGET}\",lun=\"0\"");
+    let before = scrape(&addr);
+    assert_eq!(
+        sample(&before, &format!("twinsan_scsi_written_bytes_total{lun}}}")),
+        0.0
+    );
+    // 1024 writes of 4 KiB, then 512 reads of 8 KiB, each block once.
+    let w = bench(
+        &d.url(0),
+        &["--rw", "write", "--bs", "4k", "--size", "4m", "--once"],
+    );
+    assert!(w.status.success(), "{}", text(&w));
+    let r = bench(
+        &d.url(0),
+        &["--rw", "read", "--bs", "8k", "--size", "4m", "--once"],
+    );
+    assert!(r.status.success(), "{}", text(&r));
+    let page = scrape(&addr);
+    let count = |op: &str| {
+        sample(
+            &page,
+            &format!("twinsan_scsi_commands_total{lun},op=\"{op}\"}}"),
+        )
+    };
+    assert_eq!(count("write"), 1024.0);
+    assert_eq!(count("read"), 512.0);
+    assert_eq!(
+        sample(&page, &format!("twinsan_scsi_written_bytes_total{lun}}}")),
+        4194304.0
+    );
+    assert_eq!(
+        sample(&page, &format!("twinsan_scsi_read_bytes_total{lun}}}")),
+        4194304.0
+    );
+    // Every write is in the latency histogram, and took some time.
+    let hist = "twinsan_scsi_command_duration_seconds";
+    assert_eq!(
+        sample(&page, &format!("{hist}_count{lun},op=\"write\"}}")),
+        1024.0
+    );
+    assert!(sample(&page, &format!("{hist}_sum{lun},op=\"write\"}}")) > 0.0);
+    assert_eq!(
+        sample(
+            &page,
+            &format!("{hist}_bucket{{le=\"+Inf\",target=\"{TARGET}\",lun=\"0\",op=\"write\"}}")
+        ),
+        1024.0
+    );
+    assert_eq!(
+        sample(&page, &format!("twinsan_lun_size_bytes{lun}}}")),
+        67108864.0
+    );
+    assert!(sample(&page, &format!("twinsan_lun_allocated_bytes{lun}}}")) >= 4194304.0);
+    // A read past the end is a CHECK CONDITION (ILLEGAL REQUEST), counted by its key.
+    let mut c = common::session_at(&d.addr, TARGET, "iqn.2026-11.io.twinsan:test-initiator", 1);
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x88;
+    cdb[2..10].copy_from_slice(&(64u64 << 20 >> 9).to_be_bytes());
+    cdb[13] = 8;
+    let r = c.command_sync(&cdb, 4096).expect("READ (16)");
+    assert_eq!(r.status, 2, "a read past the end must fail");
+    let page = scrape(&addr);
+    assert_eq!(sample(&page, "twinsan_sessions"), 1.0);
+    assert_eq!(sample(&page, "twinsan_connections"), 1.0);
+    let _ = c.logout();
+    assert_eq!(
+        sample(
+            &page,
+            &format!("twinsan_scsi_check_conditions_total{lun},sense_key=\"illegal_request\"}}")
+        ),
+        1.0
+    );
+    if let Ok(out) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut p| {
+            p.stdin.take().expect("stdin").write_all(page.as_bytes())?;
+            p.wait_with_output()
+        })
+    {
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "promtool check metrics:\n{said}"
+        );
+    }
+}
