@@ -120,6 +120,32 @@ fn the_counters_match_what_the_initiator_did() {
         ),
         1.0
     );
+    // The dashboard and the alert rules use only metrics the daemon exports (the pair's
+    // only on a pair).
+    for file in [
+        "contrib/grafana/twinsan-dashboard.json",
+        "contrib/prometheus/twinsan-alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(file).expect("read a contrib file");
+        for (i, _) in text.match_indices("twinsan_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            if name.starts_with("twinsan_pair_") || name == "twinsan_" {
+                continue;
+            }
+            assert!(
+                page.lines()
+                    .any(|l| l.starts_with(&name) || l.starts_with(&format!("# TYPE {family} "))),
+                "{file} uses {name}, which the daemon does not export"
+            );
+        }
+    }
     if let Ok(out) = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -141,4 +167,21 @@ fn the_counters_match_what_the_initiator_did() {
             "promtool check metrics:\n{said}"
         );
     }
+}
+
+#[test]
+fn the_alert_rules_load() {
+    let Ok(out) = Command::new("promtool")
+        .args(["check", "rules", "contrib/prometheus/twinsan-alerts.yml"])
+        .output()
+    else {
+        eprintln!("promtool not installed: rules not checked");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
