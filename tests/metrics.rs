@@ -185,3 +185,57 @@ fn the_alert_rules_load() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The answer to raw `request` bytes on the metrics port (the status line).
+fn status_line(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    let _ = s.write_all(request);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut page = String::new();
+    let _ = s.read_to_string(&mut page);
+    page.lines().next().unwrap_or("").to_string()
+}
+
+#[test]
+fn bad_requests_and_a_bad_address_are_refused_and_scrapes_go_on() {
+    let port = free_port();
+    let d = Daemon::start(
+        "metrics-bad",
+        &format!(
+            "[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"16MiB\"\n"
+        ),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    assert!(status_line(&addr, b"POST /metrics HTTP/1.1\r\n\r\n").contains("405"));
+    assert!(status_line(&addr, b"GET /other HTTP/1.1\r\n\r\n").contains("404"));
+    assert!(status_line(&addr, b"\x00\xff garbage\r\n\r\n").contains("400"));
+    // A request line longer than the bound: cut, and not a scrape.
+    let long = format!("GET /{} HTTP/1.1\r\n\r\n", "x".repeat(20_000));
+    assert!(!status_line(&addr, long.as_bytes()).contains("200"));
+    // A client that says nothing is given up on; scrapes still answer, as does iSCSI.
+    let _silent = TcpStream::connect(&addr).expect("connect");
+    assert!(scrape(&addr).contains("twinsan_sessions 0"));
+    let o = bench(
+        &d.url(0),
+        &["--rw", "write", "--bs", "4k", "--size", "64k", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // A metrics_listen that is not an address is refused with its key and value.
+    let cfg = d.dir.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\nmetrics_listen = \"nowhere\"\n[[target]]\nname = \"{TARGET}\"\n"),
+    )
+    .expect("write a config");
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run check-config");
+    let said = text(&o);
+    assert!(!o.status.success(), "{said}");
+    assert!(
+        said.contains("server.metrics_listen") && said.contains("nowhere"),
+        "{said}"
+    );
+}

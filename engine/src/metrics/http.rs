@@ -37,18 +37,20 @@ fn answer(mut s: TcpStream, metrics: &Arc<Metrics>, reg: &Arc<Registry>) -> std:
     s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let mut reader = BufReader::new(s.try_clone()?).take(REQUEST_BYTES_MAX as u64);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
+    // Bytes, not text: a request that is not UTF-8 still gets an answer (400).
+    let mut raw = Vec::new();
+    reader.read_until(b'\n', &mut raw)?;
+    let line = String::from_utf8_lossy(&raw).into_owned();
     // The headers are read and ignored (up to the blank line), so that the client's
     // request is consumed before the answer.
-    let mut header = String::new();
+    let mut header = Vec::new();
     let mut format = Format::Prometheus;
     loop {
         header.clear();
-        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+        if reader.read_until(b'\n', &mut header)? == 0 || header == b"\r\n" || header == b"\n" {
             break;
         }
-        let lower = header.to_ascii_lowercase();
+        let lower = String::from_utf8_lossy(&header).to_ascii_lowercase();
         if lower.starts_with("accept:") && lower.contains("application/openmetrics-text") {
             format = Format::OpenMetrics;
         }
@@ -65,6 +67,11 @@ fn answer(mut s: TcpStream, metrics: &Arc<Metrics>, reg: &Arc<Registry>) -> std:
             },
         ),
         ("GET", _) => ("404 Not Found", "see /metrics\n".to_string(), "text/plain"),
+        (m, _) if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) => (
+            "400 Bad Request",
+            "not an HTTP request\n".to_string(),
+            "text/plain",
+        ),
         _ => (
             "405 Method Not Allowed",
             "GET only\n".to_string(),
