@@ -176,14 +176,17 @@ fn status_json(args: AdminArgs) -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Err(e) => {
-            eprintln!(
-                "twinsan: cannot reach the daemon at {}: {e}",
-                socket.display()
-            );
-            ExitCode::from(1)
-        }
+        Err(e) => unreachable_daemon(&socket, &e),
     }
+}
+
+/// An admin command could not reach the daemon at `socket`: said on stderr, status 1.
+fn unreachable_daemon(socket: &std::path::Path, e: &std::io::Error) -> ExitCode {
+    eprintln!(
+        "twinsan: cannot reach the daemon at {}: {e}",
+        socket.display()
+    );
+    ExitCode::from(1)
 }
 
 fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
@@ -200,13 +203,7 @@ fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => {
-            eprintln!(
-                "twinsan: cannot reach the daemon at {}: {e}",
-                socket.display()
-            );
-            ExitCode::from(1)
-        }
+        Err(e) => unreachable_daemon(&socket, &e),
     }
 }
 

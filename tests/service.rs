@@ -22,6 +22,27 @@ impl Drop for Killed {
     }
 }
 
+/// `twinsan serve` on `listen` in `dir`, notifying `sock_path` with a 1.5 s watchdog
+/// (a look every 500 ms); `watchdog_pid` names the process meant to ping, when not the
+/// daemon (systemd's WATCHDOG_PID).
+fn serve_notified(
+    listen: &str,
+    dir: &std::path::Path,
+    sock_path: &std::path::Path,
+    watchdog_pid: Option<u32>,
+) -> Killed {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--listen", listen, "--data-dir"])
+        .arg(dir)
+        .env("NOTIFY_SOCKET", sock_path)
+        .env("WATCHDOG_USEC", "1500000")
+        .stdout(Stdio::null());
+    if let Some(pid) = watchdog_pid {
+        cmd.env("WATCHDOG_PID", pid.to_string());
+    }
+    Killed(cmd.spawn().unwrap())
+}
+
 /// Receives notification datagrams until one contains `what` (or panics after `within`).
 fn wait_for(sock: &UnixDatagram, what: &str, within: Duration) -> (String, Instant) {
     let t = Instant::now();
@@ -49,22 +70,11 @@ fn systemd_hears_ready_after_the_listener_then_watchdog_pings_then_stopping() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let child = Killed(
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(&dir)
-            .env("NOTIFY_SOCKET", &sock_path)
-            // 1.5 s: a look every 500 ms.
-            .env("WATCHDOG_USEC", "1500000")
-            .env("WATCHDOG_PID", std::process::id().to_string())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let child = serve_notified(
+        &format!("127.0.0.1:{port}"),
+        &dir,
+        &sock_path,
+        Some(std::process::id()),
     );
     // WATCHDOG_PID names another process: this one must not ping (systemd's rule).
     std::thread::sleep(Duration::from_millis(1200));
@@ -88,21 +98,7 @@ fn systemd_hears_ready_after_the_listener_then_watchdog_pings_then_stopping() {
     drop(child);
 
     // Now with the watchdog meant for the daemon itself.
-    let mut child = Killed(
-        Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(&dir)
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env("WATCHDOG_USEC", "1500000")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = serve_notified(&format!("127.0.0.1:{port}"), &dir, &sock_path, None);
     let (_, ready_at) = wait_for(&sock, "READY=1", Duration::from_secs(10));
     std::net::TcpStream::connect(("127.0.0.1", port)).expect("READY before the listener");
     // Three pings in a row, about a look (500 ms) apart.

@@ -121,30 +121,39 @@ impl Scrape {
             .fold(0u64, u64::wrapping_add)
     }
 
+    /// One metric family of `kind`: its HELP and TYPE, then one sample per label set.
+    fn family<M: EncodeMetric>(
+        &self,
+        enc: &mut DescriptorEncoder<'_>,
+        kind: MetricType,
+        (name, help): (&str, &str),
+        samples: impl Iterator<Item = (Labels, M)>,
+    ) -> std::fmt::Result {
+        let mut family = enc.encode_descriptor(name, help, None, kind)?;
+        for (labels, metric) in samples {
+            metric.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
     fn counter(
         &self,
         enc: &mut DescriptorEncoder<'_>,
-        (name, help): (&str, &str),
+        name_help: (&str, &str),
         samples: impl Iterator<Item = (Labels, u64)>,
     ) -> std::fmt::Result {
-        let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (labels, v) in samples {
-            ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+        let samples = samples.map(|(l, v)| (l, ConstCounter::new(v)));
+        self.family(enc, MetricType::Counter, name_help, samples)
     }
 
     fn gauge(
         &self,
         enc: &mut DescriptorEncoder<'_>,
-        (name, help): (&str, &str),
+        name_help: (&str, &str),
         samples: impl Iterator<Item = (Labels, i64)>,
     ) -> std::fmt::Result {
-        let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-        for (labels, v) in samples {
-            ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+        let samples = samples.map(|(l, v)| (l, ConstGauge::new(v)));
+        self.family(enc, MetricType::Gauge, name_help, samples)
     }
 
     /// A gauge without labels.

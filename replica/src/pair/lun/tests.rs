@@ -11,6 +11,16 @@ fn blank() -> Meta {
     m
 }
 
+/// The plan of a resync of what the bitmap holds (no regions of its own).
+fn bitmap_plan() -> ResyncPlan {
+    ResyncPlan {
+        regions: vec![],
+        initial: false,
+        every_region_after_crash: false,
+        decision: Decision::SyncSourceBitmap,
+    }
+}
+
 fn open(meta: Meta, marker: Marker, primary: bool) -> (PairLun, Persist, StartNote) {
     PairLun::open(meta, marker, primary, |_| vec![1, 2, 3])
 }
@@ -277,12 +287,7 @@ fn the_peer_is_in_sync_on_record_only_once_it_took_the_ids() {
     let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
     lun.mark_persisted();
     let before = lun.meta().gen;
-    let plan = ResyncPlan {
-        regions: vec![],
-        initial: false,
-        every_region_after_crash: false,
-        decision: crate::genid::Decision::SyncSourceBitmap,
-    };
+    let plan = bitmap_plan();
     let (regions, _) = lun.begin_resync(&plan, 0);
     for r in regions {
         lun.region_copied(r);
@@ -333,12 +338,7 @@ fn a_copy_acknowledged_after_a_loss_leaves_its_region_dirty() {
     let (mut lun, _, _) = open(blank(), Marker::Absent, true);
     let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
     lun.mark_persisted();
-    let plan = ResyncPlan {
-        regions: vec![],
-        initial: false,
-        every_region_after_crash: false,
-        decision: crate::genid::Decision::SyncSourceBitmap,
-    };
+    let plan = bitmap_plan();
     let (regions, _) = lun.begin_resync(&plan, 0);
     assert_eq!(regions, vec![1]);
     let _ = lun.peer_lost([(REGION + 512, 512)], [2; 8], PeerLossPolicy::Degrade);
@@ -359,12 +359,7 @@ fn the_operators_word_voids_a_completion_on_its_way() {
     let (mut lun, _, _) = open(blank(), Marker::Absent, true);
     let _ = lun.peer_lost([(REGION, 512)], [1; 8], PeerLossPolicy::Degrade);
     lun.mark_persisted();
-    let plan = ResyncPlan {
-        regions: vec![],
-        initial: false,
-        every_region_after_crash: false,
-        decision: crate::genid::Decision::SyncSourceBitmap,
-    };
+    let plan = bitmap_plan();
     let (regions, _) = lun.begin_resync(&plan, 0);
     for r in regions {
         lun.region_copied(r);
