@@ -10,6 +10,7 @@ use engine::server::Server;
 
 mod generate;
 mod service;
+mod snapshot_cli;
 
 /// mimalloc instead of glibc malloc: replicated writes allocate a buffer on a core thread and
 /// free it on a link thread, and glibc serializes such cross-thread frees on the arena lock
@@ -89,6 +90,11 @@ enum Cmd {
     Standby(AdminArgs),
     /// Automatic failover: clear standby, and ask an in-sync primary to hand over here.
     Takeover(AdminArgs),
+    /// Snapshots: create, list, delete, rollback, diff, apply.
+    Snapshot {
+        #[command(subcommand)]
+        op: snapshot_cli::SnapshotCmd,
+    },
     /// Run a witness: the third vote for any number of pairs (see docs/failover.md).
     Witness {
         /// UDP address to listen on, ADDRESS:PORT.
@@ -135,7 +141,7 @@ enum Cmd {
 }
 
 #[derive(clap::Args)]
-struct AdminArgs {
+pub(crate) struct AdminArgs {
     /// The daemon's config file (its admin socket is read from it).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -145,7 +151,7 @@ struct AdminArgs {
 }
 
 /// The admin socket named by the arguments, or exit status 2 after saying why.
-fn admin_socket(args: AdminArgs) -> Result<PathBuf, ExitCode> {
+pub(crate) fn admin_socket(args: AdminArgs) -> Result<PathBuf, ExitCode> {
     match (args.socket, args.config) {
         (Some(s), _) => Ok(s),
         (None, cfg) => match load(cfg, &Overrides::default()) {
@@ -189,7 +195,7 @@ fn unreachable_daemon(socket: &std::path::Path, e: &std::io::Error) -> ExitCode 
     ExitCode::from(1)
 }
 
-fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
+pub(crate) fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
     let socket = match admin_socket(args) {
         Ok(s) => s,
         Err(code) => return code,
@@ -299,6 +305,7 @@ fn main() -> ExitCode {
             admin(a, if repair { "verify-repair" } else { "verify" })
         }
         Cmd::OutdatePeer(a) => admin(a, "outdate-peer"),
+        Cmd::Snapshot { op } => snapshot_cli::run(op),
         Cmd::Standby(a) => admin(a, "standby"),
         Cmd::Takeover(a) => admin(a, "takeover"),
         Cmd::Witness { listen, config } => {

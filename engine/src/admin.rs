@@ -152,8 +152,11 @@ pub fn execute(cmd: &str, reg: &Registry) -> String {
             },
             None => "error: no peer configured\n".into(),
         },
+        other if other.starts_with("snapshot ") => {
+            crate::snapshot::admin::execute(&other["snapshot ".len()..], reg)
+        }
         other => {
-            format!("error: unknown command `{other}` (status, status-json, promote, promote-force, demote, standby, takeover, outdate-peer, verify, verify-repair, resolve-discard-local)\n")
+            format!("error: unknown command `{other}` (status, status-json, promote, promote-force, demote, standby, takeover, outdate-peer, verify, verify-repair, resolve-discard-local, snapshot ...)\n")
         }
     }
 }

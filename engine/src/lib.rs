@@ -14,6 +14,7 @@
 //! - [`lun`], [`registry`], [`config`], [`server`], [`admin`]: the LUNs, the daemon's shared
 //!   state, its configuration, start-up and the admin socket; [`health`]: the core threads'
 //!   liveness, for the service manager's watchdog.
+//! - [`snapshot`]: snapshots (cuts on both nodes, clones, catalogues, diff streams).
 
 pub mod admin;
 pub mod config;
@@ -29,4 +30,5 @@ pub mod registry;
 pub mod replication;
 pub mod scsi;
 pub mod server;
+pub mod snapshot;
 pub mod vip;

@@ -38,6 +38,8 @@ pub enum LunError {
     NoSize { path: PathBuf },
     #[error("{path}: persistent reservation state is unreadable ({reason}); move the file aside to start without it")]
     PrState { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Snapshots(#[from] crate::snapshot::store::StoreError),
     #[error("{path}: the file size {size} is not a multiple of the block size {block_size}")]
     Misaligned {
         path: PathBuf,
@@ -90,6 +92,9 @@ pub struct Lun {
     pub pr_path: PathBuf,
     /// Whether the soft threshold attention was raised and not yet re-armed.
     pub threshold_raised: AtomicBool,
+    /// This LUN's snapshots on this node (snapshot/store.rs); locked by snapshot
+    /// operations only, never on the data path.
+    pub snaps: Mutex<crate::snapshot::store::Store>,
 }
 
 impl Lun {
@@ -180,7 +185,11 @@ impl Lun {
             crate::disk::allocation::data_extents(&meta_fd, size_bytes),
         ));
         tracing::debug!(path = %cfg.path.display(), data_bytes = alloc.data_bytes(), chunk_bytes = alloc.chunk_bytes(), "allocation map built");
+        let snaps = crate::snapshot::store::Store::open(&cfg.path)?;
+        snaps.remove_strays();
+        let snaps = Mutex::new(snaps);
         Ok(Lun {
+            snaps,
             alloc,
             ranges: Arc::new(RangeLock::default()),
             meta_fd,

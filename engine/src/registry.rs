@@ -73,6 +73,12 @@ impl Registry {
         })
     }
 
+    /// Whether any normal session is logged in to target `target` (its index).
+    pub fn target_has_sessions(&self, target: usize) -> bool {
+        let m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        m.keys().any(|(_, _, t)| *t == target)
+    }
+
     /// Forgets session `id` under `key` (unless a newer session has taken the key).
     pub fn session_ended(&self, key: &SessionKey, id: u64) {
         let mut m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());

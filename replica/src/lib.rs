@@ -27,6 +27,7 @@ pub mod genid;
 pub mod intent;
 pub mod meta;
 pub mod pair;
+pub mod snapshot;
 pub mod wire;
 
 pub use bitmap::{Bitmap, BitmapError};

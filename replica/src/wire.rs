@@ -17,6 +17,8 @@
 
 use crate::bitmap::{le_u32, le_u64};
 use crate::genid::{GenFlags, GenIds};
+use crate::snapshot::{SnapOp, SnapshotName};
+pub use snapshot::SNAPSHOTS_PER_LUN_MAX;
 
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"TWRP";
@@ -240,6 +242,26 @@ pub enum Message {
         /// [`crate::bitmap::Bitmap::encode`] output.
         bitmap: Vec<u8>,
     },
+    /// A step of a snapshot cut, delete or rollback the primary orders ([`crate::snapshot`]);
+    /// answered with an ack.
+    Snapshot {
+        /// LUN.
+        lun_key: u64,
+        /// What to do.
+        op: SnapOp,
+        /// The snapshot's id (the same on both nodes).
+        guid: u64,
+        /// Its name.
+        name: SnapshotName,
+    },
+    /// The primary's committed snapshots of a LUN, sent when the pair reconnects: the
+    /// secondary follows it ([`crate::snapshot::reconcile`]); answered with an ack.
+    SnapshotList {
+        /// LUN.
+        lun_key: u64,
+        /// Their ids (at most [`SNAPSHOTS_PER_LUN_MAX`]).
+        guids: Vec<u64>,
+    },
 }
 
 mod msg_type {
@@ -259,6 +281,8 @@ mod msg_type {
     pub const PONG: u8 = 14;
     pub const DIRTY_BITMAP: u8 = 15;
     pub const RESYNC_PROGRESS: u8 = 16;
+    pub const SNAPSHOT: u8 = 17;
+    pub const SNAPSHOT_LIST: u8 = 18;
 }
 
 impl Message {
@@ -281,6 +305,8 @@ impl Message {
             Message::Pong { .. } => PONG,
             Message::DirtyBitmap { .. } => DIRTY_BITMAP,
             Message::ResyncProgress { .. } => RESYNC_PROGRESS,
+            Message::Snapshot { .. } => SNAPSHOT,
+            Message::SnapshotList { .. } => SNAPSHOT_LIST,
         }
     }
 }
@@ -436,6 +462,7 @@ pub fn encode(msg: &Message, seq: u64, out: &mut Vec<u8>) {
                 put_u64(out, value);
             }
         }
+        Message::Snapshot { .. } | Message::SnapshotList { .. } => snapshot::put_body(msg, out),
     }
     finish_frame(start, out);
 }
@@ -499,7 +526,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header, WireError> {
         return Err(WireError::BadVersion(bytes[4]));
     }
     let msg_type = bytes[5];
-    if !(msg_type::HELLO..=msg_type::RESYNC_PROGRESS).contains(&msg_type) {
+    if !(msg_type::HELLO..=msg_type::SNAPSHOT_LIST).contains(&msg_type) {
         return Err(WireError::UnknownType(msg_type));
     }
     let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
@@ -767,6 +794,8 @@ fn parse_body(msg_type: u8, body: &[u8]) -> Result<Message, WireError> {
                 eta_ms,
             }
         }
+        SNAPSHOT => snapshot::parse_snapshot(&mut reader)?,
+        SNAPSHOT_LIST => snapshot::parse_list(&mut reader)?,
         other => return Err(WireError::UnknownType(other)),
     };
     reader.finish()?;
@@ -943,5 +972,6 @@ pub fn fuzz(data: &[u8]) {
     }
 }
 
+mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+pub mod pair;
+
 pub const TARGET: &str = "iqn.2026-11.io.twinsan:test";
 
 pub struct Daemon {
@@ -264,6 +266,67 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// An XFS file system (with reflink, mkfs.xfs's default) in a sparse image file, loop
+/// mounted for the test and unmounted when dropped: snapshots need a file system that
+/// clones files, and this machine's root is ext4.
+pub struct Xfs {
+    dir: PathBuf,
+    image: PathBuf,
+}
+
+impl Xfs {
+    /// Makes and mounts a `size_mib` MiB XFS at `dir` (created if missing).
+    pub fn mount(dir: &Path, size_mib: u64) -> Xfs {
+        std::fs::create_dir_all(dir).expect("create mount point");
+        let mut image = dir.as_os_str().to_owned();
+        image.push(".xfs-image");
+        let image = PathBuf::from(image);
+        let f = std::fs::File::create(&image).expect("create the XFS image");
+        f.set_len(size_mib << 20).expect("size the XFS image");
+        drop(f);
+        let mkfs = Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-m", "reflink=1"])
+            .arg(&image)
+            .output()
+            .expect("mkfs.xfs: install xfsprogs (scripts/test-all does)");
+        assert!(mkfs.status.success(), "mkfs.xfs failed: {}", text(&mkfs));
+        let m = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(
+            m.status.success(),
+            "loop-mounting an XFS image failed (this test needs root and loop devices; CI has both): {}",
+            text(&m)
+        );
+        Xfs {
+            dir: dir.to_path_buf(),
+            image,
+        }
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        // Not lazy: the loop device is freed only once nothing holds the file system, and a
+        // busy one (a daemon still running) should show up as a leak, not hide.
+        for _ in 0..50 {
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = std::fs::remove_file(&self.image);
     }
 }
 

@@ -17,7 +17,7 @@
 //! their regions; a copy that waited for them waited forever (the failover rig: a new
 //! primary answered nothing, its resync at 0% for good).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Ranges held at once per LUN: a bound far above queue depth x sessions in practice.
@@ -45,6 +45,9 @@ pub struct RangeLock {
     /// Ranges of WRITE ATOMIC commands in flight: readers must not see them half done.
     atomic: Mutex<Vec<(u64, u64, u64)>>,
     atomic_active: AtomicU64,
+    /// Drains waiting for the whole LUN ([`RangeLock::drain`]): while any does, no new range
+    /// is granted, so the writes already running are the last before it.
+    draining: AtomicU32,
 }
 
 /// A held range `[start, end)` in blocks; released when dropped.
@@ -93,6 +96,18 @@ impl RangeLock {
 
     /// Takes `[start, end)` unless an overlapping range `blocks` (a predicate on it).
     fn try_lock_if(
+        self: &Arc<Self>,
+        start: u64,
+        end: u64,
+        blocks: impl Fn(&Held) -> bool,
+    ) -> Option<RangeGuard> {
+        if self.draining.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.grant_if(start, end, blocks)
+    }
+
+    fn grant_if(
         self: &Arc<Self>,
         start: u64,
         end: u64,
@@ -156,6 +171,33 @@ impl RangeLock {
             }
             std::thread::sleep(poll);
         }
+    }
+
+    /// Holds `[0, end)` (a whole LUN) once every range held now is released, granting no
+    /// new range meanwhile (writes retry from their loops), or gives up after `timeout`
+    /// (`None`: something held its range that long, a peer that stopped answering for
+    /// instance). A snapshot's cut: when it returns, every write that started before it
+    /// has finished, and none runs until the guard drops. A background thread only.
+    pub fn drain(
+        self: &Arc<Self>,
+        end: u64,
+        poll: std::time::Duration,
+        timeout: std::time::Duration,
+    ) -> Option<RangeGuard> {
+        self.draining.fetch_add(1, Ordering::AcqRel);
+        let start = std::time::Instant::now();
+        let got = loop {
+            if let Some(g) = self.grant_if(0, end.max(1), |_| true) {
+                break Some(g);
+            }
+            if start.elapsed() >= timeout {
+                break None;
+            }
+            std::thread::sleep(poll);
+        };
+        // Held or given up: the whole range keeps every write out by itself from here.
+        self.draining.fetch_sub(1, Ordering::AcqRel);
+        got
     }
 
     /// Like [`try_lock`](Self::try_lock), and readers of the range wait until it is released.
@@ -223,6 +265,39 @@ mod tests {
         assert!(l.try_lock(12, 13).is_none(), "the copy keeps writes out");
         drop((w, copy));
         assert_eq!(l.held(), 0);
+    }
+
+    #[test]
+    fn a_drain_waits_for_running_writes_and_grants_no_new_one() {
+        use std::time::Duration;
+        let l = Arc::new(RangeLock::default());
+        let running = l.try_lock(100, 108).unwrap();
+        std::thread::scope(|s| {
+            let cut = s.spawn(|| l.drain(1000, Duration::from_micros(50), Duration::from_secs(10)));
+            while l.draining.load(Ordering::Acquire) == 0 {
+                std::thread::yield_now();
+            }
+            assert!(
+                l.try_lock(0, 8).is_none(),
+                "no new write while a drain waits"
+            );
+            assert!(!cut.is_finished(), "the running write is not done");
+            drop(running);
+            let g = cut
+                .join()
+                .unwrap()
+                .expect("drained once the write finished");
+            assert!(l.try_lock(500, 501).is_none(), "the cut holds the LUN");
+            drop(g);
+        });
+        assert!(l.try_lock(0, 8).is_some(), "writes go on after the cut");
+        // A range held past the timeout fails the drain, and writes go on.
+        let stuck = l.try_lock(0, 8).unwrap();
+        assert!(l
+            .drain(1000, Duration::from_micros(50), Duration::from_millis(20))
+            .is_none());
+        drop(stuck);
+        assert!(l.try_lock(0, 8).is_some());
     }
 
     #[test]

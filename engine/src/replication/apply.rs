@@ -242,6 +242,13 @@ impl Replication {
                     }
                     Err(e) => AckStatus::IoError(e.raw_os_error().unwrap_or(libc::EIO)),
                 },
+                Apply::Snapshot {
+                    lun,
+                    op,
+                    guid,
+                    name,
+                } => self.apply_snapshot(lun, op, guid, &name),
+                Apply::FollowSnapshots { lun, guids } => self.follow_snapshots(lun, &guids),
                 Apply::Progress {
                     lun,
                     done_bytes,

@@ -49,6 +49,7 @@ use replica::wire::{self, AckStatus, Frame, LunHello, Message, LINK_NONE};
 
 use crate::config::{OnPeerLoss, PeerConfig, Role};
 use crate::registry::Registry;
+pub use snapshots::SnapLink;
 
 mod apply;
 mod failover_view;
@@ -58,6 +59,7 @@ mod meta_file;
 mod mirror;
 mod resync;
 mod roles;
+mod snapshots;
 mod status;
 pub use status::PairFigures;
 mod verify;

@@ -54,6 +54,11 @@ impl Replication {
             return Ok(());
         };
         let plans = self.plan_all(hellos)?;
+        // The peer keeps exactly this node's snapshots (a cut it holds pending that this
+        // node committed, none this node dropped).
+        if let Err(e) = self.send_snapshot_lists(&reg, &mut s, &mut rbuf) {
+            tracing::warn!(error = %e, "the peer did not follow this node's snapshot list");
+        }
         let mut run = SourceRun::new(plans, self.source_timers(), now_ms(&self.epoch));
         let r = self.drive(&reg, &mut s, &mut rbuf, &mut run);
         if let Err(e) = &r {

@@ -135,6 +135,24 @@ pub enum Apply<'a> {
         /// Region number.
         region: u64,
     },
+    /// A snapshot step the primary orders ([`crate::snapshot`]): performed, then answered.
+    Snapshot {
+        /// LUN index.
+        lun: usize,
+        /// What to do.
+        op: crate::snapshot::SnapOp,
+        /// The snapshot's id.
+        guid: u64,
+        /// Its name.
+        name: crate::snapshot::SnapshotName,
+    },
+    /// Follow the primary's snapshot list ([`crate::snapshot::reconcile`]), then answer.
+    FollowSnapshots {
+        /// LUN index.
+        lun: usize,
+        /// The primary's committed snapshots.
+        guids: Vec<u64>,
+    },
     /// The source's progress ([`super::PairLun::progress_heard`]).
     Progress {
         /// LUN index.
@@ -360,6 +378,20 @@ fn plan_message<'a>(msg: Message, lun: impl Fn(u64) -> Option<(usize, u64)>) -> 
             total_bytes,
             eta_ms,
         }),
+        Message::Snapshot {
+            lun_key,
+            op,
+            guid,
+            name,
+        } => find(lun_key).map(|lun| Apply::Snapshot {
+            lun,
+            op,
+            guid,
+            name,
+        }),
+        Message::SnapshotList { lun_key, guids } => {
+            find(lun_key).map(|lun| Apply::FollowSnapshots { lun, guids })
+        }
         Message::Ping { .. } => Ok(Apply::Answer(AckStatus::Ok)),
         _ => Err(Refusal::Unexpected),
     };

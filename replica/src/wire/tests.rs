@@ -125,6 +125,20 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 eta_ms
             }
         ),
+        (
+            any::<u64>(),
+            1u8..=5,
+            any::<u64>(),
+            "[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}"
+        )
+            .prop_map(|(lun_key, op, guid, name)| Message::Snapshot {
+                lun_key,
+                op: crate::snapshot::SnapOp::from_code(op).unwrap(),
+                guid,
+                name: crate::snapshot::SnapshotName::parse(&name).unwrap(),
+            }),
+        (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..20))
+            .prop_map(|(lun_key, guids)| Message::SnapshotList { lun_key, guids }),
     ]
 }
 

@@ -1,0 +1,160 @@
+//! The pair's side of snapshots: whether the peer can take the same cut, the primary's
+//! requests to it, and the secondary performing them and following the primary's list.
+
+use super::*;
+use replica::snapshot::{reconcile, Follow, PeerView, SnapOp, SnapshotName};
+
+/// A connection to the peer for one snapshot operation.
+pub struct SnapLink {
+    s: TcpStream,
+    rbuf: RxBuf,
+    wbuf: Vec<u8>,
+}
+
+impl Drop for SnapLink {
+    fn drop(&mut self) {
+        let _ = self.s.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Replication {
+    /// Whether the peer holds the same data as this node for every LUN of `luns` now, so
+    /// that a cut taken here now is taken there at the same write.
+    pub fn snapshot_peer_view(&self, luns: &[usize]) -> PeerView {
+        if !self.peer_up.load(Ordering::Acquire) {
+            return PeerView::Apart("the peer is not connected".into());
+        }
+        for &i in luns {
+            match self.luns.get(i).map(RepLun::state) {
+                Some(SyncState::UpToDate) => {}
+                Some(other) => {
+                    return PeerView::Apart(format!("LUN {:016x} is {other:?}", self.luns[i].key))
+                }
+                None => return PeerView::Apart("the LUN is not replicated".into()),
+            }
+        }
+        PeerView::InSync
+    }
+
+    /// Opens an authenticated connection to the peer for snapshot requests.
+    pub fn snapshot_link(&self) -> std::io::Result<SnapLink> {
+        let (s, rbuf, _) = self.connect(LINK_NONE)?;
+        Ok(SnapLink {
+            s,
+            rbuf,
+            wbuf: Vec::new(),
+        })
+    }
+
+    /// Asks the peer for `op` on snapshot `guid` of LUN `lun` and waits for its Ok.
+    pub fn snapshot_request(
+        &self,
+        link: &mut SnapLink,
+        lun: usize,
+        op: SnapOp,
+        guid: u64,
+        name: &SnapshotName,
+    ) -> std::io::Result<()> {
+        let l = self
+            .luns
+            .get(lun)
+            .ok_or_else(|| std::io::Error::other("the LUN is not replicated"))?;
+        let msg = Message::Snapshot {
+            lun_key: l.key,
+            op,
+            guid,
+            name: name.clone(),
+        };
+        self.request(
+            &mut link.s,
+            &mut link.rbuf,
+            &mut link.wbuf,
+            &msg,
+            "snapshot",
+        )
+    }
+
+    /// Sends every LUN's committed snapshots to a peer that just connected, which follows
+    /// them (reconcile). A failure only delays that to the next connection.
+    pub(super) fn send_snapshot_lists(
+        &self,
+        reg: &Registry,
+        s: &mut TcpStream,
+        rbuf: &mut RxBuf,
+    ) -> std::io::Result<()> {
+        let mut wbuf = Vec::new();
+        for (i, l) in self.luns.iter().enumerate() {
+            let guids: Vec<u64> = {
+                let st = reg.luns[i].snaps.lock().unwrap_or_else(|p| p.into_inner());
+                st.committed().map(|e| e.guid).collect()
+            };
+            let msg = Message::SnapshotList {
+                lun_key: l.key,
+                guids,
+            };
+            self.request(s, rbuf, &mut wbuf, &msg, "snapshot list")?;
+        }
+        Ok(())
+    }
+
+    /// On the secondary: performs a snapshot step the primary orders.
+    pub(super) fn apply_snapshot(
+        &self,
+        lun: usize,
+        op: SnapOp,
+        guid: u64,
+        name: &SnapshotName,
+    ) -> AckStatus {
+        let Some(reg) = self.registry() else {
+            return AckStatus::Refused;
+        };
+        match crate::snapshot::apply_step(&reg.luns[lun], op, guid, name) {
+            Ok(()) => AckStatus::Ok,
+            Err(e) => {
+                tracing::error!(lun = self.luns[lun].key, ?op, error = %e, "snapshot step failed");
+                AckStatus::IoError(libc::EIO)
+            }
+        }
+    }
+
+    /// On the secondary: keeps exactly the primary's committed snapshots of LUN `lun`.
+    pub(super) fn follow_snapshots(&self, lun: usize, guids: &[u64]) -> AckStatus {
+        let Some(reg) = self.registry() else {
+            return AckStatus::Refused;
+        };
+        let l = &reg.luns[lun];
+        let mut st = l.snaps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut status = AckStatus::Ok;
+        for f in reconcile(guids, &st.listed()) {
+            let r = match f {
+                Follow::Commit(g) => st.commit(g),
+                Follow::Drop(g) => st.remove(g),
+                Follow::Missing(g) => {
+                    tracing::warn!(lun = self.luns[lun].key, guid = format!("{g:016x}"), "the primary holds a snapshot this node never took (it was apart at the cut)");
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                tracing::error!(lun = self.luns[lun].key, error = %e, "could not follow the primary's snapshots");
+                status = AckStatus::IoError(libc::EIO);
+            }
+        }
+        status
+    }
+
+    /// Marks every region of LUN `lun` out of sync and drops the peer, so that the next
+    /// resync copies the whole LUN from this node (after a rollback the nodes may differ).
+    pub fn resync_whole(&self, lun: usize, why: &str) {
+        let Some(l) = self.luns.get(lun) else {
+            return;
+        };
+        let regions = l.size_bytes.div_ceil(l.region_bytes());
+        let mut p = l.pair();
+        let persist = p.mark_regions(0..regions);
+        if let Err(e) = l.persist_if(&mut p, persist) {
+            tracing::error!(lun = l.key, error = %e, "cannot record the LUN out of sync");
+        }
+        drop(p);
+        self.peer_lost(why);
+    }
+}

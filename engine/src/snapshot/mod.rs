@@ -1,0 +1,524 @@
+//! `twinsan snapshot ...`: crash-consistent snapshots of LUNs, taken at one cut on both
+//! nodes of a pair (`replica::snapshot` decides the order of every step; this module
+//! performs them: the drain on range locks, the clones, the catalogue, the peer's requests).
+//!
+//! Storage: a reflink clone of the backing file per snapshot (store.rs, reflink.rs). On a
+//! file system without reflink (ext4) snapshots are refused with the reason; the
+//! redirect-on-write overlay chain for those is not built yet (docs/limitations.md).
+
+pub mod admin;
+pub mod diff;
+pub mod reflink;
+pub mod store;
+
+use std::fs::{File, OpenOptions};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use replica::snapshot::{Cut, CutOutcome, CutStep, PeerView, SnapOp, SnapshotName};
+
+use crate::config::Role;
+use crate::disk::range_lock::RangeGuard;
+use crate::lun::Lun;
+use crate::registry::Registry;
+
+/// How long a cut waits for the writes running when it starts. Why this bound: every write
+/// of the group waits meanwhile, and ESXi reports a datastore lost when an ATS heartbeat
+/// waits 8 s; a healthy pair completes a write in milliseconds, so a drain this long means
+/// something is stuck, and the cut gives up rather than stall the LUN.
+pub const DRAIN_TIMEOUT_MS: u64 = 2_000;
+/// How often a waiting drain looks again.
+const DRAIN_POLL: Duration = Duration::from_micros(100);
+
+/// One snapshot operation at a time on a node: cuts hold writes, and two at once would
+/// only make both wait longer.
+static OPERATION: Mutex<()> = Mutex::new(());
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A time for people: RFC 3339, seconds, UTC.
+pub fn utc(unix_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
+}
+
+/// `TARGET/LUN` (target name, LUN id) to the registry's LUN index.
+pub fn find_lun(reg: &Registry, spec: &str) -> Result<usize, String> {
+    let (target, id) = spec.rsplit_once('/').ok_or_else(|| {
+        format!("{spec:?}: name a LUN as TARGET/LUN (e.g. iqn.2026-11.io.twinsan:default/0)")
+    })?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("{spec:?}: the LUN id {id:?} is not a number"))?;
+    let t = reg
+        .targets
+        .iter()
+        .find(|t| t.cfg.name == target)
+        .ok_or_else(|| format!("{spec:?}: no target named {target:?} here"))?;
+    t.lun(id)
+        .ok_or_else(|| format!("{spec:?}: target {target:?} has no LUN {id}"))
+}
+
+/// The LUNs a group names: `TARGET/LUN`s separated by commas, or a bare `TARGET` for all of
+/// its LUNs.
+pub fn find_group(reg: &Registry, spec: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        if let Some(t) = reg.targets.iter().find(|t| t.cfg.name == part) {
+            out.extend(t.luns.iter().map(|&(_, i)| i));
+        } else {
+            out.push(find_lun(reg, part)?);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        return Err(format!("{spec:?} names no LUN"));
+    }
+    Ok(out)
+}
+
+fn peer_view(reg: &Registry, luns: &[usize]) -> PeerView {
+    match reg.replication.get() {
+        None => PeerView::Standalone,
+        Some(rep) => rep.snapshot_peer_view(luns),
+    }
+}
+
+fn store_err(lun: &Lun, e: impl std::fmt::Display) -> String {
+    format!("{}/{}: {e}", lun.target_name, lun.id)
+}
+
+/// Takes snapshot `name` of every LUN in `luns` at one cut (on both nodes of a pair).
+pub fn create(reg: &Registry, luns: &[usize], name: &SnapshotName) -> Result<String, String> {
+    let _one = OPERATION.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cut = Cut::start(
+        reg.role() == Role::Primary,
+        peer_view(reg, luns),
+        luns.len(),
+    )
+    .map_err(|e| e.to_string())?;
+    for &i in luns {
+        let lun = &reg.luns[i];
+        let mut st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+        // Clones of cuts that never completed here (this node was secondary then, or
+        // crashed mid-cut): nothing will commit them now that this node orders the cuts.
+        st.drop_pending().map_err(|e| store_err(lun, e))?;
+        if st.by_name(name.as_str()).is_ok() {
+            return Err(store_err(
+                lun,
+                format!("a snapshot named {name:?} exists already"),
+            ));
+        }
+    }
+    let mut rng = rand::thread_rng();
+    let group = rng.next_u64();
+    let guids: Vec<u64> = luns.iter().map(|_| rng.next_u64()).collect();
+    let created = now_unix_ms();
+    let started = std::time::Instant::now();
+    let mut guards: Vec<RangeGuard> = Vec::new();
+    let mut peer = None;
+    let mut error = None;
+    let mut held_ms = 0;
+    let outcome = loop {
+        let step = cut.next();
+        let ok = match step {
+            CutStep::Finished(o) => break o,
+            CutStep::Drain => {
+                for &i in luns {
+                    let lun = &reg.luns[i];
+                    match drain(lun) {
+                        Ok(g) => guards.push(g),
+                        Err(e) => {
+                            error.get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                if guards.len() < luns.len() {
+                    guards.clear();
+                }
+                !guards.is_empty()
+            }
+            CutStep::Release => {
+                held_ms = started.elapsed().as_millis();
+                guards.clear();
+                true
+            }
+            CutStep::Local { lun: m, op } => {
+                let lun = &reg.luns[luns[m]];
+                local_step(lun, op, guids[m], name, group, created)
+                    .map_err(|e| error.get_or_insert(store_err(lun, e)))
+                    .is_ok()
+            }
+            CutStep::Peer { lun: m, op } => {
+                let Some(rep) = reg.replication.get() else {
+                    debug_assert!(false, "a standalone cut asks no peer");
+                    break CutOutcome::Failed;
+                };
+                let r = match &mut peer {
+                    Some(link) => Ok(link),
+                    None => rep.snapshot_link().map(|l| peer.insert(l)),
+                }
+                .and_then(|link| rep.snapshot_request(link, luns[m], op, guids[m], name));
+                if let Err(e) = &r {
+                    peer = None;
+                    error.get_or_insert(format!("peer: {op:?}: {e}"));
+                }
+                r.is_ok()
+            }
+        };
+        cut.done(ok);
+    };
+    drop(guards);
+    let names: Vec<String> = luns
+        .iter()
+        .map(|&i| format!("{}/{}", reg.luns[i].target_name, reg.luns[i].id))
+        .collect();
+    match outcome {
+        CutOutcome::Taken => {
+            tracing::info!(%name, luns = ?names, held_ms, "snapshot taken");
+            Ok(format!(
+                "snapshot {name} of {} taken (writes held {held_ms} ms)\n",
+                names.join(", ")
+            ))
+        }
+        CutOutcome::PeerUnconfirmed => Err(format!(
+            "snapshot {name} taken on this node, but the peer did not confirm it ({}); the peer keeps it when the pair reconnects, unless it is promoted first",
+            error.unwrap_or_default()
+        )),
+        CutOutcome::Failed => Err(format!(
+            "no snapshot taken: {}",
+            error.unwrap_or_else(|| "the cut failed".into())
+        )),
+    }
+}
+
+/// Holds every write of `lun` out (see [`crate::disk::range_lock::RangeLock::drain`]), or
+/// says why not.
+fn drain(lun: &Lun) -> Result<RangeGuard, String> {
+    lun.ranges
+        .drain(
+            lun.num_blocks(),
+            DRAIN_POLL,
+            Duration::from_millis(DRAIN_TIMEOUT_MS),
+        )
+        .ok_or_else(|| {
+            store_err(
+                lun,
+                format!(
+                    "writes still running after {DRAIN_TIMEOUT_MS} ms: nothing changed (retry)"
+                ),
+            )
+        })
+}
+
+/// Refuses, unless `force`, while initiators are logged in to the target of `lun`: what
+/// follows replaces its data under their caches.
+fn refuse_with_sessions(reg: &Registry, lun: &Lun, force: bool) -> Result<(), String> {
+    let target = reg
+        .targets
+        .iter()
+        .position(|t| t.cfg.name == lun.target_name);
+    if !force && target.is_some_and(|t| reg.target_has_sessions(t)) {
+        return Err(store_err(
+            lun,
+            "initiators are logged in to its target; their caches would disagree with the replaced data. Log them out first, or pass --force",
+        ));
+    }
+    Ok(())
+}
+
+/// One local step of a cut, delete or rollback.
+fn local_step(
+    lun: &Lun,
+    op: SnapOp,
+    guid: u64,
+    name: &SnapshotName,
+    group: u64,
+    created_unix_ms: u64,
+) -> Result<(), String> {
+    let mut st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+    let r = match op {
+        SnapOp::Prepare => {
+            let live = File::open(&lun.path).map_err(|e| e.to_string())?;
+            st.prepare(&live, guid, name, group, created_unix_ms)
+        }
+        SnapOp::Commit => st.commit(guid),
+        SnapOp::Abort | SnapOp::Delete => st.remove(guid),
+        SnapOp::Rollback => {
+            let live = OpenOptions::new()
+                .write(true)
+                .open(&lun.path)
+                .map_err(|e| e.to_string())?;
+            let r = st.rollback(guid, &live);
+            // Whatever the clone did (it may have replaced part of the file), the chunks
+            // that hold data are read from the file again.
+            refresh_allocation(lun, &live);
+            r
+        }
+    };
+    r.map_err(|e| e.to_string())
+}
+
+/// After the file's content was replaced: every chunk may hold data, then the holes the
+/// new content has are known again.
+pub fn refresh_allocation(lun: &Lun, f: &File) {
+    lun.alloc.mark_data(0, lun.size_bytes);
+    let mut off = 0;
+    while off < lun.size_bytes {
+        let Some(hole) = crate::disk::allocation::seek(f, off, false) else {
+            break;
+        };
+        if hole >= lun.size_bytes {
+            break;
+        }
+        let data = crate::disk::allocation::seek(f, hole, true).unwrap_or(lun.size_bytes);
+        lun.alloc.mark_hole(hole, data.min(lun.size_bytes) - hole);
+        off = data;
+    }
+}
+
+/// The secondary's side of a step the primary orders.
+pub fn apply_step(lun: &Lun, op: SnapOp, guid: u64, name: &SnapshotName) -> Result<(), String> {
+    local_step(lun, op, guid, name, 0, now_unix_ms())
+}
+
+/// `snapshot list`: every committed snapshot of `luns`.
+pub fn list(reg: &Registry, luns: &[usize]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<40} {:<28} {:<16} {:<24}",
+        "LUN", "NAME", "ID", "CREATED (UTC)"
+    );
+    for &i in luns {
+        let lun = &reg.luns[i];
+        let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+        for e in st.committed() {
+            let _ = writeln!(
+                out,
+                "{:<40} {:<28} {:016x} {:<24}",
+                format!("{}/{}", lun.target_name, lun.id),
+                e.name,
+                e.guid,
+                utc(e.created_unix_ms)
+            );
+        }
+    }
+    out
+}
+
+/// `snapshot delete`: on this node, then on the peer (a peer that is apart drops it when
+/// the pair reconnects).
+pub fn delete(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<String, String> {
+    let _one = OPERATION.lock().unwrap_or_else(|p| p.into_inner());
+    if reg.role() != Role::Primary {
+        return Err("snapshots are deleted on the primary (this node is secondary)".into());
+    }
+    let lun = &reg.luns[lun_index];
+    let guid = {
+        let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+        st.by_name(name.as_str())
+            .map_err(|e| store_err(lun, e))?
+            .guid
+    };
+    local_step(lun, SnapOp::Delete, guid, name, 0, 0).map_err(|e| store_err(lun, e))?;
+    let mut note = String::new();
+    if let Some(rep) = reg.replication.get() {
+        let r = rep
+            .snapshot_link()
+            .and_then(|mut l| rep.snapshot_request(&mut l, lun_index, SnapOp::Delete, guid, name));
+        if let Err(e) = r {
+            note = format!(" (the peer deletes it when the pair reconnects: {e})");
+        }
+    }
+    Ok(format!(
+        "snapshot {name} of {}/{} deleted{note}\n",
+        lun.target_name, lun.id
+    ))
+}
+
+/// `snapshot rollback`: the LUN's data becomes the snapshot's, on both nodes.
+pub fn rollback(
+    reg: &Registry,
+    lun_index: usize,
+    name: &SnapshotName,
+    force: bool,
+) -> Result<String, String> {
+    let _one = OPERATION.lock().unwrap_or_else(|p| p.into_inner());
+    let lun = &reg.luns[lun_index];
+    if reg.role() != Role::Primary {
+        return Err("a rollback runs on the primary (this node is secondary)".into());
+    }
+    if let PeerView::Apart(why) = peer_view(reg, &[lun_index]) {
+        return Err(format!(
+            "the peer cannot roll back with this node now ({why}); retry once the pair is UpToDate"
+        ));
+    }
+    refuse_with_sessions(reg, lun, force)?;
+    let guid = {
+        let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+        st.by_name(name.as_str())
+            .map_err(|e| store_err(lun, e))?
+            .guid
+    };
+    let guard = drain(lun)?;
+    local_step(lun, SnapOp::Rollback, guid, name, 0, 0).map_err(|e| {
+        // A clone that failed half-way may have changed the file: the peer must follow.
+        if let Some(rep) = reg.replication.get() {
+            rep.resync_whole(lun_index, "a rollback failed on the primary");
+        }
+        store_err(lun, e)
+    })?;
+    let mut note = String::new();
+    if let Some(rep) = reg.replication.get() {
+        let r = rep.snapshot_link().and_then(|mut l| {
+            rep.snapshot_request(&mut l, lun_index, SnapOp::Rollback, guid, name)
+        });
+        if let Err(e) = r {
+            rep.resync_whole(lun_index, "the peer could not roll back");
+            note = format!(" (the peer could not roll back: {e}; it is resynced from this node)");
+        }
+    }
+    drop(guard);
+    Ok(format!(
+        "{}/{} rolled back to snapshot {name}{note}\n",
+        lun.target_name, lun.id
+    ))
+}
+
+/// `snapshot info`: what a reader of the snapshot's clone needs (diff streams): its id, the
+/// clone's path, the LUN's size and block size, and the id of the snapshot before it.
+pub fn info(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<String, String> {
+    let lun = &reg.luns[lun_index];
+    let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+    let e = st.by_name(name.as_str()).map_err(|e| store_err(lun, e))?;
+    Ok(format!(
+        "guid {:016x}\npath {}\nsize_bytes {}\nblock_size {}\ncreated_unix_ms {}\n",
+        e.guid,
+        st.image_path(e.guid).display(),
+        lun.size_bytes,
+        lun.block_size,
+        e.created_unix_ms
+    ))
+}
+
+/// `snapshot apply`: makes the LUN's data the stream's new snapshot and records that
+/// snapshot (same id and name as where the stream was made). The stream's base must be a
+/// snapshot here (the LUN is rolled back to it first, as `zfs receive -F` does), or the
+/// stream full (the LUN is emptied first). The LUN's writes wait meanwhile, so no initiator
+/// may be logged in to its target unless `force`.
+pub fn apply(
+    reg: &Registry,
+    lun_index: usize,
+    path: &std::path::Path,
+    force: bool,
+) -> Result<String, String> {
+    let _one = OPERATION.lock().unwrap_or_else(|p| p.into_inner());
+    let lun = &reg.luns[lun_index];
+    let at = |e: String| store_err(lun, e);
+    if reg.role() != Role::Primary {
+        return Err("a stream is applied on the primary (this node is secondary)".into());
+    }
+    if reg.replication.get().is_some() {
+        return Err(at("applying a stream to a replicated LUN is not supported yet (docs/limitations.md): apply it on a standalone node".into()));
+    }
+    refuse_with_sessions(reg, lun, force)?;
+    let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (h, reader, rest) =
+        diff::read_header(&mut f).map_err(|e| format!("{}: {e}", path.display()))?;
+    if h.size_bytes != lun.size_bytes || h.block_size != lun.block_size {
+        return Err(at(format!(
+            "the stream is for a LUN of {} bytes in {}-byte blocks; this one has {} in {}",
+            h.size_bytes, h.block_size, lun.size_bytes, lun.block_size
+        )));
+    }
+    let base = {
+        let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+        if st
+            .entries()
+            .iter()
+            .any(|e| e.guid == h.to_guid && !e.pending)
+        {
+            return Err(at(format!(
+                "snapshot {:016x} ({}) is here already",
+                h.to_guid, h.to_name
+            )));
+        }
+        if st.by_name(h.to_name.as_str()).is_ok() {
+            return Err(at(format!("a snapshot named {} exists already", h.to_name)));
+        }
+        match h.from_guid {
+            0 => None,
+            g => Some(
+                st.committed()
+                    .find(|e| e.guid == g)
+                    .map(|e| e.guid)
+                    .ok_or_else(|| at(format!("the stream applies to snapshot {g:016x}, which this LUN does not hold (apply the streams before it first)")))?,
+            ),
+        }
+    };
+    let _guard = drain(lun)?;
+    let live = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&lun.path)
+        .map_err(|e| at(e.to_string()))?;
+    let reset = |live: &File| -> Result<(), String> {
+        let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+        let r = match base {
+            Some(g) => st.rollback(g, live).map_err(|e| e.to_string()),
+            None => {
+                crate::disk::allocation::punch(live, 0, lun.size_bytes).map_err(|e| e.to_string())
+            }
+        };
+        refresh_allocation(lun, live);
+        r
+    };
+    reset(&live).map_err(at)?;
+    let t = diff::apply_records(reader, rest, &mut f, &live, |off, len, data| {
+        if data {
+            lun.alloc.mark_data(off, len);
+        } else {
+            lun.alloc.mark_hole(off, len);
+        }
+    });
+    let t = match t.and_then(|t| live.sync_all().map(|()| t).map_err(diff::ApplyError::Write)) {
+        Ok(t) => t,
+        Err(e) => {
+            // Half applied is neither the base nor the new snapshot: back to the base.
+            let undo = reset(&live);
+            return Err(at(format!(
+                "{}: {e}; the LUN {}",
+                path.display(),
+                match undo {
+                    Ok(()) => "is back at the stream's base".to_string(),
+                    Err(u) => format!(
+                        "could not be reset to the stream's base ({u}): its content is undefined"
+                    ),
+                }
+            )));
+        }
+    };
+    let mut st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+    st.prepare(&live, h.to_guid, &h.to_name, h.to_guid, h.created_unix_ms)
+        .and_then(|()| st.commit(h.to_guid))
+        .map_err(|e| at(e.to_string()))?;
+    Ok(format!(
+        "applied {}: {} data bytes, {} zeroed bytes; {}/{} holds snapshot {} ({:016x})\n",
+        path.display(),
+        t.data_bytes,
+        t.zero_bytes,
+        lun.target_name,
+        lun.id,
+        h.to_name,
+        h.to_guid
+    ))
+}

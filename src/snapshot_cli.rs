@@ -1,0 +1,224 @@
+//! `twinsan snapshot ...`: the CLI side. Everything but `diff` is one admin request; `diff`
+//! asks the daemon where the clones are and reads them itself (they never change).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::{admin, admin_socket, AdminArgs};
+
+#[derive(Subcommand)]
+pub enum SnapshotCmd {
+    /// Take a crash-consistent snapshot of LUNs at one cut, on both nodes of a pair.
+    /// GROUP: TARGET/LUN, several separated by commas, or a TARGET for all of its LUNs.
+    Create {
+        group: String,
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List snapshots (of GROUP, or of every LUN).
+    List {
+        group: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a snapshot (on both nodes).
+    Delete {
+        lun: String,
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Replace a LUN's data by a snapshot's, on both nodes.
+    Rollback {
+        lun: String,
+        name: String,
+        /// Even while initiators are logged in to the LUN's target (their caches go stale).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Write the stream of changed and zeroed ranges from snapshot --from (or from nothing)
+    /// to snapshot --to, to --output or stdout.
+    Diff {
+        lun: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: String,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Apply a diff stream: the LUN becomes the stream's snapshot, which is recorded here.
+    Apply {
+        lun: String,
+        file: PathBuf,
+        /// Even while initiators are logged in to the LUN's target.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Sends `snapshot VERB WORDS... [force]`: each word must be one word of the one-line
+/// admin request (no whitespace), or nothing is sent.
+fn send(
+    a: AdminArgs,
+    verb: &str,
+    words: &[(&str, &str)],
+    force: bool,
+) -> Result<ExitCode, ExitCode> {
+    let mut cmd = format!("snapshot {verb}");
+    for (what, s) in words {
+        if s.is_empty() || s.chars().any(char::is_whitespace) {
+            eprintln!("twinsan snapshot {verb}: {what} {s:?} must be one word");
+            return Err(ExitCode::from(2));
+        }
+        cmd.push(' ');
+        cmd.push_str(s);
+    }
+    if force {
+        cmd.push_str(" force");
+    }
+    Ok(admin(a, &cmd))
+}
+
+pub fn run(cmd: SnapshotCmd) -> ExitCode {
+    let r = match cmd {
+        SnapshotCmd::Create {
+            group,
+            name,
+            admin: a,
+        } => send(a, "create", &[("group", &group), ("name", &name)], false),
+        SnapshotCmd::List { group, admin: a } => match group {
+            Some(g) => send(a, "list", &[("group", &g)], false),
+            None => send(a, "list", &[], false),
+        },
+        SnapshotCmd::Delete {
+            lun,
+            name,
+            admin: a,
+        } => send(a, "delete", &[("LUN", &lun), ("name", &name)], false),
+        SnapshotCmd::Rollback {
+            lun,
+            name,
+            force,
+            admin: a,
+        } => send(a, "rollback", &[("LUN", &lun), ("name", &name)], force),
+        SnapshotCmd::Apply {
+            lun,
+            file,
+            force,
+            admin: a,
+        } => match std::fs::canonicalize(&file) {
+            // The daemon opens the file: give it a path that does not depend on our cwd.
+            Ok(p) => send(
+                a,
+                "apply",
+                &[("LUN", &lun), ("file", &p.to_string_lossy())],
+                force,
+            ),
+            Err(e) => {
+                eprintln!("twinsan snapshot apply: {}: {e}", file.display());
+                Err(ExitCode::from(1))
+            }
+        },
+        SnapshotCmd::Diff {
+            lun,
+            from,
+            to,
+            output,
+            admin: a,
+        } => diff(&lun, from.as_deref(), &to, output, a),
+    };
+    r.unwrap_or_else(|code| code)
+}
+
+/// What `snapshot info` says of one snapshot.
+struct Info {
+    guid: u64,
+    path: PathBuf,
+    size_bytes: u64,
+    block_size: u32,
+    created_unix_ms: u64,
+}
+
+fn info(socket: &std::path::Path, lun: &str, name: &str) -> Result<Info, String> {
+    let reply = engine::admin::request(socket, &format!("snapshot info {lun} {name}"))
+        .map_err(|e| format!("cannot reach the daemon at {}: {e}", socket.display()))?;
+    let body = reply
+        .strip_prefix("ok\n")
+        .ok_or_else(|| reply.trim_end().trim_start_matches("error: ").to_string())?;
+    let field = |k: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(' '))
+            .ok_or_else(|| format!("the daemon's answer lacks {k}"))
+    };
+    let num = |k: &str| field(k).and_then(|v| v.parse::<u64>().map_err(|e| format!("{k}: {e}")));
+    Ok(Info {
+        guid: u64::from_str_radix(field("guid")?, 16).map_err(|e| format!("guid: {e}"))?,
+        path: PathBuf::from(field("path")?),
+        size_bytes: num("size_bytes")?,
+        block_size: num("block_size")? as u32,
+        created_unix_ms: num("created_unix_ms")?,
+    })
+}
+
+fn diff(
+    lun: &str,
+    from: Option<&str>,
+    to: &str,
+    output: Option<PathBuf>,
+    a: AdminArgs,
+) -> Result<ExitCode, ExitCode> {
+    use std::io::Write;
+    let fail = |e: String| {
+        eprintln!("twinsan snapshot diff: {e}");
+        ExitCode::from(1)
+    };
+    let to_name = replica::snapshot::SnapshotName::parse(to).map_err(|e| fail(e.to_string()))?;
+    let socket = admin_socket(a)?;
+    let to_info = info(&socket, lun, to).map_err(fail)?;
+    let from_info = from
+        .map(|f| info(&socket, lun, f))
+        .transpose()
+        .map_err(fail)?;
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p).map_err(|e| fail(format!("{}: {e}", p.display())))
+    };
+    let to_file = open(&to_info.path)?;
+    let from_file = from_info.as_ref().map(|i| open(&i.path)).transpose()?;
+    let header = replica::snapshot::stream::Header {
+        block_size: to_info.block_size,
+        size_bytes: to_info.size_bytes,
+        from_guid: from_info.as_ref().map_or(0, |i| i.guid),
+        to_guid: to_info.guid,
+        to_name,
+        created_unix_ms: to_info.created_unix_ms,
+    };
+    let out: Box<dyn Write> = match &output {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).map_err(|e| fail(format!("{}: {e}", p.display())))?)
+        }
+        None if std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
+            return Err(fail(
+                "the stream is binary: redirect stdout or pass --output FILE".into(),
+            ))
+        }
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut out = std::io::BufWriter::with_capacity(4 << 20, out);
+    let t = engine::snapshot::diff::write_diff(from_file.as_ref(), &to_file, &header, &mut out)
+        .map_err(|e| fail(e.to_string()))?;
+    eprintln!(
+        "twinsan snapshot diff: {} data bytes in {} records, {} zeroed bytes in {} records",
+        t.data_bytes, t.data_records, t.zero_bytes, t.zero_records
+    );
+    Ok(ExitCode::SUCCESS)
+}

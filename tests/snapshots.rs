@@ -1,0 +1,519 @@
+//! Snapshots: crash-consistent cuts under load, diff streams applied on another daemon,
+//! rollback, a file system without reflink, and a pair (the same cut on both nodes, kept by
+//! a failover, followed by a node that rejoins).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::pair::{node_toml, same_bytes, wait_in_sync, Node};
+use common::{bench, scratch, session_at, text, Daemon, Xfs, TARGET};
+
+/// One loop-mounted file system at a time is plenty on two cores, and the pair's timing
+/// checks must not compete with another test's load.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A standalone daemon whose data directory is a fresh XFS, with one LUN of `size`.
+struct XfsDaemon {
+    d: Daemon,
+    _fs: Xfs,
+}
+
+impl XfsDaemon {
+    fn start(name: &str, size: &str) -> XfsDaemon {
+        let dir = scratch(name);
+        let fs = Xfs::mount(&dir, 1024);
+        std::fs::write(
+            dir.join("twinsan.toml"),
+            format!("[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{size}\"\n"),
+        )
+        .unwrap();
+        XfsDaemon {
+            d: Daemon::start_in(dir),
+            _fs: fs,
+        }
+    }
+
+    /// `twinsan snapshot ARGS...` on this daemon: (success, output).
+    fn snap(&self, args: &[&str]) -> (bool, String) {
+        snapshot_cmd(&self.d.dir.join("twinsan.sock"), args)
+    }
+
+    fn lun(&self) -> PathBuf {
+        self.d.dir.join("lun0.img")
+    }
+}
+
+fn snapshot_cmd(socket: &Path, args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .arg("snapshot")
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    (o.status.success(), text(&o))
+}
+
+/// The path of a snapshot's clone, from `snapshot info` (the admin request).
+fn clone_path(socket: &Path, lun: &str, name: &str) -> PathBuf {
+    let reply = engine_request(socket, &format!("snapshot info {lun} {name}"));
+    let path = reply
+        .lines()
+        .find_map(|l| l.strip_prefix("path "))
+        .unwrap_or_else(|| panic!("no clone for {name}: {reply}"));
+    PathBuf::from(path)
+}
+
+fn engine_request(socket: &Path, cmd: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+const BLOCK_BYTES: usize = 4096;
+/// 4 KiB blocks each writer owns.
+const BLOCKS_PER_WRITER: u64 = 2048;
+
+/// A block as the writers stamp it: writer, sequence number, block, then filler from them.
+fn stamped(writer: u32, seq: u64, block: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_BYTES];
+    b[..4].copy_from_slice(b"SNAP");
+    b[4..8].copy_from_slice(&writer.to_le_bytes());
+    b[8..16].copy_from_slice(&seq.to_le_bytes());
+    b[16..24].copy_from_slice(&block.to_le_bytes());
+    for (i, x) in b[24..].iter_mut().enumerate() {
+        *x = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+    }
+    b
+}
+
+/// (writer, seq, block) of a stamped block; None for zeros. Panics on anything else (a torn
+/// or foreign block).
+fn stamp_of(b: &[u8]) -> Option<(u32, u64, u64)> {
+    if b.iter().all(|&x| x == 0) {
+        return None;
+    }
+    assert_eq!(
+        &b[..4],
+        b"SNAP",
+        "a block that is neither zeros nor a whole stamped write"
+    );
+    let w = u32::from_le_bytes(b[4..8].try_into().unwrap());
+    let seq = u64::from_le_bytes(b[8..16].try_into().unwrap());
+    let block = u64::from_le_bytes(b[16..24].try_into().unwrap());
+    assert_eq!(b, &stamped(w, seq, block)[..], "a torn block");
+    Some((w, seq, block))
+}
+
+/// One acknowledged write: its block, when it was sent and when its GOOD arrived.
+#[derive(Clone, Copy)]
+struct Done {
+    seq: u64,
+    block: u64,
+    sent: Instant,
+    acked: Instant,
+}
+
+/// Writers at queue depth 1 on their own blocks, each logging every write, until `stop`.
+fn writer(addr: String, w: u32, stop: Arc<AtomicBool>) -> Vec<Done> {
+    let mut c = session_at(
+        &addr,
+        TARGET,
+        &format!("iqn.2026-12.test:writer{w}"),
+        w as u8,
+    );
+    let mut log = Vec::new();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let block = u64::from(w) * BLOCKS_PER_WRITER + (seq * 7919) % BLOCKS_PER_WRITER;
+        let data = stamped(w, seq, block);
+        let cdb = benches::conn::rw16(true, block * 8, 8);
+        let sent = Instant::now();
+        let r = c.command_sync_data(&cdb, 0, &data).expect("write");
+        assert_eq!(r.status, 0, "write {seq} failed: {}", r.sense);
+        log.push(Done {
+            seq,
+            block,
+            sent,
+            acked: Instant::now(),
+        });
+    }
+    log
+}
+
+/// Each snapshot holds, for every block, the last write acknowledged before its cut began
+/// or a later one sent before the cut ended, never one sent after: the cut is a single
+/// point in the write stream, even with writes in flight while it is taken.
+#[test]
+fn a_snapshot_under_load_holds_the_writes_acknowledged_before_its_cut() {
+    let _g = serial();
+    let d = XfsDaemon::start("snap-load", "256MiB");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let (addr, stop) = (d.d.addr.clone(), stop.clone());
+            std::thread::spawn(move || writer(addr, w, stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    let mut cuts = Vec::new();
+    for i in 0..4 {
+        let name = format!("load-{i}");
+        let began = Instant::now();
+        let (ok, out) = d.snap(&["create", &format!("{TARGET}/0"), &name]);
+        let ended = Instant::now();
+        assert!(ok, "{out}");
+        cuts.push((name, began, ended));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let logs: Vec<Vec<Done>> = writers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(logs.iter().all(|l| l.len() > 100), "the writers ran");
+    let socket = d.d.dir.join("twinsan.sock");
+    for (name, began, ended) in &cuts {
+        let clone = std::fs::File::open(clone_path(&socket, &format!("{TARGET}/0"), name)).unwrap();
+        let (mut inside, mut before) = (0, 0);
+        for (w, log) in logs.iter().enumerate() {
+            for b in 0..BLOCKS_PER_WRITER {
+                let block = w as u64 * BLOCKS_PER_WRITER + b;
+                let mut buf = vec![0u8; BLOCK_BYTES];
+                clone
+                    .read_exact_at(&mut buf, block * BLOCK_BYTES as u64)
+                    .unwrap();
+                let held = stamp_of(&buf).map(|(sw, seq, sb)| {
+                    assert_eq!(
+                        (sw as usize, sb),
+                        (w, block),
+                        "{name}: a block of another writer"
+                    );
+                    seq
+                });
+                let must_hold = log
+                    .iter()
+                    .filter(|x| x.block == block && x.acked < *began)
+                    .map(|x| x.seq)
+                    .max();
+                match (held, must_hold) {
+                    (None, None) => {}
+                    (None, Some(s)) => {
+                        panic!("{name}: block {block} lost write {s}, acknowledged before the cut")
+                    }
+                    (Some(seq), m) => {
+                        assert!(m.is_none_or(|m| seq >= m), "{name}: block {block} holds write {seq}, older than {m:?} acknowledged before the cut");
+                        let x = log
+                            .iter()
+                            .find(|x| x.seq == seq)
+                            .expect("a write the writer logged");
+                        assert!(
+                            x.sent < *ended,
+                            "{name}: block {block} holds write {seq}, sent after the cut"
+                        );
+                        inside += 1;
+                        if m == Some(seq) {
+                            before += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            inside > 100 && before > 0,
+            "{name}: the check saw the load ({inside} blocks)"
+        );
+    }
+}
+
+/// `diff` then `apply` on a third daemon reproduces each snapshot byte for byte; a stream
+/// for a base that daemon lacks, or a damaged one, changes nothing.
+#[test]
+fn diff_and_apply_reproduce_snapshots_on_another_daemon() {
+    let _g = serial();
+    let a = XfsDaemon::start("snap-diff-a", "64MiB");
+    let c = XfsDaemon::start("snap-diff-c", "64MiB");
+    let lun = format!("{TARGET}/0");
+    let o = bench(
+        &a.d.url(0),
+        &["--rw", "write", "--bs", "64k", "--size", "48m", "--once"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(a.snap(&["create", &lun, "s1"]).0);
+    // Between s1 and s2: 200 scattered 4 KiB writes and one 1 MiB UNMAP, all where s1
+    // holds data.
+    let mut sess = session_at(&a.d.addr, TARGET, "iqn.2026-12.test:diff", 1);
+    for i in 0..200u64 {
+        let lba = (i * 7919 % 12_000) * 8;
+        let r = sess
+            .command_sync_data(&benches::conn::rw16(true, lba, 8), 0, &[i as u8 | 1; 4096])
+            .unwrap();
+        assert_eq!(r.status, 0);
+    }
+    let unmap_lba = 40 << 11; // 40 MiB in 512-byte blocks
+    let r = sess
+        .command_sync_data(
+            &benches::conn::unmap10(benches::conn::UNMAP_PARAM_BYTES as u16),
+            0,
+            &benches::conn::unmap_param_list(unmap_lba, 2048),
+        )
+        .unwrap();
+    assert_eq!(r.status, 0, "UNMAP: {}", r.sense);
+    sess.logout().unwrap();
+    assert!(a.snap(&["create", &lun, "s2"]).0);
+    let dir = scratch("snap-diff-streams");
+    let (full, inc) = (dir.join("full.tsd"), dir.join("inc.tsd"));
+    let (ok, out) = a.snap(&[
+        "diff",
+        &lun,
+        "--to",
+        "s1",
+        "--output",
+        full.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = a.snap(&[
+        "diff",
+        &lun,
+        "--from",
+        "s1",
+        "--to",
+        "s2",
+        "--output",
+        inc.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    // Only what changed travels: the rewritten blocks as data (a block two writes hit
+    // counts once), the unmapped MiB as one zero record.
+    assert!(out.contains("1048576 zeroed bytes in 1 records"), "{out}");
+    let data_bytes: u64 = out
+        .split(" data bytes")
+        .next()
+        .and_then(|h| h.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(data_bytes <= 200 * 4096 && data_bytes > 190 * 4096, "{out}");
+    let inc_bytes = std::fs::metadata(&inc).unwrap().len();
+    assert!(
+        inc_bytes < data_bytes + data_bytes / 20,
+        "a stream of {inc_bytes} bytes for {data_bytes} changed"
+    );
+    // No base on C yet: refused, nothing changes.
+    let (ok, out) = c.snap(&["apply", &lun, inc.to_str().unwrap()]);
+    assert!(!ok && out.contains("does not hold"), "{out}");
+    let (ok, out) = c.snap(&["apply", &lun, full.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let s1 = clone_path(&a.d.dir.join("twinsan.sock"), &lun, "s1");
+    assert!(
+        same_bytes(&c.lun(), &s1),
+        "the full stream did not reproduce s1"
+    );
+    // A damaged stream is refused and leaves the LUN at its base.
+    let mut bad = std::fs::read(&inc).unwrap();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    let bad_path = dir.join("bad.tsd");
+    std::fs::write(&bad_path, &bad).unwrap();
+    let (ok, out) = c.snap(&["apply", &lun, bad_path.to_str().unwrap()]);
+    assert!(!ok && out.contains("checksum"), "{out}");
+    assert!(
+        same_bytes(&c.lun(), &s1),
+        "a refused stream changed the LUN"
+    );
+    let (ok, out) = c.snap(&["apply", &lun, inc.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let s2 = clone_path(&a.d.dir.join("twinsan.sock"), &lun, "s2");
+    assert!(
+        same_bytes(&c.lun(), &s2),
+        "s1 + the incremental stream is not s2"
+    );
+    let c_s2 = clone_path(&c.d.dir.join("twinsan.sock"), &lun, "s2");
+    assert!(same_bytes(&c_s2, &s2), "C's snapshot s2 differs from A's");
+    // Holes stay holes: the unmapped MiB is a hole in C's LUN, not written zeros.
+    let f = std::fs::File::open(c.lun()).unwrap();
+    // SAFETY: lseek on an fd we own; no memory is passed.
+    let next_data = unsafe {
+        libc::lseek(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            40 << 20,
+            libc::SEEK_DATA,
+        )
+    };
+    assert!(
+        !(0..41 << 20).contains(&next_data),
+        "data at {next_data} inside the unmapped MiB"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rollback brings back the snapshot's bytes; it is refused while an initiator is logged
+/// in (its cache would disagree), unless forced.
+#[test]
+fn rollback_restores_the_snapshot_and_waits_for_initiators_to_leave() {
+    let _g = serial();
+    let d = XfsDaemon::start("snap-rollback", "64MiB");
+    let lun = format!("{TARGET}/0");
+    let write = |c: &mut benches::conn::Conn, byte: u8| {
+        let r = c
+            .command_sync_data(&benches::conn::rw16(true, 64, 8), 0, &[byte; 4096])
+            .unwrap();
+        assert_eq!(r.status, 0);
+    };
+    let read = |c: &mut benches::conn::Conn| {
+        c.command_sync(&benches::conn::rw16(false, 64, 8), 4096)
+            .unwrap()
+            .data
+    };
+    let mut c = session_at(&d.d.addr, TARGET, "iqn.2026-12.test:rb", 1);
+    write(&mut c, 0xAA);
+    assert!(d.snap(&["create", &lun, "before"]).0);
+    write(&mut c, 0xBB);
+    let (ok, out) = d.snap(&["rollback", &lun, "before"]);
+    assert!(!ok && out.contains("logged in"), "{out}");
+    c.logout().unwrap();
+    let (ok, out) = d.snap(&["rollback", &lun, "before"]);
+    assert!(ok, "{out}");
+    let mut c = session_at(&d.d.addr, TARGET, "iqn.2026-12.test:rb", 2);
+    assert_eq!(read(&mut c), vec![0xAA; 4096]);
+    // The snapshot is still there, and writes go on after the rollback.
+    write(&mut c, 0xCC);
+    assert_eq!(read(&mut c), vec![0xCC; 4096]);
+    let (ok, out) = d.snap(&["list"]);
+    assert!(ok && out.contains("before"), "{out}");
+    let (ok, out) = d.snap(&["delete", &lun, "before"]);
+    assert!(ok, "{out}");
+    let (_, out) = d.snap(&["list"]);
+    assert!(!out.contains("before"), "{out}");
+}
+
+/// Where the file system cannot clone (this machine's ext4), a snapshot is refused with
+/// the reason, and I/O goes on.
+#[test]
+fn a_file_system_without_reflink_refuses_snapshots_with_the_reason() {
+    let _g = serial();
+    let d = Daemon::simple("snap-ext4", "16MiB", "");
+    let (ok, out) = snapshot_cmd(
+        &d.dir.join("twinsan.sock"),
+        &["create", &format!("{TARGET}/0"), "x"],
+    );
+    assert!(!ok && out.contains("cannot clone files"), "{out}");
+    let (ok, out) = snapshot_cmd(&d.dir.join("twinsan.sock"), &["create", "nosuch/0", "x"]);
+    assert!(!ok && out.contains("no target"), "{out}");
+    let (ok, out) = snapshot_cmd(
+        &d.dir.join("twinsan.sock"),
+        &["create", &format!("{TARGET}/0"), "../x"],
+    );
+    assert!(!ok && out.contains("snapshot name"), "{out}");
+    let (_, out) = snapshot_cmd(&d.dir.join("twinsan.sock"), &["list"]);
+    assert_eq!(out.lines().count(), 2, "ok and the header only: {out}");
+    let o = bench(&d.url(0), &["--rw", "write", "--size", "4m", "--once"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A pair: the snapshot is cut at the same write on both nodes (their clones are identical
+/// although a load ran), a rollback reaches the secondary, the promoted secondary lists and
+/// serves the same snapshots after the primary is killed, and the old primary, rejoining,
+/// follows the new primary's list.
+#[test]
+fn a_pair_cuts_at_the_same_write_on_both_nodes_and_keeps_it_through_a_failover() {
+    let _g = serial();
+    let base = 18600;
+    let (ia, ib, ra, rb) = (base, base + 1, base + 2, base + 3);
+    let psk = "pair-test-psk-0123456789";
+    let mut b = Node::on_xfs(
+        "snap-pair-b",
+        node_toml(ib, rb, ra, "secondary", psk, "64MiB"),
+        ib,
+        512,
+    );
+    let mut a = Node::on_xfs(
+        "snap-pair-a",
+        node_toml(ia, ra, rb, "primary", psk, "64MiB"),
+        ia,
+        512,
+    );
+    wait_in_sync(&a, Duration::from_secs(20));
+    let lun = format!("{}/0", common::pair::TARGET);
+    let load_url = a.url();
+    let load = std::thread::spawn(move || {
+        bench(
+            &load_url,
+            &[
+                "--rw",
+                "randwrite",
+                "--iodepth",
+                "8",
+                "--size",
+                "32m",
+                "--runtime",
+                "3",
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let out = a.admin(&format!("snapshot create {lun} under-load"));
+    assert!(out.starts_with("ok"), "{out}");
+    let o = load.join().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = a.admin(&format!("snapshot create {lun} quiet"));
+    assert!(out.starts_with("ok"), "{out}");
+    let clones = |n: &Node, name: &str| clone_path(&n.dir.join("data/twinsan.sock"), &lun, name);
+    for name in ["under-load", "quiet"] {
+        assert!(
+            same_bytes(&clones(&a, name), &clones(&b, name)),
+            "{name}: the nodes cut at different writes"
+        );
+    }
+    // Rollback reaches the secondary: both live copies equal the snapshot.
+    let o = bench(&a.url(), &["--rw", "write", "--size", "8m", "--once"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = a.admin(&format!("snapshot rollback {lun} under-load"));
+    assert!(out.starts_with("ok") && !out.contains("could not"), "{out}");
+    assert!(same_bytes(&a.lun(), &clones(&a, "under-load")));
+    assert!(
+        same_bytes(&b.lun(), &clones(&a, "under-load")),
+        "the secondary did not roll back"
+    );
+    // Failover: the primary dies, the secondary is promoted and has every snapshot.
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = b.admin("promote");
+    assert!(out.starts_with("ok"), "{out}");
+    let listed = b.admin("snapshot list");
+    assert!(
+        listed.contains("under-load") && listed.contains("quiet"),
+        "{listed}"
+    );
+    // The new primary deletes one while the old primary is away; the old one rejoins as
+    // secondary and follows.
+    let out = b.admin(&format!("snapshot delete {lun} quiet"));
+    assert!(out.starts_with("ok"), "{out}");
+    std::fs::write(&a.config, node_toml(ia, ra, rb, "secondary", psk, "64MiB")).unwrap();
+    a.start();
+    wait_in_sync(&b, Duration::from_secs(30));
+    let t = Instant::now();
+    loop {
+        let listed = a.admin("snapshot list");
+        if !listed.contains("quiet") {
+            assert!(listed.contains("under-load"), "{listed}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the rejoined node kept a deleted snapshot: {listed}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    b.kill9();
+}
