@@ -353,6 +353,11 @@ impl Cut {
         }
     }
 
+    /// Whether the peer takes the cut too.
+    pub fn with_peer(&self) -> bool {
+        self.peer
+    }
+
     /// Whether writes are held now (between a successful drain and the release).
     pub fn holding_writes(&self) -> bool {
         self.drained

@@ -74,6 +74,16 @@ impl Replication {
         )
     }
 
+    /// Asks the peer to make LUN `lun` durable (a flush), and waits for it.
+    pub fn snapshot_flush(&self, link: &mut SnapLink, lun: usize) -> std::io::Result<()> {
+        let l = self
+            .luns
+            .get(lun)
+            .ok_or_else(|| std::io::Error::other("the LUN is not replicated"))?;
+        let msg = Message::Flush { lun_key: l.key };
+        self.request(&mut link.s, &mut link.rbuf, &mut link.wbuf, &msg, "flush")
+    }
+
     /// Sends every LUN's committed snapshots to a peer that just connected, which follows
     /// them (reconcile). A failure only delays that to the next connection.
     pub(super) fn send_snapshot_lists(

@@ -49,7 +49,10 @@ mod tests {
     fn a_file_system_without_reflink_says_so() {
         let dir = std::env::temp_dir().join(format!("twinsan-reflink-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        File::create(dir.join("a")).unwrap().write_all(b"data").unwrap();
+        File::create(dir.join("a"))
+            .unwrap()
+            .write_all(b"data")
+            .unwrap();
         // The source is read, so it is opened for reading (EBADF otherwise).
         let a = File::open(dir.join("a")).unwrap();
         let b = File::create(dir.join("b")).unwrap();
