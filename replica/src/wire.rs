@@ -22,8 +22,8 @@ pub use snapshot::SNAPSHOTS_PER_LUN_MAX;
 
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"TWRP";
-/// Wire protocol version.
-pub const VERSION: u8 = 4;
+/// Wire protocol version (5: the snapshot messages).
+pub const VERSION: u8 = 5;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 24;
 /// Largest data payload of one message (write, resync, PR state, bitmap).
