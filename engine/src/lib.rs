@@ -13,7 +13,7 @@
 //!   timers) around `replica::pair`.
 //! - [`lun`], [`registry`], [`config`], [`server`], [`admin`]: the LUNs, the daemon's shared
 //!   state, its configuration, start-up and the admin socket; [`health`]: the core threads'
-//!   liveness, for the service manager's watchdog.
+//!   liveness, for the service manager's watchdog; [`reload`]: online reconfiguration.
 
 pub mod admin;
 pub mod config;
@@ -26,6 +26,7 @@ pub mod lun;
 pub mod metrics;
 pub mod net;
 pub mod registry;
+pub mod reload;
 pub mod replication;
 pub mod scsi;
 pub mod server;

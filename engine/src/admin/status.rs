@@ -91,7 +91,8 @@ impl StatusReport {
                 .collect()
         });
         let mut luns = Vec::new();
-        for t in &reg.targets {
+        let view = reg.view();
+        for (_, t) in view.live() {
             for &(id, idx) in &t.luns {
                 let lun = &reg.luns[idx];
                 let key = format!("{:016x}", lun.naa_id);
@@ -107,7 +108,7 @@ impl StatusReport {
                     target: t.cfg.name.clone(),
                     lun: id,
                     state,
-                    size_bytes: lun.size_bytes,
+                    size_bytes: lun.size_bytes(),
                     allocated_bytes: lun.allocated_bytes(),
                     path: lun.path.display().to_string(),
                     replica,

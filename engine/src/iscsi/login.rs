@@ -128,12 +128,14 @@ impl LoginPhase {
     ) -> LoginStepOut {
         self.exp_cmd_sn = req.cmd_sn;
         let peer_ip = self.peer.ip();
+        // One view for the whole step: a reload between its parts cannot mix old and new.
+        let view = reg.view();
         let may_reach = |name: &str| {
-            reg.target(name)
+            view.target(name)
                 .is_some_and(|(_, t)| t.cfg.address_allowed(peer_ip))
         };
         // One request type from the PDU layer to the login state machine.
-        let step = self.machine.step(&reg.login, &may_reach, req, data);
+        let step = self.machine.step(&view.login, &may_reach, req, data);
         let mut tsih = 0;
         let done = match step.outcome {
             LoginOutcome::Continue => None,
@@ -148,7 +150,7 @@ impl LoginPhase {
                     SessionType::Discovery => (SessionKind::Discovery, usize::MAX, String::new()),
                     SessionType::Normal => {
                         let name = r.target_name.clone().unwrap_or_default();
-                        match reg.target(&name) {
+                        match view.target(&name) {
                             Some((i, t)) => (SessionKind::Normal, i, t.cfg.name.clone()),
                             // The state machine only completes for configured targets.
                             None => return self.fail(req, stat_sn),
@@ -261,6 +263,7 @@ pub fn text_reply(
     // Only targets this initiator may log in to: the others would fail its login.
     let visible: Vec<DiscoveryTarget> = reg
         .visible_to(peer.ip())
+        .into_iter()
         .filter(|t| {
             t.cfg
                 .allowed_initiators

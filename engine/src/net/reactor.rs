@@ -94,8 +94,13 @@ pub struct Reactor {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     pool: BufPool,
-    /// The fd per LUN, in registry order; registered as fixed files at the same indexes.
-    _files: Vec<std::fs::File>,
+    /// The fd per LUN slot, registered as fixed files at the same indexes (a sparse table
+    /// of `MAX_LUNS`); `None` for a slot not filled yet or a removed LUN.
+    files: Vec<Option<std::fs::File>>,
+    /// The registry's `files_gen` that `files` reflects (see `sync_files`).
+    files_gen: u64,
+    /// LUN slots the spill helper has fds for (those filled at start).
+    spill_luns: usize,
     /// Plain buffered writes done on this thread (see inline_write.rs).
     inline_writes: crate::disk::inline_write::InlineWrites,
     tick_ts: Box<types::Timespec>,
@@ -146,21 +151,26 @@ impl Reactor {
         spill: Option<(Arc<crate::disk::spill::SpillGates>, Option<usize>)>,
     ) -> std::io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
-        let mut files = Vec::new();
-        for lun in &reg.luns {
-            files.push(
-                lun.open_fd()
-                    .map_err(|e| std::io::Error::other(e.to_string()))?,
-            );
-        }
-        if !files.is_empty() {
-            let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-            ring.submitter().register_files(&fds)?;
+        // A sparse table of every slot up front: a LUN added online is one
+        // register_files_update on the tick after the reload filled its slot.
+        ring.submitter()
+            .register_files_sparse(crate::registry::MAX_LUNS as u32)?;
+        let mut files: Vec<Option<std::fs::File>> =
+            (0..crate::registry::MAX_LUNS).map(|_| None).collect();
+        let files_gen = reg.files_gen.load(Ordering::Acquire);
+        let start_luns = reg.luns.len();
+        for (i, lun) in reg.luns.iter().enumerate() {
+            let f = lun
+                .open_fd()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            ring.submitter()
+                .register_files_update(i as u32, &[f.as_raw_fd()])?;
+            files[i] = Some(f);
         }
         let spill = match spill {
             Some((gates, cpu)) => {
-                let mut own = Vec::with_capacity(files.len());
-                for f in &files {
+                let mut own = Vec::with_capacity(start_luns);
+                for f in files.iter().take(start_luns).flatten() {
                     own.push(f.try_clone()?);
                 }
                 Some(crate::disk::spill::Spill::start(core, cpu, own, gates)?)
@@ -175,7 +185,9 @@ impl Reactor {
             slots: Vec::new(),
             free: Vec::new(),
             pool: BufPool::new(),
-            _files: files,
+            files,
+            files_gen,
+            spill_luns: start_luns,
             inline_writes: Default::default(),
             tick_ts: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
             epoch: Instant::now(),
@@ -669,7 +681,8 @@ impl Reactor {
                             IoOp::Write {
                                 fua: false, offset, ..
                             } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
-                                if let Some(sp) = self.spill.as_mut() {
+                                let spill_has_fd = req.lun < self.spill_luns;
+                                if let Some(sp) = self.spill.as_mut().filter(|_| spill_has_fd) {
                                     let w = crate::disk::spill::SpillWrite {
                                         lun: req.lun,
                                         ptr,
@@ -689,10 +702,11 @@ impl Reactor {
                                 }
                                 // SAFETY: ptr..ptr+len lies inside the task's buffer (asserted
                                 // above), which the task owns until on_io_done below; the fd
-                                // is one of ours and stays open for the reactor's lifetime.
+                                // is one of ours (or -1 for a removed LUN: EBADF) and stays
+                                // open while in `files`.
                                 let res = unsafe {
                                     self.inline_writes.pwrite(
-                                        self._files[req.lun].as_raw_fd(),
+                                        self.files[req.lun].as_ref().map_or(-1, |f| f.as_raw_fd()),
                                         ptr,
                                         len,
                                         offset,
@@ -886,9 +900,12 @@ impl Reactor {
         // Pool space is a node-wide fact: one core watches it, about once a second.
         if self.core == 0 && now / 1000 != self.last_space_check_s {
             self.last_space_check_s = now / 1000;
-            for lun in &self.reg.luns {
+            for lun in self.reg.luns.iter().filter(|l| !l.is_removed()) {
                 lun.check_soft_threshold();
             }
+        }
+        if self.reg.files_gen.load(Ordering::Acquire) != self.files_gen {
+            self.sync_files();
         }
         let reg = Arc::clone(&self.reg);
         let stopping = self.stop.load(Ordering::Relaxed);
@@ -908,6 +925,48 @@ impl Reactor {
         }
         if !(stopping && self.slots.iter().all(|s| s.is_none())) {
             self.post_tick();
+        }
+    }
+
+    /// Follows a reload (registry.rs, reload.rs): opens and installs an fd for every filled
+    /// LUN slot this core has none for, and removes those of removed LUNs, then tells the
+    /// reload (`files_acks`) which generation it now serves. Runs on the tick, so the data
+    /// path never looks; io_uring keeps a removed file alive for operations in flight.
+    fn sync_files(&mut self) {
+        let gen = self.reg.files_gen.load(Ordering::Acquire);
+        let reg = Arc::clone(&self.reg);
+        for (i, lun) in reg.luns.iter().enumerate() {
+            let Some(slot) = self.files.get_mut(i) else {
+                break;
+            };
+            let want = !lun.is_removed();
+            if want && slot.is_none() {
+                match lun.open_fd() {
+                    Ok(f) => match self
+                        .ring
+                        .submitter()
+                        .register_files_update(i as u32, &[f.as_raw_fd()])
+                    {
+                        Ok(_) => *slot = Some(f),
+                        Err(e) => {
+                            tracing::error!(core = self.core, lun = i, error = %e, "cannot install a new LUN's fd")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::error!(core = self.core, lun = i, error = %e, "cannot open a new LUN's file")
+                    }
+                }
+            } else if !want && slot.is_some() {
+                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[-1]) {
+                    tracing::warn!(core = self.core, lun = i, error = %e, "cannot remove a LUN's fd");
+                    continue;
+                }
+                *slot = None;
+            }
+        }
+        self.files_gen = gen;
+        if let Some(ack) = reg.files_acks.get().and_then(|a| a.get(self.core)) {
+            ack.store(gen, Ordering::Release);
         }
     }
 
