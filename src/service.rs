@@ -53,9 +53,14 @@ pub fn ready(server: &Server) {
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
-/// RELOADING=1 around a reload, then READY=1 again (systemd's notify-reload protocol).
+/// RELOADING=1 (with the monotonic time systemd asks of it) around a SIGHUP reload, then
+/// READY=1 again, so systemd shows "reloading" meanwhile. The reply is logged: an invalid
+/// file changes nothing and says why.
 pub fn reload(server: &Server) {
-    notify(&[NotifyState::Reloading]);
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(e) => tracing::debug!(error = %e, "no monotonic time for RELOADING=1"),
+    }
     let reply = engine::admin::reload_reply(&server.registry, false);
     tracing::info!(reply = reply.trim_end(), "SIGHUP: reload");
     notify(&[NotifyState::Ready]);

@@ -58,7 +58,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Lun(#[from] LunError),
     /// A step after new LUN slots were filled failed: what came before it stays applied.
-    #[error("applied in part: the new LUNs' slots are filled but the view was not swapped: {0}")]
+    #[error("applied in part (new LUNs' slots were filled or LUNs grown before this; the targets and ACLs were not changed): {0}")]
     Partial(Box<ReloadError>),
     #[error("core threads did not install the new LUNs' files within {ms} ms: the new LUNs are not served (see the log)")]
     Install { ms: u64 },
@@ -408,47 +408,23 @@ pub fn reload(reg: &Registry, force: bool) -> Result<Diff, ReloadError> {
         let index = reg.add_lun(lun)?;
         new_index.push((t, id, index));
     }
-    let partial = |e: ReloadError| match new_index.is_empty() {
-        true => e,
-        false => ReloadError::Partial(Box::new(e)),
+    let mut changed = !new_index.is_empty();
+    let partial = |e: ReloadError, changed: bool| match changed {
+        false => e,
+        true => ReloadError::Partial(Box::new(e)),
     };
-    if !new_index.is_empty() {
-        wait_installed(reg).map_err(partial)?;
+    if changed {
+        wait_installed(reg).map_err(|e| partial(e, true))?;
     }
     for (t, id, _, new_bytes) in &d.luns_grown {
         if let Some(i) = view.target(t).and_then(|(_, e)| e.lun(*id)) {
             reg.luns[i]
                 .grow(*new_bytes)
-                .map_err(|e| partial(e.into()))?;
+                .map_err(|e| partial(e.into(), changed))?;
+            changed = true;
         }
     }
-    // The new view: stable target indexes (kept by name, new ones appended, removed
-    // ones left empty), LUN slots kept by (target, id).
-    let mut targets: Vec<Option<Arc<TargetEntry>>> = view.targets.iter().map(|_| None).collect();
-    for t in &new.targets {
-        let old = view.target(&t.name);
-        let mut luns = Vec::new();
-        for l in &t.luns {
-            let index = old.and_then(|(_, e)| e.lun(l.id)).or_else(|| {
-                new_index
-                    .iter()
-                    .find(|(nt, nid, _)| nt.eq_ignore_ascii_case(&t.name) && *nid == l.id)
-                    .map(|&(_, _, i)| i)
-            });
-            if let Some(index) = index {
-                luns.push((l.id, index));
-            }
-        }
-        luns.sort_unstable();
-        let entry = Some(Arc::new(TargetEntry {
-            cfg: t.clone(),
-            luns,
-        }));
-        match old {
-            Some((i, _)) => targets[i] = entry,
-            None => targets.push(entry),
-        }
-    }
+    let targets = new_targets(&view, &new, &new_index);
     let removed: Vec<usize> = d
         .luns_removed
         .iter()
@@ -476,6 +452,41 @@ pub fn reload(reg: &Registry, force: bool) -> Result<Diff, ReloadError> {
     let ended = end_refused_sessions(reg, &chap_changed);
     tracing::info!(change = %d.summary(), sessions_ended = ended, "configuration reloaded");
     Ok(d)
+}
+
+/// The targets of the new view: stable indexes (kept by name, new ones appended, removed
+/// ones left empty), LUN slots kept by (target, id), new LUNs at the slots just filled.
+fn new_targets(
+    view: &View,
+    new: &Config,
+    new_index: &[(String, u64, usize)],
+) -> Vec<Option<Arc<TargetEntry>>> {
+    let mut targets: Vec<Option<Arc<TargetEntry>>> = view.targets.iter().map(|_| None).collect();
+    for t in &new.targets {
+        let old = view.target(&t.name);
+        let mut luns = Vec::new();
+        for l in &t.luns {
+            let index = old.and_then(|(_, e)| e.lun(l.id)).or_else(|| {
+                new_index
+                    .iter()
+                    .find(|(nt, nid, _)| nt.eq_ignore_ascii_case(&t.name) && *nid == l.id)
+                    .map(|&(_, _, i)| i)
+            });
+            if let Some(index) = index {
+                luns.push((l.id, index));
+            }
+        }
+        luns.sort_unstable();
+        let entry = Some(Arc::new(TargetEntry {
+            cfg: t.clone(),
+            luns,
+        }));
+        match old {
+            Some((i, _)) => targets[i] = entry,
+            None => targets.push(entry),
+        }
+    }
+    targets
 }
 
 /// Waits until every core installed the fds of the slots filled so far.
