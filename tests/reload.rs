@@ -328,3 +328,46 @@ fn lun_add_resize_remove_edit_the_file_and_apply_it() {
     assert!(!listing(&d).contains("Lun:3"), "{}", listing(&d));
     assert!(d.dir.join("a3.img").exists());
 }
+
+/// A session to LUN 0 of TARGET as alice with CHAP `secret`, in full feature phase.
+fn chap_session(d: &Daemon, secret: &str, isid_low: u8) -> anyhow::Result<benches::conn::Conn> {
+    let creds = proto::login::chap::ChapCredentials::new("alice", secret)?;
+    let chap = proto::login::chap::ChapInitiator::new(creds, None)?;
+    let mut c = benches::conn::Conn::connect(&d.addr, 0)?;
+    c.login(
+        "iqn.2026-11.io.twinsan:alice",
+        TARGET,
+        [0x80, 0, 0, 0, 1, isid_low],
+        false,
+        Some(&chap),
+    )?;
+    c.until_ready()?;
+    Ok(c)
+}
+
+#[test]
+fn a_chap_change_ends_the_targets_sessions_and_the_new_secret_logs_in() {
+    let chap = |secret: &str| {
+        target(
+            TARGET,
+            &format!("chap = {{ user = \"alice\", secret = \"{secret}\" }}"),
+            &[(0, "a0.img", "16MiB")],
+        )
+    };
+    let d = Daemon::start("reload-chap", &chap("correct-horse-battery"));
+    let mut old = chap_session(&d, "correct-horse-battery", 1).expect("login with the secret");
+    write_config(&d, &chap("staple-of-new-secrets"));
+    assert_ok(&d.cli(&["reload"]), "reload");
+    // The core closes a killed session within a tick (250 ms).
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        old.command_sync(&[0u8; 6], 0).is_err(),
+        "the session authenticated with the old secret still answers"
+    );
+    let mut new = chap_session(&d, "staple-of-new-secrets", 2).expect("the new secret logs in");
+    assert_eq!(new.command_sync(&[0u8; 6], 0).expect("TUR").status, 0);
+    assert!(
+        chap_session(&d, "correct-horse-battery", 3).is_err(),
+        "the old secret logged in"
+    );
+}

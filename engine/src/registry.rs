@@ -19,6 +19,16 @@ pub struct TargetEntry {
     pub luns: Vec<(u64, usize)>,
 }
 
+/// Name and LUNs only: the entry holds CHAP secrets, which no log may show.
+impl std::fmt::Debug for TargetEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetEntry")
+            .field("name", &self.cfg.name)
+            .field("luns", &self.luns)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TargetEntry {
     /// The global LUN index for a LUN id, if this target has it.
     pub fn lun(&self, id: u64) -> Option<usize> {

@@ -442,14 +442,7 @@ pub fn reload(reg: &Registry, force: bool) -> Result<Diff, ReloadError> {
     if !removed.is_empty() {
         reg.files_gen.fetch_add(1, Ordering::AcqRel);
     }
-    let chap_changed: Vec<&str> = view
-        .live()
-        .filter(|(_, o)| {
-            find(&reg.view().config.targets, &o.cfg.name).is_some_and(|(_, n)| n.chap != o.cfg.chap)
-        })
-        .map(|(_, o)| o.cfg.name.as_str())
-        .collect();
-    let ended = end_refused_sessions(reg, &chap_changed);
+    let ended = end_refused_sessions(reg, &view);
     tracing::info!(change = %d.summary(), sessions_ended = ended, "configuration reloaded");
     Ok(d)
 }
@@ -507,39 +500,44 @@ fn wait_installed(reg: &Registry) -> Result<(), ReloadError> {
     Ok(())
 }
 
-/// Ends the sessions the current view would refuse now: their target is gone, their
-/// initiator or address is no longer allowed, or the target's CHAP changed (they
-/// authenticated with the old secret; a login with the new one brings them back). Their
-/// I_T nexus is lost at once, as at a reinstatement. Returns how many.
-fn end_refused_sessions(reg: &Registry, chap_changed: &[&str]) -> usize {
+/// Whether a session of `initiator` from `peer`, admitted when its target's CHAP was
+/// `chap_at_login`, is still admitted by `now`, its target's current entry: the target
+/// exists, the initiator and address ACLs allow it, and the CHAP it authenticated with is
+/// still the target's (with a new secret it must log in again).
+pub fn still_admitted(
+    now: Option<&TargetEntry>,
+    chap_at_login: Option<&crate::config::ChapConfig>,
+    initiator: &str,
+    peer: std::net::IpAddr,
+) -> bool {
+    let Some(e) = now else { return false };
+    let name_ok = e
+        .cfg
+        .allowed_initiators
+        .as_ref()
+        .is_none_or(|acl| acl.iter().any(|a| a.eq_ignore_ascii_case(initiator)));
+    name_ok && e.cfg.address_allowed(peer) && e.cfg.chap.as_ref() == chap_at_login
+}
+
+/// Ends the sessions the current view no longer admits (`still_admitted`, against the
+/// `old` view they were admitted under). Their I_T nexus is lost at once, as at a
+/// reinstatement; their cores close them within a tick. Returns how many.
+fn end_refused_sessions(reg: &Registry, old: &View) -> usize {
     let view = reg.view();
     let m = reg.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
     let mut ended = 0;
     for ((initiator, isid, target), s) in m.iter() {
-        let entry = view.targets.get(*target).and_then(|t| t.as_ref());
-        let refused = match entry {
-            None => true,
-            Some(e) => {
-                let name_ok = e
-                    .cfg
-                    .allowed_initiators
-                    .as_ref()
-                    .is_none_or(|acl| acl.iter().any(|a| a.eq_ignore_ascii_case(initiator)));
-                !name_ok
-                    || !e.cfg.address_allowed(s.peer)
-                    || chap_changed
-                        .iter()
-                        .any(|n| n.eq_ignore_ascii_case(&e.cfg.name))
-            }
-        };
-        if !refused || s.kill.swap(true, Ordering::AcqRel) {
+        let before = old.targets.get(*target).and_then(Option::as_deref);
+        let now = view.targets.get(*target).and_then(Option::as_deref);
+        let chap = before.and_then(|e| e.cfg.chap.as_ref());
+        if still_admitted(now, chap, initiator, s.peer) || s.kill.swap(true, Ordering::AcqRel) {
             continue;
         }
         ended += 1;
-        tracing::warn!(%initiator, target = entry.map_or("(removed)", |e| e.cfg.name.as_str()), "reload: ending a session the new configuration refuses");
+        tracing::warn!(%initiator, target = before.or(now).map_or("?", |e| e.cfg.name.as_str()), "reload: ending a session the new configuration refuses");
         let nexus =
             proto::scsi::pr::Nexus::new(initiator, *isid, crate::iscsi::login::PORTAL_GROUP_TAG);
-        for &(_, index) in entry.map(|e| &e.luns[..]).unwrap_or(&[]) {
+        for &(_, index) in before.or(now).map(|e| &e.luns[..]).unwrap_or(&[]) {
             let lun = &reg.luns[index];
             if lun.pr_in_use() {
                 lun.with_pr(|st| proto::scsi::pr::nexus_lost(st, &nexus));

@@ -17,11 +17,11 @@ impl Conn {
         res: crate::iscsi::login::LoginResult,
         reg: &Registry,
     ) {
-        let view_gen = reg.view_gen();
-        let entry = match reg.view().targets.get(res.target) {
-            Some(Some(t)) if res.kind == SessionKind::Normal => Some(Arc::clone(t)),
-            _ => None,
-        };
+        let view_gen = res.view_gen;
+        let entry = res
+            .entry
+            .clone()
+            .filter(|_| res.kind == SessionKind::Normal);
         let luns = entry
             .as_ref()
             .map(|t| {
@@ -63,6 +63,16 @@ impl Conn {
                         lun.with_pr(|st| proto::scsi::pr::nexus_lost(st, &nexus));
                     }
                 }
+            }
+            // A reload that swapped the view after this login was decided and swept the
+            // live sessions before this one was recorded: judge it by the new view here.
+            let now = reg.view();
+            let now = now.targets.get(res.target).and_then(Option::as_deref);
+            let chap = entry.as_ref().and_then(|e| e.cfg.chap.as_ref());
+            if !crate::reload::still_admitted(now, chap, &nexus.initiator, self.peer.ip()) {
+                tracing::warn!(peer = %self.peer, initiator = %res.initiator_name, "a reload refused this initiator during its login: closing the session");
+                self.reinstated
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
         }
         self.phase = Phase::Full(Box::new(Session {
