@@ -94,13 +94,8 @@ pub struct Reactor {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     pool: BufPool,
-    /// The fd per LUN slot, registered as fixed files at the same indexes (a sparse table
-    /// of `MAX_LUNS`); `None` for a slot not filled yet or a removed LUN.
-    files: Vec<Option<std::fs::File>>,
-    /// The registry's `files_gen` that `files` reflects (see `sync_files`).
-    files_gen: u64,
-    /// LUN slots the spill helper has fds for (those filled at start).
-    spill_luns: usize,
+    /// The fd per LUN slot, registered as fixed files at the same indexes (files.rs).
+    files: crate::net::files::LunFiles,
     /// Plain buffered writes done on this thread (see inline_write.rs).
     inline_writes: crate::disk::inline_write::InlineWrites,
     tick_ts: Box<types::Timespec>,
@@ -151,30 +146,14 @@ impl Reactor {
         spill: Option<(Arc<crate::disk::spill::SpillGates>, Option<usize>)>,
     ) -> std::io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
-        // A sparse table of every slot up front: a LUN added online is one
-        // register_files_update on the tick after the reload filled its slot.
-        ring.submitter()
-            .register_files_sparse(crate::registry::MAX_LUNS as u32)?;
-        let mut files: Vec<Option<std::fs::File>> =
-            (0..crate::registry::MAX_LUNS).map(|_| None).collect();
-        let files_gen = reg.files_gen.load(Ordering::Acquire);
-        let start_luns = reg.luns.len();
-        for (i, lun) in reg.luns.iter().enumerate() {
-            let f = lun
-                .open_fd()
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            ring.submitter()
-                .register_files_update(i as u32, &[f.as_raw_fd()])?;
-            files[i] = Some(f);
-        }
+        let files = crate::net::files::LunFiles::register(&ring, &reg)?;
         let spill = match spill {
-            Some((gates, cpu)) => {
-                let mut own = Vec::with_capacity(start_luns);
-                for f in files.iter().take(start_luns).flatten() {
-                    own.push(f.try_clone()?);
-                }
-                Some(crate::disk::spill::Spill::start(core, cpu, own, gates)?)
-            }
+            Some((gates, cpu)) => Some(crate::disk::spill::Spill::start(
+                core,
+                cpu,
+                files.clone_at_start()?,
+                gates,
+            )?),
             None => None,
         };
         Ok(Reactor {
@@ -186,8 +165,6 @@ impl Reactor {
             free: Vec::new(),
             pool: BufPool::new(),
             files,
-            files_gen,
-            spill_luns: start_luns,
             inline_writes: Default::default(),
             tick_ts: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
             epoch: Instant::now(),
@@ -681,7 +658,7 @@ impl Reactor {
                             IoOp::Write {
                                 fua: false, offset, ..
                             } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
-                                let spill_has_fd = req.lun < self.spill_luns;
+                                let spill_has_fd = self.files.spillable(req.lun);
                                 if let Some(sp) = self.spill.as_mut().filter(|_| spill_has_fd) {
                                     let w = crate::disk::spill::SpillWrite {
                                         lun: req.lun,
@@ -706,7 +683,7 @@ impl Reactor {
                                 // open while in `files`.
                                 let res = unsafe {
                                     self.inline_writes.pwrite(
-                                        self.files[req.lun].as_ref().map_or(-1, |f| f.as_raw_fd()),
+                                        self.files.raw_fd(req.lun),
                                         ptr,
                                         len,
                                         offset,
@@ -904,8 +881,8 @@ impl Reactor {
                 lun.check_soft_threshold();
             }
         }
-        if self.reg.files_gen.load(Ordering::Acquire) != self.files_gen {
-            self.sync_files();
+        if self.files.stale(&self.reg) {
+            self.files.sync(&self.ring, &self.reg, self.core);
         }
         let reg = Arc::clone(&self.reg);
         let stopping = self.stop.load(Ordering::Relaxed);
@@ -925,48 +902,6 @@ impl Reactor {
         }
         if !(stopping && self.slots.iter().all(|s| s.is_none())) {
             self.post_tick();
-        }
-    }
-
-    /// Follows a reload (registry.rs, reload.rs): opens and installs an fd for every filled
-    /// LUN slot this core has none for, and removes those of removed LUNs, then tells the
-    /// reload (`files_acks`) which generation it now serves. Runs on the tick, so the data
-    /// path never looks; io_uring keeps a removed file alive for operations in flight.
-    fn sync_files(&mut self) {
-        let gen = self.reg.files_gen.load(Ordering::Acquire);
-        let reg = Arc::clone(&self.reg);
-        for (i, lun) in reg.luns.iter().enumerate() {
-            let Some(slot) = self.files.get_mut(i) else {
-                break;
-            };
-            let want = !lun.is_removed();
-            if want && slot.is_none() {
-                match lun.open_fd() {
-                    Ok(f) => match self
-                        .ring
-                        .submitter()
-                        .register_files_update(i as u32, &[f.as_raw_fd()])
-                    {
-                        Ok(_) => *slot = Some(f),
-                        Err(e) => {
-                            tracing::error!(core = self.core, lun = i, error = %e, "cannot install a new LUN's fd")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::error!(core = self.core, lun = i, error = %e, "cannot open a new LUN's file")
-                    }
-                }
-            } else if !want && slot.is_some() {
-                if let Err(e) = self.ring.submitter().register_files_update(i as u32, &[-1]) {
-                    tracing::warn!(core = self.core, lun = i, error = %e, "cannot remove a LUN's fd");
-                    continue;
-                }
-                *slot = None;
-            }
-        }
-        self.files_gen = gen;
-        if let Some(ack) = reg.files_acks.get().and_then(|a| a.get(self.core)) {
-            ack.store(gen, Ordering::Release);
         }
     }
 
