@@ -371,3 +371,43 @@ fn a_chap_change_ends_the_targets_sessions_and_the_new_secret_logs_in() {
         "the old secret logged in"
     );
 }
+
+/// A loopback port free a moment ago.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").port()
+}
+
+#[test]
+fn on_a_pair_lun_changes_are_refused_with_the_reason_and_acl_changes_apply() {
+    let (me, peer) = (free_port(), free_port());
+    let pair = format!(
+        "[peer]\nname = \"peer\"\naddress = \"127.0.0.1:{peer}\"\nlisten = \"127.0.0.1:{me}\"\n\
+         psk = \"0123456789abcdef0123456789abcdef\"\non_peer_loss = \"degrade\"\n"
+    );
+    let a = target(TARGET, "", &[(0, "a0.img", "16MiB")]);
+    let d = Daemon::start("reload-pair", &format!("{pair}{a}"));
+    write_config(&d, &format!("{pair}{}", a.replace("16MiB", "32MiB")));
+    let o = d.cli(&["reload"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("on a pair") && t.contains("resized to 33554432 bytes"),
+        "{t}"
+    );
+    assert_eq!(capacity(&d, TARGET, 0), 16 << 20);
+    write_config(
+        &d,
+        &format!(
+            "{pair}{}",
+            target(
+                TARGET,
+                "allowed_addresses = [\"127.0.0.0/8\"]",
+                &[(0, "a0.img", "16MiB")]
+            )
+        ),
+    );
+    let o = d.cli(&["reload"]);
+    assert_ok(&o, "an ACL change on a pair");
+    assert!(text(&o).contains("access changed"), "{}", text(&o));
+}
