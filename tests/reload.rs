@@ -372,15 +372,9 @@ fn a_chap_change_ends_the_targets_sessions_and_the_new_secret_logs_in() {
     );
 }
 
-/// A loopback port free a moment ago.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("its address").port()
-}
-
 #[test]
 fn on_a_pair_lun_changes_are_refused_with_the_reason_and_acl_changes_apply() {
-    let (me, peer) = (free_port(), free_port());
+    let (me, peer) = (common::free_port(), common::free_port());
     let pair = format!(
         "[peer]\nname = \"peer\"\naddress = \"127.0.0.1:{peer}\"\nlisten = \"127.0.0.1:{me}\"\n\
          psk = \"0123456789abcdef0123456789abcdef\"\non_peer_loss = \"degrade\"\n"

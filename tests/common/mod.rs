@@ -358,3 +358,9 @@ impl BackgroundBench {
         (o, err)
     }
 }
+
+/// A loopback port free a moment ago (the daemon binds it right after).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").port()
+}
