@@ -9,6 +9,7 @@ use engine::config::{Config, Overrides};
 use engine::server::Server;
 
 mod generate;
+mod lun_edit;
 mod service;
 mod snapshot_cli;
 
@@ -95,6 +96,22 @@ enum Cmd {
         #[command(subcommand)]
         op: snapshot_cli::SnapshotCmd,
     },
+    /// Reread the config file and apply the difference online: targets and LUNs added or
+    /// removed, LUNs grown, ACLs and CHAP (docs/operations.md, "Reload"). SIGHUP does the
+    /// same. An invalid file, or a change that cannot be made online, changes nothing.
+    Reload {
+        /// Remove LUNs even if sessions use them (their commands to them then fail).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Add, grow or remove a LUN: edits the config file (--config, comments kept) and
+    /// applies it like `reload`; the file is restored if the daemon refuses.
+    Lun {
+        #[command(subcommand)]
+        cmd: lun_edit::LunCmd,
+    },
     /// Run a witness: the third vote for any number of pairs (see docs/failover.md).
     Witness {
         /// UDP address to listen on, ADDRESS:PORT.
@@ -144,10 +161,10 @@ enum Cmd {
 pub(crate) struct AdminArgs {
     /// The daemon's config file (its admin socket is read from it).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The admin socket, overriding the config (default: ./data/twinsan.sock).
     #[arg(long)]
-    socket: Option<PathBuf>,
+    pub(crate) socket: Option<PathBuf>,
 }
 
 /// The admin socket named by the arguments, or exit status 2 after saying why.
@@ -187,7 +204,7 @@ fn status_json(args: AdminArgs) -> ExitCode {
 }
 
 /// An admin command could not reach the daemon at `socket`: said on stderr, status 1.
-fn unreachable_daemon(socket: &std::path::Path, e: &std::io::Error) -> ExitCode {
+pub(crate) fn unreachable_daemon(socket: &std::path::Path, e: &std::io::Error) -> ExitCode {
     eprintln!(
         "twinsan: cannot reach the daemon at {}: {e}",
         socket.display()
@@ -237,7 +254,8 @@ fn main() -> ExitCode {
             data_dir,
         } => {
             let ov = Overrides { listen, data_dir };
-            let cfg = match load(config, &ov) {
+            let ov_for_file = ov.clone();
+            let cfg = match load(config, &ov_for_file) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("twinsan: configuration error: {e}");
@@ -245,7 +263,7 @@ fn main() -> ExitCode {
                 }
             };
             let signals = service::block_stop_signals();
-            let server = match Server::start(cfg) {
+            let server = match Server::start_with(cfg, ov) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("twinsan: cannot start: {e}");
@@ -258,7 +276,7 @@ fn main() -> ExitCode {
                 use std::io::Write;
                 let mut o = std::io::stdout().lock();
                 let _ = writeln!(o, "listening on {}", server.local_addr);
-                for t in &server.registry.targets {
+                for (_, t) in server.registry.view().live() {
                     let _ = writeln!(
                         o,
                         "target {} luns {:?}",
@@ -269,7 +287,7 @@ fn main() -> ExitCode {
                 let _ = o.flush();
             }
             service::ready(&server);
-            let sig = service::wait_for_stop(&signals, &server.beats);
+            let sig = service::wait_for_stop(&signals, &server.beats, &|| service::reload(&server));
             tracing::info!(signal = sig, "stopping");
             service::stopping();
             server.shutdown();
@@ -301,6 +319,8 @@ fn main() -> ExitCode {
             admin(a, if force { "promote-force" } else { "promote" })
         }
         Cmd::Demote(a) => admin(a, "demote"),
+        Cmd::Reload { force, admin: a } => admin(a, if force { "reload-force" } else { "reload" }),
+        Cmd::Lun { cmd } => lun_edit::run(cmd),
         Cmd::Verify { repair, admin: a } => {
             admin(a, if repair { "verify-repair" } else { "verify" })
         }

@@ -14,8 +14,9 @@ use sd_notify::NotifyState;
 /// look would call a healthy idle core stalled.
 const MIN_LOOK: Duration = Duration::from_millis(500);
 
-/// Blocks SIGINT and SIGTERM in this thread (and so in every thread spawned later), then
-/// returns the set, for `sigtimedwait` in the main thread: a clean stop without handlers.
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in every thread spawned later),
+/// then returns the set, for `sigtimedwait` in the main thread: a clean stop, and a reload on
+/// SIGHUP, without handlers (nothing runs in signal context).
 pub fn block_stop_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data that sigemptyset initialises; the calls only touch
     // the set we own and this thread's signal mask.
@@ -24,6 +25,7 @@ pub fn block_stop_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -51,6 +53,19 @@ pub fn ready(server: &Server) {
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
+/// RELOADING=1 (with the monotonic time systemd asks of it) around a SIGHUP reload, then
+/// READY=1 again, so systemd shows "reloading" meanwhile. The reply is logged: an invalid
+/// file changes nothing and says why.
+pub fn reload(server: &Server) {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(e) => tracing::debug!(error = %e, "no monotonic time for RELOADING=1"),
+    }
+    let reply = engine::admin::reload_reply(&server.registry, false);
+    tracing::info!(reply = reply.trim_end(), "SIGHUP: reload");
+    notify(&[NotifyState::Ready]);
+}
+
 /// STOPPING=1: sent before the drain, so systemd shows "deactivating" while it runs.
 pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
@@ -62,11 +77,17 @@ fn look_interval(watchdog: Duration) -> Duration {
     (watchdog / 3).max(MIN_LOOK)
 }
 
-/// Waits for SIGINT or SIGTERM and returns it. Meanwhile, when systemd asked for a
-/// watchdog, pings it after each look that saw every core thread tick.
-pub fn wait_for_stop(set: &libc::sigset_t, beats: &CoreBeats) -> i32 {
+/// Waits for SIGINT or SIGTERM and returns it; runs `on_hup` for each SIGHUP (a reload).
+/// Meanwhile, when systemd asked for a watchdog, pings it after each look that saw every
+/// core thread tick.
+pub fn wait_for_stop(set: &libc::sigset_t, beats: &CoreBeats, on_hup: &dyn Fn()) -> i32 {
     let Some(period) = sd_notify::watchdog_enabled() else {
-        return wait_forever(set);
+        loop {
+            match wait_forever(set) {
+                libc::SIGHUP => on_hup(),
+                sig => return sig,
+            }
+        }
     };
     let every = look_interval(period);
     if every * 2 > period {
@@ -84,8 +105,10 @@ pub fn wait_for_stop(set: &libc::sigset_t, beats: &CoreBeats) -> i32 {
     let mut live = Liveness::new(beats);
     let mut was_stalled: Vec<usize> = Vec::new();
     loop {
-        if let Some(sig) = timed_wait(set, every) {
-            return sig;
+        match timed_wait(set, every) {
+            Some(libc::SIGHUP) => on_hup(),
+            Some(sig) => return sig,
+            None => {}
         }
         let stalled = live.stalled(beats);
         if stalled.is_empty() {

@@ -54,6 +54,18 @@ pub enum SnapshotCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Serve a snapshot as a read-only LUN (its own NAA and serial, so ESXi sees a copy of
+    /// the volume, never another path to it): added to the config file (--config) and
+    /// applied like `reload`. `twinsan lun remove` takes it away.
+    Export {
+        lun: String,
+        name: String,
+        /// The exported LUN, TARGET/ID (the target is made if the file has none).
+        #[arg(long = "as")]
+        as_lun: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Apply a diff stream: the LUN becomes the stream's snapshot, which is recorded here.
     Apply {
         lun: String,
@@ -129,6 +141,12 @@ pub fn run(cmd: SnapshotCmd) -> ExitCode {
                 Err(ExitCode::from(1))
             }
         },
+        SnapshotCmd::Export {
+            lun,
+            name,
+            as_lun,
+            admin: a,
+        } => export(&lun, &name, &as_lun, &a),
         SnapshotCmd::Diff {
             lun,
             from,
@@ -221,4 +239,41 @@ fn diff(
         t.data_bytes, t.data_records, t.zero_bytes, t.zero_records
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn export(lun: &str, name: &str, as_lun: &str, a: &AdminArgs) -> Result<ExitCode, ExitCode> {
+    let fail = |e: String| {
+        eprintln!("twinsan snapshot export: {e}");
+        ExitCode::from(1)
+    };
+    let (target, id) = as_lun
+        .rsplit_once('/')
+        .and_then(|(t, id)| Some((t.to_string(), id.parse::<u64>().ok()?)))
+        .ok_or_else(|| fail(format!("--as {as_lun:?}: expected TARGET/ID")))?;
+    let socket = admin_socket(AdminArgs {
+        config: a.config.clone(),
+        socket: a.socket.clone(),
+    })?;
+    let i = info(&socket, lun, name).map_err(fail)?;
+    let path = i.path.to_string_lossy().into_owned();
+    Ok(crate::lun_edit::edit_then_reload(
+        "snapshot export",
+        a,
+        |text| {
+            let mut doc: toml_edit::DocumentMut = text
+                .parse()
+                .map_err(|e| format!("the file is not valid TOML: {e}"))?;
+            let mut l = toml_edit::Table::new();
+            l["id"] = toml_edit::value(id as i64);
+            l["path"] = toml_edit::value(path.as_str());
+            l["size"] = toml_edit::value(i.size_bytes as i64);
+            l["block_size"] = toml_edit::value(i64::from(i.block_size));
+            l["read_only"] = toml_edit::value(true);
+            l.decor_mut().set_prefix(format!(
+                "\n# snapshot {name} of {lun}, exported read-only (twinsan snapshot export)\n"
+            ));
+            crate::lun_edit::add_lun_table(&mut doc, &target, id, l)?;
+            Ok((doc.to_string(), "reload"))
+        },
+    ))
 }

@@ -6,9 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::Output;
 use std::time::Duration;
 
 use common::{read_back, text, Daemon};
@@ -22,61 +20,32 @@ fn bench_through(
     after: Duration,
     disturb: impl FnOnce(&mut Daemon),
 ) -> (Output, serde_json::Value) {
-    let mut child = Command::new("timeout")
-        .arg("120")
-        .arg(env!("CARGO_BIN_EXE_twinsan"))
-        .arg("bench")
-        .arg(d.url(0))
-        .args([
-            "--rw",
-            "randrw",
-            "--rwmix-read",
-            "50",
-            "--bs",
-            "4k",
-            "--size",
-            "8m",
-            "--sessions",
-            "2",
-            "--iodepth",
-            "8",
-            "--verify",
-            "--reconnect",
-            "--json",
-            "--no-pin",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run twinsan bench");
-    // Stderr is read on a thread (the bench must never block on it); its lines come back
-    // both as they arrive (to see the probe) and all together at the end.
-    let stderr = child.stderr.take().expect("stderr piped");
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    let probed = loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.contains("-byte blocks") => break true,
-            Ok(_) => continue,
-            Err(_) => break false,
-        }
-    };
+    let mut args = vec![
+        "--rw",
+        "randrw",
+        "--rwmix-read",
+        "50",
+        "--bs",
+        "4k",
+        "--size",
+        "8m",
+        "--sessions",
+        "2",
+        "--iodepth",
+        "8",
+        "--verify",
+        "--reconnect",
+        "--json",
+        "--no-pin",
+    ];
+    args.extend_from_slice(extra);
+    let bg = common::bench_background(&d.url(0), &args);
+    let probed = bg.probed;
     if probed {
         std::thread::sleep(after);
         disturb(d);
     }
-    let o = child.wait_with_output().expect("wait for twinsan bench");
-    let err = reader.join().unwrap_or_default();
+    let (o, err) = bg.wait();
     let all = format!("{}{err}", String::from_utf8_lossy(&o.stdout));
     assert!(probed, "the bench never probed the LUN:\n{all}");
     let json: serde_json::Value = serde_json::from_slice(&o.stdout)

@@ -87,7 +87,7 @@ impl Harness {
         let config = Config::parse_str(&text, "inproc.toml", None, &Overrides::default())
             .expect("valid config");
         let portal: SocketAddr = "127.0.0.1:3260".parse().expect("addr");
-        let reg = Registry::build(config, portal).expect("registry");
+        let reg = Registry::build(config, portal, Default::default()).expect("registry");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

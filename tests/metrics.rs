@@ -9,12 +9,6 @@ use std::process::{Command, Stdio};
 
 use common::{bench, text, Daemon, TARGET};
 
-/// A loopback port free a moment ago (the daemon binds it right after).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("its address").port()
-}
-
 /// The page at `addr`'s `/metrics`, without the HTTP head.
 fn scrape(addr: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
@@ -40,7 +34,7 @@ fn sample(page: &str, series: &str) -> f64 {
 
 #[test]
 fn the_counters_match_what_the_initiator_did() {
-    let port = free_port();
+    let port = common::free_port();
     let d = Daemon::start(
         "metrics",
         &format!(
@@ -198,7 +192,7 @@ fn status_line(addr: &str, request: &[u8]) -> String {
 
 #[test]
 fn bad_requests_and_a_bad_address_are_refused_and_scrapes_go_on() {
-    let port = free_port();
+    let port = common::free_port();
     let d = Daemon::start(
         "metrics-bad",
         &format!(

@@ -30,11 +30,16 @@ struct XfsDaemon {
 
 impl XfsDaemon {
     fn start(name: &str, size: &str) -> XfsDaemon {
+        XfsDaemon::start_with(name, size, "")
+    }
+
+    /// With `extra` TOML after the target.
+    fn start_with(name: &str, size: &str, extra: &str) -> XfsDaemon {
         let dir = scratch(name);
         let fs = Xfs::mount(&dir, 1024);
         std::fs::write(
             dir.join("twinsan.toml"),
-            format!("[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{size}\"\n"),
+            format!("[[target]]\nname = \"{TARGET}\"\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{size}\"\n{extra}"),
         )
         .unwrap();
         XfsDaemon {
@@ -518,4 +523,176 @@ fn a_pair_cuts_at_the_same_write_on_both_nodes_and_keeps_it_through_a_failover()
         std::thread::sleep(Duration::from_millis(200));
     }
     b.kill9();
+}
+
+/// VPD page 0x83's NAA designator (raw bytes, as `iscsi-inq` prints them: the last
+/// designator) and page 0x80's serial.
+fn identity(url: &str) -> (Vec<u8>, String) {
+    let page83 = common::tool("iscsi-inq", &["-e", "1", "-c", "131", url]).stdout;
+    let marker = b"Designator Type:(3) NAA\nDesignator:[";
+    let at = page83
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .unwrap_or_else(|| panic!("no NAA designator: {}", String::from_utf8_lossy(&page83)));
+    let naa = page83[at + marker.len()..].to_vec();
+    let serial = text(&common::tool("iscsi-inq", &["-e", "1", "-c", "128", url]));
+    let serial = serial
+        .lines()
+        .find(|l| l.starts_with("Unit Serial Number"))
+        .unwrap_or_else(|| panic!("no serial: {serial}"))
+        .to_string();
+    assert!(naa.len() >= 8, "a short NAA designator");
+    (naa, serial)
+}
+
+/// An exported snapshot is a read-only LUN with its own NAA and serial (ESXi must see a
+/// copy of the volume, not another path to it) holding the snapshot's bytes; writes get
+/// DATA PROTECT / WRITE PROTECTED; the snapshot cannot be deleted while exported.
+#[test]
+fn an_exported_snapshot_is_a_read_only_copy_with_its_own_identity() {
+    let _g = serial();
+    let d = XfsDaemon::start("snap-export", "64MiB");
+    let lun = format!("{TARGET}/0");
+    let mut c = session_at(&d.d.addr, TARGET, "iqn.2026-12.test:ex", 1);
+    let w = c
+        .command_sync_data(&benches::conn::rw16(true, 0, 8), 0, &[0x5A; 4096])
+        .unwrap();
+    assert_eq!(w.status, 0);
+    assert!(d.snap(&["create", &lun, "for-dr"]).0);
+    let w = c
+        .command_sync_data(&benches::conn::rw16(true, 0, 8), 0, &[0x33; 4096])
+        .unwrap();
+    assert_eq!(w.status, 0);
+    let export_target = "iqn.2026-12.io.twinsan:dr-copy";
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args([
+            "snapshot",
+            "export",
+            &lun,
+            "for-dr",
+            "--as",
+            &format!("{export_target}/0"),
+        ])
+        .arg("--config")
+        .arg(d.d.dir.join("twinsan.toml"))
+        .arg("--socket")
+        .arg(d.d.dir.join("twinsan.sock"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let exported = format!("iscsi://{}/{export_target}/0", d.d.addr);
+    let source = d.d.url(0);
+    let (naa_e, serial_e) = identity(&exported);
+    let (naa_s, serial_s) = identity(&source);
+    assert_ne!(naa_e, naa_s, "the export reuses the source's NAA");
+    assert_ne!(serial_e, serial_s, "the export reuses the source's serial");
+    let mut e = session_at(&d.d.addr, export_target, "iqn.2026-12.test:ex", 2);
+    let r = e
+        .command_sync(&benches::conn::rw16(false, 0, 8), 4096)
+        .unwrap();
+    assert_eq!(
+        r.data,
+        vec![0x5A; 4096],
+        "the export holds the snapshot's bytes"
+    );
+    let w = e
+        .command_sync_data(&benches::conn::rw16(true, 0, 8), 0, &[1; 4096])
+        .unwrap();
+    assert_eq!(w.status, 2, "a write to the export must fail");
+    assert!(
+        w.sense.contains("DATA PROTECT ASC/ASCQ 27/00"),
+        "{}",
+        w.sense
+    );
+    let (ok, out) = d.snap(&["delete", &lun, "for-dr"]);
+    assert!(!ok && out.contains("exported"), "{out}");
+    // The source kept its own, newer data.
+    let r = c
+        .command_sync(&benches::conn::rw16(false, 0, 8), 4096)
+        .unwrap();
+    assert_eq!(r.data, vec![0x33; 4096]);
+}
+
+/// Names of the LUN's snapshots, from `snapshot list`.
+fn names(d: &XfsDaemon) -> Vec<String> {
+    let (ok, out) = d.snap(&["list"]);
+    assert!(ok, "{out}");
+    out.lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A schedule takes its first snapshot at once, keeps `keep` of its own (the oldest go,
+/// other names stay), shows in `status`, and follows a reload; a bad schedule is refused
+/// with its key and value.
+#[test]
+fn schedules_take_snapshots_keep_the_newest_and_follow_a_reload() {
+    let _g = serial();
+    let schedule = format!(
+        "[[snapshot_schedule]]\nluns = \"{TARGET}\"\nname = \"hourly\"\nevery = \"1h\"\nkeep = 2\n"
+    );
+    let d = XfsDaemon::start_with("snap-schedule", "16MiB", &schedule);
+    wait_for("the first scheduled snapshot", || {
+        names(&d).iter().any(|n| n.starts_with("hourly-"))
+    });
+    let first = names(&d)
+        .into_iter()
+        .find(|n| n.starts_with("hourly-"))
+        .unwrap();
+    let lun = format!("{TARGET}/0");
+    for extra in ["hourly-b", "hourly-c", "manual"] {
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(d.snap(&["create", &lun, extra]).0);
+    }
+    wait_for("retention deleted the oldest", || {
+        !names(&d).contains(&first)
+    });
+    let left = names(&d);
+    assert_eq!(
+        left.iter().filter(|n| n.starts_with("hourly-")).count(),
+        2,
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&"manual".to_string()),
+        "another name is not the schedule's: {left:?}"
+    );
+    let status = engine_request(&d.d.dir.join("twinsan.sock"), "status");
+    assert!(
+        status.contains("SNAPSHOTS") && status.contains("3, newest"),
+        "{status}"
+    );
+    // A reload adds a schedule: its first snapshot comes.
+    let config = d.d.dir.join("twinsan.toml");
+    let mut file = std::fs::read_to_string(&config).unwrap();
+    file.push_str(&format!(
+        "[[snapshot_schedule]]\nluns = \"{TARGET}/0\"\nname = \"daily\"\nevery = \"1d\"\nkeep = 7\n"
+    ));
+    std::fs::write(&config, &file).unwrap();
+    let reply = engine_request(&d.d.dir.join("twinsan.sock"), "reload");
+    assert!(reply.starts_with("ok"), "{reply}");
+    wait_for("the reloaded schedule's snapshot", || {
+        names(&d).iter().any(|n| n.starts_with("daily-"))
+    });
+    // Refused with key and value.
+    std::fs::write(&config, file.replace("every = \"1d\"", "every = \"10s\"")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert!(
+        !o.status.success() && out.contains("snapshot_schedule[1].every") && out.contains("10s"),
+        "{out}"
+    );
 }

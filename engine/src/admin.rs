@@ -65,6 +65,7 @@ fn handle(stream: UnixStream, reg: &Registry) -> std::io::Result<()> {
 pub fn execute(cmd: &str, reg: &Registry) -> String {
     match cmd {
         "status" => format!("ok\n{}", status::StatusReport::gather(reg).render()),
+        "reload" | "reload-force" => reload_reply(reg, cmd == "reload-force"),
         // One JSON document after the "ok" line (the CLI strips that line).
         "status-json" => match serde_json::to_string_pretty(&status::StatusReport::gather(reg)) {
             Ok(j) => format!("ok\n{j}\n"),
@@ -201,4 +202,19 @@ pub fn request(path: &Path, cmd: &str) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+/// `twinsan reload` and SIGHUP: the reply says what changed, or why nothing did.
+pub fn reload_reply(reg: &Registry, force: bool) -> String {
+    match crate::reload::reload(reg, force) {
+        Ok(d) => format!("ok: {}\n", d.summary()),
+        Err(e @ crate::reload::ReloadError::Partial(_)) => {
+            tracing::error!(error = %e, "reload failed");
+            format!("error: reload failed: {e}\n")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: nothing changed");
+            format!("error: reload refused, nothing changed: {e}\n")
+        }
+    }
 }

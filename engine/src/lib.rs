@@ -13,7 +13,7 @@
 //!   timers) around `replica::pair`.
 //! - [`lun`], [`registry`], [`config`], [`server`], [`admin`]: the LUNs, the daemon's shared
 //!   state, its configuration, start-up and the admin socket; [`health`]: the core threads'
-//!   liveness, for the service manager's watchdog.
+//!   liveness, for the service manager's watchdog; [`reload`]: online reconfiguration.
 //! - [`snapshot`]: snapshots (cuts on both nodes, clones, catalogues, diff streams).
 
 pub mod admin;
@@ -27,6 +27,7 @@ pub mod lun;
 pub mod metrics;
 pub mod net;
 pub mod registry;
+pub mod reload;
 pub mod replication;
 pub mod scsi;
 pub mod server;

@@ -40,6 +40,8 @@ pub enum LunError {
     PrState { path: PathBuf, reason: String },
     #[error(transparent)]
     Snapshots(#[from] crate::snapshot::store::StoreError),
+    #[error("more than {max} LUNs over the daemon's lifetime (removed LUNs keep their slot until a restart)")]
+    TooMany { max: usize },
     #[error("{path}: the file size {size} is not a multiple of the block size {block_size}")]
     Misaligned {
         path: PathBuf,
@@ -53,7 +55,8 @@ pub struct Lun {
     pub target_name: String,
     pub id: u64,
     pub path: PathBuf,
-    pub size_bytes: u64,
+    /// Bytes; grows online (`twinsan reload`), never shrinks. Commands read it once each.
+    size: AtomicU64,
     pub block_size: u32,
     /// Logical blocks per physical block, as a power of two (READ CAPACITY (16) LBPPBE).
     pub physical_block_exp: u8,
@@ -95,6 +98,9 @@ pub struct Lun {
     /// This LUN's snapshots on this node (snapshot/store.rs); locked by snapshot
     /// operations only, never on the data path.
     pub snaps: Mutex<crate::snapshot::store::Store>,
+    /// Set when a reload removed the LUN: its slot is never reused (registry.rs), cores
+    /// drop their fds for it, and the backing file stays where it is.
+    removed: AtomicBool,
 }
 
 impl Lun {
@@ -136,16 +142,7 @@ impl Lun {
             });
         }
         if existing != Some(size_bytes) {
-            // set_len on a new or shorter file creates a hole: thin by construction.
-            let f = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&cfg.path)
-                .map_err(io("creating the backing file"))?;
-            f.set_len(size_bytes)
-                .map_err(io("sizing the backing file"))?;
-            f.sync_all().map_err(io("syncing the new backing file"))?;
+            set_file_len(&cfg.path, size_bytes, true)?;
             tracing::info!(path = %cfg.path.display(), size_bytes, "created sparse backing file");
         }
         let meta_fd = File::open(&cfg.path).map_err(io("opening the backing file"))?;
@@ -203,7 +200,8 @@ impl Lun {
             target_name: target_name.to_string(),
             id: cfg.id,
             path: cfg.path.clone(),
-            size_bytes,
+            size: AtomicU64::new(size_bytes),
+            removed: AtomicBool::new(false),
             block_size: cfg.block_size,
             physical_block_exp: (cfg.physical_block_size / cfg.block_size).trailing_zeros() as u8,
             read_only: cfg.read_only,
@@ -217,7 +215,55 @@ impl Lun {
     }
 
     pub fn num_blocks(&self) -> u64 {
-        self.size_bytes / self.block_size as u64
+        self.size_bytes() / self.block_size as u64
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the LUN to `new_bytes`: the sparse file first (synced, so a crash after the
+    /// initiators saw the new capacity cannot find the file shorter), then the size every
+    /// command checks against, then CAPACITY DATA HAS CHANGED for every I_T nexus.
+    pub fn grow(&self, new_bytes: u64) -> Result<(), LunError> {
+        let old = self.size_bytes();
+        if new_bytes < old {
+            return Err(LunError::WouldShrink {
+                path: self.path.clone(),
+                actual: old,
+                configured: new_bytes,
+            });
+        }
+        if new_bytes == old {
+            return Ok(());
+        }
+        if !new_bytes.is_multiple_of(self.block_size as u64) {
+            return Err(LunError::Misaligned {
+                path: self.path.clone(),
+                size: new_bytes,
+                block_size: self.block_size,
+            });
+        }
+        set_file_len(&self.path, new_bytes, false)?;
+        self.size.store(new_bytes, Ordering::Release);
+        self.ua
+            .raise(0, proto::scsi::sense::Asc::CAPACITY_DATA_CHANGED);
+        tracing::info!(path = %self.path.display(), old_bytes = old, new_bytes, "LUN grown");
+        Ok(())
+    }
+
+    /// Whether a reload removed it.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    /// Marks the LUN removed and releases the backing file's lock, so the same file can be
+    /// served again by a later reload (or another daemon) once every core closed its fd.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+        if let Err(e) = self.meta_fd.unlock() {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot unlock a removed LUN's file");
+        }
     }
 
     /// Raises THIN PROVISIONING SOFT THRESHOLD REACHED for every nexus when the pool crosses
@@ -320,7 +366,7 @@ impl Lun {
 
     /// The extents of the backing file that hold data, as `(offset, len)`.
     pub fn data_extents(&self) -> crate::disk::allocation::DataExtents<'_> {
-        crate::disk::allocation::data_extents(&self.meta_fd, self.size_bytes)
+        crate::disk::allocation::data_extents(&self.meta_fd, self.size_bytes())
     }
 
     /// Opens a new fd on the backing file for one core (each core owns its fds).
@@ -349,6 +395,26 @@ pub fn pr_path_for(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".pr");
     PathBuf::from(p)
+}
+
+/// Sets the backing file's length (creating it if `create`), synced: set_len on a new or
+/// shorter file creates a hole, thin by construction.
+fn set_file_len(path: &Path, bytes: u64, create: bool) -> Result<(), LunError> {
+    let io = |what: &'static str| {
+        move |source| LunError::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let f = OpenOptions::new()
+        .create(create)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io("opening the backing file to size it"))?;
+    f.set_len(bytes).map_err(io("sizing the backing file"))?;
+    f.sync_all().map_err(io("syncing the sized backing file"))
 }
 
 fn open_backing(path: &Path, cache: CacheMode, read_only: bool) -> Result<File, LunError> {

@@ -1,5 +1,10 @@
-//! What this node serves: targets, their LUNs and access rules, built once at start-up from
-//! the validated configuration and shared read-only by every core thread.
+//! What this node serves: targets, their LUNs and access rules, built at start-up from the
+//! validated configuration and changed online by `twinsan reload` (reload.rs).
+//!
+//! Why this shape: commands must not pay a lock for reloads. LUNs live in fixed slots
+//! (filled once, never reused), so a command reads its LUN by index with one atomic load;
+//! the login view (targets, ACLs, CHAP) is an `Arc` swapped whole, which logins read under
+//! a read lock and sessions re-take only when the generation counter moved.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
@@ -14,6 +19,16 @@ pub struct TargetEntry {
     pub luns: Vec<(u64, usize)>,
 }
 
+/// Name and LUNs only: the entry holds CHAP secrets, which no log may show.
+impl std::fmt::Debug for TargetEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetEntry")
+            .field("name", &self.cfg.name)
+            .field("luns", &self.luns)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TargetEntry {
     /// The global LUN index for a LUN id, if this target has it.
     pub fn lun(&self, id: u64) -> Option<usize> {
@@ -21,15 +36,133 @@ impl TargetEntry {
     }
 }
 
-pub struct Registry {
+/// LUN slots per node, a hard limit over the daemon's lifetime: a slot is never reused
+/// (a command, a session or a core's fixed-file table may still name a removed LUN's
+/// index), so adds beyond it need a restart. Every core registers a sparse io_uring file
+/// table of this size at start.
+pub const MAX_LUNS: usize = 1024;
+/// Target indexes over the daemon's lifetime (sessions are keyed by them; never reused).
+pub const MAX_TARGET_SLOTS: usize = 1024;
+
+/// The LUNs, by stable index. Slots fill once and are never emptied: a command holds a
+/// plain index and reads the LUN with one atomic load (`OnceLock::get`), no lock.
+pub struct LunTable {
+    slots: Box<[std::sync::OnceLock<Arc<Lun>>]>,
+    /// Slots filled so far (published with Release after the slot).
+    len: std::sync::atomic::AtomicUsize,
+}
+
+impl LunTable {
+    fn new() -> Self {
+        LunTable {
+            slots: (0..MAX_LUNS).map(|_| std::sync::OnceLock::new()).collect(),
+            len: Default::default(),
+        }
+    }
+
+    /// Slots filled so far, removed LUNs included.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Arc<Lun>> {
+        self.slots.get(index)?.get()
+    }
+
+    /// Every filled slot, removed LUNs included, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Lun>> {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    /// Fills the next slot. Only one thread adds (start-up, then the reload lock).
+    fn push(&self, lun: Arc<Lun>) -> Result<usize, Arc<Lun>> {
+        let i = self.len();
+        let Some(slot) = self.slots.get(i) else {
+            return Err(lun);
+        };
+        slot.set(lun)?;
+        self.len.store(i + 1, Ordering::Release);
+        Ok(i)
+    }
+}
+
+impl std::ops::Index<usize> for LunTable {
+    type Output = Arc<Lun>;
+    /// Indexes come from published target entries only, so the slot is filled.
+    fn index(&self, index: usize) -> &Arc<Lun> {
+        match self.get(index) {
+            Some(l) => l,
+            None => panic!("LUN slot {index} is empty"),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a LunTable {
+    type Item = &'a Arc<Lun>;
+    type IntoIter = Box<dyn Iterator<Item = &'a Arc<Lun>> + 'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+/// What logins, discovery and REPORT LUNS see: swapped whole by a reload. Sessions keep
+/// the `Arc` of their target and look at [`Registry::view_gen`] (one atomic load) per
+/// command to know when to take the new one.
+pub struct View {
+    /// The configuration last applied (reloadable parts: targets, LUNs, ACLs, CHAP).
     pub config: Config,
-    pub targets: Vec<TargetEntry>,
-    /// Every LUN of every target; cores open and register one fd per entry, in this order.
-    pub luns: Vec<Arc<Lun>>,
-    /// The address initiators reach us on, for SendTargets answers.
-    pub portal: SocketAddr,
+    /// By stable target index; `None` for a target a reload removed.
+    pub targets: Vec<Option<Arc<TargetEntry>>>,
     /// The login view of the targets (names, CHAP, initiator ACLs, negotiation limits).
     pub login: proto::login::LoginConfig,
+}
+
+impl View {
+    /// The live targets with their stable indexes.
+    pub fn live(&self) -> impl Iterator<Item = (usize, &Arc<TargetEntry>)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (i, t)))
+    }
+
+    pub fn target(&self, name: &str) -> Option<(usize, &Arc<TargetEntry>)> {
+        self.live()
+            .find(|(_, t)| t.cfg.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// A live session's entry: its id, the flag that tells its core to close it, and the
+/// address it came from (for address ACLs changed by a reload).
+pub struct LiveSession {
+    pub id: u64,
+    pub kill: Arc<std::sync::atomic::AtomicBool>,
+    pub peer: IpAddr,
+}
+
+pub struct Registry {
+    /// The configuration at start: what cannot change online (listen, peer, failover,
+    /// timings) is read from here; the reloadable parts live in [`Registry::view`].
+    pub config: Config,
+    /// Every LUN slot; cores install one fd per filled slot in their fixed-file table.
+    pub luns: LunTable,
+    view: std::sync::RwLock<Arc<View>>,
+    /// Bumped after every view swap.
+    view_gen: AtomicU64,
+    /// Bumped when a LUN slot was filled or a LUN removed: cores then open or close fds.
+    pub files_gen: AtomicU64,
+    /// Per core, the `files_gen` whose fds it has installed (set once at start).
+    pub files_acks: std::sync::OnceLock<Box<[AtomicU64]>>,
+    /// One reload at a time (admin socket and SIGHUP may race).
+    pub(crate) reload_lock: std::sync::Mutex<()>,
+    /// The command-line overrides the daemon started with: a reload reads the file with them.
+    pub overrides: crate::config::Overrides,
+    /// The address initiators reach us on, for SendTargets answers.
+    pub portal: SocketAddr,
     next_tsih: AtomicU16,
     next_session_id: AtomicU64,
     /// Current role: 0 primary, 1 secondary (changed by `twinsan promote` / `demote`).
@@ -43,11 +176,9 @@ pub struct Registry {
     /// Sessions in full feature phase, for status.
     pub sessions: std::sync::atomic::AtomicUsize,
     /// Normal sessions by (initiator name, ISID, target index): the one a new login with
-    /// the same key reinstates (RFC 7143 section 6.3.5), with its session id and the flag
-    /// that tells its core to close it.
-    live_sessions: std::sync::Mutex<
-        std::collections::HashMap<SessionKey, (u64, Arc<std::sync::atomic::AtomicBool>)>,
-    >,
+    /// the same key reinstates (RFC 7143 section 6.3.5), and the one a reload ends when its
+    /// initiator is now refused.
+    pub(crate) live_sessions: std::sync::Mutex<std::collections::HashMap<SessionKey, LiveSession>>,
     /// Held EXTENDED COPY outcomes per (session, list id), newest last, bounded.
     copy_results:
         std::sync::Mutex<std::collections::VecDeque<(u64, u8, proto::scsi::xcopy::CopyResult)>>,
@@ -64,27 +195,39 @@ impl Registry {
         key: SessionKey,
         id: u64,
         kill: Arc<std::sync::atomic::AtomicBool>,
+        peer: IpAddr,
     ) -> Option<u64> {
         let mut m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let old = m.insert(key, (id, kill));
-        old.map(|(old_id, flag)| {
-            flag.store(true, Ordering::Release);
-            old_id
+        let old = m.insert(key, LiveSession { id, kill, peer });
+        old.map(|old| {
+            old.kill.store(true, Ordering::Release);
+            old.id
         })
-    }
-
-    /// Whether any normal session is logged in to target `target` (its index).
-    pub fn target_has_sessions(&self, target: usize) -> bool {
-        let m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
-        m.keys().any(|(_, _, t)| *t == target)
     }
 
     /// Forgets session `id` under `key` (unless a newer session has taken the key).
     pub fn session_ended(&self, key: &SessionKey, id: u64) {
         let mut m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(key).is_some_and(|(live, _)| *live == id) {
+        if m.get(key).is_some_and(|live| live.id == id) {
             m.remove(key);
         }
+    }
+
+    /// Fills the next LUN slot with a new LUN and tells the cores to install its fd (they
+    /// do on their next tick; reload.rs waits for their acks before publishing it).
+    pub(crate) fn add_lun(&self, lun: Arc<Lun>) -> Result<usize, LunError> {
+        let index = self
+            .luns
+            .push(lun)
+            .map_err(|_| LunError::TooMany { max: MAX_LUNS })?;
+        self.files_gen.fetch_add(1, Ordering::AcqRel);
+        Ok(index)
+    }
+
+    /// Live normal sessions on target index `target`.
+    pub fn sessions_on(&self, target: usize) -> usize {
+        let m = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        m.keys().filter(|k| k.2 == target).count()
     }
 }
 
@@ -102,22 +245,33 @@ fn role_code(r: crate::config::Role) -> u8 {
 impl Registry {
     /// Creates or opens every backing file. Fails (and the daemon does not start) on the
     /// first LUN that cannot be served.
-    pub fn build(config: Config, portal: SocketAddr) -> Result<Self, LunError> {
-        let mut luns = Vec::new();
+    pub fn build(
+        config: Config,
+        portal: SocketAddr,
+        overrides: crate::config::Overrides,
+    ) -> Result<Self, LunError> {
+        let luns = LunTable::new();
         let mut targets = Vec::new();
         for t in &config.targets {
             let mut ids = Vec::new();
             for l in &t.luns {
-                ids.push((l.id, luns.len()));
-                luns.push(Arc::new(Lun::create_or_open(&t.name, l)?));
+                let lun = Arc::new(Lun::create_or_open(&t.name, l)?);
+                let index = luns
+                    .push(lun)
+                    .map_err(|_| LunError::TooMany { max: MAX_LUNS })?;
+                ids.push((l.id, index));
             }
             ids.sort_unstable();
-            targets.push(TargetEntry {
+            targets.push(Some(Arc::new(TargetEntry {
                 cfg: t.clone(),
                 luns: ids,
-            });
+            })));
         }
-        let login = crate::iscsi::login::login_config(&config);
+        let view = View {
+            login: crate::iscsi::login::login_config(&config),
+            config: config.clone(),
+            targets,
+        };
         // With a witness, every node starts as secondary: the witness's records and the
         // heartbeats decide who serves (the configured role is the preferred one). A node
         // that restarts while its peer serves with newer data must not even try.
@@ -127,10 +281,14 @@ impl Registry {
         };
         Ok(Registry {
             config,
-            targets,
             luns,
+            view: std::sync::RwLock::new(Arc::new(view)),
+            view_gen: AtomicU64::new(0),
+            files_gen: AtomicU64::new(0),
+            files_acks: std::sync::OnceLock::new(),
+            reload_lock: std::sync::Mutex::new(()),
+            overrides,
             portal,
-            login,
             next_tsih: AtomicU16::new(1),
             next_session_id: AtomicU64::new(1),
             copy_results: Default::default(),
@@ -143,18 +301,35 @@ impl Registry {
         })
     }
 
-    pub fn target(&self, name: &str) -> Option<(usize, &TargetEntry)> {
-        self.targets
-            .iter()
-            .enumerate()
-            .find(|(_, t)| t.cfg.name.eq_ignore_ascii_case(name))
+    /// The current view (a read lock for the clone of an `Arc`: logins, discovery, status
+    /// and reloads take it, never a command).
+    pub fn view(&self) -> Arc<View> {
+        Arc::clone(&self.view.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Changes with every view swap: one atomic load per command tells a session whether
+    /// its target entry is current.
+    pub fn view_gen(&self) -> u64 {
+        self.view_gen.load(Ordering::Acquire)
+    }
+
+    /// Installs a new view (the reload lock is held).
+    pub(crate) fn swap_view(&self, view: View) {
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
+        self.view_gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn target(&self, name: &str) -> Option<(usize, Arc<TargetEntry>)> {
+        self.view().target(name).map(|(i, t)| (i, Arc::clone(t)))
     }
 
     /// Targets a connection from `peer` may discover and log in to.
-    pub fn visible_to(&self, peer: IpAddr) -> impl Iterator<Item = &TargetEntry> {
-        self.targets
-            .iter()
-            .filter(move |t| t.cfg.address_allowed(peer))
+    pub fn visible_to(&self, peer: IpAddr) -> Vec<Arc<TargetEntry>> {
+        self.view()
+            .live()
+            .filter(|(_, t)| t.cfg.address_allowed(peer))
+            .map(|(_, t)| Arc::clone(t))
+            .collect()
     }
 
     /// A new non-zero TSIH (RFC 7143 section 11.12.6: zero is reserved).

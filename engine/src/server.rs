@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
-use crate::config::{Config, SpillWrites};
+use crate::config::{Config, Overrides, SpillWrites};
 use crate::disk::spill::SpillGates;
 use crate::health::CoreBeats;
 use crate::lun::LunError;
@@ -31,6 +31,8 @@ pub enum ServeError {
     Replica { source: std::io::Error },
     #[error("core {core}: cannot set up io_uring: {source}")]
     Ring { core: usize, source: std::io::Error },
+    #[error("cannot start the snapshot schedule thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A running daemon.
@@ -114,6 +116,12 @@ const PORT_BUSY_WAIT_MS: u64 = 3000;
 impl Server {
     /// Opens every LUN, binds the listeners and starts one pinned thread per core.
     pub fn start(config: Config) -> Result<Server, ServeError> {
+        Self::start_with(config, Default::default())
+    }
+
+    /// As [`Server::start`], remembering the command-line overrides the config was read
+    /// with: a reload reads the file again with the same ones.
+    pub fn start_with(config: Config, overrides: Overrides) -> Result<Server, ServeError> {
         let want = config.listen;
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let n = match config.cores {
@@ -125,13 +133,18 @@ impl Server {
         let local_addr = first
             .local_addr()
             .map_err(|source| ServeError::Listen { addr: want, source })?;
-        let registry = Arc::new(Registry::build(config, local_addr)?);
-        let metrics = crate::metrics::Metrics::new(n, registry.luns.len());
+        let registry = Arc::new(Registry::build(config, local_addr, overrides)?);
+        let _ = registry
+            .files_acks
+            .set((0..n).map(|_| Default::default()).collect());
+        // Counters for every slot: a LUN added online is counted from its first command.
+        let metrics = crate::metrics::Metrics::new(n, crate::registry::MAX_LUNS);
         let _ = registry.metrics.set(Arc::clone(&metrics));
         if let Some(addr) = registry.config.metrics_listen {
             crate::metrics::http::spawn(addr, metrics, Arc::clone(&registry))
                 .map_err(|source| ServeError::Listen { addr, source })?;
         }
+        crate::snapshot::schedule::spawn(&registry).map_err(ServeError::Thread)?;
         let stop = Arc::new(AtomicBool::new(false));
         let beats = Arc::new(CoreBeats::new(n));
         let mut listeners = vec![first];

@@ -83,6 +83,21 @@ impl Daemon {
         assert!(ok, "kill {sig} on the daemon failed");
     }
 
+    /// The daemon's process id (for signals such as SIGHUP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Runs `twinsan ARGS... --socket <its admin socket>` and returns the output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_twinsan"))
+            .args(args)
+            .arg("--socket")
+            .arg(self.dir.join("twinsan.sock"))
+            .output()
+            .expect("run twinsan")
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -344,4 +359,71 @@ pub fn session_at(addr: &str, target: &str, initiator: &str, isid_low: u8) -> be
     .expect("login");
     c.until_ready().expect("unit ready");
     c
+}
+
+/// A `twinsan bench` running in the background, its stderr read on a thread (the bench must
+/// never block on it).
+pub struct BackgroundBench {
+    child: std::process::Child,
+    reader: std::thread::JoinHandle<String>,
+    /// Whether the bench probed the LUN (its sessions are logging in) within 60 s.
+    pub probed: bool,
+}
+
+/// Starts `twinsan bench URL ARGS...` (with a timeout) and returns once it has probed the
+/// LUN, or after 60 s without (then `probed` is false).
+pub fn bench_background(url: &str, args: &[&str]) -> BackgroundBench {
+    let mut child = Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_twinsan"))
+        .arg("bench")
+        .arg(url)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run twinsan bench");
+    // Stderr lines come back both as they arrive (to see the probe) and all together.
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let probed = loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains("-byte blocks") => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    BackgroundBench {
+        child,
+        reader,
+        probed,
+    }
+}
+
+impl BackgroundBench {
+    /// Waits for the bench to end: its output (stdout) and all of its stderr.
+    pub fn wait(self) -> (Output, String) {
+        let o = self
+            .child
+            .wait_with_output()
+            .expect("wait for twinsan bench");
+        let err = self.reader.join().unwrap_or_default();
+        (o, err)
+    }
+}
+
+/// A loopback port free a moment ago (the daemon binds it right after).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("its address").port()
 }

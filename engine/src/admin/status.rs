@@ -44,6 +44,40 @@ pub struct LunStatus {
     pub allocated_bytes: u64,
     pub path: String,
     pub replica: Option<ReplicaStatus>,
+    /// Its snapshots on this node, if any.
+    pub snapshots: Option<SnapshotSummary>,
+}
+
+/// How many snapshots a LUN has, and how old the newest is (a schedule that stopped shows
+/// as an age past its period).
+#[derive(Debug, Serialize, PartialEq, Clone)]
+pub struct SnapshotSummary {
+    pub count: usize,
+    pub newest: String,
+    pub newest_age_seconds: u64,
+}
+
+fn snapshot_summary(lun: &crate::lun::Lun) -> Option<SnapshotSummary> {
+    let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+    let newest = st.committed().max_by_key(|e| e.created_unix_ms)?;
+    let now = crate::snapshot::now_unix_ms();
+    Some(SnapshotSummary {
+        count: st.committed().count(),
+        newest: newest.name.clone(),
+        newest_age_seconds: now.saturating_sub(newest.created_unix_ms) / 1000,
+    })
+}
+
+/// The SNAPSHOTS cell: the count and the newest one's age.
+fn snapshots_cell(s: &SnapshotSummary) -> String {
+    let a = s.newest_age_seconds;
+    let age = match a {
+        0..=119 => format!("{a}s"),
+        120..=7199 => format!("{}m", a / 60),
+        7200..=172_799 => format!("{}h", a / 3600),
+        _ => format!("{}d", a / 86_400),
+    };
+    format!("{}, newest {age} ago", s.count)
 }
 
 #[derive(Debug, Serialize, PartialEq, Clone)]
@@ -91,7 +125,8 @@ impl StatusReport {
                 .collect()
         });
         let mut luns = Vec::new();
-        for t in &reg.targets {
+        let view = reg.view();
+        for (_, t) in view.live() {
             for &(id, idx) in &t.luns {
                 let lun = &reg.luns[idx];
                 let key = format!("{:016x}", lun.naa_id);
@@ -107,10 +142,11 @@ impl StatusReport {
                     target: t.cfg.name.clone(),
                     lun: id,
                     state,
-                    size_bytes: lun.size_bytes,
+                    size_bytes: lun.size_bytes(),
                     allocated_bytes: lun.allocated_bytes(),
                     path: lun.path.display().to_string(),
                     replica,
+                    snapshots: snapshot_summary(lun),
                 });
             }
         }
@@ -147,7 +183,7 @@ impl StatusReport {
         let _ = writeln!(s, "sessions: {}", self.sessions);
         if !self.luns.is_empty() {
             s.push('\n');
-            let rows: Vec<[String; 7]> = self
+            let rows: Vec<[String; 8]> = self
                 .luns
                 .iter()
                 .map(|l| {
@@ -161,6 +197,9 @@ impl StatusReport {
                             .as_ref()
                             .and_then(|r| r.resync.as_ref())
                             .map_or_else(|| "-".to_string(), resync_cell),
+                        l.snapshots
+                            .as_ref()
+                            .map_or_else(|| "-".to_string(), snapshots_cell),
                         l.path.clone(),
                     ]
                 })
@@ -172,6 +211,7 @@ impl StatusReport {
                 "SIZE",
                 "ALLOCATED",
                 "RESYNC",
+                "SNAPSHOTS",
                 "PATH",
             ]
             .map(str::to_string);

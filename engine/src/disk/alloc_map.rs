@@ -14,6 +14,11 @@
 //! A read racing an overlapping write may see either, as SBC allows. Memory is bounded:
 //! chunks grow with the LUN so that no map holds more than [`MAX_CHUNKS`] bits (8 MiB for
 //! any size; 1 MiB chunks at 64 TiB).
+//!
+//! A LUN grown online (`twinsan reload`) keeps the map built for its old size: everything
+//! past the map's end counts as data (a set bit, which promises nothing), so reads there go
+//! to the file. Correct, and only as fast as an unmapped LUN until the next start rebuilds
+//! the map at the new size.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -174,7 +179,12 @@ impl AllocMap {
     }
 
     fn run_len(&self, offset: u64, len: u64, data: bool) -> u64 {
-        let end = offset.saturating_add(len).min(self.size_bytes);
+        let wanted_end = offset.saturating_add(len);
+        if data && offset >= self.size_bytes {
+            // Past the map (a LUN grown online): data, as a set bit would say.
+            return len;
+        }
+        let end = wanted_end.min(self.size_bytes);
         if offset >= end {
             return 0;
         }
@@ -184,19 +194,32 @@ impl AllocMap {
         }
         let last = (end - 1) >> self.chunk_shift;
         let stop = self.next_with(first + 1, last + 1, !data);
-        ((stop << self.chunk_shift).min(end)) - offset
+        let run_end = (stop << self.chunk_shift).min(end);
+        if data && run_end == self.size_bytes {
+            // A data run that reaches the map's end goes on past it (see the module docs).
+            return wanted_end - offset;
+        }
+        run_end - offset
+    }
+
+    /// The LUN size the map was built for: past it everything counts as data.
+    pub fn covered_bytes(&self) -> u64 {
+        self.size_bytes
     }
 
     /// Whether all of `[offset, offset + len)` reads as zeros.
     pub fn is_hole(&self, offset: u64, len: u64) -> bool {
-        len > 0 && self.hole_len(offset, len) == len.min(self.size_bytes.saturating_sub(offset))
+        len > 0
+            && offset.saturating_add(len) <= self.size_bytes
+            && self.hole_len(offset, len) == len
     }
 
     /// The first offset at or after `offset` that may hold data (the start of its chunk,
     /// or `offset` itself inside one), or `None` if nothing after it may.
+    /// Past the map's end (a LUN grown online), `offset` itself.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
         if offset >= self.size_bytes {
-            return None;
+            return Some(offset);
         }
         let first = offset >> self.chunk_shift;
         let c = self.next_with(first, self.chunks, true);
@@ -209,6 +232,25 @@ mod tests {
     use super::*;
 
     const K: u64 = 1024;
+
+    #[test]
+    fn past_the_end_of_a_map_is_data_for_a_lun_grown_online() {
+        let m = AllocMap::new(64 * K);
+        assert!(
+            !m.is_hole(60 * K, 8 * K),
+            "the part past the map may hold data"
+        );
+        assert_eq!(m.hole_len(60 * K, 8 * K), 4 * K);
+        assert_eq!(m.data_len(64 * K, 8 * K), 8 * K);
+        m.mark_data(56 * K, 8 * K);
+        assert_eq!(
+            m.data_len(56 * K, 16 * K),
+            16 * K,
+            "a run to the end goes on past it"
+        );
+        assert_eq!(m.next_data(100 * K), Some(100 * K));
+        assert_eq!(m.covered_bytes(), 64 * K);
+    }
 
     #[test]
     fn a_fresh_map_is_all_hole_and_a_write_marks_every_chunk_it_touches() {

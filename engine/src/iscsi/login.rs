@@ -3,6 +3,7 @@
 //! Response with the right sequence numbers and TSIH.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use proto::login::chap::CHALLENGE_LEN_BYTES;
 use proto::login::target::target_address;
@@ -30,6 +31,10 @@ pub struct LoginResult {
     pub kind: SessionKind,
     /// Registry index of the target (normal sessions).
     pub target: usize,
+    /// The target as the login saw it (its ACLs and CHAP admitted the initiator).
+    pub entry: Option<std::sync::Arc<crate::registry::TargetEntry>>,
+    /// The registry's view generation read before that view (registry.rs).
+    pub view_gen: u64,
     pub target_name: String,
     pub initiator_name: String,
     pub isid: [u8; 6],
@@ -128,12 +133,15 @@ impl LoginPhase {
     ) -> LoginStepOut {
         self.exp_cmd_sn = req.cmd_sn;
         let peer_ip = self.peer.ip();
+        // One view for the whole step: a reload between its parts cannot mix old and new.
+        let view_gen = reg.view_gen();
+        let view = reg.view();
         let may_reach = |name: &str| {
-            reg.target(name)
+            view.target(name)
                 .is_some_and(|(_, t)| t.cfg.address_allowed(peer_ip))
         };
         // One request type from the PDU layer to the login state machine.
-        let step = self.machine.step(&reg.login, &may_reach, req, data);
+        let step = self.machine.step(&view.login, &may_reach, req, data);
         let mut tsih = 0;
         let done = match step.outcome {
             LoginOutcome::Continue => None,
@@ -144,12 +152,12 @@ impl LoginPhase {
             }
             LoginOutcome::Complete(r) => {
                 tsih = reg.new_tsih();
-                let (kind, target, target_name) = match r.session_type {
-                    SessionType::Discovery => (SessionKind::Discovery, usize::MAX, String::new()),
+                let (kind, target, entry) = match r.session_type {
+                    SessionType::Discovery => (SessionKind::Discovery, usize::MAX, None),
                     SessionType::Normal => {
                         let name = r.target_name.clone().unwrap_or_default();
-                        match reg.target(&name) {
-                            Some((i, t)) => (SessionKind::Normal, i, t.cfg.name.clone()),
+                        match view.target(&name) {
+                            Some((i, t)) => (SessionKind::Normal, i, Some(Arc::clone(t))),
                             // The state machine only completes for configured targets.
                             None => return self.fail(req, stat_sn),
                         }
@@ -158,7 +166,12 @@ impl LoginPhase {
                 Some(LoginDone::Success(Box::new(LoginResult {
                     kind,
                     target,
-                    target_name,
+                    target_name: entry
+                        .as_ref()
+                        .map(|e| e.cfg.name.clone())
+                        .unwrap_or_default(),
+                    entry,
+                    view_gen,
                     initiator_name: r.initiator_name,
                     isid: r.isid,
                     params: r.params,
@@ -261,6 +274,7 @@ pub fn text_reply(
     // Only targets this initiator may log in to: the others would fail its login.
     let visible: Vec<DiscoveryTarget> = reg
         .visible_to(peer.ip())
+        .into_iter()
         .filter(|t| {
             t.cfg
                 .allowed_initiators

@@ -167,8 +167,13 @@ impl Scrape {
         ConstGauge::new(v).encode(family)
     }
 
+    /// The slots of LUNs not removed by a reload (a removed LUN's series end).
+    fn live(&self) -> impl Iterator<Item = usize> + Clone + '_ {
+        (0..self.reg.luns.len()).filter(|&i| !self.reg.luns[i].is_removed())
+    }
+
     fn commands(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
-        let luns = 0..self.reg.luns.len();
+        let luns = self.live();
         let samples = luns.flat_map(|i| {
             CmdKind::ALL.into_iter().map(move |k| {
                 let mut labels = self.lun_labels(i);
@@ -184,14 +189,14 @@ impl Scrape {
             ),
             samples,
         )?;
-        let n = self.reg.luns.len();
         self.counter(
             enc,
             (
                 "twinsan_scsi_read_bytes",
                 "Bytes read by GOOD READ commands",
             ),
-            (0..n).map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.read_bytes)))),
+            self.live()
+                .map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.read_bytes)))),
         )?;
         self.counter(
             enc,
@@ -199,9 +204,10 @@ impl Scrape {
                 "twinsan_scsi_written_bytes",
                 "Bytes written by GOOD WRITE commands",
             ),
-            (0..n).map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.write_bytes)))),
+            self.live()
+                .map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.write_bytes)))),
         )?;
-        let errors = (0..n).flat_map(|i| {
+        let errors = self.live().flat_map(|i| {
             (0..16).filter_map(move |key| {
                 let v = self.sum(i, |l| read(&l.errors[key]));
                 // Only the keys that occurred: 16 zero series per LUN say nothing.
@@ -229,7 +235,7 @@ impl Scrape {
             None,
             MetricType::Histogram,
         )?;
-        for i in 0..self.reg.luns.len() {
+        for i in self.live() {
             for (op, pick) in [
                 (
                     "read",
@@ -288,14 +294,14 @@ impl Scrape {
             ("twinsan_sessions", "iSCSI sessions in full feature phase"),
             sessions as i64,
         )?;
-        let n = self.reg.luns.len();
         self.gauge(
             enc,
             (
                 "twinsan_lun_size_bytes",
                 "The LUN's size as initiators see it",
             ),
-            (0..n).map(|i| (self.lun_labels(i), self.reg.luns[i].size_bytes as i64)),
+            self.live()
+                .map(|i| (self.lun_labels(i), self.reg.luns[i].size_bytes() as i64)),
         )?;
         self.gauge(
             enc,
@@ -303,14 +309,14 @@ impl Scrape {
                 "twinsan_lun_allocated_bytes",
                 "Bytes the LUN's backing file occupies on disk (thin: what was written)",
             ),
-            (0..n).map(|i| {
+            self.live().map(|i| {
                 (
                     self.lun_labels(i),
                     self.reg.luns[i].allocated_bytes() as i64,
                 )
             }),
         )?;
-        let used = (0..n).filter_map(|i| {
+        let used = self.live().filter_map(|i| {
             let pct = self.reg.luns[i].pool_used_percent()?;
             Some((self.lun_labels(i), i64::from(pct)))
         });

@@ -94,8 +94,8 @@ pub struct Reactor {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     pool: BufPool,
-    /// The fd per LUN, in registry order; registered as fixed files at the same indexes.
-    _files: Vec<std::fs::File>,
+    /// The fd per LUN slot, registered as fixed files at the same indexes (files.rs).
+    files: crate::net::files::LunFiles,
     /// Plain buffered writes done on this thread (see inline_write.rs).
     inline_writes: crate::disk::inline_write::InlineWrites,
     tick_ts: Box<types::Timespec>,
@@ -146,25 +146,14 @@ impl Reactor {
         spill: Option<(Arc<crate::disk::spill::SpillGates>, Option<usize>)>,
     ) -> std::io::Result<Self> {
         let ring = IoUring::builder().build(RING_ENTRIES)?;
-        let mut files = Vec::new();
-        for lun in &reg.luns {
-            files.push(
-                lun.open_fd()
-                    .map_err(|e| std::io::Error::other(e.to_string()))?,
-            );
-        }
-        if !files.is_empty() {
-            let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-            ring.submitter().register_files(&fds)?;
-        }
+        let files = crate::net::files::LunFiles::register(&ring, &reg)?;
         let spill = match spill {
-            Some((gates, cpu)) => {
-                let mut own = Vec::with_capacity(files.len());
-                for f in &files {
-                    own.push(f.try_clone()?);
-                }
-                Some(crate::disk::spill::Spill::start(core, cpu, own, gates)?)
-            }
+            Some((gates, cpu)) => Some(crate::disk::spill::Spill::start(
+                core,
+                cpu,
+                files.clone_at_start()?,
+                gates,
+            )?),
             None => None,
         };
         Ok(Reactor {
@@ -175,7 +164,7 @@ impl Reactor {
             slots: Vec::new(),
             free: Vec::new(),
             pool: BufPool::new(),
-            _files: files,
+            files,
             inline_writes: Default::default(),
             tick_ts: Box::new(types::Timespec::new().nsec((TICK_MS * 1_000_000) as u32)),
             epoch: Instant::now(),
@@ -669,7 +658,8 @@ impl Reactor {
                             IoOp::Write {
                                 fua: false, offset, ..
                             } if self.inline_writes.allowed(self.reg.luns[req.lun].cache) => {
-                                if let Some(sp) = self.spill.as_mut() {
+                                let spill_has_fd = self.files.spillable(req.lun);
+                                if let Some(sp) = self.spill.as_mut().filter(|_| spill_has_fd) {
                                     let w = crate::disk::spill::SpillWrite {
                                         lun: req.lun,
                                         ptr,
@@ -689,10 +679,11 @@ impl Reactor {
                                 }
                                 // SAFETY: ptr..ptr+len lies inside the task's buffer (asserted
                                 // above), which the task owns until on_io_done below; the fd
-                                // is one of ours and stays open for the reactor's lifetime.
+                                // is one of ours (or -1 for a removed LUN: EBADF) and stays
+                                // open while in `files`.
                                 let res = unsafe {
                                     self.inline_writes.pwrite(
-                                        self._files[req.lun].as_raw_fd(),
+                                        self.files.raw_fd(req.lun),
                                         ptr,
                                         len,
                                         offset,
@@ -886,9 +877,12 @@ impl Reactor {
         // Pool space is a node-wide fact: one core watches it, about once a second.
         if self.core == 0 && now / 1000 != self.last_space_check_s {
             self.last_space_check_s = now / 1000;
-            for lun in &self.reg.luns {
+            for lun in self.reg.luns.iter().filter(|l| !l.is_removed()) {
                 lun.check_soft_threshold();
             }
+        }
+        if self.files.stale(&self.reg) {
+            self.files.sync(&self.ring, &self.reg, self.core);
         }
         let reg = Arc::clone(&self.reg);
         let stopping = self.stop.load(Ordering::Relaxed);

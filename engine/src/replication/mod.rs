@@ -465,12 +465,12 @@ impl Replication {
                 Ok(b) => Meta::decode(&b)
                     .map_err(|e| std::io::Error::other(format!("{}: {e}", meta_path.display())))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Meta::new(lun.naa_id, lun.size_bytes, cfg.region_bytes)
+                    Meta::new(lun.naa_id, lun.size_bytes(), cfg.region_bytes)
                         .map_err(|e| std::io::Error::other(e.to_string()))?
                 }
                 Err(e) => return Err(e),
             };
-            if meta.size_bytes != lun.size_bytes || meta.lun_key != lun.naa_id {
+            if meta.size_bytes != lun.size_bytes() || meta.lun_key != lun.naa_id {
                 return Err(std::io::Error::other(format!(
                     "{}: metadata belongs to another LUN or size",
                     meta_path.display()
@@ -513,9 +513,9 @@ impl Replication {
                 f.sync_all()?;
             }
             let region_bytes = pair.region_bytes();
-            let intent = IntentLog::new(lun.size_bytes, region_bytes);
+            let intent = IntentLog::new(lun.size_bytes(), region_bytes);
             luns.push(RepLun {
-                size_bytes: lun.size_bytes,
+                size_bytes: lun.size_bytes(),
                 region_bytes,
                 intent,
                 pr_applied: Mutex::new((0, 0)),

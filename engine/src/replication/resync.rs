@@ -383,7 +383,7 @@ impl Replication {
         let region_bytes = l.region_bytes();
         let bs = lun.block_size as u64;
         let start = region * region_bytes;
-        let end = (start + region_bytes).min(lun.size_bytes);
+        let end = (start + region_bytes).min(lun.size_bytes());
         // Writes whose data is final and which wait only for the peer (parked) do not hold
         // the copy up: a held write waits for this copy (`RangeLock::lock_for_copy`).
         let _guard =

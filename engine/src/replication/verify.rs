@@ -75,13 +75,13 @@ impl Replication {
         for (i, l) in self.luns.iter().enumerate() {
             let lun = &reg.luns[i];
             let region_bytes = l.region_bytes();
-            let regions = lun.size_bytes.div_ceil(region_bytes);
+            let regions = lun.size_bytes().div_ceil(region_bytes);
             let mut differing = Vec::new();
             for region in 0..regions {
                 let bs = lun.block_size as u64;
                 let (start, end) = (
                     region * region_bytes,
-                    ((region + 1) * region_bytes).min(lun.size_bytes),
+                    ((region + 1) * region_bytes).min(lun.size_bytes()),
                 );
                 let _guard = lun.ranges.lock_waiting(
                     start / bs,

@@ -350,12 +350,12 @@ pub struct ExecCtx<'a> {
 }
 
 impl<'a> ExecCtx<'a> {
-    /// The context of a command on target `target` (a registry index), LUN `lun`, from the
+    /// The context of a command on target `target` (the session's entry), LUN `lun`, from the
     /// session `session_id` of `nexus`. One constructor for every path that runs a SCSI
     /// step (a new command, its data, a completed I/O, a retry).
     pub fn new(
         reg: &'a Registry,
-        target: usize,
+        target: &'a TargetEntry,
         (lun, lun_id): (Option<usize>, u64),
         pool: &'a mut BufPool,
         session_id: u64,
@@ -363,7 +363,7 @@ impl<'a> ExecCtx<'a> {
     ) -> ExecCtx<'a> {
         ExecCtx {
             reg,
-            target: &reg.targets[target],
+            target,
             lun,
             lun_id,
             pool,

@@ -12,12 +12,15 @@ use crate::lun::Lun;
 pub(super) fn lba_status(lun: &Lun, lba: u64, alloc_len: u32) -> Vec<u8> {
     const MAX_DESCRIPTORS: usize = 64;
     let bs = lun.block_size as u64;
-    let size = lun.size_bytes;
+    let size = lun.size_bytes();
     let room = ((alloc_len as usize).saturating_sub(8) / 16).clamp(1, MAX_DESCRIPTORS);
     let mut descs: Vec<(u64, u64, u8)> = Vec::new();
     let mut pos = lba * bs;
     while pos < size && descs.len() < room {
-        let data_at = match lun.alloc.next_data(pos) {
+        // Past the map's end of a LUN grown online, the file alone knows (alloc_map.rs).
+        let past_map =
+            (lun.alloc.covered_bytes() < size).then(|| lun.alloc.covered_bytes().max(pos));
+        let data_at = match lun.alloc.next_data(pos).or(past_map) {
             Some(from) => lun.seek(from, true).unwrap_or(size).min(size),
             None => size,
         };

@@ -129,7 +129,7 @@ fn run(lun: &Lun, kind: &Kind, after: Option<AfterErase>) -> std::io::Result<()>
 
 fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
     let f = std::fs::OpenOptions::new().write(true).open(&lun.path)?;
-    let size = lun.size_bytes;
+    let size = lun.size_bytes();
     match kind {
         Kind::BlockErase => {
             punch(&f, 0, size)?;

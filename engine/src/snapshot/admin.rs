@@ -13,7 +13,9 @@ pub fn execute(args: &str, reg: &Registry) -> String {
             .and_then(|n| super::find_group(reg, group).map(|g| (g, n)))
             .and_then(|(g, n)| super::create(reg, &g, &n)),
         ["list"] => {
-            let all: Vec<usize> = (0..reg.luns.len()).collect();
+            let all: Vec<usize> = (0..reg.luns.len())
+                .filter(|&i| reg.luns.get(i).is_some_and(|l| !l.is_removed()))
+                .collect();
             Ok(super::list(reg, &all))
         }
         ["list", group] => super::find_group(reg, group).map(|g| super::list(reg, &g)),

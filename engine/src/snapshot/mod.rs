@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod diff;
 pub mod reflink;
+pub mod schedule;
 pub mod store;
 
 use std::fs::{File, OpenOptions};
@@ -35,7 +36,7 @@ const DRAIN_POLL: Duration = Duration::from_micros(100);
 /// only make both wait longer.
 static OPERATION: Mutex<()> = Mutex::new(());
 
-fn now_unix_ms() -> u64 {
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -55,10 +56,9 @@ pub fn find_lun(reg: &Registry, spec: &str) -> Result<usize, String> {
     let id: u64 = id
         .parse()
         .map_err(|_| format!("{spec:?}: the LUN id {id:?} is not a number"))?;
-    let t = reg
-        .targets
-        .iter()
-        .find(|t| t.cfg.name == target)
+    let view = reg.view();
+    let (_, t) = view
+        .target(target)
         .ok_or_else(|| format!("{spec:?}: no target named {target:?} here"))?;
     t.lun(id)
         .ok_or_else(|| format!("{spec:?}: target {target:?} has no LUN {id}"))
@@ -68,8 +68,9 @@ pub fn find_lun(reg: &Registry, spec: &str) -> Result<usize, String> {
 /// its LUNs.
 pub fn find_group(reg: &Registry, spec: &str) -> Result<Vec<usize>, String> {
     let mut out = Vec::new();
+    let view = reg.view();
     for part in spec.split(',').filter(|p| !p.is_empty()) {
-        if let Some(t) = reg.targets.iter().find(|t| t.cfg.name == part) {
+        if let Some((_, t)) = view.target(part) {
             out.extend(t.luns.iter().map(|&(_, i)| i));
         } else {
             out.push(find_lun(reg, part)?);
@@ -223,11 +224,8 @@ fn drain(lun: &Lun) -> Result<RangeGuard, String> {
 /// Refuses, unless `force`, while initiators are logged in to the target of `lun`: what
 /// follows replaces its data under their caches.
 fn refuse_with_sessions(reg: &Registry, lun: &Lun, force: bool) -> Result<(), String> {
-    let target = reg
-        .targets
-        .iter()
-        .position(|t| t.cfg.name == lun.target_name);
-    if !force && target.is_some_and(|t| reg.target_has_sessions(t)) {
+    let target = reg.view().target(&lun.target_name).map(|(i, _)| i);
+    if !force && target.is_some_and(|t| reg.sessions_on(t) > 0) {
         return Err(store_err(
             lun,
             "initiators are logged in to its target; their caches would disagree with the replaced data. Log them out first, or pass --force",
@@ -302,17 +300,17 @@ fn local_step(
 /// After the file's content was replaced: every chunk may hold data, then the holes the
 /// new content has are known again.
 pub fn refresh_allocation(lun: &Lun, f: &File) {
-    lun.alloc.mark_data(0, lun.size_bytes);
+    lun.alloc.mark_data(0, lun.size_bytes());
     let mut off = 0;
-    while off < lun.size_bytes {
+    while off < lun.size_bytes() {
         let Some(hole) = crate::disk::allocation::seek(f, off, false) else {
             break;
         };
-        if hole >= lun.size_bytes {
+        if hole >= lun.size_bytes() {
             break;
         }
-        let data = crate::disk::allocation::seek(f, hole, true).unwrap_or(lun.size_bytes);
-        lun.alloc.mark_hole(hole, data.min(lun.size_bytes) - hole);
+        let data = crate::disk::allocation::seek(f, hole, true).unwrap_or(lun.size_bytes());
+        lun.alloc.mark_hole(hole, data.min(lun.size_bytes()) - hole);
         off = data;
     }
 }
@@ -356,12 +354,23 @@ pub fn delete(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<S
         return Err("snapshots are deleted on the primary (this node is secondary)".into());
     }
     let lun = &reg.luns[lun_index];
-    let guid = {
+    let (guid, image) = {
         let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
-        st.by_name(name.as_str())
+        let guid = st
+            .by_name(name.as_str())
             .map_err(|e| store_err(lun, e))?
-            .guid
+            .guid;
+        (guid, st.image_path(guid))
     };
+    if let Some(e) = reg.luns.iter().find(|l| !l.is_removed() && l.path == image) {
+        return Err(store_err(
+            lun,
+            format!(
+                "snapshot {name} is exported as {}/{}: remove that LUN first (twinsan lun remove)",
+                e.target_name, e.id
+            ),
+        ));
+    }
     local_step(lun, SnapOp::Delete, guid, name, 0, 0).map_err(|e| store_err(lun, e))?;
     let mut note = String::new();
     if let Some(rep) = reg.replication.get() {
@@ -437,7 +446,7 @@ pub fn info(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<Str
         "guid {:016x}\npath {}\nsize_bytes {}\nblock_size {}\ncreated_unix_ms {}\n",
         e.guid,
         st.image_path(e.guid).display(),
-        lun.size_bytes,
+        lun.size_bytes(),
         lun.block_size,
         e.created_unix_ms
     ))
@@ -467,10 +476,13 @@ pub fn apply(
     let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (h, reader, rest) =
         diff::read_header(&mut f).map_err(|e| format!("{}: {e}", path.display()))?;
-    if h.size_bytes != lun.size_bytes || h.block_size != lun.block_size {
+    if h.size_bytes != lun.size_bytes() || h.block_size != lun.block_size {
         return Err(at(format!(
             "the stream is for a LUN of {} bytes in {}-byte blocks; this one has {} in {}",
-            h.size_bytes, h.block_size, lun.size_bytes, lun.block_size
+            h.size_bytes,
+            h.block_size,
+            lun.size_bytes(),
+            lun.block_size
         )));
     }
     let base = {
@@ -509,7 +521,7 @@ pub fn apply(
         let r = match base {
             Some(g) => st.rollback(g, live).map_err(|e| e.to_string()),
             None => {
-                crate::disk::allocation::punch(live, 0, lun.size_bytes).map_err(|e| e.to_string())
+                crate::disk::allocation::punch(live, 0, lun.size_bytes()).map_err(|e| e.to_string())
             }
         };
         refresh_allocation(lun, live);

@@ -119,6 +119,11 @@ fn report() -> StatusReport {
                 size_bytes: 10 << 30,
                 allocated_bytes: 4096,
                 path: "/var/lib/twinsan/lun0.img".into(),
+                snapshots: Some(SnapshotSummary {
+                    count: 3,
+                    newest: "hourly-2026-12-07T20:00:00Z".into(),
+                    newest_age_seconds: 750,
+                }),
                 replica: Some(ReplicaStatus {
                     key: "00000000000000aa".into(),
                     state: "SyncSource".into(),
@@ -138,6 +143,7 @@ fn report() -> StatusReport {
                 size_bytes: 512,
                 allocated_bytes: 0,
                 path: "x.img".into(),
+                snapshots: None,
                 replica: Some(ReplicaStatus {
                     key: "00000000000000bb".into(),
                     state: "UpToDate".into(),
@@ -160,9 +166,9 @@ role: primary
 peer: node-b at 127.0.0.1:7790 (connected, mirroring)
 sessions: 2
 
-TARGET                          LUN  STATE       SIZE      ALLOCATED  RESYNC           PATH
-iqn.2026-11.io.twinsan:default  0    SyncSource  10.0 GiB  4.0 KiB    25.0% (3s left)  /var/lib/twinsan/lun0.img
-iqn.2026-11.io.twinsan:x        12   UpToDate    512 B     0 B        -                x.img
+TARGET                          LUN  STATE       SIZE      ALLOCATED  RESYNC           SNAPSHOTS          PATH
+iqn.2026-11.io.twinsan:default  0    SyncSource  10.0 GiB  4.0 KiB    25.0% (3s left)  3, newest 12m ago  /var/lib/twinsan/lun0.img
+iqn.2026-11.io.twinsan:x        12   UpToDate    512 B     0 B        -                -                  x.img
 
 replica lun 00000000000000aa: SyncSource gen current=01 bitmap=02 dirty=1048576 bytes resync 25.0% eta 3s
 replica lun 00000000000000bb: UpToDate   gen current=03 bitmap=00 dirty=0 bytes

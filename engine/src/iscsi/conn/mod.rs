@@ -179,6 +179,10 @@ struct Session {
     nexus_tag: u64,
     /// Index of the target in the registry (normal sessions).
     target: usize,
+    /// The target as of [`Session::view_gen`] (session.rs `follow_reload` renews it).
+    entry: Option<Arc<crate::registry::TargetEntry>>,
+    /// The registry's view generation `entry` and `luns` reflect.
+    view_gen: u64,
     window: CmdWindow,
     params: proto::login::negotiate::SessionParams,
     /// Per mapped LUN: (LUN id, registry index, last UA epoch seen, pending UAs).
@@ -366,7 +370,7 @@ fn task_ctx<'a>(
     let lun = (t.lun != usize::MAX).then_some(t.lun);
     Some(crate::scsi::ExecCtx::new(
         reg,
-        s.target,
+        s.entry.as_deref()?,
         (lun, t.lun_id),
         pool,
         session_id,

@@ -17,19 +17,20 @@ impl Conn {
         res: crate::iscsi::login::LoginResult,
         reg: &Registry,
     ) {
-        let luns = match reg.targets.get(res.target) {
-            Some(t) if res.kind == SessionKind::Normal => t
-                .luns
-                .iter()
-                .map(|&(id, index)| LunView {
-                    id,
-                    index,
-                    ua_seen: reg.luns[index].ua.start(reg.luns[index].mode_tag()),
-                    pending_ua: Vec::new(),
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
+        let view_gen = res.view_gen;
+        let entry = res
+            .entry
+            .clone()
+            .filter(|_| res.kind == SessionKind::Normal);
+        let luns = entry
+            .as_ref()
+            .map(|t| {
+                t.luns
+                    .iter()
+                    .map(|&(id, index)| lun_view(reg, id, index))
+                    .collect()
+            })
+            .unwrap_or_default();
         self.digests = Digests {
             header: res.params.header_digest,
             data: res.params.data_digest,
@@ -46,29 +47,39 @@ impl Conn {
         let nexus_tag = nexus_tag(&nexus);
         if res.kind == SessionKind::Normal {
             let key = (nexus.initiator.clone(), res.isid, res.target);
-            if let Some(old) =
-                reg.session_started(key, self.session_id, Arc::clone(&self.reinstated))
-            {
+            if let Some(old) = reg.session_started(
+                key,
+                self.session_id,
+                Arc::clone(&self.reinstated),
+                self.peer.ip(),
+            ) {
                 // RFC 7143 section 6.3.5: the old session is closed and its tasks end; its
                 // I_T nexus is lost now, before this one can reserve anything (the old
                 // connection, closing on its own core, no longer releases it).
                 tracing::warn!(peer = %self.peer, initiator = %res.initiator_name, old_session = old, "session reinstatement: closing the old session");
-                for &(_, index) in reg
-                    .targets
-                    .get(res.target)
-                    .map(|t| &t.luns[..])
-                    .unwrap_or(&[])
-                {
+                for &(_, index) in entry.as_ref().map(|t| &t.luns[..]).unwrap_or(&[]) {
                     let lun = &reg.luns[index];
                     if lun.pr_in_use() {
                         lun.with_pr(|st| proto::scsi::pr::nexus_lost(st, &nexus));
                     }
                 }
             }
+            // A reload that swapped the view after this login was decided and swept the
+            // live sessions before this one was recorded: judge it by the new view here.
+            let now = reg.view();
+            let now = now.targets.get(res.target).and_then(Option::as_deref);
+            let chap = entry.as_ref().and_then(|e| e.cfg.chap.as_ref());
+            if !crate::reload::still_admitted(now, chap, &nexus.initiator, self.peer.ip()) {
+                tracing::warn!(peer = %self.peer, initiator = %res.initiator_name, "a reload refused this initiator during its login: closing the session");
+                self.reinstated
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
         }
         self.phase = Phase::Full(Box::new(Session {
             kind: res.kind,
             target: res.target,
+            entry,
+            view_gen,
             window,
             params: res.params,
             luns,
@@ -121,7 +132,7 @@ impl Conn {
         let Phase::Full(s) = &mut self.phase else {
             return;
         };
-        let target = reg.targets.get(s.target).map(|t| t.cfg.name.clone());
+        let target = s.entry.as_ref().map(|t| t.cfg.name.clone());
         let reply = crate::iscsi::login::text_reply(
             reg,
             peer,
@@ -248,5 +259,47 @@ impl Conn {
         for idx in 0..self.tasks.len() as u32 {
             self.abort(idx, pool);
         }
+    }
+}
+
+/// A session's view of LUN `id` (registry slot `index`), seeing its attentions from now on.
+fn lun_view(reg: &Registry, id: u64, index: usize) -> LunView {
+    LunView {
+        id,
+        index,
+        ua_seen: reg.luns[index].ua.start(reg.luns[index].mode_tag()),
+        pending_ua: Vec::new(),
+    }
+}
+
+impl Session {
+    /// Takes the registry's current entry for this session's target after a reload: LUNs
+    /// added to it appear, removed ones disappear (commands to them get LOGICAL UNIT NOT
+    /// SUPPORTED), and if the inventory changed every LUN that stays reports REPORTED LUNS
+    /// DATA HAS CHANGED once (SPC-4 6.33). A removed target keeps the old entry: the
+    /// reload ends such sessions through their kill flag.
+    pub(super) fn follow_reload(&mut self, reg: &Registry) {
+        self.view_gen = reg.view_gen();
+        let Some(Some(entry)) = reg.view().targets.get(self.target).cloned() else {
+            return;
+        };
+        let before: Vec<(u64, usize)> = self.luns.iter().map(|l| (l.id, l.index)).collect();
+        if before == entry.luns {
+            self.entry = Some(entry);
+            return;
+        }
+        let mut old = std::mem::take(&mut self.luns);
+        for &(id, index) in &entry.luns {
+            match old.iter().position(|l| l.id == id && l.index == index) {
+                Some(p) => {
+                    let mut v = old.swap_remove(p);
+                    v.pending_ua
+                        .push(proto::scsi::sense::Asc::REPORTED_LUNS_DATA_CHANGED);
+                    self.luns.push(v);
+                }
+                None => self.luns.push(lun_view(reg, id, index)),
+            }
+        }
+        self.entry = Some(entry);
     }
 }

@@ -71,6 +71,12 @@ impl Conn {
             self.reject(out, RejectReason::TaskInProgress, &bhs);
             return;
         }
+        if s.view_gen != reg.view_gen() {
+            s.follow_reload(reg);
+        }
+        let Some(entry) = s.entry.as_deref() else {
+            return;
+        };
         let lun_id = decode_lun(c.lun);
         let tag = s.nexus_tag;
         let view = s.luns.iter_mut().find(|l| l.id == lun_id);
@@ -89,7 +95,7 @@ impl Conn {
         }
         let mut ctx = ExecCtx::new(
             reg,
-            s.target,
+            entry,
             (lun_index, lun_id),
             pool,
             self.session_id,
