@@ -66,6 +66,31 @@ pub enum SnapshotCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Send snapshot --snapshot (as a diff from --from, which the receiver must hold, or
+    /// whole) to the twinsan at --to (its [snapshot_receive]), which applies it to its
+    /// LUN of the same TARGET/LUN (or --as). Resumable: shipped again after a cut, it
+    /// continues where the receiver stopped.
+    Ship {
+        lun: String,
+        #[arg(long)]
+        snapshot: String,
+        #[arg(long)]
+        from: Option<String>,
+        /// The receiver, HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// A file holding the receiver's pre-shared key (keys stay off command lines).
+        #[arg(long)]
+        psk_file: PathBuf,
+        /// The receiver's LUN, if not the same TARGET/LUN.
+        #[arg(long = "as")]
+        as_lun: Option<String>,
+        /// Bytes per second at most (k/m/g suffixes), to spare a WAN link.
+        #[arg(long)]
+        rate: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Apply a diff stream: the LUN becomes the stream's snapshot, which is recorded here.
     Apply {
         lun: String,
@@ -147,6 +172,25 @@ pub fn run(cmd: SnapshotCmd) -> ExitCode {
             as_lun,
             admin: a,
         } => export(&lun, &name, &as_lun, &a),
+        SnapshotCmd::Ship {
+            lun,
+            snapshot,
+            from,
+            to,
+            psk_file,
+            as_lun,
+            rate,
+            admin: a,
+        } => ship(
+            &lun,
+            &snapshot,
+            from.as_deref(),
+            &to,
+            &psk_file,
+            as_lun.as_deref(),
+            rate.as_deref(),
+            a,
+        ),
         SnapshotCmd::Diff {
             lun,
             from,
@@ -188,6 +232,86 @@ fn info(socket: &std::path::Path, lun: &str, name: &str) -> Result<Info, String>
     })
 }
 
+/// The clones and header of the stream from `from` (or nothing) to `to`.
+fn prepare(
+    socket: &std::path::Path,
+    lun: &str,
+    from: Option<&str>,
+    to: &str,
+) -> Result<
+    (
+        std::fs::File,
+        Option<std::fs::File>,
+        replica::snapshot::stream::Header,
+    ),
+    String,
+> {
+    let to_name = replica::snapshot::SnapshotName::parse(to).map_err(|e| e.to_string())?;
+    let to_info = info(socket, lun, to)?;
+    let from_info = from.map(|f| info(socket, lun, f)).transpose()?;
+    let open =
+        |p: &std::path::Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
+    let to_file = open(&to_info.path)?;
+    let from_file = from_info.as_ref().map(|i| open(&i.path)).transpose()?;
+    let header = replica::snapshot::stream::Header {
+        block_size: to_info.block_size,
+        size_bytes: to_info.size_bytes,
+        from_guid: from_info.as_ref().map_or(0, |i| i.guid),
+        to_guid: to_info.guid,
+        to_name,
+        created_unix_ms: to_info.created_unix_ms,
+    };
+    Ok((to_file, from_file, header))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ship(
+    lun: &str,
+    snapshot: &str,
+    from: Option<&str>,
+    to: &str,
+    psk_file: &std::path::Path,
+    as_lun: Option<&str>,
+    rate: Option<&str>,
+    a: AdminArgs,
+) -> Result<ExitCode, ExitCode> {
+    let fail = |e: String| {
+        eprintln!("twinsan snapshot ship: {e}");
+        ExitCode::from(1)
+    };
+    let psk = std::fs::read_to_string(psk_file)
+        .map_err(|e| fail(format!("{}: {e}", psk_file.display())))?;
+    let rate = rate
+        .map(benches::args::parse_size)
+        .transpose()
+        .map_err(|e| fail(format!("--rate: {e}")))?
+        .unwrap_or(0);
+    let socket = admin_socket(a)?;
+    let (to_file, from_file, header) = prepare(&socket, lun, from, snapshot).map_err(fail)?;
+    let there = as_lun.unwrap_or(lun);
+    let shipped = engine::snapshot::ship::send(
+        to,
+        psk.trim_end().as_bytes(),
+        there,
+        header.to_guid,
+        rate,
+        |w| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, w);
+            engine::snapshot::diff::write_diff(from_file.as_ref(), &to_file, &header, &mut w)
+                .map(|_| ())
+        },
+    )
+    .map_err(fail)?;
+    if shipped.resumed_at > 0 {
+        println!(
+            "resumed at byte {} (the receiver had them)",
+            shipped.resumed_at
+        );
+    }
+    println!("sent {} bytes; {}", shipped.sent, shipped.answer);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn diff(
     lun: &str,
     from: Option<&str>,
@@ -200,26 +324,8 @@ fn diff(
         eprintln!("twinsan snapshot diff: {e}");
         ExitCode::from(1)
     };
-    let to_name = replica::snapshot::SnapshotName::parse(to).map_err(|e| fail(e.to_string()))?;
     let socket = admin_socket(a)?;
-    let to_info = info(&socket, lun, to).map_err(fail)?;
-    let from_info = from
-        .map(|f| info(&socket, lun, f))
-        .transpose()
-        .map_err(fail)?;
-    let open = |p: &std::path::Path| {
-        std::fs::File::open(p).map_err(|e| fail(format!("{}: {e}", p.display())))
-    };
-    let to_file = open(&to_info.path)?;
-    let from_file = from_info.as_ref().map(|i| open(&i.path)).transpose()?;
-    let header = replica::snapshot::stream::Header {
-        block_size: to_info.block_size,
-        size_bytes: to_info.size_bytes,
-        from_guid: from_info.as_ref().map_or(0, |i| i.guid),
-        to_guid: to_info.guid,
-        to_name,
-        created_unix_ms: to_info.created_unix_ms,
-    };
+    let (to_file, from_file, header) = prepare(&socket, lun, from, to).map_err(fail)?;
     let out: Box<dyn Write> = match &output {
         Some(p) => {
             Box::new(std::fs::File::create(p).map_err(|e| fail(format!("{}: {e}", p.display())))?)

@@ -56,6 +56,17 @@ impl XfsDaemon {
     fn lun(&self) -> PathBuf {
         self.d.dir.join("lun0.img")
     }
+
+    /// Writes the first `size` of the LUN once (64 KiB writes), then takes snapshot `name`.
+    fn fill_and_snapshot(&self, size: &str, name: &str) {
+        let o = bench(
+            &self.d.url(0),
+            &["--rw", "write", "--bs", "64k", "--size", size, "--once"],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let (ok, out) = self.snap(&["create", &format!("{TARGET}/0"), name]);
+        assert!(ok, "{out}");
+    }
 }
 
 fn snapshot_cmd(socket: &Path, args: &[&str]) -> (bool, String) {
@@ -252,12 +263,7 @@ fn diff_and_apply_reproduce_snapshots_on_another_daemon() {
     let a = XfsDaemon::start("snap-diff-a", "64MiB");
     let c = XfsDaemon::start("snap-diff-c", "64MiB");
     let lun = format!("{TARGET}/0");
-    let o = bench(
-        &a.d.url(0),
-        &["--rw", "write", "--bs", "64k", "--size", "48m", "--once"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(a.snap(&["create", &lun, "s1"]).0);
+    a.fill_and_snapshot("48m", "s1");
     // Between s1 and s2: 200 scattered 4 KiB writes and one 1 MiB UNMAP, all where s1
     // holds data.
     let mut sess = session_at(&a.d.addr, TARGET, "iqn.2026-12.test:diff", 1);
@@ -695,4 +701,88 @@ fn schedules_take_snapshots_keep_the_newest_and_follow_a_reload() {
         !o.status.success() && out.contains("snapshot_schedule[1].every") && out.contains("10s"),
         "{out}"
     );
+}
+
+/// `snapshot ship` sends a snapshot to another daemon, authenticated; cut off half-way it
+/// resumes where the receiver stopped; an incremental ship follows; a wrong key changes
+/// nothing.
+#[test]
+fn ship_sends_snapshots_to_another_daemon_and_resumes_after_a_cut() {
+    let _g = serial();
+    let a = XfsDaemon::start("snap-ship-a", "64MiB");
+    let port = common::free_port();
+    let psk = "ship-test-psk-0123456789";
+    let c = XfsDaemon::start_with(
+        "snap-ship-c",
+        "64MiB",
+        &format!("[snapshot_receive]\nlisten = \"127.0.0.1:{port}\"\npsk = \"{psk}\"\n"),
+    );
+    let lun = format!("{TARGET}/0");
+    a.fill_and_snapshot("48m", "s1");
+    let keys = scratch("snap-ship-keys");
+    let (good, bad) = (keys.join("good"), keys.join("bad"));
+    std::fs::write(&good, format!("{psk}\n")).unwrap();
+    std::fs::write(&bad, "not-the-key-0123456789\n").unwrap();
+    let command = |key: &Path, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_twinsan"));
+        c.args(["snapshot", "ship", &lun, "--to"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--psk-file")
+            .arg(key)
+            .args(args)
+            .arg("--socket")
+            .arg(a.d.dir.join("twinsan.sock"));
+        c
+    };
+    let ship_done = |args: &[&str]| {
+        let o = command(&good, args).output().unwrap();
+        let out = text(&o);
+        assert!(o.status.success(), "{out}");
+        out
+    };
+    let ok = command(&bad, &["--snapshot", "s1"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(!ok, "a wrong key must be refused");
+    // Cut off: at 8 MiB/s the 48 MiB stream takes 6 s; killed after 2.
+    let mut slow = command(&good, &["--snapshot", "s1", "--rate", "8m"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    slow.kill().unwrap();
+    let _ = slow.wait();
+    let out = ship_done(&["--snapshot", "s1"]);
+    let resumed: u64 = out
+        .split("resumed at byte ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not resumed: {out}"));
+    assert!(resumed > 4 << 20, "resumed at {resumed}: {out}");
+    let s1 = clone_path(&a.d.dir.join("twinsan.sock"), &lun, "s1");
+    assert!(same_bytes(&c.lun(), &s1), "the shipped LUN differs from s1");
+    // Incremental.
+    let mut sess = session_at(&a.d.addr, TARGET, "iqn.2026-12.test:ship", 1);
+    for i in 0..50u64 {
+        let r = sess
+            .command_sync_data(
+                &benches::conn::rw16(true, (i * 997 % 12_000) * 8, 8),
+                0,
+                &[i as u8 | 0x80; 4096],
+            )
+            .unwrap();
+        assert_eq!(r.status, 0);
+    }
+    sess.logout().unwrap();
+    assert!(a.snap(&["create", &lun, "s2"]).0);
+    ship_done(&["--from", "s1", "--snapshot", "s2"]);
+    let s2 = clone_path(&a.d.dir.join("twinsan.sock"), &lun, "s2");
+    assert!(
+        same_bytes(&c.lun(), &s2),
+        "s1 + the shipped increment is not s2"
+    );
+    let (_, listed) = c.snap(&["list"]);
+    assert!(listed.contains("s1") && listed.contains("s2"), "{listed}");
+    let _ = std::fs::remove_dir_all(&keys);
 }

@@ -14,7 +14,7 @@ mod failover;
 mod snapshots;
 mod values;
 pub use self::failover::{FailoverConfig, HeartbeatPath, VipConfig};
-pub use self::snapshots::ScheduleConfig;
+pub use self::snapshots::{ReceiveConfig, ScheduleConfig};
 pub use self::values::{
     derive_naa_id, derive_serial, parse_size, stable_hash, validate_iscsi_name, Cidr,
 };
@@ -112,6 +112,8 @@ struct RawConfig {
     targets: Vec<RawTarget>,
     #[serde(default, rename = "snapshot_schedule")]
     schedules: Vec<self::snapshots::RawSchedule>,
+    #[serde(default)]
+    snapshot_receive: Option<self::snapshots::RawReceive>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +301,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Snapshots taken on a period (`[[snapshot_schedule]]`); a reload changes them.
     pub snapshot_schedules: Vec<ScheduleConfig>,
+    /// Where diff streams are received (`twinsan snapshot ship`); off when `None`.
+    pub snapshot_receive: Option<ReceiveConfig>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -652,8 +656,10 @@ impl Config {
             .map(|p| base.join(p))
             .unwrap_or_else(|| data_dir.join("twinsan.sock"));
         let snapshot_schedules = self::snapshots::schedules(raw.schedules, &targets, &bad)?;
+        let snapshot_receive = self::snapshots::receive(raw.snapshot_receive, &bad)?;
         Ok(Config {
             snapshot_schedules,
+            snapshot_receive,
             source,
             listen,
             data_dir,

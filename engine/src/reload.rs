@@ -208,6 +208,11 @@ fn immutable(old: &Config, new: &Config) -> Option<(&'static str, &'static str)>
             "failover",
             "the failover driver starts once",
         ),
+        (
+            old.snapshot_receive != new.snapshot_receive,
+            "snapshot_receive",
+            "its listener is bound at start",
+        ),
     ];
     first_change(checks)
 }

@@ -145,6 +145,12 @@ impl Server {
                 .map_err(|source| ServeError::Listen { addr, source })?;
         }
         crate::snapshot::schedule::spawn(&registry).map_err(ServeError::Thread)?;
+        if let Some(r) = registry.config.snapshot_receive.clone() {
+            crate::snapshot::ship::serve(&r, &registry).map_err(|source| ServeError::Listen {
+                addr: r.listen,
+                source,
+            })?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let beats = Arc::new(CoreBeats::new(n));
         let mut listeners = vec![first];

@@ -118,3 +118,49 @@ pub(super) fn schedules(
     }
     Ok(out)
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReceive {
+    listen: String,
+    psk: String,
+}
+
+/// `[snapshot_receive]`: where this node takes diff streams that `twinsan snapshot ship`
+/// sends, authenticated with a pre-shared key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReceiveConfig {
+    pub listen: std::net::SocketAddr,
+    pub psk: String,
+}
+
+/// The key stays out of logs and `Debug` output.
+impl std::fmt::Debug for ReceiveConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveConfig")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) fn receive(
+    raw: Option<RawReceive>,
+    bad: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Option<ReceiveConfig>, ConfigError> {
+    let Some(r) = raw else { return Ok(None) };
+    let listen = r.listen.parse().map_err(|_| {
+        bad(
+            "snapshot_receive.listen",
+            format!("`{}` is not an ADDRESS:PORT", r.listen),
+        )
+    })?;
+    let n = r.psk.len();
+    let (min, max) = (replica::auth::PSK_BYTES_MIN, replica::auth::PSK_BYTES_MAX);
+    if !(min..=max).contains(&n) {
+        return Err(bad(
+            "snapshot_receive.psk",
+            format!("{n} bytes; a key has {min} to {max}"),
+        ));
+    }
+    Ok(Some(ReceiveConfig { listen, psk: r.psk }))
+}

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod diff;
 pub mod reflink;
 pub mod schedule;
+pub mod ship;
 pub mod store;
 
 use std::fs::{File, OpenOptions};
