@@ -161,6 +161,16 @@ fn a_broken_or_offline_only_change_is_refused_with_file_key_and_value_and_nothin
     assert_eq!(capacity(&d, TARGET, 0), 64 << 20);
 }
 
+/// How many LUNs REPORT LUNS lists to session `s`.
+fn reported_luns(s: &mut benches::conn::Conn) -> u32 {
+    let mut cdb = [0u8; 12];
+    cdb[0] = 0xa0;
+    cdb[9] = 64;
+    let r = s.command_sync(&cdb, 64).expect("REPORT LUNS");
+    assert_eq!(r.status, 0, "{}", r.sense);
+    u32::from_be_bytes([r.data[0], r.data[1], r.data[2], r.data[3]]) / 8
+}
+
 #[test]
 fn removing_a_lun_with_a_session_needs_force_and_keeps_the_file() {
     let two = target(
@@ -201,10 +211,18 @@ fn removing_a_lun_with_a_session_needs_force_and_keeps_the_file() {
         r.sense
     );
     s.until_ready().expect("LUN 0 still serves");
-    // The same file can be served again by a later reload.
+    assert_eq!(reported_luns(&mut s), 1);
+    // The same file can be served again by a later reload, and the session learns of it.
     write_config(&d, &two);
     assert_ok(&d.cli(&["reload"]), "re-adding the LUN");
     assert_eq!(capacity(&d, TARGET, 1), 16 << 20);
+    let r = s.command_sync(&[0u8; 6], 0).expect("TEST UNIT READY");
+    assert!(
+        r.sense.to_ascii_uppercase().contains("3F/0E"),
+        "{}",
+        r.sense
+    );
+    assert_eq!(reported_luns(&mut s), 2);
 }
 
 #[test]

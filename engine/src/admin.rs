@@ -1,5 +1,6 @@
 //! The admin socket: a Unix stream socket (mode 0600, root's) that takes one command line
-//! and answers with text. `twinsan status`, `promote` and `demote` are its clients.
+//! and answers with text. `twinsan status`, `promote`, `demote`, `reload` and `lun ...` are
+//! its clients.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
