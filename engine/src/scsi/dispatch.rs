@@ -271,7 +271,6 @@ fn run(
             {
                 check_atomic(lun, &rw, atomic_boundary)?;
             }
-            check_writable(lun)?;
             let transfer = rw.blocks.saturating_mul(bs);
             if edtl < transfer && !edtl.is_multiple_of(bs) {
                 // A partial block cannot be written from what the initiator will send:
@@ -284,6 +283,10 @@ fn run(
             if len == 0 {
                 return Ok(Step::Done(Reply::good().transfer(transfer)));
             }
+            // After the checks of the command itself, as LIO and libiscsi's tests order
+            // them: a malformed command on a write-protected LUN is reported as malformed;
+            // one that writes nothing is no error (SBC-4 5.x, TRANSFER LENGTH zero).
+            check_writable(lun)?;
             task.buf = Some(ctx.pool.get(len as usize));
             task.transfer = transfer;
             // WRITE AND VERIFY: the data must be on the medium before it is "verified".
@@ -305,7 +308,6 @@ fn run(
                 return Err(Sense::invalid_field_in_cdb(13, None));
             }
             check_range(lun, rw.lba, rw.blocks as u64)?;
-            check_writable(lun)?;
             let n = rw.blocks * bs;
             if n == 0 && edtl > 0 {
                 // Data for zero blocks: the length field is not what the initiator meant.
@@ -320,6 +322,7 @@ fn run(
                     0x0e, 0x03,
                 )))));
             }
+            check_writable(lun)?;
             task.buf = Some(ctx.pool.get(3 * n as usize));
             task.stage = Stage::CawData {
                 lba: rw.lba,
@@ -374,6 +377,10 @@ fn run(
                 return Err(Sense::invalid_field_in_cdb(7, None));
             }
             check_range(lun, rw.lba, blocks)?;
+            // Before the Data-Out length: libiscsi's ReadOnlySBC sends WRITE SAME without
+            // its block and expects WRITE PROTECTED (its WriteSame InvalidDataOutSize
+            // expects the length refused first: both cannot pass, and the read-only test
+            // is the one a read-only LUN is judged by).
             check_writable(lun)?;
             let need = if ndob { 0 } else { bs };
             if edtl != need {

@@ -446,7 +446,10 @@ pub fn info(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<Str
     Ok(format!(
         "guid {:016x}\npath {}\nsize_bytes {}\nblock_size {}\ncreated_unix_ms {}\n",
         e.guid,
-        st.image_path(e.guid).display(),
+        // Absolute: the CLI (diff, export) may run elsewhere than the daemon.
+        std::fs::canonicalize(st.image_path(e.guid))
+            .unwrap_or_else(|_| st.image_path(e.guid))
+            .display(),
         lun.size_bytes(),
         lun.block_size,
         e.created_unix_ms
