@@ -289,12 +289,14 @@ fn ship(
     let socket = admin_socket(a)?;
     let (to_file, from_file, header) = prepare(&socket, lun, from, snapshot).map_err(fail)?;
     let there = as_lun.unwrap_or(lun);
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let shipped = engine::snapshot::ship::send(
         to,
         psk.trim_end().as_bytes(),
         there,
         header.to_guid,
         rate,
+        progress,
         |w| {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, w);
             engine::snapshot::diff::write_diff(from_file.as_ref(), &to_file, &header, &mut w)

@@ -331,6 +331,7 @@ pub fn run(job: &Job) -> Result<Report> {
                         (bytes - last_bytes) as f64 / dt / 1048576.0,
                         p99,
                         shared.errors.load(Ordering::Relaxed),
+                        window_end.map(|e| e.saturating_duration_since(now).as_secs_f64()),
                     );
                     if tty {
                         eprint!("\r{line}   ");

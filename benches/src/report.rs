@@ -238,7 +238,7 @@ pub fn format_report(r: &Report) -> String {
     out
 }
 
-/// The live progress line (no newline).
+/// The live progress line (no newline); `left_s`: the time left, when the run is timed.
 pub fn progress_line(
     t_s: f64,
     ramping: bool,
@@ -246,12 +246,18 @@ pub fn progress_line(
     mib_s: f64,
     p99_us: Option<u64>,
     errors: u64,
+    left_s: Option<f64>,
 ) -> String {
     let p99 = p99_us
         .map(|p| format!("{p} us"))
         .unwrap_or_else(|| "-".into());
     let phase = if ramping { " ramp" } else { "" };
-    format!("[{t_s:5.0}s{phase}] {iops:>9.0} IOPS {mib_s:>9.1} MiB/s  p99 {p99}  errors {errors}")
+    let eta = left_s
+        .map(|l| format!("  ETA {:.0}s", l.max(0.0)))
+        .unwrap_or_default();
+    format!(
+        "[{t_s:5.0}s{phase}] {iops:>9.0} IOPS {mib_s:>9.1} MiB/s  p99 {p99}  errors {errors}{eta}"
+    )
 }
 
 /// `4096` -> `4KiB`, `131072` -> `128KiB`, `4294967296` -> `4GiB`; odd sizes stay bytes.
@@ -427,10 +433,10 @@ mod tests {
     #[test]
     fn progress() {
         assert_eq!(
-            progress_line(3.0, true, 1234.4, 4.82, Some(250), 0),
-            "[    3s ramp]      1234 IOPS       4.8 MiB/s  p99 250 us  errors 0"
+            progress_line(3.0, true, 1234.4, 4.82, Some(250), 0, Some(11.6)),
+            "[    3s ramp]      1234 IOPS       4.8 MiB/s  p99 250 us  errors 0  ETA 12s"
         );
-        assert!(progress_line(1.0, false, 0.0, 0.0, None, 2).contains("p99 -"));
+        assert!(progress_line(1.0, false, 0.0, 0.0, None, 2, None).ends_with("p99 -  errors 2"));
     }
 
     #[test]

@@ -81,13 +81,14 @@ pub struct Shipped {
 
 /// Sends the stream `make` writes (the same bytes each time it is called) to the receiver
 /// at `to` for LUN `lun` (TARGET/LUN there), authenticated with `psk`, at most `rate`
-/// bytes per second (0: no limit).
+/// bytes per second (0: no limit); with `progress`, a line on stderr each second.
 pub fn send(
     to: &str,
     psk: &[u8],
     lun: &str,
     to_guid: u64,
     rate: u64,
+    progress: bool,
     make: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<Shipped, String> {
     let mut s = TcpStream::connect(to).map_err(|e| format!("{to}: {e}"))?;
@@ -116,10 +117,14 @@ pub fn send(
         sent: 0,
         rate,
         started: Instant::now(),
+        shown: progress.then(Instant::now),
         s: &mut s,
     };
     make(&mut w).map_err(io)?;
     let sent = w.sent;
+    if progress {
+        eprintln!();
+    }
     s.flush().map_err(io)?;
     let answer = get_line(&mut s).map_err(io)?;
     match answer.strip_prefix("OK ") {
@@ -138,6 +143,8 @@ struct SkipThenSend<'a> {
     sent: u64,
     rate: u64,
     started: Instant,
+    /// When progress was last shown (None: not shown).
+    shown: Option<Instant>,
     s: &'a mut TcpStream,
 }
 
@@ -149,6 +156,18 @@ impl Write for SkipThenSend<'_> {
         if !rest.is_empty() {
             self.s.write_all(rest)?;
             self.sent += rest.len() as u64;
+            if self
+                .shown
+                .is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+                eprint!(
+                    "\rshipped {:.1} MiB at {:.1} MiB/s   ",
+                    self.sent as f64 / 1048576.0,
+                    self.sent as f64 / 1048576.0 / secs
+                );
+                self.shown = Some(Instant::now());
+            }
             if self.rate > 0 {
                 let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
                 if let Some(wait) = due.checked_sub(self.started.elapsed()) {
