@@ -103,10 +103,41 @@ fn the_counters_match_what_the_initiator_did() {
     cdb[13] = 8;
     let r = c.command_sync(&cdb, 4096).expect("READ (16)");
     assert_eq!(r.status, 2, "a read past the end must fail");
+    // Deallocations: an UNMAP of 256 blocks, one of none (nothing punched), and a WRITE
+    // SAME (16) with UNMAP of 64 blocks; a WRITE SAME without UNMAP writes, and counts not.
+    let unmap = |c: &mut benches::conn::Conn, lba, blocks| {
+        let r = c
+            .command_sync_data(
+                &benches::conn::unmap10(benches::conn::UNMAP_PARAM_BYTES as u16),
+                0,
+                &benches::conn::unmap_param_list(lba, blocks),
+            )
+            .expect("UNMAP");
+        assert_eq!(r.status, 0, "UNMAP");
+    };
+    unmap(&mut c, 0, 256);
+    unmap(&mut c, 512, 0);
+    let write_same = |c: &mut benches::conn::Conn, lba: u64, blocks: u32, unmap: bool| {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x93;
+        cdb[1] = if unmap { 0x08 } else { 0 };
+        cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+        cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+        let r = c
+            .command_sync_data(&cdb, 0, &[0u8; 512])
+            .expect("WRITE SAME (16)");
+        assert_eq!(r.status, 0, "WRITE SAME");
+    };
+    write_same(&mut c, 1024, 64, true);
+    write_same(&mut c, 2048, 64, false);
     let page = scrape(&addr);
     assert_eq!(sample(&page, "twinsan_sessions"), 1.0);
     assert_eq!(sample(&page, "twinsan_connections"), 1.0);
     let _ = c.logout();
+    assert_eq!(
+        sample(&page, &format!("twinsan_scsi_unmapped_bytes_total{lun}}}")),
+        ((256 + 64) * 512) as f64
+    );
     assert_eq!(
         sample(
             &page,

@@ -207,6 +207,15 @@ impl Scrape {
             self.live()
                 .map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.write_bytes)))),
         )?;
+        self.counter(
+            enc,
+            (
+                "twinsan_scsi_unmapped_bytes",
+                "Bytes deallocated by UNMAP and WRITE SAME with UNMAP",
+            ),
+            self.live()
+                .map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.unmapped_bytes)))),
+        )?;
         let errors = self.live().flat_map(|i| {
             (0..16).filter_map(move |key| {
                 let v = self.sum(i, |l| read(&l.errors[key]));

@@ -120,6 +120,8 @@ struct LunCounters {
     commands: [AtomicU64; 4],
     read_bytes: AtomicU64,
     write_bytes: AtomicU64,
+    /// Bytes deallocated by UNMAP and WRITE SAME with UNMAP.
+    unmapped_bytes: AtomicU64,
     /// CHECK CONDITION answers by sense key (0..=15).
     errors: [AtomicU64; 16],
     read_latency: Histogram,
@@ -147,6 +149,9 @@ pub struct Finished {
     pub kind: CmdKind,
     /// Bytes it moved (GOOD reads and writes).
     pub bytes: u64,
+    /// Bytes it deallocated (UNMAP, WRITE SAME with UNMAP), whatever its status: a
+    /// command that failed part-way still punched what it did.
+    pub unmapped: u64,
     /// The sense key of a CHECK CONDITION.
     pub sense_key: Option<u8>,
     /// From its arrival to its answer.
@@ -172,6 +177,9 @@ impl Metrics {
             return;
         };
         bump(&l.commands[f.kind.index()], 1);
+        if f.unmapped > 0 {
+            bump(&l.unmapped_bytes, f.unmapped);
+        }
         let ns = u64::try_from(f.latency.as_nanos()).unwrap_or(u64::MAX);
         match f.kind {
             CmdKind::Read => {

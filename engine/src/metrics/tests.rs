@@ -7,6 +7,7 @@ fn finished(lun: usize, kind: CmdKind, bytes: u64, us: u64, sense_key: Option<u8
         lun,
         kind,
         bytes,
+        unmapped: 0,
         sense_key,
         latency: Duration::from_micros(us),
     }
@@ -57,6 +58,33 @@ fn each_core_counts_alone_and_the_cores_add_up() {
     assert_eq!(sum(&|c| h(c, 2)), 1);
     assert_eq!(sum(&|c| h(c, 5)), 1);
     assert_eq!(sum(&|c| read(&c.luns[1].write_latency.sum_ns)), 820_000);
+}
+
+#[test]
+fn unmapped_bytes_are_counted_per_lun_whatever_the_kind() {
+    let m = Metrics::new(2, 2);
+    let unmap = |bytes| Finished {
+        unmapped: bytes,
+        ..finished(1, CmdKind::Unmap, 0, 40, None)
+    };
+    m.finished(0, unmap(1 << 20));
+    m.finished(1, unmap(4096));
+    // WRITE SAME with UNMAP is an Other command; a failed one still punched what it did.
+    m.finished(
+        1,
+        Finished {
+            unmapped: 8192,
+            ..finished(1, CmdKind::Other, 0, 40, Some(3))
+        },
+    );
+    let sum = |i: usize| {
+        m.cores
+            .iter()
+            .map(|c| read(&c.luns[i].unmapped_bytes))
+            .sum::<u64>()
+    };
+    assert_eq!(sum(1), (1 << 20) + 4096 + 8192);
+    assert_eq!(sum(0), 0);
 }
 
 #[test]
