@@ -264,3 +264,63 @@ fn bad_requests_and_a_bad_address_are_refused_and_scrapes_go_on() {
         "{said}"
     );
 }
+
+#[test]
+fn refused_logins_are_counted_by_reason() {
+    let port = common::free_port();
+    let acl_target = "iqn.2026-11.io.twinsan:acl";
+    let d = Daemon::start(
+        "metrics-login",
+        &format!(
+            "[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n\
+             [[target]]\nname = \"{TARGET}\"\nchap = {{ user = \"alice\", secret = \"correct-horse-battery\" }}\n\
+             [[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"16MiB\"\n\
+             [[target]]\nname = \"{acl_target}\"\nallowed_initiators = [\"iqn.2026-11.io.example:allowed\"]\n\
+             [[target.lun]]\nid = 0\npath = \"lun1.img\"\nsize = \"16MiB\"\n"
+        ),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let failures = |page: &str, reason: &str| {
+        sample(
+            page,
+            &format!("twinsan_login_failures_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let page = scrape(&addr);
+    for reason in [
+        "authentication",
+        "authorization",
+        "target_not_found",
+        "other",
+    ] {
+        assert_eq!(failures(&page, reason), 0.0, "{reason}");
+    }
+    let login = |target: &str, initiator: &str, secret: Option<&str>| {
+        let chap = secret.map(|s| {
+            let creds = proto::login::chap::ChapCredentials::new("alice", s).expect("credentials");
+            proto::login::chap::ChapInitiator::new(creds, None).expect("CHAP initiator")
+        });
+        let mut c = benches::conn::Conn::connect(&d.addr, 0).expect("connect");
+        c.login(
+            initiator,
+            target,
+            [0x80, 0, 0, 0, 2, 1],
+            false,
+            chap.as_ref(),
+        )
+    };
+    let me = "iqn.2026-11.io.twinsan:test-initiator";
+    // Two wrong CHAP secrets, one initiator outside the ACL, one target that is not there.
+    assert!(login(TARGET, me, Some("wrong-horse-battery")).is_err());
+    assert!(login(TARGET, me, Some("another-wrong-one")).is_err());
+    assert!(login(acl_target, me, None).is_err());
+    assert!(login("iqn.2026-11.io.twinsan:nope", me, None).is_err());
+    // The right secret and an initiator in the ACL log in, and count as nothing.
+    assert!(login(TARGET, me, Some("correct-horse-battery")).is_ok());
+    assert!(login(acl_target, "iqn.2026-11.io.example:allowed", None).is_ok());
+    let page = scrape(&addr);
+    assert_eq!(failures(&page, "authentication"), 2.0);
+    assert_eq!(failures(&page, "authorization"), 1.0);
+    assert_eq!(failures(&page, "target_not_found"), 1.0);
+    assert_eq!(failures(&page, "other"), 0.0);
+}

@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::{read, CmdKind, Histogram, LunCounters, Metrics, LATENCY_BOUNDS_NS};
+use super::{read, CmdKind, Histogram, LoginFailure, LunCounters, Metrics, LATENCY_BOUNDS_NS};
 use crate::registry::Registry;
 
 /// SPC sense key names, by key (the label of `twinsan_scsi_check_conditions_total`).
@@ -296,6 +296,19 @@ impl Scrape {
             enc,
             ("twinsan_connections", "Initiator connections open"),
             open as i64,
+        )?;
+        self.counter(
+            enc,
+            (
+                "twinsan_login_failures",
+                "Logins refused, by reason (authentication: CHAP failed; authorization: not in the ACL)",
+            ),
+            LoginFailure::ALL.into_iter().map(|why| {
+                (
+                    vec![("reason", why.label().to_string())],
+                    read(&self.metrics.login_failures[why as usize]),
+                )
+            }),
         )?;
         let sessions = self.reg.sessions.load(std::sync::atomic::Ordering::Relaxed);
         self.gauge1(

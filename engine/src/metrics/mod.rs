@@ -81,6 +81,48 @@ impl CmdKind {
     }
 }
 
+/// Why a login was refused (the label of `twinsan_login_failures_total`), from the Login
+/// Response's status class and detail (RFC 7143 section 11.13.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// 0x0201: CHAP failed (a wrong secret or user name).
+    Authentication,
+    /// 0x0202: the initiator is not in the target's ACL.
+    Authorization,
+    /// 0x0203, 0x0204: no such target (or none this address may reach).
+    TargetNotFound,
+    /// Everything else: a malformed or unsupported login, a target error.
+    Other,
+}
+
+impl LoginFailure {
+    /// The reason a refusal with status `class`, `detail` counts as.
+    pub fn of(class: u8, detail: u8) -> LoginFailure {
+        match (class, detail) {
+            (0x02, 0x01) => LoginFailure::Authentication,
+            (0x02, 0x02) => LoginFailure::Authorization,
+            (0x02, 0x03 | 0x04) => LoginFailure::TargetNotFound,
+            _ => LoginFailure::Other,
+        }
+    }
+
+    const ALL: [LoginFailure; 4] = [
+        LoginFailure::Authentication,
+        LoginFailure::Authorization,
+        LoginFailure::TargetNotFound,
+        LoginFailure::Other,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            LoginFailure::Authentication => "authentication",
+            LoginFailure::Authorization => "authorization",
+            LoginFailure::TargetNotFound => "target_not_found",
+            LoginFailure::Other => "other",
+        }
+    }
+}
+
 /// Adds `n` to a counter only the calling core thread writes. Why not `fetch_add`: its
 /// lock prefix costs on every command, and a single writer needs none; a scrape reads a
 /// value that is at most one update old.
@@ -135,9 +177,12 @@ struct CoreCounters {
     connections_closed: AtomicU64,
 }
 
-/// Every core's counters, summed at scrape.
+/// Every core's counters, summed at scrape, and the node's rare events.
 pub struct Metrics {
     cores: Box<[CoreCounters]>,
+    /// Refused logins by [`LoginFailure`]. Shared by the cores (`fetch_add`): a refusal is
+    /// rare and never on the I/O path, so one counter per reason is enough.
+    login_failures: [AtomicU64; 4],
 }
 
 /// What a finished command adds.
@@ -168,7 +213,10 @@ impl Metrics {
                 connections_closed: AtomicU64::new(0),
             })
             .collect();
-        Arc::new(Metrics { cores })
+        Arc::new(Metrics {
+            cores,
+            login_failures: Default::default(),
+        })
     }
 
     /// Core `core` answered a command. Only core `core`'s thread calls this.
@@ -195,6 +243,11 @@ impl Metrics {
         if let Some(key) = f.sense_key {
             bump(&l.errors[usize::from(key & 0x0f)], 1);
         }
+    }
+
+    /// A login was refused for `why`.
+    pub fn login_failed(&self, why: LoginFailure) {
+        self.login_failures[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Core `core` accepted (`true`) or closed an initiator connection.

@@ -88,6 +88,34 @@ fn unmapped_bytes_are_counted_per_lun_whatever_the_kind() {
 }
 
 #[test]
+fn login_refusals_are_classified_by_their_status() {
+    assert_eq!(LoginFailure::of(2, 1), LoginFailure::Authentication);
+    assert_eq!(LoginFailure::of(2, 2), LoginFailure::Authorization);
+    assert_eq!(LoginFailure::of(2, 3), LoginFailure::TargetNotFound);
+    assert_eq!(LoginFailure::of(2, 4), LoginFailure::TargetNotFound);
+    for (c, d) in [(2, 0), (2, 5), (2, 7), (3, 0), (3, 2)] {
+        assert_eq!(
+            LoginFailure::of(c, d),
+            LoginFailure::Other,
+            "{c:02x}{d:02x}"
+        );
+    }
+    let m = Metrics::new(1, 0);
+    m.login_failed(LoginFailure::Authentication);
+    m.login_failed(LoginFailure::Authentication);
+    m.login_failed(LoginFailure::Other);
+    assert_eq!(
+        read(&m.login_failures[LoginFailure::Authentication as usize]),
+        2
+    );
+    assert_eq!(read(&m.login_failures[LoginFailure::Other as usize]), 1);
+    assert_eq!(
+        read(&m.login_failures[LoginFailure::Authorization as usize]),
+        0
+    );
+}
+
+#[test]
 fn open_connections_are_opened_minus_closed() {
     let m = Metrics::new(2, 0);
     m.connection(0, true);
