@@ -324,3 +324,73 @@ fn refused_logins_are_counted_by_reason() {
     assert_eq!(failures(&page, "target_not_found"), 1.0);
     assert_eq!(failures(&page, "other"), 0.0);
 }
+
+#[test]
+fn snapshots_show_their_count_and_the_newest_ones_age() {
+    let port = common::free_port();
+    let dir = common::scratch("metrics-snap");
+    // Declared before the daemon: dropped after it (a busy file system would not unmount).
+    let _fs = common::Xfs::mount(&dir, 512);
+    std::fs::write(
+        dir.join("twinsan.toml"),
+        format!(
+            "[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n[[target]]\nname = \"{TARGET}\"\n\
+             [[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"16MiB\"\n\
+             [[target.lun]]\nid = 1\npath = \"lun1.img\"\nsize = \"16MiB\"\n"
+        ),
+    )
+    .expect("write the config");
+    let d = Daemon::start_in(dir);
+    let addr = format!("127.0.0.1:{port}");
+    let lun = |n: u32| format!("{{target=\"{TARGET}\",lun=\"{n}\"}}");
+    let snapshot = |name: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+            .args([
+                "snapshot",
+                "create",
+                &format!("{TARGET}/0"),
+                name,
+                "--socket",
+            ])
+            .arg(d.dir.join("twinsan.sock"))
+            .output()
+            .expect("run twinsan snapshot");
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let age = "twinsan_snapshot_newest_age_seconds";
+    let page = scrape(&addr);
+    assert_eq!(sample(&page, &format!("twinsan_snapshots{}", lun(0))), 0.0);
+    assert!(!page.contains(&format!("{age}{{")), "{page}");
+    snapshot("s1");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let page = scrape(&addr);
+    assert_eq!(sample(&page, &format!("twinsan_snapshots{}", lun(0))), 1.0);
+    assert!(sample(&page, &format!("{age}{}", lun(0))) >= 2.0);
+    snapshot("s2");
+    let page = scrape(&addr);
+    assert_eq!(sample(&page, &format!("twinsan_snapshots{}", lun(0))), 2.0);
+    assert!(
+        sample(&page, &format!("{age}{}", lun(0))) < 2.0,
+        "s2 is the newest"
+    );
+    // LUN 1 has none: a count of 0 and no age.
+    assert_eq!(sample(&page, &format!("twinsan_snapshots{}", lun(1))), 0.0);
+    assert!(!page.contains(&format!("{age}{}", lun(1))), "{page}");
+    // A deleted snapshot no longer counts.
+    let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+        .args([
+            "snapshot",
+            "delete",
+            &format!("{TARGET}/0"),
+            "s1",
+            "--socket",
+        ])
+        .arg(d.dir.join("twinsan.sock"))
+        .output()
+        .expect("run twinsan snapshot");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        sample(&scrape(&addr), &format!("twinsan_snapshots{}", lun(0))),
+        1.0
+    );
+}

@@ -57,7 +57,9 @@ pub struct SnapshotSummary {
     pub newest_age_seconds: u64,
 }
 
-fn snapshot_summary(lun: &crate::lun::Lun) -> Option<SnapshotSummary> {
+/// The summary of `lun`'s committed snapshots, `None` without any (also what the metrics
+/// endpoint shows).
+pub(crate) fn snapshot_summary(lun: &crate::lun::Lun) -> Option<SnapshotSummary> {
     let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
     let newest = st.committed().max_by_key(|e| e.created_unix_ms)?;
     let now = crate::snapshot::now_unix_ms();

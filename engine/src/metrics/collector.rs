@@ -338,6 +338,36 @@ impl Scrape {
                 )
             }),
         )?;
+        // One look at each LUN's snapshot store (a short lock that only snapshot
+        // operations take, never the I/O path).
+        let snaps: Vec<_> = self
+            .live()
+            .map(|i| (i, crate::admin::status::snapshot_summary(&self.reg.luns[i])))
+            .collect();
+        self.gauge(
+            enc,
+            (
+                "twinsan_snapshots",
+                "Committed snapshots of the LUN on this node",
+            ),
+            snaps.iter().map(|(i, s)| {
+                (
+                    self.lun_labels(*i),
+                    s.as_ref().map_or(0, |s| s.count as i64),
+                )
+            }),
+        )?;
+        self.gauge(
+            enc,
+            (
+                "twinsan_snapshot_newest_age_seconds",
+                "Age of the LUN's newest snapshot (LUNs with a snapshot only)",
+            ),
+            snaps.iter().filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                Some((self.lun_labels(*i), s.newest_age_seconds as i64))
+            }),
+        )?;
         let used = self.live().filter_map(|i| {
             let pct = self.reg.luns[i].pool_used_percent()?;
             Some((self.lun_labels(i), i64::from(pct)))
