@@ -9,7 +9,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::{read, CmdKind, Histogram, LoginFailure, LunCounters, Metrics, LATENCY_BOUNDS_NS};
+use super::{
+    read, CmdKind, Histogram, HistogramTotals, LoginFailure, LunCounters, Metrics,
+    LATENCY_BOUNDS_NS,
+};
 use crate::registry::Registry;
 
 /// SPC sense key names, by key (the label of `twinsan_scsi_check_conditions_total`).
@@ -87,6 +90,28 @@ pub fn prometheus_text(om: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Encodes `h` as one histogram sample set: its buckets with their upper bounds in
+/// seconds (the encoder makes them cumulative; the last is +Inf, which it writes for
+/// `f64::MAX`), count and sum.
+fn histogram(
+    mut enc: prometheus_client::encoding::MetricEncoder<'_>,
+    h: &HistogramTotals,
+) -> std::fmt::Result {
+    let total = h.counts.iter().fold(0u64, |s, n| s.wrapping_add(*n));
+    let buckets: Vec<(f64, u64)> = h
+        .counts
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            let bound = LATENCY_BOUNDS_NS
+                .get(k)
+                .map_or(f64::MAX, |&b| b as f64 / 1e9);
+            (bound, n)
+        })
+        .collect();
+    enc.encode_histogram::<Labels>(h.sum_ns as f64 / 1e9, total, &buckets, None)
 }
 
 struct Scrape {
@@ -252,36 +277,13 @@ impl Scrape {
                 ),
                 ("write", |l: &LunCounters| &l.write_latency),
             ] {
-                let mut counts = [0u64; LATENCY_BOUNDS_NS.len() + 1];
-                let mut sum_ns = 0u64;
+                let mut totals = HistogramTotals::default();
                 for c in self.metrics.cores.iter().filter_map(|c| c.luns.get(i)) {
-                    let h = pick(c);
-                    for (total, n) in counts.iter_mut().zip(&h.counts) {
-                        *total = total.wrapping_add(read(n));
-                    }
-                    sum_ns = sum_ns.wrapping_add(read(&h.sum_ns));
+                    totals.add(pick(c));
                 }
-                // Per bucket (the encoder makes them cumulative), with their upper bounds;
-                // the last is +Inf, which the encoder writes for `f64::MAX`.
-                let total = counts.iter().fold(0u64, |s, n| s.wrapping_add(*n));
-                let buckets: Vec<(f64, u64)> = counts
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &n)| {
-                        let bound = LATENCY_BOUNDS_NS
-                            .get(k)
-                            .map_or(f64::MAX, |&b| b as f64 / 1e9);
-                        (bound, n)
-                    })
-                    .collect();
                 let mut labels = self.lun_labels(i);
                 labels.push(("op", op.to_string()));
-                family.encode_family(&labels)?.encode_histogram::<Labels>(
-                    sum_ns as f64 / 1e9,
-                    total,
-                    &buckets,
-                    None,
-                )?;
+                histogram(family.encode_family(&labels)?, &totals)?;
             }
         }
         Ok(())
@@ -405,14 +407,17 @@ impl Scrape {
             i64::from(figures.peer_connected),
         )?;
         let luns = &figures.luns;
+        let per_lun = |pick: fn(&crate::replication::PairLunFigures) -> u64| {
+            luns.iter()
+                .map(move |l| (self.lun_labels(l.index), pick(l) as i64))
+        };
         self.gauge(
             enc,
             (
                 "twinsan_pair_out_of_sync_bytes",
                 "Bytes in regions that may differ from the peer (the dirty bitmap)",
             ),
-            luns.iter()
-                .map(|&(i, dirty, _)| (self.lun_labels(i), dirty as i64)),
+            per_lun(|l| l.dirty_bytes),
         )?;
         self.gauge(
             enc,
@@ -420,8 +425,7 @@ impl Scrape {
                 "twinsan_pair_resync_done_bytes",
                 "Bytes the running resync has copied (0 when none runs)",
             ),
-            luns.iter()
-                .map(|&(i, _, (done, _))| (self.lun_labels(i), done as i64)),
+            per_lun(|l| l.resync.0),
         )?;
         self.gauge(
             enc,
@@ -429,9 +433,24 @@ impl Scrape {
                 "twinsan_pair_resync_total_bytes",
                 "Bytes the running resync plans to copy (0 when none runs)",
             ),
+            per_lun(|l| l.resync.1),
+        )?;
+        self.counter(
+            enc,
+            (
+                "twinsan_pair_resync_copied_bytes",
+                "Bytes of data resyncs copied from this node to the peer (holes count nothing)",
+            ),
             luns.iter()
-                .map(|&(i, _, (_, total))| (self.lun_labels(i), total as i64)),
-        )
+                .map(|l| (self.lun_labels(l.index), l.resync_copied_bytes)),
+        )?;
+        let family = enc.encode_descriptor(
+            "twinsan_pair_replica_ack_seconds",
+            "Time from a mirrored operation's send on a replica data link to the peer's ack",
+            None,
+            MetricType::Histogram,
+        )?;
+        histogram(family, &figures.ack_latency)
     }
 }
 

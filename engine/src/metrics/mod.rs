@@ -139,19 +139,48 @@ fn read(counter: &AtomicU64) -> u64 {
 
 /// A latency histogram with fixed buckets ([`LATENCY_BOUNDS_NS`] and +Inf).
 #[derive(Default)]
-struct Histogram {
+pub struct Histogram {
     counts: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
     sum_ns: AtomicU64,
 }
 
+/// The bucket of a latency of `ns`.
+fn bucket(ns: u64) -> usize {
+    LATENCY_BOUNDS_NS
+        .iter()
+        .position(|&b| ns <= b)
+        .unwrap_or(LATENCY_BOUNDS_NS.len())
+}
+
 impl Histogram {
+    /// Records `ns`; only one thread may call this (see [`bump`]).
     fn observe(&self, ns: u64) {
-        let i = LATENCY_BOUNDS_NS
-            .iter()
-            .position(|&b| ns <= b)
-            .unwrap_or(LATENCY_BOUNDS_NS.len());
-        bump(&self.counts[i], 1);
+        bump(&self.counts[bucket(ns)], 1);
         bump(&self.sum_ns, ns);
+    }
+
+    /// Records `ns` from any thread (`fetch_add`). For threads off the I/O path that may
+    /// briefly overlap (a replica link's old and new ack readers across a reconnect).
+    pub fn observe_shared(&self, ns: u64) {
+        self.counts[bucket(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// Histograms summed at scrape: per-bucket counts (not cumulative) and the sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistogramTotals {
+    pub counts: [u64; LATENCY_BOUNDS_NS.len() + 1],
+    pub sum_ns: u64,
+}
+
+impl HistogramTotals {
+    /// Adds `h`'s figures.
+    pub fn add(&mut self, h: &Histogram) {
+        for (total, n) in self.counts.iter_mut().zip(&h.counts) {
+            *total = total.wrapping_add(read(n));
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(read(&h.sum_ns));
     }
 }
 

@@ -149,3 +149,18 @@ fn the_prometheus_text_names_a_counter_family_by_its_samples() {
          # HELP up Whether it is up\n# TYPE up gauge\nup 1\n"
     );
 }
+
+#[test]
+fn histograms_add_up_whichever_way_they_were_recorded() {
+    let (a, b) = (Histogram::default(), Histogram::default());
+    a.observe(30_000);
+    b.observe_shared(30_000);
+    b.observe_shared(2_000_000);
+    let mut t = HistogramTotals::default();
+    t.add(&a);
+    t.add(&b);
+    assert_eq!(t.counts[1], 2, "two in the 50 us bucket");
+    assert_eq!(t.counts[6], 1, "one in the 2.5 ms bucket");
+    assert_eq!(t.counts.iter().sum::<u64>(), 3);
+    assert_eq!(t.sum_ns, 2_060_000);
+}
