@@ -484,3 +484,66 @@ fn the_pair_shows_its_ack_latency_and_what_resyncs_copied() {
     assert!(total - copied0 >= 8388608.0, "{total} after {copied0}");
     assert_eq!(total, logged_resync_copies(&a.log()));
 }
+
+#[test]
+fn failover_shows_heartbeat_ages_and_counts_takeovers() {
+    use common::pair::{node_toml, wait_in_sync, Node};
+    use std::time::{Duration, Instant};
+    let port = common::free_port();
+    let p = || common::free_port();
+    let (ia, ib, ra, rb, ha, hb) = (p(), p(), p(), p(), p(), p());
+    let psk = "pair-test-psk-0123456789";
+    // One heartbeat path on loopback; a fence command that always succeeds, so that a
+    // silent peer is taken over (nothing to fence here: the test kills it). With
+    // [failover], the fence decides a peer loss, not `degrade`.
+    let node = |iscsi, me, peer, role| {
+        node_toml(iscsi, me, peer, role, psk, "16MiB").replace("on_peer_loss = \"degrade\"\n", "")
+    };
+    let failover = |me: u16, peer: u16| {
+        format!(
+            "[failover]\npair_id = \"metrics\"\nfence_command = \"true\"\n\
+             [[failover.path]]\nlisten = \"127.0.0.1:{me}\"\npeer = \"127.0.0.1:{peer}\"\n"
+        )
+    };
+    let b = Node::new(
+        "metrics-failover-b",
+        node(ib, rb, ra, "secondary").replacen(
+            "[server]\n",
+            &format!("[server]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+            1,
+        ) + &failover(hb, ha),
+        ib,
+    );
+    let mut a = Node::new(
+        "metrics-failover-a",
+        node(ia, ra, rb, "primary") + &failover(ha, hb),
+        ia,
+    );
+    wait_in_sync(&a, Duration::from_secs(20));
+    let addr = format!("127.0.0.1:{port}");
+    let age = "twinsan_failover_heartbeat_age_seconds{path=\"0\"}";
+    let takeovers = "twinsan_failover_takeovers_total";
+    let page = scrape(&addr);
+    // Heartbeats every 100 ms.
+    assert!(sample(&page, age) < 1.0, "{page}");
+    assert_eq!(sample(&page, takeovers), 0.0);
+    promtool_check(&page);
+    // The primary dies: B takes over once, and the heartbeats' age grows.
+    a.kill9();
+    let t = Instant::now();
+    let page = loop {
+        let page = scrape(&addr);
+        if sample(&page, takeovers) >= 1.0 {
+            break page;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no takeover:\n{}\n{}",
+            b.admin("status"),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(sample(&page, takeovers), 1.0);
+    assert!(sample(&page, age) >= 0.4, "{page}");
+}

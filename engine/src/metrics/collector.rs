@@ -454,11 +454,44 @@ impl Scrape {
     }
 }
 
+impl Scrape {
+    /// Only when `[failover]` runs.
+    fn failover(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let Some(f) = self.reg.failover.get() else {
+            return Ok(());
+        };
+        let f = f.figures();
+        let ages = f.heartbeat_ages_ms(crate::failover::boot_clock_ms());
+        let mut family = enc.encode_descriptor(
+            "twinsan_failover_heartbeat_age_seconds",
+            "Time since the peer's last heartbeat on each path (paths never heard: none)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (path, age) in ages.iter().enumerate() {
+            if let Some(ms) = age {
+                let labels: Labels = vec![("path", path.to_string())];
+                // Seconds with ms precision: a float gauge.
+                ConstGauge::new(*ms as f64 / 1e3).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        // Without labels: a family of one sample would write an empty `{}`.
+        let family = enc.encode_descriptor(
+            "twinsan_failover_takeovers",
+            "Takeovers this node's failover controller began (automatic or by the operator)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(f.takeovers()).encode(family)
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
         self.commands(&mut enc)?;
         self.latencies(&mut enc)?;
         self.node(&mut enc)?;
-        self.pair(&mut enc)
+        self.pair(&mut enc)?;
+        self.failover(&mut enc)
     }
 }
