@@ -303,7 +303,7 @@ impl Scrape {
             enc,
             (
                 "twinsan_login_failures",
-                "Logins refused, by reason (authentication: CHAP failed; authorization: not in the ACL)",
+                "Logins refused, by reason (authentication: CHAP failed; authorization: ACL or address)",
             ),
             LoginFailure::ALL.into_iter().map(|why| {
                 (

@@ -87,7 +87,7 @@ impl CmdKind {
 pub enum LoginFailure {
     /// 0x0201: CHAP failed (a wrong secret or user name).
     Authentication,
-    /// 0x0202: the initiator is not in the target's ACL.
+    /// 0x0202: the initiator is not in the target's ACL, or its address may not reach it.
     Authorization,
     /// 0x0203, 0x0204: no such target (or none this address may reach).
     TargetNotFound,
