@@ -57,10 +57,13 @@ pub struct SnapshotSummary {
     pub newest_age_seconds: u64,
 }
 
-/// The summary of `lun`'s committed snapshots, `None` without any (also what the metrics
+fn snapshot_summary(lun: &crate::lun::Lun) -> Option<SnapshotSummary> {
+    summary_of(&lun.snaps.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// The summary of a LUN's committed snapshots, `None` without any (also what the metrics
 /// endpoint shows).
-pub(crate) fn snapshot_summary(lun: &crate::lun::Lun) -> Option<SnapshotSummary> {
-    let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+pub(crate) fn summary_of(st: &crate::snapshot::store::Store) -> Option<SnapshotSummary> {
     let newest = st.committed().max_by_key(|e| e.created_unix_ms)?;
     let now = crate::snapshot::now_unix_ms();
     Some(SnapshotSummary {

@@ -340,11 +340,19 @@ impl Scrape {
                 )
             }),
         )?;
-        // One look at each LUN's snapshot store (a short lock that only snapshot
-        // operations take, never the I/O path).
+        // One look at each LUN's snapshot store. Not waiting for its lock: a clone or a
+        // rollback holds it as long as the file system takes, and a scrape must answer
+        // within its timeout; a LUN whose store is busy is left out of this scrape.
         let snaps: Vec<_> = self
             .live()
-            .map(|i| (i, crate::admin::status::snapshot_summary(&self.reg.luns[i])))
+            .filter_map(|i| {
+                let st = match self.reg.luns[i].snaps.try_lock() {
+                    Ok(st) => st,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return None,
+                };
+                Some((i, crate::admin::status::summary_of(&st)))
+            })
             .collect();
         self.gauge(
             enc,
