@@ -162,7 +162,7 @@ impl LoginPhase {
                         match view.target(&name) {
                             Some((i, t)) => (SessionKind::Normal, i, Some(Arc::clone(t))),
                             // The state machine only completes for configured targets
-                            // (this one went in a reload since): a target error.
+                            // (of this same view); counted as `other` should it happen.
                             None => return self.fail(req, stat_sn, reg),
                         }
                     }
