@@ -58,7 +58,12 @@ pub struct SnapshotSummary {
 }
 
 fn snapshot_summary(lun: &crate::lun::Lun) -> Option<SnapshotSummary> {
-    let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+    summary_of(&lun.snaps.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// The summary of a LUN's committed snapshots, `None` without any (also what the metrics
+/// endpoint shows).
+pub(crate) fn summary_of(st: &crate::snapshot::store::Store) -> Option<SnapshotSummary> {
     let newest = st.committed().max_by_key(|e| e.created_unix_ms)?;
     let now = crate::snapshot::now_unix_ms();
     Some(SnapshotSummary {

@@ -80,6 +80,7 @@ pub fn start(reg: Arc<Registry>) -> std::io::Result<FailoverHandle> {
     let (job_tx, job_rx) = crossbeam_channel::bounded(MAX_QUEUED_JOBS);
     let (done_tx, done_rx) = crossbeam_channel::bounded(MAX_QUEUED_JOBS);
     let status = Arc::new(Mutex::new(String::new()));
+    let figures = Arc::new(super::FailoverFigures::new(fo.paths.len()));
     // Sequence numbers and request ids above every earlier run's, whatever the clock did.
     let first = failover::wire::first_of_boot(super::boot_count::next(
         &reg.config.data_dir,
@@ -113,6 +114,7 @@ pub fn start(reg: Arc<Registry>) -> std::io::Result<FailoverHandle> {
         done: done_rx,
         admin: admin_rx,
         status: Arc::clone(&status),
+        figures: Arc::clone(&figures),
         reg,
         fo,
         view: None,
@@ -127,7 +129,11 @@ pub fn start(reg: Arc<Registry>) -> std::io::Result<FailoverHandle> {
             raise_priority(10);
             d.run();
         })?;
-    Ok(FailoverHandle { admin_tx, status })
+    Ok(FailoverHandle {
+        admin_tx,
+        status,
+        figures,
+    })
 }
 
 /// Datagrams dropped, by why (shown by `status`).
@@ -152,6 +158,7 @@ struct Driver {
     done: Receiver<Done>,
     admin: Receiver<AdminRequest>,
     status: Arc<Mutex<String>>,
+    figures: Arc<super::FailoverFigures>,
     reg: Arc<Registry>,
     fo: FailoverConfig,
     /// The view last reported to the controller.
@@ -382,7 +389,10 @@ impl Driver {
                 }
                 Note::PeerSilent => tracing::warn!("peer silent on every heartbeat path"),
                 Note::PeerBack => tracing::info!("peer heard again"),
-                Note::TookOver(why) => tracing::warn!(reason = why, "taking over as primary"),
+                Note::TookOver(why) => {
+                    self.figures.took_over();
+                    tracing::warn!(reason = why, "taking over as primary")
+                }
                 Note::GaveUp(why) => tracing::warn!(reason = why, "giving up the primary role"),
                 Note::Refused(r) => tracing::info!(?r, "witness refused a lease request"),
                 Note::NoGuard => tracing::error!(
@@ -399,6 +409,7 @@ impl Driver {
 
     fn refresh_status(&self, now: u64) {
         let s = self.ctl.status(now);
+        self.figures.set_ages(now, &s.path_age_ms);
         let ages: Vec<String> = s
             .path_age_ms
             .iter()

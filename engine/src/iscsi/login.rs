@@ -148,6 +148,9 @@ impl LoginPhase {
             LoginOutcome::Failed => {
                 let (c, d) = (step.response.status_class, step.response.status_detail);
                 tracing::warn!(peer = %self.peer, status = format!("{c:02x}{d:02x}"), "login refused");
+                if let Some(m) = reg.metrics.get() {
+                    m.login_failed(crate::metrics::LoginFailure::of(c, d));
+                }
                 Some(LoginDone::Failed)
             }
             LoginOutcome::Complete(r) => {
@@ -158,8 +161,9 @@ impl LoginPhase {
                         let name = r.target_name.clone().unwrap_or_default();
                         match view.target(&name) {
                             Some((i, t)) => (SessionKind::Normal, i, Some(Arc::clone(t))),
-                            // The state machine only completes for configured targets.
-                            None => return self.fail(req, stat_sn),
+                            // The state machine only completes for configured targets
+                            // (of this same view); counted as `other` should it happen.
+                            None => return self.fail(req, stat_sn, reg),
                         }
                     }
                 };
@@ -208,7 +212,10 @@ impl LoginPhase {
         LoginStepOut { bytes, done }
     }
 
-    fn fail(&self, req: &pdu::LoginRequest, stat_sn: &mut u32) -> LoginStepOut {
+    fn fail(&self, req: &pdu::LoginRequest, stat_sn: &mut u32, reg: &Registry) -> LoginStepOut {
+        if let Some(m) = reg.metrics.get() {
+            m.login_failed(crate::metrics::LoginFailure::Other);
+        }
         let sns = TargetSns {
             stat_sn: *stat_sn,
             exp_cmd_sn: req.cmd_sn,

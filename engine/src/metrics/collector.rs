@@ -9,7 +9,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-use super::{read, CmdKind, Histogram, LunCounters, Metrics, LATENCY_BOUNDS_NS};
+use super::{
+    read, CmdKind, Histogram, HistogramTotals, LoginFailure, LunCounters, Metrics,
+    LATENCY_BOUNDS_NS,
+};
 use crate::registry::Registry;
 
 /// SPC sense key names, by key (the label of `twinsan_scsi_check_conditions_total`).
@@ -87,6 +90,28 @@ pub fn prometheus_text(om: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Encodes `h` as one histogram sample set: its buckets with their upper bounds in
+/// seconds (the encoder makes them cumulative; the last is +Inf, which it writes for
+/// `f64::MAX`), count and sum.
+fn histogram(
+    mut enc: prometheus_client::encoding::MetricEncoder<'_>,
+    h: &HistogramTotals,
+) -> std::fmt::Result {
+    let total = h.counts.iter().fold(0u64, |s, n| s.wrapping_add(*n));
+    let buckets: Vec<(f64, u64)> = h
+        .counts
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            let bound = LATENCY_BOUNDS_NS
+                .get(k)
+                .map_or(f64::MAX, |&b| b as f64 / 1e9);
+            (bound, n)
+        })
+        .collect();
+    enc.encode_histogram::<Labels>(h.sum_ns as f64 / 1e9, total, &buckets, None)
 }
 
 struct Scrape {
@@ -207,6 +232,15 @@ impl Scrape {
             self.live()
                 .map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.write_bytes)))),
         )?;
+        self.counter(
+            enc,
+            (
+                "twinsan_scsi_unmapped_bytes",
+                "Bytes deallocated by UNMAP and WRITE SAME with UNMAP",
+            ),
+            self.live()
+                .map(|i| (self.lun_labels(i), self.sum(i, |l| read(&l.unmapped_bytes)))),
+        )?;
         let errors = self.live().flat_map(|i| {
             (0..16).filter_map(move |key| {
                 let v = self.sum(i, |l| read(&l.errors[key]));
@@ -243,36 +277,13 @@ impl Scrape {
                 ),
                 ("write", |l: &LunCounters| &l.write_latency),
             ] {
-                let mut counts = [0u64; LATENCY_BOUNDS_NS.len() + 1];
-                let mut sum_ns = 0u64;
+                let mut totals = HistogramTotals::default();
                 for c in self.metrics.cores.iter().filter_map(|c| c.luns.get(i)) {
-                    let h = pick(c);
-                    for (total, n) in counts.iter_mut().zip(&h.counts) {
-                        *total = total.wrapping_add(read(n));
-                    }
-                    sum_ns = sum_ns.wrapping_add(read(&h.sum_ns));
+                    totals.add(pick(c));
                 }
-                // Per bucket (the encoder makes them cumulative), with their upper bounds;
-                // the last is +Inf, which the encoder writes for `f64::MAX`.
-                let total = counts.iter().fold(0u64, |s, n| s.wrapping_add(*n));
-                let buckets: Vec<(f64, u64)> = counts
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &n)| {
-                        let bound = LATENCY_BOUNDS_NS
-                            .get(k)
-                            .map_or(f64::MAX, |&b| b as f64 / 1e9);
-                        (bound, n)
-                    })
-                    .collect();
                 let mut labels = self.lun_labels(i);
                 labels.push(("op", op.to_string()));
-                family.encode_family(&labels)?.encode_histogram::<Labels>(
-                    sum_ns as f64 / 1e9,
-                    total,
-                    &buckets,
-                    None,
-                )?;
+                histogram(family.encode_family(&labels)?, &totals)?;
             }
         }
         Ok(())
@@ -287,6 +298,19 @@ impl Scrape {
             enc,
             ("twinsan_connections", "Initiator connections open"),
             open as i64,
+        )?;
+        self.counter(
+            enc,
+            (
+                "twinsan_login_failures",
+                "Logins refused, by reason (authentication: CHAP failed; authorization: ACL or address)",
+            ),
+            LoginFailure::ALL.into_iter().map(|why| {
+                (
+                    vec![("reason", why.label().to_string())],
+                    read(&self.metrics.login_failures[why as usize]),
+                )
+            }),
         )?;
         let sessions = self.reg.sessions.load(std::sync::atomic::Ordering::Relaxed);
         self.gauge1(
@@ -314,6 +338,44 @@ impl Scrape {
                     self.lun_labels(i),
                     self.reg.luns[i].allocated_bytes() as i64,
                 )
+            }),
+        )?;
+        // One look at each LUN's snapshot store. Not waiting for its lock: a clone or a
+        // rollback holds it as long as the file system takes, and a scrape must answer
+        // within its timeout; a LUN whose store is busy is left out of this scrape.
+        let snaps: Vec<_> = self
+            .live()
+            .filter_map(|i| {
+                let st = match self.reg.luns[i].snaps.try_lock() {
+                    Ok(st) => st,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return None,
+                };
+                Some((i, crate::admin::status::summary_of(&st)))
+            })
+            .collect();
+        self.gauge(
+            enc,
+            (
+                "twinsan_snapshots",
+                "Committed snapshots of the LUN on this node",
+            ),
+            snaps.iter().map(|(i, s)| {
+                (
+                    self.lun_labels(*i),
+                    s.as_ref().map_or(0, |s| s.count as i64),
+                )
+            }),
+        )?;
+        self.gauge(
+            enc,
+            (
+                "twinsan_snapshot_newest_age_seconds",
+                "Age of the LUN's newest snapshot (LUNs with a snapshot only)",
+            ),
+            snaps.iter().filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                Some((self.lun_labels(*i), s.newest_age_seconds as i64))
             }),
         )?;
         let used = self.live().filter_map(|i| {
@@ -353,14 +415,17 @@ impl Scrape {
             i64::from(figures.peer_connected),
         )?;
         let luns = &figures.luns;
+        let per_lun = |pick: fn(&crate::replication::PairLunFigures) -> u64| {
+            luns.iter()
+                .map(move |l| (self.lun_labels(l.index), pick(l) as i64))
+        };
         self.gauge(
             enc,
             (
                 "twinsan_pair_out_of_sync_bytes",
                 "Bytes in regions that may differ from the peer (the dirty bitmap)",
             ),
-            luns.iter()
-                .map(|&(i, dirty, _)| (self.lun_labels(i), dirty as i64)),
+            per_lun(|l| l.dirty_bytes),
         )?;
         self.gauge(
             enc,
@@ -368,8 +433,7 @@ impl Scrape {
                 "twinsan_pair_resync_done_bytes",
                 "Bytes the running resync has copied (0 when none runs)",
             ),
-            luns.iter()
-                .map(|&(i, _, (done, _))| (self.lun_labels(i), done as i64)),
+            per_lun(|l| l.resync.0),
         )?;
         self.gauge(
             enc,
@@ -377,9 +441,56 @@ impl Scrape {
                 "twinsan_pair_resync_total_bytes",
                 "Bytes the running resync plans to copy (0 when none runs)",
             ),
+            per_lun(|l| l.resync.1),
+        )?;
+        self.counter(
+            enc,
+            (
+                "twinsan_pair_resync_copied_bytes",
+                "Bytes of data resyncs copied from this node to the peer (holes count nothing)",
+            ),
             luns.iter()
-                .map(|&(i, _, (_, total))| (self.lun_labels(i), total as i64)),
-        )
+                .map(|l| (self.lun_labels(l.index), l.resync_copied_bytes)),
+        )?;
+        let family = enc.encode_descriptor(
+            "twinsan_pair_replica_ack_seconds",
+            "Time from a mirrored operation's send on a replica data link to the peer's ack",
+            None,
+            MetricType::Histogram,
+        )?;
+        histogram(family, &figures.ack_latency)
+    }
+}
+
+impl Scrape {
+    /// Only when `[failover]` runs.
+    fn failover(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let Some(f) = self.reg.failover.get() else {
+            return Ok(());
+        };
+        let f = f.figures();
+        let ages = f.heartbeat_ages_ms(crate::failover::boot_clock_ms());
+        let mut family = enc.encode_descriptor(
+            "twinsan_failover_heartbeat_age_seconds",
+            "Time since the peer's last heartbeat on each path (paths never heard: none)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (path, age) in ages.iter().enumerate() {
+            if let Some(ms) = age {
+                let labels: Labels = vec![("path", path.to_string())];
+                // Seconds with ms precision: a float gauge.
+                ConstGauge::new(*ms as f64 / 1e3).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        // Without labels: a family of one sample would write an empty `{}`.
+        let family = enc.encode_descriptor(
+            "twinsan_failover_takeovers",
+            "Takeovers this node's failover controller began (automatic or by the operator)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(f.takeovers()).encode(family)
     }
 }
 
@@ -388,6 +499,7 @@ impl Collector for Scrape {
         self.commands(&mut enc)?;
         self.latencies(&mut enc)?;
         self.node(&mut enc)?;
-        self.pair(&mut enc)
+        self.pair(&mut enc)?;
+        self.failover(&mut enc)
     }
 }

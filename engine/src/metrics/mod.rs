@@ -81,6 +81,48 @@ impl CmdKind {
     }
 }
 
+/// Why a login was refused (the label of `twinsan_login_failures_total`), from the Login
+/// Response's status class and detail (RFC 7143 section 11.13.5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// 0x0201: CHAP failed (a wrong secret or user name).
+    Authentication,
+    /// 0x0202: the initiator is not in the target's ACL, or its address may not reach it.
+    Authorization,
+    /// 0x0203, 0x0204: no such target (or none this address may reach).
+    TargetNotFound,
+    /// Everything else: a malformed or unsupported login, a target error.
+    Other,
+}
+
+impl LoginFailure {
+    /// The reason a refusal with status `class`, `detail` counts as.
+    pub fn of(class: u8, detail: u8) -> LoginFailure {
+        match (class, detail) {
+            (0x02, 0x01) => LoginFailure::Authentication,
+            (0x02, 0x02) => LoginFailure::Authorization,
+            (0x02, 0x03 | 0x04) => LoginFailure::TargetNotFound,
+            _ => LoginFailure::Other,
+        }
+    }
+
+    const ALL: [LoginFailure; 4] = [
+        LoginFailure::Authentication,
+        LoginFailure::Authorization,
+        LoginFailure::TargetNotFound,
+        LoginFailure::Other,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            LoginFailure::Authentication => "authentication",
+            LoginFailure::Authorization => "authorization",
+            LoginFailure::TargetNotFound => "target_not_found",
+            LoginFailure::Other => "other",
+        }
+    }
+}
+
 /// Adds `n` to a counter only the calling core thread writes. Why not `fetch_add`: its
 /// lock prefix costs on every command, and a single writer needs none; a scrape reads a
 /// value that is at most one update old.
@@ -97,19 +139,48 @@ fn read(counter: &AtomicU64) -> u64 {
 
 /// A latency histogram with fixed buckets ([`LATENCY_BOUNDS_NS`] and +Inf).
 #[derive(Default)]
-struct Histogram {
+pub struct Histogram {
     counts: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
     sum_ns: AtomicU64,
 }
 
+/// The bucket of a latency of `ns`.
+fn bucket(ns: u64) -> usize {
+    LATENCY_BOUNDS_NS
+        .iter()
+        .position(|&b| ns <= b)
+        .unwrap_or(LATENCY_BOUNDS_NS.len())
+}
+
 impl Histogram {
+    /// Records `ns`; only one thread may call this (see [`bump`]).
     fn observe(&self, ns: u64) {
-        let i = LATENCY_BOUNDS_NS
-            .iter()
-            .position(|&b| ns <= b)
-            .unwrap_or(LATENCY_BOUNDS_NS.len());
-        bump(&self.counts[i], 1);
+        bump(&self.counts[bucket(ns)], 1);
         bump(&self.sum_ns, ns);
+    }
+
+    /// Records `ns` from any thread (`fetch_add`). For threads off the I/O path that may
+    /// briefly overlap (a replica link's old and new ack readers across a reconnect).
+    pub fn observe_shared(&self, ns: u64) {
+        self.counts[bucket(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+/// Histograms summed at scrape: per-bucket counts (not cumulative) and the sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistogramTotals {
+    pub counts: [u64; LATENCY_BOUNDS_NS.len() + 1],
+    pub sum_ns: u64,
+}
+
+impl HistogramTotals {
+    /// Adds `h`'s figures.
+    pub fn add(&mut self, h: &Histogram) {
+        for (total, n) in self.counts.iter_mut().zip(&h.counts) {
+            *total = total.wrapping_add(read(n));
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(read(&h.sum_ns));
     }
 }
 
@@ -120,6 +191,8 @@ struct LunCounters {
     commands: [AtomicU64; 4],
     read_bytes: AtomicU64,
     write_bytes: AtomicU64,
+    /// Bytes deallocated by UNMAP and WRITE SAME with UNMAP.
+    unmapped_bytes: AtomicU64,
     /// CHECK CONDITION answers by sense key (0..=15).
     errors: [AtomicU64; 16],
     read_latency: Histogram,
@@ -133,9 +206,12 @@ struct CoreCounters {
     connections_closed: AtomicU64,
 }
 
-/// Every core's counters, summed at scrape.
+/// Every core's counters, summed at scrape, and the node's rare events.
 pub struct Metrics {
     cores: Box<[CoreCounters]>,
+    /// Refused logins by [`LoginFailure`]. Shared by the cores (`fetch_add`): a refusal is
+    /// rare and never on the I/O path, so one counter per reason is enough.
+    login_failures: [AtomicU64; 4],
 }
 
 /// What a finished command adds.
@@ -147,6 +223,9 @@ pub struct Finished {
     pub kind: CmdKind,
     /// Bytes it moved (GOOD reads and writes).
     pub bytes: u64,
+    /// Bytes it deallocated (UNMAP, WRITE SAME with UNMAP), whatever its status: a
+    /// command that failed part-way still punched what it did.
+    pub unmapped: u64,
     /// The sense key of a CHECK CONDITION.
     pub sense_key: Option<u8>,
     /// From its arrival to its answer.
@@ -163,7 +242,10 @@ impl Metrics {
                 connections_closed: AtomicU64::new(0),
             })
             .collect();
-        Arc::new(Metrics { cores })
+        Arc::new(Metrics {
+            cores,
+            login_failures: Default::default(),
+        })
     }
 
     /// Core `core` answered a command. Only core `core`'s thread calls this.
@@ -172,6 +254,9 @@ impl Metrics {
             return;
         };
         bump(&l.commands[f.kind.index()], 1);
+        if f.unmapped > 0 {
+            bump(&l.unmapped_bytes, f.unmapped);
+        }
         let ns = u64::try_from(f.latency.as_nanos()).unwrap_or(u64::MAX);
         match f.kind {
             CmdKind::Read => {
@@ -187,6 +272,11 @@ impl Metrics {
         if let Some(key) = f.sense_key {
             bump(&l.errors[usize::from(key & 0x0f)], 1);
         }
+    }
+
+    /// A login was refused for `why`.
+    pub fn login_failed(&self, why: LoginFailure) {
+        self.login_failures[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Core `core` accepted (`true`) or closed an initiator connection.

@@ -7,6 +7,7 @@ fn finished(lun: usize, kind: CmdKind, bytes: u64, us: u64, sense_key: Option<u8
         lun,
         kind,
         bytes,
+        unmapped: 0,
         sense_key,
         latency: Duration::from_micros(us),
     }
@@ -60,6 +61,61 @@ fn each_core_counts_alone_and_the_cores_add_up() {
 }
 
 #[test]
+fn unmapped_bytes_are_counted_per_lun_whatever_the_kind() {
+    let m = Metrics::new(2, 2);
+    let unmap = |bytes| Finished {
+        unmapped: bytes,
+        ..finished(1, CmdKind::Unmap, 0, 40, None)
+    };
+    m.finished(0, unmap(1 << 20));
+    m.finished(1, unmap(4096));
+    // WRITE SAME with UNMAP is an Other command; a failed one still punched what it did.
+    m.finished(
+        1,
+        Finished {
+            unmapped: 8192,
+            ..finished(1, CmdKind::Other, 0, 40, Some(3))
+        },
+    );
+    let sum = |i: usize| {
+        m.cores
+            .iter()
+            .map(|c| read(&c.luns[i].unmapped_bytes))
+            .sum::<u64>()
+    };
+    assert_eq!(sum(1), (1 << 20) + 4096 + 8192);
+    assert_eq!(sum(0), 0);
+}
+
+#[test]
+fn login_refusals_are_classified_by_their_status() {
+    assert_eq!(LoginFailure::of(2, 1), LoginFailure::Authentication);
+    assert_eq!(LoginFailure::of(2, 2), LoginFailure::Authorization);
+    assert_eq!(LoginFailure::of(2, 3), LoginFailure::TargetNotFound);
+    assert_eq!(LoginFailure::of(2, 4), LoginFailure::TargetNotFound);
+    for (c, d) in [(2, 0), (2, 5), (2, 7), (3, 0), (3, 2)] {
+        assert_eq!(
+            LoginFailure::of(c, d),
+            LoginFailure::Other,
+            "{c:02x}{d:02x}"
+        );
+    }
+    let m = Metrics::new(1, 0);
+    m.login_failed(LoginFailure::Authentication);
+    m.login_failed(LoginFailure::Authentication);
+    m.login_failed(LoginFailure::Other);
+    assert_eq!(
+        read(&m.login_failures[LoginFailure::Authentication as usize]),
+        2
+    );
+    assert_eq!(read(&m.login_failures[LoginFailure::Other as usize]), 1);
+    assert_eq!(
+        read(&m.login_failures[LoginFailure::Authorization as usize]),
+        0
+    );
+}
+
+#[test]
 fn open_connections_are_opened_minus_closed() {
     let m = Metrics::new(2, 0);
     m.connection(0, true);
@@ -92,4 +148,19 @@ fn the_prometheus_text_names_a_counter_family_by_its_samples() {
         "# HELP x_bytes_total Bytes moved\n# TYPE x_bytes_total counter\nx_bytes_total{a=\"1\"} 5\n\
          # HELP up Whether it is up\n# TYPE up gauge\nup 1\n"
     );
+}
+
+#[test]
+fn histograms_add_up_whichever_way_they_were_recorded() {
+    let (a, b) = (Histogram::default(), Histogram::default());
+    a.observe(30_000);
+    b.observe_shared(30_000);
+    b.observe_shared(2_000_000);
+    let mut t = HistogramTotals::default();
+    t.add(&a);
+    t.add(&b);
+    assert_eq!(t.counts[1], 2, "two in the 50 us bucket");
+    assert_eq!(t.counts[6], 1, "one in the 2.5 ms bucket");
+    assert_eq!(t.counts.iter().sum::<u64>(), 3);
+    assert_eq!(t.sum_ns, 2_060_000);
 }

@@ -88,7 +88,9 @@ impl Replication {
             }
             wbuf.clear();
             batch.clear();
-            let sent_ms = now_ms(&self.epoch);
+            // One clock read for both: ms for the ack deadlines, ns for the latency figures.
+            let since = self.epoch.elapsed();
+            let (sent_ms, sent_ns) = (since.as_millis() as u64, since.as_nanos() as u64);
             // More requests already queued go out in the same write (bounded batch).
             let mut next = Some(req);
             while let Some(req) = next.take() {
@@ -103,6 +105,7 @@ impl Replication {
                         offset,
                         len,
                         sent_ms,
+                        sent_ns,
                     },
                 ));
                 if wbuf.len() < LINK_BATCH_BYTES && self.peer_up.load(Ordering::Acquire) {
@@ -267,11 +270,16 @@ impl Replication {
             // A failure the peer reports detaches it (LinkShard::take_acks says why): the
             // range is recorded and the write completes on this node alone.
             if !acks.is_empty() {
+                // One clock read per read's worth of acks, on this thread, not the core's.
+                let now_ns = self.epoch.elapsed().as_nanos() as u64;
                 let out = link
                     .pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .take_acks(acks.drain(..));
+                    .take_acks_observed(acks.drain(..), |p| {
+                        link.ack_latency
+                            .observe_shared(now_ns.saturating_sub(p.sent_ns))
+                    });
                 for &token in &out.answered {
                     let _ = link.done_tx.send(RepDone { token, ok: true });
                 }

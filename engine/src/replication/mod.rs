@@ -61,7 +61,7 @@ mod resync;
 mod roles;
 mod snapshots;
 mod status;
-pub use status::PairFigures;
+pub use status::{PairFigures, PairLunFigures};
 mod verify;
 
 use link_io::*;
@@ -211,6 +211,9 @@ pub struct RepLun {
     /// persist, 0 while it persists; and that failure's errno.
     intent_failing_since_ms: AtomicU64,
     intent_errno: std::sync::atomic::AtomicI32,
+    /// Bytes of data resyncs copied to the peer from this node, ever (holes count nothing):
+    /// `twinsan_pair_resync_copied_bytes_total`, whose rate is the resync's.
+    resync_copied_bytes: AtomicU64,
 }
 
 impl RepLun {
@@ -259,6 +262,9 @@ struct LinkShared {
     bell: Arc<crate::net::doorbell::Doorbell>,
     /// Set when the link must drop its connection (peer declared lost).
     reset: AtomicBool,
+    /// From a mirrored operation's send to the peer's ack, recorded by the link's reader
+    /// (`twinsan_pair_replica_ack_seconds`): the core threads never touch it.
+    ack_latency: crate::metrics::Histogram,
 }
 
 pub struct Replication {
@@ -522,6 +528,7 @@ impl Replication {
                 alloc: Arc::clone(&lun.alloc),
                 intent_failing_since_ms: AtomicU64::new(0),
                 intent_errno: std::sync::atomic::AtomicI32::new(0),
+                resync_copied_bytes: AtomicU64::new(0),
                 key: lun.naa_id,
                 pair: Mutex::new(pair),
                 meta_path,
@@ -548,6 +555,7 @@ impl Replication {
                 done_tx,
                 bell: Arc::clone(&bell),
                 reset: AtomicBool::new(false),
+                ack_latency: Default::default(),
             });
             core_links.push(CoreLink {
                 req_tx,

@@ -441,6 +441,7 @@ impl Replication {
                 wbuf,
             )?;
             expect_ok(recv(s, rbuf)?.0, "resync data")?;
+            l.resync_copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
             off += n as u64;
             sent += n as u64;
         }

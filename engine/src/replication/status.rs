@@ -68,9 +68,21 @@ pub struct PairFigures {
     /// Writes are mirrored to the peer now (primary), or a primary's control connection
     /// stands (secondary).
     pub peer_connected: bool,
-    /// Per LUN: its registry index, bytes out of sync (the dirty bitmap), and the resync's
-    /// `(done, total)` bytes (zeros when none runs).
-    pub luns: Vec<(usize, u64, (u64, u64))>,
+    pub luns: Vec<PairLunFigures>,
+    /// Every data link's ack latencies, summed.
+    pub ack_latency: crate::metrics::HistogramTotals,
+}
+
+/// One LUN's part of [`PairFigures`].
+pub struct PairLunFigures {
+    /// Its registry index.
+    pub index: usize,
+    /// Bytes out of sync (the dirty bitmap).
+    pub dirty_bytes: u64,
+    /// The running resync's `(done, total)` bytes (zeros when none runs).
+    pub resync: (u64, u64),
+    /// Bytes of data resyncs from this node ever copied.
+    pub resync_copied_bytes: u64,
 }
 
 impl Replication {
@@ -86,20 +98,30 @@ impl Replication {
             .luns
             .iter()
             .enumerate()
-            .map(|(i, l)| {
+            .map(|(index, l)| {
                 let p = l.pair();
-                let dirty = p.meta().bitmap.dirty_bytes();
+                let dirty_bytes = p.meta().bitmap.dirty_bytes();
                 let (done, total, _) = match p.state() {
                     SyncState::SyncSource => p.source_progress(now),
                     SyncState::SyncTarget => p.heard_progress(),
                     _ => (0, 0, 0),
                 };
-                (i, dirty, (done, total))
+                PairLunFigures {
+                    index,
+                    dirty_bytes,
+                    resync: (done, total),
+                    resync_copied_bytes: l.resync_copied_bytes.load(Ordering::Relaxed),
+                }
             })
             .collect();
+        let mut ack_latency = crate::metrics::HistogramTotals::default();
+        for link in &self.links {
+            ack_latency.add(&link.ack_latency);
+        }
         PairFigures {
             peer_connected,
             luns,
+            ack_latency,
         }
     }
 }

@@ -305,7 +305,7 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 fail(res, true, offset)
             } else {
                 if mode == PUNCH_HOLE {
-                    punched(ctx, offset, len);
+                    punched(task, ctx, offset, len);
                 }
                 Step::Done(Reply::good())
             }
@@ -388,7 +388,7 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
                 fail(res, true, ranges.get(next).map(|r| r.0).unwrap_or(0))
             } else {
                 if let Some(&(offset, len)) = ranges.get(next) {
-                    punched(ctx, offset, len);
+                    punched(task, ctx, offset, len);
                 }
                 task.stage = Stage::Unmapping {
                     ranges,
@@ -408,8 +408,9 @@ pub fn io_done(task: &mut ScsiTask, res: i32, ctx: &mut ExecCtx) -> Step {
 
 /// A punch of `[offset, offset + len)` completed: the chunks it covers whole read as zeros
 /// from now on. The task still holds its range lock, so no write to them is in flight
-/// (disk/alloc_map.rs).
-fn punched(ctx: &ExecCtx, offset: u64, len: u64) {
+/// (disk/alloc_map.rs). The task counts the bytes for `twinsan_scsi_unmapped_bytes_total`.
+fn punched(task: &mut ScsiTask, ctx: &ExecCtx, offset: u64, len: u64) {
+    task.unmapped = task.unmapped.saturating_add(len);
     if let Some(l) = ctx_lun(ctx) {
         l.alloc.mark_hole(offset, len);
     }

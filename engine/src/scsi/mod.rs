@@ -320,11 +320,19 @@ pub struct ScsiTask {
     guard: Option<crate::disk::range_lock::RangeGuard>,
     /// Bytes the CDB transfers, for the residual.
     transfer: u32,
+    /// Bytes this command's punches deallocated (UNMAP, WRITE SAME with UNMAP), for the
+    /// metrics.
+    unmapped: u64,
 }
 
 impl ScsiTask {
     pub fn empty() -> Self {
         Self::default()
+    }
+
+    /// Bytes this command deallocated so far (its completed punches).
+    pub fn unmapped_bytes(&self) -> u64 {
+        self.unmapped
     }
 
     /// The command is done here and its reply waits only for the peer: its range stays

@@ -26,6 +26,9 @@ pub struct Pending {
     pub len: u64,
     /// When it was sent (the driver's clock, ms).
     pub sent_ms: u64,
+    /// The same on a finer clock (ns), for the driver's ack latency figures only (0 when
+    /// the driver measures none): nothing here decides by it.
+    pub sent_ns: u64,
 }
 
 /// One core's link to the peer: what it sent that the peer has not acknowledged.
@@ -82,6 +85,16 @@ impl LinkShard {
     /// side succeeded, and the initiator would see an error while both copies silently
     /// differ (and status says UpToDate); DRBD's `detach` does the same.
     pub fn take_acks(&mut self, acks: impl IntoIterator<Item = (u64, AckStatus)>) -> AckOutcome {
+        self.take_acks_observed(acks, |_| {})
+    }
+
+    /// [`Self::take_acks`], showing `acked` each operation the peer acknowledged as done
+    /// (the driver's ack latency figures).
+    pub fn take_acks_observed(
+        &mut self,
+        acks: impl IntoIterator<Item = (u64, AckStatus)>,
+        mut acked: impl FnMut(&Pending),
+    ) -> AckOutcome {
         let mut out = AckOutcome::default();
         for (seq, status) in acks {
             match self.pending.get(&seq) {
@@ -90,6 +103,7 @@ impl LinkShard {
                 }
                 Some(_) => {
                     if let Some(p) = self.pending.remove(&seq) {
+                        acked(&p);
                         out.answered.push(p.token);
                     }
                 }
@@ -530,6 +544,7 @@ pub(crate) mod tests {
             offset: region * REGION,
             len: 4096,
             sent_ms,
+            sent_ns: 0,
         }
     }
 
@@ -794,6 +809,45 @@ pub(crate) mod tests {
             2,
             "the failed write stays for the loss to record"
         );
+    }
+
+    #[test]
+    fn only_acknowledged_operations_are_shown_to_the_observer() {
+        let mut shard = LinkShard::default();
+        shard.insert(
+            1,
+            Pending {
+                sent_ns: 7,
+                ..write(10, 1, 0)
+            },
+        );
+        shard.insert(
+            2,
+            Pending {
+                sent_ns: 8,
+                ..write(11, 2, 0)
+            },
+        );
+        shard.insert(
+            3,
+            Pending {
+                sent_ns: 9,
+                ..write(12, 3, 0)
+            },
+        );
+        let mut seen = Vec::new();
+        let out = shard.take_acks_observed(
+            [
+                (1, AckStatus::Ok),
+                (2, AckStatus::NoSpace),
+                (1, AckStatus::Ok),
+                (5, AckStatus::Ok),
+            ],
+            |p| seen.push(p.sent_ns),
+        );
+        // A failed, a repeated and an unknown ack show nothing.
+        assert_eq!(seen, vec![7]);
+        assert_eq!(out.answered, vec![10]);
     }
 
     #[test]

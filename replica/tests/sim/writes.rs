@@ -261,6 +261,7 @@ impl Sim {
             offset: range.0,
             len: range.1,
             sent_ms: self.now,
+            sent_ns: 0,
         };
         let now = self.now;
         let send = self

@@ -47,6 +47,7 @@ impl Conn {
         let (itt, edtl, lun, read_dir) = (t.itt, t.edtl, encode_lun(t.lun_id), t.read_dir);
         let takes_bytes = t.takes_bytes;
         let (kind, arrived, lun_index) = (t.kind, t.arrived, t.lun);
+        let unmapped = t.scsi.unmapped_bytes();
         let sense_format = match t.lun {
             usize::MAX => SenseFormat::Fixed,
             _ => reply.sense_format,
@@ -99,6 +100,7 @@ impl Conn {
                     lun: lun_index,
                     kind,
                     bytes,
+                    unmapped,
                     sense_key: reply.sense.as_ref().map(|s| s.key.code()),
                     latency: arrived.elapsed(),
                 },
