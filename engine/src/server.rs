@@ -137,10 +137,12 @@ impl Server {
         let _ = registry
             .files_acks
             .set((0..n).map(|_| Default::default()).collect());
+        // Counted only when served: with no `metrics_listen` the command path reads no
+        // clock and bumps no counter (benches/ab-bench compares the two, AB_*_SERVER).
         // Counters for every slot: a LUN added online is counted from its first command.
-        let metrics = crate::metrics::Metrics::new(n, crate::registry::MAX_LUNS);
-        let _ = registry.metrics.set(Arc::clone(&metrics));
         if let Some(addr) = registry.config.metrics_listen {
+            let metrics = crate::metrics::Metrics::new(n, crate::registry::MAX_LUNS);
+            let _ = registry.metrics.set(Arc::clone(&metrics));
             crate::metrics::http::spawn(addr, metrics, Arc::clone(&registry))
                 .map_err(|source| ServeError::Listen { addr, source })?;
         }

@@ -102,7 +102,7 @@ impl Conn {
                     bytes,
                     unmapped,
                     sense_key: reply.sense.as_ref().map(|s| s.key.code()),
-                    latency: arrived.elapsed(),
+                    latency: arrived.map(|t| t.elapsed()).unwrap_or_default(),
                 },
             );
         }

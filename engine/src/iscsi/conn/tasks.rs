@@ -128,7 +128,7 @@ impl Conn {
             rep_failed: false,
             mirrored: None,
             kind: crate::metrics::CmdKind::of(c.cdb()[0]),
-            arrived: std::time::Instant::now(),
+            arrived: self.metrics.is_some().then(std::time::Instant::now),
         };
         let idx = self.alloc_task(task);
         let expected = c.expected_data_len_bytes;
