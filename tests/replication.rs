@@ -34,7 +34,8 @@ fn assert_mirrored_identically(a: &Node, b: &Node, what: &str) {
 }
 
 fn pair(base: u16, psk_b: &str) -> (Node, Node) {
-    let (ia, ib, ra, rb) = (base, base + 1, base + 2, base + 3);
+    // `base` names the nodes' directories; the ports are whatever is free.
+    let [ia, ib, ra, rb] = common::free_ports();
     let b = Node::new(
         &format!("pair-b-{base}"),
         node_toml(ib, rb, ra, "secondary", psk_b, "256MiB"),
@@ -49,8 +50,8 @@ fn pair(base: u16, psk_b: &str) -> (Node, Node) {
 }
 
 /// A pair of 64 MiB LUNs with `peer` (TOML lines) added to both nodes' `[peer]` sections.
-fn pair_with(base: u16, name: &str, peer: &str) -> (Node, Node) {
-    let (ia, ib, ra, rb) = (base, base + 1, base + 2, base + 3);
+fn pair_with(name: &str, peer: &str) -> (Node, Node) {
+    let [ia, ib, ra, rb] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let with = |t: String| {
         t.replace(
@@ -291,7 +292,7 @@ fn wrong_psk_is_refused_and_logged() {
 #[test]
 fn thin_lun_stays_thin_on_the_secondary() {
     let _serial = serial();
-    let (ia, ib, ra, rb) = (18140, 18141, 18142, 18143);
+    let [ia, ib, ra, rb] = common::free_ports();
     // Data written before the pair first meets: the initial sync copies only allocated regions.
     let a = Node::new(
         "thin-a",
@@ -739,7 +740,7 @@ fn a_hung_secondary_under_large_writes_is_declared_lost_in_time() {
 #[test]
 fn a_secondary_out_of_space_is_outdated_then_caught_up() {
     let _serial = serial();
-    let (ia, ib, ra, rb) = (18230, 18231, 18232, 18233);
+    let [ia, ib, ra, rb] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let b = Node::on_tmpfs(
         "full-b",
@@ -785,7 +786,7 @@ fn a_secondary_out_of_space_is_outdated_then_caught_up() {
 #[test]
 fn a_primary_out_of_space_fails_writes_and_keeps_the_copies_equal() {
     let _serial = serial();
-    let (ia, ib, ra, rb) = (18240, 18241, 18242, 18243);
+    let [ia, ib, ra, rb] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let a = Node::on_tmpfs(
         "fullp-a",
@@ -864,7 +865,7 @@ fn an_idle_primary_notices_a_dead_secondary() {
 #[test]
 fn a_peer_with_another_lun_size_is_refused() {
     let _serial = serial();
-    let (ia, ib, ra, rb) = (18270, 18271, 18272, 18273);
+    let [ia, ib, ra, rb] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let b = Node::new(
         "size-b",
@@ -1178,7 +1179,7 @@ impl FakePrimary {
 fn a_write_from_before_a_resync_never_lands_after_the_resyncs_copy() {
     use replica::wire::{Message, LINK_NONE};
     let _serial = serial();
-    let (iscsi, me, peer) = (18340, 18341, 18342);
+    let [iscsi, me, peer] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let b = Node::new(
         "stale-b",
@@ -1256,7 +1257,7 @@ fn resync_line(node: &Node, state: &str, since: Instant) -> String {
 #[test]
 fn a_resync_keeps_to_its_rate_and_shows_progress() {
     let _serial = serial();
-    let (a, mut b) = pair_with(18350, "rate", "resync_rate = \"2MiB\"\n");
+    let (a, mut b) = pair_with("rate", "resync_rate = \"2MiB\"\n");
     wait_in_sync(&a, Duration::from_secs(20));
     b.kill9();
     // 12 one-MiB regions change while the peer is away: 6 s of resync at 2 MiB/s.
@@ -1301,7 +1302,7 @@ fn a_resync_keeps_to_its_rate_and_shows_progress() {
 fn a_peer_of_another_protocol_version_is_named_in_log_and_status() {
     use std::io::Write as _;
     let _serial = serial();
-    let (iscsi, me, peer) = (18360, 18361, 18362);
+    let [iscsi, me, peer] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let b = Node::new(
         "version-b",
@@ -1375,11 +1376,7 @@ fn a_primary_demoted_and_promoted_again_keeps_the_peer_from_promoting() {
 #[test]
 fn a_slow_resync_of_large_regions_completes() {
     let _serial = serial();
-    let (a, mut b) = pair_with(
-        18380,
-        "slow",
-        "resync_rate = \"1MiB\"\nregion_bytes = \"8MiB\"\n",
-    );
+    let (a, mut b) = pair_with("slow", "resync_rate = \"1MiB\"\nregion_bytes = \"8MiB\"\n");
     wait_in_sync(&a, Duration::from_secs(30));
     b.kill9();
     // One 8 MiB region: 8 s at 1 MiB/s, four times the target's patience with silence.
@@ -1410,7 +1407,7 @@ fn a_slow_resync_of_large_regions_completes() {
 #[test]
 fn held_writes_of_a_suspended_primary_complete_when_the_peer_returns() {
     let _serial = serial();
-    let (ia, ib, ra, rb) = (18380, 18381, 18382, 18383);
+    let [ia, ib, ra, rb] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let suspend = |t: String| t.replace("on_peer_loss = \"degrade\"", "on_peer_loss = \"suspend\"");
     let mut b = Node::new(

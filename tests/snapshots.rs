@@ -441,8 +441,7 @@ fn a_file_system_without_reflink_refuses_snapshots_with_the_reason() {
 #[test]
 fn a_pair_cuts_at_the_same_write_on_both_nodes_and_keeps_it_through_a_failover() {
     let _g = serial();
-    let base = 18600;
-    let (ia, ib, ra, rb) = (base, base + 1, base + 2, base + 3);
+    let [ia, ib, ra, rb] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let mut b = Node::on_xfs(
         "snap-pair-b",
@@ -820,8 +819,7 @@ fn under_load(n: &Node) -> std::thread::JoinHandle<std::process::Output> {
 #[test]
 fn a_failover_in_the_middle_of_a_cut_leaves_the_snapshot_whole_on_both_nodes_or_on_neither() {
     let _g = serial();
-    let base = 18620;
-    let (ia, ib, ra, rb) = (base, base + 1, base + 2, base + 3);
+    let [ia, ib, ra, rb] = common::free_ports();
     let psk = "pair-test-psk-0123456789";
     let toml = |i: u16, me: u16, peer: u16, role: &str| node_toml(i, me, peer, role, psk, "64MiB");
     let mut b = Node::on_xfs("snap-cutfail-b", toml(ib, rb, ra, "secondary"), ib, 512);

@@ -423,6 +423,15 @@ impl BackgroundBench {
 }
 
 /// A loopback port free a moment ago (the daemon binds it right after).
+/// `N` distinct ports free now (all bound at once, then released): fixed ports collided
+/// when two checkouts ran the pair tests at the same time.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("its address").port())
+}
+
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     l.local_addr().expect("its address").port()
