@@ -347,6 +347,18 @@ pub fn list(reg: &Registry, luns: &[usize]) -> String {
     out
 }
 
+/// The LUN (TARGET/ID) that serves the clone at `image`, if one does. Paths compare
+/// canonical: the export's config names the clone by its absolute path, the store by one
+/// relative to the data directory.
+pub fn exported_as(reg: &Registry, image: &std::path::Path) -> Option<String> {
+    let canon = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let image = canon(image);
+    reg.luns
+        .iter()
+        .find(|l| !l.is_removed() && canon(&l.path) == image)
+        .map(|l| format!("{}/{}", l.target_name, l.id))
+}
+
 /// `snapshot delete`: on this node, then on the peer (a peer that is apart drops it when
 /// the pair reconnects).
 pub fn delete(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<String, String> {
@@ -363,12 +375,11 @@ pub fn delete(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<S
             .guid;
         (guid, st.image_path(guid))
     };
-    if let Some(e) = reg.luns.iter().find(|l| !l.is_removed() && l.path == image) {
+    if let Some(e) = exported_as(reg, &image) {
         return Err(store_err(
             lun,
             format!(
-                "snapshot {name} is exported as {}/{}: remove that LUN first (twinsan lun remove)",
-                e.target_name, e.id
+                "snapshot {name} is exported as {e}: remove that LUN first (twinsan lun remove)"
             ),
         ));
     }

@@ -39,12 +39,14 @@ pub fn name_at(prefix: &str, unix_ms: u64) -> String {
     format!("{prefix}-{}", super::utc(unix_ms))
 }
 
-/// The schedule's snapshots on LUN `i`: (creation time, name).
-fn of_schedule(reg: &Registry, i: usize, prefix: &str) -> Vec<(u64, String)> {
+/// The schedule's snapshots on LUN `i`: (creation time, name). With `pinned_too` false,
+/// those exported as LUNs are left out: retention neither deletes nor counts them.
+fn of_schedule(reg: &Registry, i: usize, prefix: &str, pinned_too: bool) -> Vec<(u64, String)> {
     let st = reg.luns[i].snaps.lock().unwrap_or_else(|p| p.into_inner());
     let head = format!("{prefix}-");
     st.committed()
         .filter(|e| e.name.starts_with(&head))
+        .filter(|e| pinned_too || super::exported_as(reg, &st.image_path(e.guid)).is_none())
         .map(|e| (e.created_unix_ms, e.name.clone()))
         .collect()
 }
@@ -72,7 +74,7 @@ fn tick(reg: &Registry, failed_at: &mut HashMap<String, u64>) {
         let newest = group
             .iter()
             .filter_map(|&i| {
-                of_schedule(reg, i, &s.prefix)
+                of_schedule(reg, i, &s.prefix, true)
                     .into_iter()
                     .map(|(t, _)| t)
                     .max()
@@ -95,7 +97,7 @@ fn tick(reg: &Registry, failed_at: &mut HashMap<String, u64>) {
             }
         }
         for &i in &group {
-            for old in expired(of_schedule(reg, i, &s.prefix), s.keep) {
+            for old in expired(of_schedule(reg, i, &s.prefix, false), s.keep) {
                 let Ok(n) = SnapshotName::parse(&old) else {
                     continue;
                 };

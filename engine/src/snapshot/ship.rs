@@ -248,9 +248,12 @@ fn receive(c: &mut TcpStream, psk: &[u8], reg: &Weak<Registry>) -> Result<(), St
     let reg = reg.upgrade().ok_or("shutting down")?;
     let lun_index = super::find_lun(&reg, lun_spec)?;
     let path = partial_path(&reg.luns[lun_index].path, guid);
-    let have = keep_whole_records(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (reader, have, ended) =
+        keep_whole_records(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     put_line(c, &format!("HAVE {have}")).map_err(io)?;
-    let complete = take_rest(c, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // A whole stream may be here already (its apply was refused, or its answer lost).
+    let complete =
+        ended || take_rest(c, &path, reader).map_err(|e| format!("{}: {e}", path.display()))?;
     if !complete {
         return Err("the stream ended before its end record; ship again to resume".into());
     }
@@ -277,38 +280,57 @@ fn partial_path(lun_path: &std::path::Path, guid: u64) -> PathBuf {
     PathBuf::from(dir).join(format!("incoming-{guid:016x}.tsd"))
 }
 
-/// Cuts the partial file after its last whole, valid record and returns its length (0 and
-/// no file if there is none, or if what is there does not read as a stream).
-fn keep_whole_records(path: &std::path::Path) -> std::io::Result<u64> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+/// Reads the partial file in pieces (a stream may be far larger than memory), cuts it after
+/// its last whole, valid record, and returns the reader positioned there, its length, and
+/// whether the end record is in (no file: an empty one).
+fn keep_whole_records(path: &std::path::Path) -> std::io::Result<(Reader, u64, bool)> {
+    let mut r = Reader::new();
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((r, 0, false)),
         Err(e) => return Err(e),
     };
-    let mut r = Reader::new();
-    let mut at = 0;
-    while let Ok(Some((rec, used))) = r.next(&bytes[at..]) {
-        at += used;
-        if matches!(rec, Record::End(_)) {
+    let (mut carry, mut chunk) = (Vec::new(), vec![0u8; 1 << 20]);
+    let (mut valid, mut ended) = (0u64, false);
+    'file: loop {
+        let n = f.read(&mut chunk)?;
+        if n == 0 {
             break;
         }
+        carry.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        loop {
+            match r.next(&carry[at..]) {
+                Ok(Some((rec, used))) => {
+                    at += used;
+                    valid += used as u64;
+                    if matches!(rec, Record::End(_)) {
+                        ended = true;
+                        break 'file;
+                    }
+                }
+                Ok(None) => break,
+                // What follows is damaged: it goes, and the sender resends it.
+                Err(_) => break 'file,
+            }
+        }
+        carry.drain(..at);
     }
     let f = OpenOptions::new().write(true).open(path)?;
-    f.set_len(at as u64)?;
+    f.set_len(valid)?;
     f.sync_all()?;
-    Ok(at as u64)
+    Ok((r, valid, ended))
 }
 
-/// Appends what the sender sends to the partial file, each piece checked as records, until
-/// the end record (true) or the sender stops (false). Durable before it returns.
-fn take_rest(c: &mut TcpStream, path: &std::path::Path) -> std::io::Result<bool> {
+/// Appends what the sender sends to the partial file, each piece checked as records by `r`
+/// (positioned after what the file holds), until the end record (true) or the sender stops
+/// (false). Durable before it returns.
+fn take_rest(c: &mut TcpStream, path: &std::path::Path, mut r: Reader) -> std::io::Result<bool> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
-    let mut r = Reader::new();
-    // The reader checks the whole file: what is there already, then what comes.
-    let mut pending = std::fs::read(path)?;
+    let mut pending = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut ended = false;
     loop {
