@@ -2,7 +2,7 @@
 //! `toml_edit`), write it atomically, and apply it through the daemon's reload; if the
 //! daemon refuses, the previous file is put back, so file and daemon never disagree.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table};
@@ -156,25 +156,10 @@ fn edit(text: &str, cmd: &LunCmd) -> Result<(String, &'static str), EditError> {
     Ok((doc.to_string(), reload))
 }
 
-/// Writes `text` to `path` through a synced temporary file and a rename: a crash leaves
-/// the old file or the new one, never a torn one.
+/// Writes `text` to `path` durably, keeping its permissions (the config holds secrets: CHAP,
+/// the peer's psk).
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".twinsan-tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
-    // The config holds secrets (CHAP, the peer's psk): keep the original's permissions.
-    if let Ok(m) = std::fs::metadata(path) {
-        f.set_permissions(m.permissions())?;
-    }
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    engine::disk::durable::replace_file(path, text.as_bytes())
 }
 
 pub fn run(cmd: LunCmd) -> ExitCode {

@@ -91,12 +91,7 @@ fn clone_path(socket: &Path, lun: &str, name: &str) -> PathBuf {
 }
 
 fn engine_request(socket: &Path, cmd: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    engine::admin::request(socket, cmd).expect("reach the daemon's admin socket")
 }
 
 const BLOCK_BYTES: usize = 4096;

@@ -322,18 +322,7 @@ impl Lun {
                 _ => Ok(()),
             };
         }
-        let tmp = self.pr_path.with_extension("pr.tmp");
-        {
-            use std::io::Write;
-            let mut f = File::create(&tmp)?;
-            f.write_all(&st.encode())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.pr_path)?;
-        if let Some(dir) = self.pr_path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        crate::disk::durable::replace_file(&self.pr_path, &st.encode())
     }
 
     /// Bytes the backing file occupies on disk.

@@ -5,7 +5,6 @@
 //! rebuilt with an empty data directory still starts above its former self, whose numbers
 //! its peer and the witness remember).
 
-use std::io::Write;
 use std::path::Path;
 
 /// The largest start number (the wire keeps 32 bits for it: wall-clock seconds until 2106).
@@ -38,18 +37,9 @@ pub fn next(dir: &Path, name: &str, wall_secs: u64) -> std::io::Result<u64> {
     Ok(now)
 }
 
-/// Replaces `path` with `text` so that a crash leaves the old or the new contents, never a
-/// mix: a temporary file, synced, renamed over it, the directory synced.
+/// Replaces `path` with `text`, durably ([`crate::disk::durable::replace_file`]).
 pub(super) fn write_durably(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::disk::durable::replace_file(path, text.as_bytes())
 }
 
 /// The wall clock in whole seconds (0 if it reads before 1970).

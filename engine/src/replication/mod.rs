@@ -244,6 +244,14 @@ impl RepLun {
         Ok(())
     }
 
+    /// Records `regions` out of sync, persisted before it returns: the next resync copies
+    /// them (verify's repair, a rollback the peer did not follow).
+    fn mark_out_of_sync(&self, regions: impl IntoIterator<Item = u64>) -> std::io::Result<()> {
+        let mut p = self.pair();
+        let persist = p.mark_regions(regions);
+        self.persist_if(&mut p, persist)
+    }
+
     /// Persists the record if `persist` says so.
     fn persist_if(&self, p: &mut PairLun, persist: Persist) -> std::io::Result<()> {
         if persist.needed() {

@@ -46,6 +46,28 @@ impl Replication {
         })
     }
 
+    /// The connection kept in `slot`, opened if there is none (a cut's steps share one).
+    pub fn snapshot_link_in<'a>(
+        &self,
+        slot: &'a mut Option<SnapLink>,
+    ) -> std::io::Result<&'a mut SnapLink> {
+        match slot {
+            Some(link) => Ok(link),
+            None => self.snapshot_link().map(|l| slot.insert(l)),
+        }
+    }
+
+    /// One request on a connection of its own (a delete, a rollback).
+    pub fn snapshot_request_once(
+        &self,
+        lun: usize,
+        op: SnapOp,
+        guid: u64,
+        name: &SnapshotName,
+    ) -> std::io::Result<()> {
+        self.snapshot_request(&mut self.snapshot_link()?, lun, op, guid, name)
+    }
+
     /// Asks the peer for `op` on snapshot `guid` of LUN `lun` and waits for its Ok.
     pub fn snapshot_request(
         &self,
@@ -158,13 +180,9 @@ impl Replication {
         let Some(l) = self.luns.get(lun) else {
             return;
         };
-        let regions = l.size_bytes.div_ceil(l.region_bytes());
-        let mut p = l.pair();
-        let persist = p.mark_regions(0..regions);
-        if let Err(e) = l.persist_if(&mut p, persist) {
+        if let Err(e) = l.mark_out_of_sync(0..l.size_bytes.div_ceil(l.region_bytes())) {
             tracing::error!(lun = l.key, error = %e, "cannot record the LUN out of sync");
         }
-        drop(p);
         self.peer_lost(why);
     }
 }

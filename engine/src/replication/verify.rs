@@ -121,9 +121,8 @@ impl Replication {
                 }
             );
             if repair && !differing.is_empty() {
-                let mut p = l.pair();
-                let persist = p.mark_regions(differing.iter().copied());
-                l.persist_if(&mut p, persist).map_err(|e| e.to_string())?;
+                l.mark_out_of_sync(differing.iter().copied())
+                    .map_err(|e| e.to_string())?;
             }
             differing_total += differing.len() as u64;
         }

@@ -29,7 +29,10 @@ pub fn execute(args: &str, reg: &Registry) -> String {
         }
         ["apply", lun, path, rest @ ..] if rest.iter().all(|w| *w == "force") => {
             super::find_lun(reg, lun)
-                .and_then(|l| super::apply(reg, l, std::path::Path::new(path), !rest.is_empty()))
+                .and_then(|l| {
+                    super::apply(reg, l, std::path::Path::new(path), !rest.is_empty())
+                        .map_err(|e| e.to_string())
+                })
         }
         ["info", lun, name] => name_of(name)
             .and_then(|n| super::find_lun(reg, lun).map(|l| (l, n)))

@@ -165,11 +165,9 @@ pub fn create(reg: &Registry, luns: &[usize], name: &SnapshotName) -> Result<Str
                     debug_assert!(false, "a standalone cut asks no peer");
                     break CutOutcome::Failed;
                 };
-                let r = match &mut peer {
-                    Some(link) => Ok(link),
-                    None => rep.snapshot_link().map(|l| peer.insert(l)),
-                }
-                .and_then(|link| rep.snapshot_request(link, luns[m], op, guids[m], name));
+                let r = rep
+                    .snapshot_link_in(&mut peer)
+                    .and_then(|link| rep.snapshot_request(link, luns[m], op, guids[m], name));
                 if let Err(e) = &r {
                     peer = None;
                     error.get_or_insert(format!("peer: {op:?}: {e}"));
@@ -254,11 +252,9 @@ fn flush_ahead(
         let Some(rep) = reg.replication.get().filter(|_| with_peer) else {
             continue;
         };
-        let r = match peer {
-            Some(link) => Ok(link),
-            None => rep.snapshot_link().map(|l| peer.insert(l)),
-        }
-        .and_then(|link| rep.snapshot_flush(link, i));
+        let r = rep
+            .snapshot_link_in(peer)
+            .and_then(|link| rep.snapshot_flush(link, i));
         if let Err(e) = r {
             *peer = None;
             tracing::warn!(error = %e, "the peer's write-back before a snapshot failed");
@@ -301,19 +297,14 @@ fn local_step(
 /// After the file's content was replaced: every chunk may hold data, then the holes the
 /// new content has are known again.
 pub fn refresh_allocation(lun: &Lun, f: &File) {
-    lun.alloc.mark_data(0, lun.size_bytes());
-    let mut off = 0;
-    while off < lun.size_bytes() {
-        let Some(hole) = crate::disk::allocation::seek(f, off, false) else {
-            break;
-        };
-        if hole >= lun.size_bytes() {
-            break;
-        }
-        let data = crate::disk::allocation::seek(f, hole, true).unwrap_or(lun.size_bytes());
-        lun.alloc.mark_hole(hole, data.min(lun.size_bytes()) - hole);
-        off = data;
+    let size = lun.size_bytes();
+    lun.alloc.mark_data(0, size);
+    let mut end_of_data = 0;
+    for (off, len) in crate::disk::allocation::data_extents(f, size) {
+        lun.alloc.mark_hole(end_of_data, off - end_of_data);
+        end_of_data = off + len;
     }
+    lun.alloc.mark_hole(end_of_data, size - end_of_data);
 }
 
 /// The secondary's side of a step the primary orders.
@@ -386,9 +377,7 @@ pub fn delete(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<S
     local_step(lun, SnapOp::Delete, guid, name, 0, 0).map_err(|e| store_err(lun, e))?;
     let mut note = String::new();
     if let Some(rep) = reg.replication.get() {
-        let r = rep
-            .snapshot_link()
-            .and_then(|mut l| rep.snapshot_request(&mut l, lun_index, SnapOp::Delete, guid, name));
+        let r = rep.snapshot_request_once(lun_index, SnapOp::Delete, guid, name);
         if let Err(e) = r {
             note = format!(" (the peer deletes it when the pair reconnects: {e})");
         }
@@ -433,9 +422,7 @@ pub fn rollback(
     })?;
     let mut note = String::new();
     if let Some(rep) = reg.replication.get() {
-        let r = rep.snapshot_link().and_then(|mut l| {
-            rep.snapshot_request(&mut l, lun_index, SnapOp::Rollback, guid, name)
-        });
+        let r = rep.snapshot_request_once(lun_index, SnapOp::Rollback, guid, name);
         if let Err(e) = r {
             rep.resync_whole(lun_index, "the peer could not roll back");
             note = format!(" (the peer could not roll back: {e}; it is resynced from this node)");
@@ -467,6 +454,30 @@ pub fn info(reg: &Registry, lun_index: usize, name: &SnapshotName) -> Result<Str
     ))
 }
 
+/// Why [`apply`] applied nothing.
+#[derive(Debug)]
+pub enum ApplyRefused {
+    /// Not now (initiators logged in, writes still running): the same stream may be
+    /// applied later, so a received one is kept.
+    Later(String),
+    /// Not this stream here.
+    Final(String),
+}
+
+impl std::fmt::Display for ApplyRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyRefused::Later(m) | ApplyRefused::Final(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for ApplyRefused {
+    fn from(m: String) -> Self {
+        ApplyRefused::Final(m)
+    }
+}
+
 /// `snapshot apply`: makes the LUN's data the stream's new snapshot and records that
 /// snapshot (same id and name as where the stream was made). The stream's base must be a
 /// snapshot here (the LUN is rolled back to it first, as `zfs receive -F` does), or the
@@ -477,17 +488,19 @@ pub fn apply(
     lun_index: usize,
     path: &std::path::Path,
     force: bool,
-) -> Result<String, String> {
+) -> Result<String, ApplyRefused> {
     let _one = OPERATION.lock().unwrap_or_else(|p| p.into_inner());
     let lun = &reg.luns[lun_index];
-    let at = |e: String| store_err(lun, e);
+    let at = |e: String| ApplyRefused::Final(store_err(lun, e));
     if reg.role() != Role::Primary {
-        return Err("a stream is applied on the primary (this node is secondary)".into());
+        return Err(ApplyRefused::Final(
+            "a stream is applied on the primary (this node is secondary)".into(),
+        ));
     }
     if reg.replication.get().is_some() {
         return Err(at("applying a stream to a replicated LUN is not supported yet (docs/limitations.md): apply it on a standalone node".into()));
     }
-    refuse_with_sessions(reg, lun, force)?;
+    refuse_with_sessions(reg, lun, force).map_err(ApplyRefused::Later)?;
     let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (h, reader, rest) =
         diff::read_header(&mut f).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -525,7 +538,7 @@ pub fn apply(
             ),
         }
     };
-    let _guard = drain(lun)?;
+    let _guard = drain(lun).map_err(ApplyRefused::Later)?;
     let live = OpenOptions::new()
         .read(true)
         .write(true)

@@ -258,19 +258,14 @@ fn receive(c: &mut TcpStream, psk: &[u8], reg: &Weak<Registry>) -> Result<(), St
         return Err("the stream ended before its end record; ship again to resume".into());
     }
     let r = super::apply(&reg, lun_index, &path, false);
-    if r.is_ok() || !is_retryable(&r) {
+    // A stream refused only for now is kept for the next ship; otherwise it has served.
+    if !matches!(r, Err(super::ApplyRefused::Later(_))) {
         let _ = std::fs::remove_file(&path);
     }
     match r {
         Ok(done) => put_line(c, &format!("OK {}", done.trim_end())).map_err(io),
-        Err(e) => Err(e),
+        Err(e) => Err(e.to_string()),
     }
-}
-
-/// A refusal that the same bytes may pass later (sessions logged in, writes running):
-/// the received stream is kept for the next ship.
-fn is_retryable(r: &Result<String, String>) -> bool {
-    matches!(r, Err(e) if e.contains("logged in") || e.contains("retry"))
 }
 
 /// `<lun file>.snapshots/incoming-<guid>.tsd`.

@@ -7,7 +7,6 @@
 //! does not name (a crash between the two) is deleted when the store opens.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use replica::snapshot::{Listed, SnapshotName};
@@ -301,7 +300,6 @@ impl Store {
 
     fn save(&self) -> Result<(), StoreError> {
         let path = self.dir.join(CATALOG);
-        let tmp = self.dir.join(format!("{CATALOG}.tmp"));
         let body = serde_json::to_vec_pretty(&CatalogFile {
             version: CATALOG_VERSION,
             snapshots: self.entries.clone(),
@@ -312,13 +310,7 @@ impl Store {
         })?;
         std::fs::create_dir_all(&self.dir)
             .map_err(io(&self.dir, "creating the snapshot directory"))?;
-        let mut f = File::create(&tmp).map_err(io(&tmp, "writing the snapshot catalogue"))?;
-        f.write_all(&body)
-            .and_then(|()| f.sync_all())
-            .map_err(io(&tmp, "writing the snapshot catalogue"))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path, "replacing the snapshot catalogue"))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir, "syncing the snapshot directory"))
+        crate::disk::durable::replace_file(&path, &body)
+            .map_err(io(&path, "writing the snapshot catalogue"))
     }
 }
