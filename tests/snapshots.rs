@@ -734,6 +734,19 @@ fn ship_sends_snapshots_to_another_daemon_and_resumes_after_a_cut() {
         assert!(o.status.success(), "{out}");
         out
     };
+    // Bytes that are no sender (junk, then a forged proof) are dropped; the receiver goes on.
+    for junk in [vec![0x5au8; 200], vec![1u8; 32 + 32]] {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(&junk);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("HAVE"),
+            "junk was served"
+        );
+    }
     let ok = command(&bad, &["--snapshot", "s1"])
         .status()
         .unwrap()

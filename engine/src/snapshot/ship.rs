@@ -36,8 +36,9 @@ const RECEIVERS_MAX: usize = 4;
 const IDLE: Duration = Duration::from_secs(60);
 
 fn put_line(s: &mut impl Write, line: &str) -> std::io::Result<()> {
-    let b = line.as_bytes();
-    let n = u16::try_from(b.len().min(LINE_BYTES_MAX)).unwrap_or(0);
+    // Cut on a character boundary: the reader refuses a line that is not UTF-8.
+    let b = &line.as_bytes()[..line.floor_char_boundary(LINE_BYTES_MAX)];
+    let n = u16::try_from(b.len()).unwrap_or(0);
     s.write_all(&n.to_le_bytes())?;
     s.write_all(&b[..usize::from(n)])
 }
