@@ -1452,3 +1452,106 @@ fn held_writes_of_a_suspended_primary_complete_when_the_peer_returns() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Node `n`'s config with LUNs `extra` (id, size) after its LUN 0.
+fn with_luns(n: &Node, base: &str, extra: &[(u64, &str)]) {
+    let mut t = base.to_string();
+    for (id, size) in extra {
+        t += &format!("[[target.lun]]\nid = {id}\npath = \"lun{id}.img\"\nsize = \"{size}\"\n");
+    }
+    std::fs::write(&n.config, t).unwrap();
+}
+
+#[test]
+fn on_a_pair_luns_are_added_grown_and_removed_online_in_the_safe_order_only() {
+    let _serial = serial();
+    let (mut a, b) = pair(18210, "pair-test-psk-0123456789");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let (base_a, base_b) = (
+        std::fs::read_to_string(&a.config).unwrap(),
+        std::fs::read_to_string(&b.config).unwrap(),
+    );
+    // Verified writes to LUN 0 through every change: none may fail, and every one
+    // acknowledged must be on the peer after the failover at the end. --reconnect retries
+    // the REPORTED LUNS DATA HAS CHANGED attention as an initiator's SCSI layer does.
+    let acks0 = b.dir.join("acks0");
+    let load = random_writes(
+        a.url(),
+        "8k",
+        "8",
+        "14",
+        "32m",
+        &[
+            "--verify",
+            "--verify-state",
+            acks0.to_str().unwrap(),
+            "--reconnect",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Added on the primary first: refused, naming the key, until the secondary has it.
+    with_luns(&a, &base_a, &[(1, "64MiB"), (2, "32MiB")]);
+    let r = a.admin("reload");
+    assert!(
+        r.contains("target[0].lun[1]") && r.contains("secondary first"),
+        "{r}"
+    );
+    with_luns(&b, &base_b, &[(1, "64MiB"), (2, "32MiB")]);
+    assert!(b.admin("reload").starts_with("ok"), "secondary add");
+    let r = a.admin("reload");
+    assert!(r.starts_with("ok"), "primary add: {r}");
+    wait_in_sync(&a, Duration::from_secs(20));
+
+    // Removed on the secondary first: refused while the primary serves it.
+    with_luns(&b, &base_b, &[(1, "64MiB")]);
+    let r = b.admin("reload");
+    assert!(
+        r.contains("target[0].lun[2]") && r.contains("primary still serves"),
+        "{r}"
+    );
+    with_luns(&a, &base_a, &[(1, "64MiB")]);
+    // --force: LUN 0's sessions are the target's (they never used LUN 2).
+    let r = a.admin("reload --force");
+    assert!(r.starts_with("ok"), "primary remove: {r}");
+    assert!(b.admin("reload").starts_with("ok"), "secondary remove");
+
+    // Grown on the primary first: refused until the secondary has the new size.
+    with_luns(&a, &base_a, &[(1, "128MiB")]);
+    let r = a.admin("reload");
+    assert!(
+        r.contains("target[0].lun[1]") && r.contains("67108864 bytes"),
+        "{r}"
+    );
+    with_luns(&b, &base_b, &[(1, "128MiB")]);
+    assert!(b.admin("reload").starts_with("ok"), "secondary grow");
+    assert!(a.admin("reload").starts_with("ok"), "primary grow");
+
+    // The new LUN, new space included, is mirrored.
+    let url1 = format!("{}1", a.url().trim_end_matches('0'));
+    let acks1 = b.dir.join("acks1");
+    let o = verified_fill(&url1, "128m", &acks1);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = load.join().unwrap();
+    assert!(
+        o.status.success(),
+        "LUN 0's load saw an error: {}",
+        text(&o)
+    );
+    wait_in_sync(&a, Duration::from_secs(20));
+    let v = a.admin("verify");
+    assert_eq!(v.matches(", 0 differ").count(), 2, "{v}");
+    assert!(v.contains(": 128 regions compared"), "the grown LUN: {v}");
+
+    // After a failover the new primary serves both LUNs with every acknowledged write.
+    a.kill9();
+    assert!(b.admin("promote").starts_with("ok"));
+    let url1_b = format!("{}1", b.url().trim_end_matches('0'));
+    for (url, acks, bs, size) in [
+        (b.url(), &acks0, "8k", "32m"),
+        (url1_b, &acks1, "64k", "128m"),
+    ] {
+        let o = read_back(&url, bs, size, acks);
+        assert!(o.status.success(), "{url}: {}", text(&o));
+    }
+}

@@ -41,7 +41,7 @@ pub enum ReloadError {
         old: u64,
         new: u64,
     },
-    #[error("{file}: key `{key}`: on a pair, LUNs cannot be added, removed or resized online ({what}): both nodes would differ; change both nodes' files and restart them one after the other")]
+    #[error("{file}: key `{key}`: on a pair, {what}")]
     Pair {
         file: String,
         key: String,
@@ -57,6 +57,9 @@ pub enum ReloadError {
     TooManyTargets { max: usize },
     #[error(transparent)]
     Lun(#[from] LunError),
+    /// A LUN's replication record (on a pair) could not be read, written or grown.
+    #[error("replication record: {0}")]
+    Replica(#[from] std::io::Error),
     /// A step after new LUN slots were filled failed: what came before it stays applied.
     #[error("applied in part (new LUNs' slots were filled or LUNs grown before this; the targets and ACLs were not changed): {0}")]
     Partial(Box<ReloadError>),
@@ -339,24 +342,6 @@ pub fn diff(
             }
         }
     }
-    if old.peer.is_some() {
-        let what = if let Some((t, l)) = d.luns_added.first() {
-            Some(format!("LUN {t}/{l} added"))
-        } else if let Some((t, l)) = d.luns_removed.first() {
-            Some(format!("LUN {t}/{l} removed"))
-        } else {
-            d.luns_grown
-                .first()
-                .map(|(t, l, _, n)| format!("LUN {t}/{l} resized to {n} bytes"))
-        };
-        if let Some(what) = what {
-            return Err(ReloadError::Pair {
-                file,
-                key: "target.lun".into(),
-                what,
-            });
-        }
-    }
     Ok(d)
 }
 
@@ -408,6 +393,16 @@ pub fn reload(reg: &Registry, force: bool) -> Result<Diff, ReloadError> {
         drop(lun.open_fd()?);
         created.push((t.clone(), *id, Arc::new(lun)));
     }
+    let rep = reg.replication.get();
+    if let Some(rep) = rep {
+        pair_may_change(reg, rep, &view, &new, &d, &created)?;
+    }
+    // Opened only now, with the pair's consent: opening writes the record and the
+    // running marker.
+    let mut records = Vec::new();
+    for (_, _, lun) in &created {
+        records.push(rep.map(|r| r.open_lun(lun)).transpose()?);
+    }
     if created.len() + reg.luns.len() > crate::registry::MAX_LUNS {
         return Err(LunError::TooMany {
             max: crate::registry::MAX_LUNS,
@@ -415,20 +410,31 @@ pub fn reload(reg: &Registry, force: bool) -> Result<Diff, ReloadError> {
         .into());
     }
     let mut new_index = Vec::new();
-    for (t, id, lun) in created {
-        let index = reg.add_lun(lun)?;
-        new_index.push((t, id, index));
-    }
-    let mut changed = !new_index.is_empty();
     let partial = |e: ReloadError, changed: bool| match changed {
         false => e,
         true => ReloadError::Partial(Box::new(e)),
     };
+    for ((t, id, lun), record) in created.into_iter().zip(records) {
+        let index = reg
+            .add_lun(lun)
+            .map_err(|e| partial(e.into(), !new_index.is_empty()))?;
+        new_index.push((t, id, index));
+        if let (Some(rep), Some(record)) = (rep, record) {
+            rep.install_lun(index, record)
+                .map_err(|e| partial(ReloadError::Replica(e), true))?;
+        }
+    }
+    let mut changed = !new_index.is_empty();
     if changed {
         wait_installed(reg).map_err(|e| partial(e, true))?;
     }
     for (t, id, _, new_bytes) in &d.luns_grown {
         if let Some(i) = view.target(t).and_then(|(_, e)| e.lun(*id)) {
+            if let Some(rep) = rep {
+                // The record first: no write may reach the new space before it covers it.
+                rep.grow_lun(i, &reg.luns[i], *new_bytes)
+                    .map_err(|e| partial(ReloadError::Replica(e), changed))?;
+            }
             reg.luns[i]
                 .grow(*new_bytes)
                 .map_err(|e| partial(e.into(), changed))?;
@@ -456,6 +462,79 @@ pub fn reload(reg: &Registry, force: bool) -> Result<Diff, ReloadError> {
     let ended = end_refused_sessions(reg, &view);
     tracing::info!(change = %d.summary(), sessions_ended = ended, "configuration reloaded");
     Ok(d)
+}
+
+/// On a pair: refuses what would make the two nodes differ (`replica::pair::reconfig`
+/// decides from the peer's LUNs), naming the first LUN that must wait and why. A read-only
+/// LUN (a snapshot export) is refused outright: its file is a snapshot clone, which a
+/// resync would overwrite on the peer.
+fn pair_may_change(
+    reg: &Registry,
+    rep: &crate::replication::Replication,
+    view: &View,
+    new: &Config,
+    d: &Diff,
+    created: &[(String, u64, Arc<Lun>)],
+) -> Result<(), ReloadError> {
+    use replica::pair::reconfig::LunChange;
+    let file = new.source_name();
+    let refused = |cfg: &Config, t: &str, id: u64, what: String| ReloadError::Pair {
+        file: file.clone(),
+        key: lun_key(cfg, t, id),
+        what,
+    };
+    let mut metas = Vec::new();
+    for (t, id, lun) in created {
+        if lun.read_only {
+            return Err(refused(
+                new,
+                t,
+                *id,
+                format!("LUN {t}/{id} is read-only: snapshot exports and other read-only LUNs are not served on a pair yet"),
+            ));
+        }
+        metas.push(rep.lun_meta(lun)?);
+    }
+    // (target, LUN id, config it is in, verb) of each change, in the order of `changes`.
+    let mut named: Vec<(&str, u64, &Config, &str)> = Vec::new();
+    let mut changes = Vec::new();
+    for ((t, id, _), m) in created.iter().zip(&metas) {
+        named.push((t, *id, new, "added"));
+        changes.push(LunChange::Add(m));
+    }
+    let index = |t: &str, id: u64| view.target(t).and_then(|(_, e)| e.lun(id));
+    for (t, id, _, new_bytes) in &d.luns_grown {
+        if let Some(i) = index(t, *id) {
+            named.push((t, *id, new, "grown"));
+            changes.push(LunChange::Grow {
+                key: reg.luns[i].naa_id,
+                size_bytes: *new_bytes,
+            });
+        }
+    }
+    for (t, id) in &d.luns_removed {
+        if let Some(i) = index(t, *id) {
+            named.push((t, *id, &view.config, "removed"));
+            changes.push(LunChange::Remove {
+                key: reg.luns[i].naa_id,
+            });
+        }
+    }
+    rep.may_change_luns(&changes).map_err(|(i, why)| {
+        let (t, id, cfg, verb) = named[i];
+        refused(cfg, t, id, format!("LUN {t}/{id} is not {verb} yet: {why}"))
+    })
+}
+
+/// The config key of LUN `id` of target `t` in `cfg` (`target[0].lun[1]`).
+fn lun_key(cfg: &Config, t: &str, id: u64) -> String {
+    match find(&cfg.targets, t) {
+        Some((ti, tc)) => match tc.luns.iter().position(|l| l.id == id) {
+            Some(li) => format!("target[{ti}].lun[{li}]"),
+            None => format!("target[{ti}].lun"),
+        },
+        None => "target".into(),
+    }
 }
 
 /// The targets of the new view: stable indexes (kept by name, new ones appended, removed

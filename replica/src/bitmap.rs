@@ -32,6 +32,16 @@ pub enum BitmapError {
         /// Regions it would need.
         regions: u64,
     },
+    /// A LUN never shrinks: its regions would lose their bits.
+    #[error(
+        "a bitmap for {size_bytes} bytes cannot cover {new_size_bytes} bytes (LUNs only grow)"
+    )]
+    Shrink {
+        /// Covered now.
+        size_bytes: u64,
+        /// Asked for.
+        new_size_bytes: u64,
+    },
     /// Encoded bitmap shorter or longer than its header says.
     #[error("encoded bitmap has {got} bytes, expected {expected}")]
     BadLength {
@@ -108,6 +118,24 @@ impl Bitmap {
             words,
             dirty: 0,
         })
+    }
+
+    /// Covers a LUN grown to `size_bytes` (at least the current size): the regions it had
+    /// keep their bits, the new ones are clean (a grown LUN's new space is a hole on both
+    /// nodes). A last region that was short now reaches further: its bit still says
+    /// whether it may differ, which covers the longer span too (the new bytes are equal).
+    pub fn grow(&mut self, size_bytes: u64) -> Result<(), BitmapError> {
+        if size_bytes < self.size_bytes {
+            return Err(BitmapError::Shrink {
+                size_bytes: self.size_bytes,
+                new_size_bytes: size_bytes,
+            });
+        }
+        let regions = region_count(size_bytes, self.region_bytes)?;
+        self.words.resize(regions.div_ceil(64) as usize, 0);
+        self.regions = regions;
+        self.size_bytes = size_bytes;
+        Ok(())
     }
 
     /// LUN size this bitmap covers.
@@ -384,6 +412,23 @@ mod tests {
         assert!(!bitmap.clear(0));
         assert_eq!(bitmap.dirty_bytes(), 1 << 20);
         assert_eq!(bitmap.mark(0, 0), 0);
+    }
+
+    #[test]
+    fn a_grown_bitmap_keeps_its_bits_and_adds_clean_regions() {
+        let mut bitmap = Bitmap::new(3 * 4096 + 100, 4096).unwrap();
+        bitmap.mark(0, 1);
+        bitmap.mark(3 * 4096, 1);
+        bitmap.grow(200 * 4096).unwrap();
+        assert_eq!(bitmap.regions(), 200);
+        assert_eq!(bitmap.size_bytes(), 200 * 4096);
+        assert_eq!(bitmap.iter_dirty().collect::<Vec<_>>(), vec![0, 3]);
+        // The once-short last region is whole now.
+        assert_eq!(bitmap.dirty_bytes(), 2 * 4096);
+        bitmap.mark(199 * 4096, 4096);
+        assert!(bitmap.is_dirty(199));
+        assert!(matches!(bitmap.grow(4096), Err(BitmapError::Shrink { .. })));
+        assert_eq!(bitmap.regions(), 200, "a refused shrink changes nothing");
     }
 
     #[test]

@@ -124,6 +124,14 @@ impl Meta {
         })
     }
 
+    /// The metadata of the same LUN grown to `size_bytes` (an online or offline grow: the
+    /// new space is a hole on both nodes, so its regions start clean).
+    pub fn grow(&mut self, size_bytes: u64) -> Result<(), MetaError> {
+        self.bitmap.grow(size_bytes)?;
+        self.size_bytes = size_bytes;
+        Ok(())
+    }
+
     /// Appends the versioned, checksummed encoding.
     pub fn encode(&self, out: &mut Vec<u8>) {
         assert_eq!(self.bitmap.size_bytes(), self.size_bytes);

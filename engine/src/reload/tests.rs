@@ -129,22 +129,26 @@ fn what_cannot_change_online_is_refused_naming_its_key() {
 }
 
 #[test]
-fn on_a_pair_lun_changes_are_refused_and_access_changes_allowed() {
+fn on_a_pair_lun_changes_are_planned_for_the_pairs_consent_and_the_peer_section_is_fixed() {
     let peer = "[peer]\nname = \"b\"\naddress = \"127.0.0.1:7000\"\nlisten = \"127.0.0.1:7001\"\npsk = \"0123456789abcdef0123456789abcdef\"\n";
     let old = cfg(&format!("{peer}{}", target(A, "", &[(0, "1GiB")])));
-    let grow = cfg(&format!("{peer}{}", target(A, "", &[(0, "2GiB")])));
-    let e = diff(&old, &grow, &sizes(&old))
-        .expect_err("refused")
-        .to_string();
-    assert!(e.contains("on a pair") && e.contains("resized"), "{e}");
-    let add = cfg(&format!(
+    // Planned here, asked of the peer when applied (replica::pair::reconfig).
+    let both = cfg(&format!(
         "{peer}{}",
-        target(A, "", &[(0, "1GiB"), (1, "1GiB")])
+        target(A, "", &[(0, "2GiB"), (1, "1GiB")])
     ));
-    let e = diff(&old, &add, &sizes(&old))
+    let d = diff(&old, &both, &sizes(&old)).expect("planned");
+    assert_eq!(d.luns_grown, vec![(A.to_string(), 0, 1 << 30, 2 << 30)]);
+    assert_eq!(d.luns_added, vec![(A.to_string(), 1)]);
+    let moved = cfg(&format!(
+        "{}{}",
+        peer.replace("7000", "7002"),
+        target(A, "", &[(0, "1GiB")])
+    ));
+    let e = diff(&old, &moved, &sizes(&old))
         .expect_err("refused")
         .to_string();
-    assert!(e.contains("added"), "{e}");
+    assert!(e.contains("`peer`"), "{e}");
     let acl = cfg(&format!(
         "{peer}{}",
         target(A, "allowed_addresses = [\"10.0.0.0/8\"]", &[(0, "1GiB")])

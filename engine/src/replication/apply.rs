@@ -206,7 +206,7 @@ impl Replication {
                     return Err(std::io::Error::other("superseded by a newer resync"));
                 }
             }
-            let lun = |key| self.lun_by_key(key).map(|i| (i, self.luns[i].size_bytes));
+            let lun = |key| self.lun_by_key(key).map(|i| (i, self.luns[i].size_bytes()));
             let status = match conn.plan(frame, lun) {
                 Apply::Answer(status) => status,
                 Apply::Refused(why) => {

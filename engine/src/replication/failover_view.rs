@@ -14,8 +14,8 @@ impl Replication {
         trust_local: bool,
     ) -> failover::controller::ReplicaView {
         let (mirroring, held) = self.with_mirror(|m, _| (m.mirroring(), m.held()));
-        let states: Vec<SyncState> = self.luns.iter().map(|l| l.state()).collect();
-        let usable = self.luns.iter().all(|l| !l.pair().blocks_promotion());
+        let states: Vec<SyncState> = self.live_luns().map(|l| l.state()).collect();
+        let usable = self.live_luns().all(|l| !l.pair().blocks_promotion());
         let known_current =
             trust_local || primary || states.iter().all(|s| *s == SyncState::UpToDate);
         failover::controller::ReplicaView {

@@ -17,7 +17,7 @@ impl Replication {
         let Some(l) = self.luns.get(lun) else {
             return Ok(true);
         };
-        if l.intent.ready(offset, len) {
+        if l.intent.load().ready(offset, len) {
             return Ok(true);
         }
         let since = l.intent_failing_since_ms.load(Ordering::Acquire);
@@ -44,16 +44,16 @@ impl Replication {
             }
             let mut failed = false;
             for l in &self.luns {
-                let wanted = l.intent.take_wanted();
+                let wanted = l.intent.load().take_wanted();
                 if wanted.is_empty() {
                     continue;
                 }
                 let mut m = l.pair();
-                let mut all = l.intent.durable_regions();
+                let mut all = l.intent.load().durable_regions();
                 all.extend_from_slice(&wanted);
                 match l.persist_with(&mut m, &all) {
                     Ok(()) => {
-                        l.intent.made_durable(&wanted);
+                        l.intent.load().made_durable(&wanted);
                         l.intent_failing_since_ms.store(0, Ordering::Release);
                     }
                     Err(e) => {
@@ -76,7 +76,7 @@ impl Replication {
                         if let Some(suppressed) = FAILED.allow() {
                             tracing::error!(lun = l.key, error = %e, suppressed, "cannot persist the write-intent log; writes to new regions wait, and fail after {INTENT_PERSIST_WAIT_MS} ms");
                         }
-                        l.intent.want_again(&wanted);
+                        l.intent.load().want_again(&wanted);
                         failed = true;
                     }
                 }
@@ -99,13 +99,13 @@ impl Replication {
         let Some(reg) = self.registry() else { return };
         for (i, l) in self.luns.iter().enumerate() {
             let Some(lun) = reg.luns.get(i) else { continue };
-            let per = l.intent.region_bytes();
+            let per = l.intent.load().region_bytes();
             let bs = u64::from(lun.block_size);
             let mut forgot = 0usize;
-            for r in l.intent.idle_regions() {
+            for r in l.intent.load().idle_regions() {
                 let (lo, hi) = ((r * per) / bs, ((r + 1) * per).div_ceil(bs));
                 if let Some(guard) = lun.ranges.try_lock(lo, hi) {
-                    l.intent.forget(r);
+                    l.intent.load().forget(r);
                     drop(guard);
                     forgot += 1;
                 }

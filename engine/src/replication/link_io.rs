@@ -166,7 +166,14 @@ pub(super) fn expect_ok(m: Message, what: &str) -> std::io::Result<()> {
 impl Replication {
     pub(super) fn hello(&self, link: u16) -> Message {
         let primary = self.is_primary();
-        let luns = self.luns.iter().map(|l| l.pair().hello(primary)).collect();
+        // A LUN a reload removed is not announced: the peer may remove it too.
+        let luns = self
+            .luns
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !self.removed(i))
+            .map(|(_, l)| l.pair().hello(primary))
+            .collect();
         Message::Hello {
             node_id: self.node_id.clone(),
             luns,

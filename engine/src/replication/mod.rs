@@ -57,6 +57,7 @@ mod intents;
 mod link_io;
 mod meta_file;
 mod mirror;
+mod reconfig;
 mod resync;
 mod roles;
 mod snapshots;
@@ -190,8 +191,9 @@ pub struct CoreLink {
 
 pub struct RepLun {
     pub key: u64,
-    /// The LUN's size: the peer's must be the same, and nothing is applied beyond it.
-    size_bytes: u64,
+    /// The LUN's size: the peer's must be the same, and nothing is applied beyond it. It
+    /// grows online ([`Replication::grow_lun`]).
+    size_bytes: AtomicU64,
     /// Bytes per bitmap region (fixed when the metadata was created).
     region_bytes: u64,
     /// The pair record: metadata, sync state, resync progress. Every decision about it is
@@ -200,8 +202,9 @@ pub struct RepLun {
     meta_path: PathBuf,
     backing: PathBuf,
     /// Regions writes may be issued to (`replica::intent`); persisted with every metadata
-    /// write.
-    intent: IntentLog,
+    /// write. Replaced by a larger one when the LUN grows ([`Replication::grow_lun`]), with
+    /// no write in flight.
+    intent: arc_swap::ArcSwap<IntentLog>,
     /// On a secondary: the (origin, version) of the reservation state applied last.
     pr_applied: Mutex<(u64, u64)>,
     /// The LUN's allocation map (disk/alloc_map.rs): what the apply writes and punches
@@ -216,7 +219,182 @@ pub struct RepLun {
     resync_copied_bytes: AtomicU64,
 }
 
+/// The replicated LUNs, at their registry slots (a LUN's index here is its slot there):
+/// filled at start and by reloads that add LUNs, in slot order, never emptied (a removed
+/// LUN keeps its record, unused). Why slots and not a Vec behind a lock: the cores, the link
+/// threads and the apply side index it on every mirrored write.
+pub struct RepLuns {
+    slots: Box<[std::sync::OnceLock<RepLun>]>,
+    /// Slots filled: `0..len`, contiguous.
+    len: AtomicUsize,
+}
+
+impl RepLuns {
+    fn new() -> RepLuns {
+        RepLuns {
+            slots: (0..crate::registry::MAX_LUNS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, index: usize) -> Option<&RepLun> {
+        if index >= self.len() {
+            return None;
+        }
+        self.slots.get(index)?.get()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &RepLun> {
+        let len = self.len();
+        self.slots[..len].iter().filter_map(|s| s.get())
+    }
+
+    /// Fills slot `index`, which must be the next one (the registry's slot of the same LUN).
+    fn install(&self, index: usize, l: RepLun) -> std::io::Result<()> {
+        // One installer at a time: the start, then reloads under the registry's reload lock.
+        if index != self.len() {
+            return Err(std::io::Error::other(format!(
+                "replication slot {index} is not the next one ({}): the registry and the replication disagree",
+                self.len()
+            )));
+        }
+        let Some(slot) = self.slots.get(index) else {
+            return Err(std::io::Error::other(format!(
+                "more than {} replicated LUNs",
+                crate::registry::MAX_LUNS
+            )));
+        };
+        slot.set(l)
+            .map_err(|_| std::io::Error::other(format!("replication slot {index} is taken")))?;
+        self.len.store(index + 1, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl std::ops::Index<usize> for RepLuns {
+    type Output = RepLun;
+    fn index(&self, index: usize) -> &RepLun {
+        match self.get(index) {
+            Some(l) => l,
+            None => panic!("replicated LUN {index} of {} indexed", self.len()),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a RepLuns {
+    type Item = &'a RepLun;
+    type IntoIter = Box<dyn Iterator<Item = &'a RepLun> + 'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
 impl RepLun {
+    /// The replication metadata `lun` opens with, read from its file or new (created for
+    /// a LUN never replicated before, with regions of `region_bytes`), grown to the LUN's
+    /// size if the LUN grew meanwhile; and whether it grew. Writes nothing.
+    fn load_meta(lun: &crate::lun::Lun, region_bytes: u64) -> std::io::Result<(Meta, bool)> {
+        let meta_path = Meta::path_for(&lun.path);
+        let mut meta = match std::fs::read(&meta_path) {
+            Ok(b) => Meta::decode(&b)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", meta_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Meta::new(lun.naa_id, lun.size_bytes(), region_bytes)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+            }
+            Err(e) => return Err(e),
+        };
+        if meta.lun_key != lun.naa_id || meta.size_bytes > lun.size_bytes() {
+            return Err(std::io::Error::other(format!(
+                "{}: metadata belongs to another LUN or a larger size ({} bytes, the LUN has {})",
+                meta_path.display(),
+                meta.size_bytes,
+                lun.size_bytes()
+            )));
+        }
+        // A LUN grown while this node was down (or stopped between growing its file and
+        // its metadata): the new space is a hole, nothing in it is out of sync.
+        let grown = meta.size_bytes < lun.size_bytes();
+        if grown {
+            meta.grow(lun.size_bytes())
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", meta_path.display())))?;
+        }
+        Ok((meta, grown))
+    }
+
+    /// Loads (or creates) the replication metadata of `lun` for a node in role `primary`,
+    /// and marks the LUN running (the crash check of the next start). `region_bytes`: the
+    /// region size of metadata created now.
+    fn open(lun: &crate::lun::Lun, region_bytes: u64, primary: bool) -> std::io::Result<RepLun> {
+        let meta_path = Meta::path_for(&lun.path);
+        let (meta, grown) = Self::load_meta(lun, region_bytes)?;
+        let marker = running_marker(&lun.path);
+        let marker_state = match (marker.exists(), same_boot(&marker)) {
+            (false, _) => Marker::Absent,
+            (true, true) => Marker::SameBoot,
+            (true, false) => Marker::OtherBoot,
+        };
+        let (pair, persist, note) = PairLun::open(meta, marker_state, primary, |per| {
+            allocated_regions(lun, per)
+        });
+        let path = lun.path.display();
+        let rebooted = matches!(
+            note,
+            StartNote::UncleanLogged { rebooted: true, .. }
+                | StartNote::UncleanUnlogged { rebooted: true, .. }
+        );
+        if rebooted {
+            tracing::warn!(path = %path, "the machine restarted since this LUN was last open: every region will be resynced");
+        }
+        match note {
+            StartNote::Clean => {}
+            StartNote::UncleanLogged { regions, .. } => {
+                tracing::warn!(path = %path, regions, "unclean shutdown: the write-intent regions will be resynced");
+            }
+            StartNote::UncleanUnlogged { regions, .. } => {
+                tracing::warn!(path = %path, regions, "unclean shutdown without a write-intent log: allocated regions marked for resync");
+            }
+        }
+        if persist.needed() || grown {
+            write_meta(&meta_path, pair.meta())?;
+        }
+        {
+            let mut f = File::create(&marker)?;
+            f.write_all(boot_id().as_bytes())?;
+            f.sync_all()?;
+        }
+        let region_bytes = pair.region_bytes();
+        Ok(RepLun {
+            size_bytes: AtomicU64::new(lun.size_bytes()),
+            region_bytes,
+            intent: arc_swap::ArcSwap::from_pointee(IntentLog::new(lun.size_bytes(), region_bytes)),
+            pr_applied: Mutex::new((0, 0)),
+            alloc: Arc::clone(&lun.alloc),
+            intent_failing_since_ms: AtomicU64::new(0),
+            intent_errno: std::sync::atomic::AtomicI32::new(0),
+            resync_copied_bytes: AtomicU64::new(0),
+            key: lun.naa_id,
+            pair: Mutex::new(pair),
+            meta_path,
+            backing: lun.path.clone(),
+        })
+    }
+
+    /// The LUN's size now (it grows online).
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
     /// The pair record, locked (a panic elsewhere does not make it unreadable).
     pub fn pair(&self) -> std::sync::MutexGuard<'_, PairLun> {
         self.pair.lock().unwrap_or_else(|p| p.into_inner())
@@ -233,7 +411,7 @@ impl RepLun {
 
     /// Persists the record with every durable write-intent region set in the bitmap on disk.
     fn persist(&self, p: &mut PairLun) -> std::io::Result<()> {
-        self.persist_with(p, &self.intent.durable_regions())
+        self.persist_with(p, &self.intent.load().durable_regions())
     }
 
     /// Persists the record with `regions` also set in the bitmap on disk (the memory copy
@@ -279,7 +457,7 @@ pub struct Replication {
     cfg: PeerConfig,
     node_id: String,
     reg: std::sync::Weak<Registry>,
-    pub luns: Vec<RepLun>,
+    pub luns: RepLuns,
     /// `mirror.mirroring()`, readable without the lock (the link writer's fast path).
     peer_up: AtomicBool,
     links: Vec<LinkShared>,
@@ -472,76 +650,10 @@ impl Replication {
             .clone()
             .ok_or_else(|| std::io::Error::other("no [peer] configured"))?;
         let node_id = format!("{}", cfg.listen);
-        let mut luns = Vec::new();
-        for lun in &reg.luns {
-            let meta_path = Meta::path_for(&lun.path);
-            let meta = match std::fs::read(&meta_path) {
-                Ok(b) => Meta::decode(&b)
-                    .map_err(|e| std::io::Error::other(format!("{}: {e}", meta_path.display())))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Meta::new(lun.naa_id, lun.size_bytes(), cfg.region_bytes)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?
-                }
-                Err(e) => return Err(e),
-            };
-            if meta.size_bytes != lun.size_bytes() || meta.lun_key != lun.naa_id {
-                return Err(std::io::Error::other(format!(
-                    "{}: metadata belongs to another LUN or size",
-                    meta_path.display()
-                )));
-            }
-            let marker = running_marker(&lun.path);
-            let marker_state = match (marker.exists(), same_boot(&marker)) {
-                (false, _) => Marker::Absent,
-                (true, true) => Marker::SameBoot,
-                (true, false) => Marker::OtherBoot,
-            };
-            let primary = reg.role() == Role::Primary;
-            let (pair, persist, note) = PairLun::open(meta, marker_state, primary, |per| {
-                allocated_regions(lun, per)
-            });
-            let path = lun.path.display();
-            let rebooted = matches!(
-                note,
-                StartNote::UncleanLogged { rebooted: true, .. }
-                    | StartNote::UncleanUnlogged { rebooted: true, .. }
-            );
-            if rebooted {
-                tracing::warn!(path = %path, "the machine restarted since this LUN was last open: every region will be resynced");
-            }
-            match note {
-                StartNote::Clean => {}
-                StartNote::UncleanLogged { regions, .. } => {
-                    tracing::warn!(path = %path, regions, "unclean shutdown: the write-intent regions will be resynced");
-                }
-                StartNote::UncleanUnlogged { regions, .. } => {
-                    tracing::warn!(path = %path, regions, "unclean shutdown without a write-intent log: allocated regions marked for resync");
-                }
-            }
-            if persist.needed() {
-                write_meta(&meta_path, pair.meta())?;
-            }
-            {
-                let mut f = File::create(&marker)?;
-                f.write_all(boot_id().as_bytes())?;
-                f.sync_all()?;
-            }
-            let region_bytes = pair.region_bytes();
-            let intent = IntentLog::new(lun.size_bytes(), region_bytes);
-            luns.push(RepLun {
-                size_bytes: lun.size_bytes(),
-                region_bytes,
-                intent,
-                pr_applied: Mutex::new((0, 0)),
-                alloc: Arc::clone(&lun.alloc),
-                intent_failing_since_ms: AtomicU64::new(0),
-                intent_errno: std::sync::atomic::AtomicI32::new(0),
-                resync_copied_bytes: AtomicU64::new(0),
-                key: lun.naa_id,
-                pair: Mutex::new(pair),
-                meta_path,
-                backing: lun.path.clone(),
-            });
+        let luns = RepLuns::new();
+        let primary = reg.role() == Role::Primary;
+        for (i, lun) in reg.luns.iter().enumerate() {
+            luns.install(i, RepLun::open(lun, cfg.region_bytes, primary)?)?;
         }
         let mut links = Vec::new();
         let mut core_links = Vec::new();

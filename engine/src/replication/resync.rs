@@ -73,6 +73,9 @@ impl Replication {
     fn plan_all(&self, hellos: &[LunHello]) -> std::io::Result<Vec<(usize, ResyncPlan)>> {
         let mut plans = Vec::new();
         for (i, l) in self.luns.iter().enumerate() {
+            if self.removed(i) {
+                continue;
+            }
             let Some(h) = hellos.iter().find(|h| h.lun_key == l.key) else {
                 tracing::error!(lun = l.key, "peer does not have this LUN");
                 return Err(std::io::Error::other("LUN missing on peer"));

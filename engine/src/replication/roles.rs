@@ -15,7 +15,7 @@ impl Replication {
     pub(super) fn check_start_as_primary(&self, reg: &Registry) {
         // Our own data first: a resync into this node that did not finish (or a
         // `resolve --discard-local`) left it unusable, whatever the peer says.
-        let unusable = self.luns.iter().find(|l| l.pair().unusable_as_primary());
+        let unusable = self.live_luns().find(|l| l.pair().unusable_as_primary());
         let why = if let Some(l) = unusable {
             Some(format!(
                 "configured primary, but lun {:016x} here holds outdated or inconsistent data \
@@ -108,7 +108,7 @@ impl Replication {
                 );
             }
         }
-        for l in &self.luns {
+        for l in self.live_luns() {
             if l.pair().blocks_promotion() {
                 return Some(format!(
                     "lun {:016x} holds outdated or inconsistent data (an unfinished resync into \

@@ -180,7 +180,7 @@ impl Replication {
         let Some(l) = self.luns.get(lun) else {
             return;
         };
-        if let Err(e) = l.mark_out_of_sync(0..l.size_bytes.div_ceil(l.region_bytes())) {
+        if let Err(e) = l.mark_out_of_sync(0..l.size_bytes().div_ceil(l.region_bytes())) {
             tracing::error!(lun = l.key, error = %e, "cannot record the LUN out of sync");
         }
         self.peer_lost(why);

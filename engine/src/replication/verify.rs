@@ -8,7 +8,7 @@ pub(super) fn region_digest(l: &RepLun, region: u64) -> std::io::Result<[u8; 32]
     use sha2::{Digest, Sha256};
     let region_bytes = l.region_bytes();
     let start = region.saturating_mul(region_bytes);
-    let end = start.saturating_add(region_bytes).min(l.size_bytes);
+    let end = start.saturating_add(region_bytes).min(l.size_bytes());
     if l.alloc.is_hole(start, end.saturating_sub(start)) {
         return Ok(zeros_digest(end.saturating_sub(start)));
     }
@@ -73,6 +73,9 @@ impl Replication {
         let mut report = String::new();
         let mut differing_total = 0u64;
         for (i, l) in self.luns.iter().enumerate() {
+            if self.removed(i) {
+                continue;
+            }
             let lun = &reg.luns[i];
             let region_bytes = l.region_bytes();
             let regions = lun.size_bytes().div_ceil(region_bytes);

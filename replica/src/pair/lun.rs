@@ -195,6 +195,17 @@ impl PairLun {
         disk
     }
 
+    /// The LUN grew to `size_bytes` (both nodes' files grow with holes, so nothing new is
+    /// out of sync). Persist before a write may reach the new space: a start compares the
+    /// metadata's size with the LUN's.
+    pub fn grow(&mut self, size_bytes: u64) -> Result<Persist, crate::meta::MetaError> {
+        if size_bytes == self.meta.size_bytes {
+            return Ok(Persist::No);
+        }
+        self.meta.grow(size_bytes)?;
+        Ok(self.needs_if(true))
+    }
+
     /// The synchronization state.
     pub fn state(&self) -> SyncState {
         self.state

@@ -13,6 +13,7 @@
 //! - [`apply`]: the secondary's gate on the primary's connections.
 //! - [`plan`]: which regions a resync copies, and why it may refuse.
 //! - [`progress`]: a resync's progress and its estimate of the time left.
+//! - [`reconfig`]: whether a reload may add, grow or remove a LUN now, from the peer's LUNs.
 //! - [`source`]: the sync source's resync round and watch, as steps its drivers take.
 
 pub mod apply;
@@ -20,6 +21,7 @@ mod lun;
 pub mod mirror;
 pub mod plan;
 pub mod progress;
+pub mod reconfig;
 pub mod source;
 
 pub use apply::{Admit, ApplyGate};

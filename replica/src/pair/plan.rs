@@ -48,7 +48,10 @@ pub fn plan_resync(
     crash_unlogged: bool,
     peer: &LunHello,
 ) -> Result<ResyncPlan, PlanRefusal> {
-    if peer.size_bytes != meta.size_bytes || peer.region_bytes != meta.bitmap.region_bytes() {
+    // A larger peer is a LUN grown online on the secondary first (reconfig.rs), until the
+    // primary grows it too: everything this node copies fits, and the rest of the peer's
+    // file is the hole the growth added.
+    if peer.size_bytes < meta.size_bytes || peer.region_bytes != meta.bitmap.region_bytes() {
         return Err(PlanRefusal::Geometry {
             size_bytes: meta.size_bytes,
             peer_size_bytes: peer.size_bytes,
@@ -235,6 +238,21 @@ mod tests {
             plan_resync(&m, false, &peer),
             Err(PlanRefusal::Geometry { .. })
         ));
+        peer.size_bytes = m.size_bytes;
+        peer.region_bytes *= 2;
+        assert!(matches!(
+            plan_resync(&m, false, &peer),
+            Err(PlanRefusal::Geometry { .. })
+        ));
+    }
+
+    #[test]
+    fn a_peer_grown_first_is_synced_within_this_nodes_size() {
+        let m = meta();
+        let mut peer = hello(&m, SECONDARY);
+        peer.size_bytes *= 2;
+        let plan = plan_resync(&m, false, &peer).unwrap();
+        assert!(plan.regions.iter().all(|&r| r < m.bitmap.regions()));
     }
 
     #[test]
