@@ -217,7 +217,12 @@ pub(crate) fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    match engine::admin::request(&socket, cmd) {
+    answered(&socket, engine::admin::request(&socket, cmd))
+}
+
+/// Prints the daemon's reply; status 0 for "ok", 1 otherwise or when it was unreachable.
+fn answered(socket: &std::path::Path, reply: std::io::Result<String>) -> ExitCode {
+    match reply {
         Ok(reply) => {
             print!("{reply}");
             if reply.starts_with("ok") {
@@ -226,8 +231,51 @@ pub(crate) fn admin(args: AdminArgs, cmd: &str) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => unreachable_daemon(&socket, &e),
+        Err(e) => unreachable_daemon(socket, &e),
     }
+}
+
+/// `twinsan verify`: the daemon's report at the end; on a terminal, meanwhile, its
+/// progress line from `status` (percent, rate, time left, regions differing so far) once a
+/// second on stderr.
+fn verify(args: AdminArgs, repair: bool) -> ExitCode {
+    let socket = match admin_socket(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let cmd = if repair { "verify-repair" } else { "verify" };
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return answered(&socket, engine::admin::request(&socket, cmd));
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shown = {
+        let (done, socket) = (std::sync::Arc::clone(&done), socket.clone());
+        std::thread::spawn(move || {
+            let mut shown = false;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let Ok(status) = engine::admin::request(&socket, "status") else {
+                    continue;
+                };
+                if let Some(line) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("note: verify: "))
+                {
+                    if !done.load(std::sync::atomic::Ordering::Acquire) {
+                        eprint!("\rverify {line}   ");
+                        shown = true;
+                    }
+                }
+            }
+            shown
+        })
+    };
+    let reply = engine::admin::request(&socket, cmd);
+    done.store(true, std::sync::atomic::Ordering::Release);
+    if shown.join().unwrap_or(false) {
+        eprintln!();
+    }
+    answered(&socket, reply)
 }
 
 fn load(config: Option<PathBuf>, ov: &Overrides) -> Result<Config, engine::config::ConfigError> {
@@ -321,9 +369,7 @@ fn main() -> ExitCode {
         Cmd::Demote(a) => admin(a, "demote"),
         Cmd::Reload { force, admin: a } => admin(a, if force { "reload-force" } else { "reload" }),
         Cmd::Lun { cmd } => lun_edit::run(cmd),
-        Cmd::Verify { repair, admin: a } => {
-            admin(a, if repair { "verify-repair" } else { "verify" })
-        }
+        Cmd::Verify { repair, admin: a } => verify(a, repair),
         Cmd::OutdatePeer(a) => admin(a, "outdate-peer"),
         Cmd::Snapshot { op } => snapshot_cli::run(op),
         Cmd::Standby(a) => admin(a, "standby"),

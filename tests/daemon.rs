@@ -543,3 +543,38 @@ fn a_login_with_a_live_sessions_isid_reinstates_it() {
         .expect("TUR on the new session");
     assert_eq!(r.status, 0, "the new session does not work: {}", r.sense);
 }
+
+/// A long SANITIZE shows its progress in `status`: percent, rate and time left, in the
+/// human table and in `--json`.
+#[test]
+fn a_running_sanitize_shows_percent_rate_and_time_left_in_status() {
+    // 384 MiB overwritten with a pattern at the sanitize's cap (128 MiB/s): about 3 s.
+    let d = Daemon::simple("sanitize-progress", "384MiB", "");
+    let mut c = common::session_at(&d.addr, TARGET, "iqn.2026-12.test:sanitize", 1);
+    // SANITIZE (48h), OVERWRITE (01h), IMMED: one pass of a 4-byte pattern.
+    let param = [0x01, 0x00, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef];
+    let cdb = [0x48, 0x80 | 0x01, 0, 0, 0, 0, 0, 0, param.len() as u8, 0];
+    let r = c.command_sync_data(&cdb, 0, &param).expect("SANITIZE");
+    assert_eq!(r.status, 0, "SANITIZE refused");
+    let started = std::time::Instant::now();
+    let (mut table, mut json) = (None, None);
+    while started.elapsed() < Duration::from_secs(20) && (table.is_none() || json.is_none()) {
+        let s = d.admin("status");
+        if let Some(l) = s.lines().find(|l| l.contains("Sanitizing ")) {
+            table = Some(l.to_string());
+        }
+        let j: serde_json::Value =
+            serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).expect("JSON");
+        if let Some(p) = j["luns"][0]["sanitize"].as_str() {
+            json = Some(p.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table = table.expect("no Sanitizing row with progress in status");
+    assert!(
+        table.contains("% ") && table.contains("MiB/s eta"),
+        "{table}"
+    );
+    let json = json.expect("no sanitize progress in status --json");
+    assert!(json.contains("MiB/s eta"), "{json}");
+}

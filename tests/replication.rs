@@ -1465,7 +1465,7 @@ fn with_luns(n: &Node, base: &str, extra: &[(u64, &str)]) {
 #[test]
 fn on_a_pair_luns_are_added_grown_and_removed_online_in_the_safe_order_only() {
     let _serial = serial();
-    let (mut a, b) = pair(18210, "pair-test-psk-0123456789");
+    let (mut a, b) = pair(18230, "pair-test-psk-0123456789");
     wait_in_sync(&a, Duration::from_secs(20));
     let (base_a, base_b) = (
         std::fs::read_to_string(&a.config).unwrap(),
@@ -1554,4 +1554,45 @@ fn on_a_pair_luns_are_added_grown_and_removed_online_in_the_safe_order_only() {
         let o = read_back(&url, bs, size, acks);
         assert!(o.status.success(), "{url}: {}", text(&o));
     }
+}
+
+/// A running `verify` shows its progress in `status` (percent, rate, time left, regions
+/// differing so far), which `twinsan verify` on a terminal prints as it goes.
+#[test]
+fn a_running_verify_shows_its_progress_in_status() {
+    let _serial = serial();
+    let (a, _b) = written_pair(18240, "1m", "256m");
+    wait_in_sync(&a, Duration::from_secs(20));
+    let config = a.config.clone();
+    let verify = std::thread::spawn(move || {
+        let o = Command::new(env!("CARGO_BIN_EXE_twinsan"))
+            .arg("verify")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        text(&o)
+    });
+    let mut seen = None;
+    while !verify.is_finished() && seen.is_none() {
+        seen = a
+            .admin("status")
+            .lines()
+            .find(|l| l.starts_with("note: verify: "))
+            .map(str::to_string);
+    }
+    let report = verify.join().unwrap();
+    assert!(
+        report.contains("256 regions compared, 0 differ"),
+        "{report}"
+    );
+    let seen = seen.expect("status never showed the running verify");
+    assert!(
+        seen.contains("% ") && seen.contains("MiB/s eta") && seen.contains("regions differ so far"),
+        "{seen}"
+    );
+    assert!(
+        !a.admin("status").contains("verify: "),
+        "the verify's line stays after it ended"
+    );
 }

@@ -26,6 +26,7 @@ pub mod log_limit;
 pub mod lun;
 pub mod metrics;
 pub mod net;
+pub mod progress;
 pub mod registry;
 pub mod reload;
 pub mod replication;

@@ -46,6 +46,8 @@ pub struct LunStatus {
     pub replica: Option<ReplicaStatus>,
     /// Its snapshots on this node, if any.
     pub snapshots: Option<SnapshotSummary>,
+    /// While a SANITIZE runs: "P% R MiB/s eta Ts".
+    pub sanitize: Option<String>,
 }
 
 /// How many snapshots a LUN has, and how old the newest is (a schedule that stopped shows
@@ -152,6 +154,7 @@ impl StatusReport {
                     path: lun.path.display().to_string(),
                     replica,
                     snapshots: snapshot_summary(lun),
+                    sanitize: lun.sanitize.summary(),
                 });
             }
         }
@@ -195,7 +198,10 @@ impl StatusReport {
                     [
                         l.target.clone(),
                         l.lun.to_string(),
-                        l.state.clone(),
+                        match &l.sanitize {
+                            Some(p) => format!("{} {p}", l.state),
+                            None => l.state.clone(),
+                        },
                         human_bytes(l.size_bytes),
                         human_bytes(l.allocated_bytes),
                         l.replica

@@ -494,6 +494,8 @@ pub struct Replication {
     /// Writes made without the peer are answered only before this (`boot_clock_ms`): the
     /// failover lease's end, set by the failover driver; no end without failover.
     alone_until_ms: AtomicU64,
+    /// The `twinsan verify` running now, for `status` (one at a time).
+    verify_run: Mutex<Option<Arc<verify::VerifyRun>>>,
 }
 
 /// The coordinator's view of this driver: the LUN records behind their locks and files,
@@ -709,6 +711,7 @@ impl Replication {
             apply_gate: std::sync::RwLock::new(ApplyGate::default()),
             instance: u64::from_le_bytes(random8()),
             alone_until_ms: AtomicU64::new(u64::MAX),
+            verify_run: Mutex::new(None),
         });
         if reg.role() == Role::Primary {
             rep.check_start_as_primary(reg);

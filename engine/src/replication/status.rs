@@ -55,6 +55,9 @@ impl Replication {
         {
             let _ = writeln!(s, "note: {note}");
         }
+        if let Some(v) = self.verify_status() {
+            let _ = writeln!(s, "{v}");
+        }
         let now = now_ms(&self.epoch);
         for l in &self.luns {
             let _ = writeln!(s, "{}", l.pair().status_line(now, primary_connected));

@@ -53,7 +53,38 @@ fn zeros_digest(len: u64) -> [u8; 32] {
     d
 }
 
+/// A verify in progress: bytes of LUN space compared, and regions found differing.
+#[derive(Debug)]
+pub(super) struct VerifyRun {
+    job: crate::progress::Job,
+    differing: AtomicU64,
+}
+
+/// Clears the running verify however `verify` returns.
+struct Running<'a>(&'a Mutex<Option<Arc<VerifyRun>>>);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 impl Replication {
+    /// The `status` line of the verify running now: "verify: P% R MiB/s eta Ts, N
+    /// regions differ so far".
+    pub(super) fn verify_status(&self) -> Option<String> {
+        let run = self
+            .verify_run
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(format!(
+            "verify: {}, {} regions differ so far",
+            run.job.summary(),
+            run.differing.load(Ordering::Relaxed)
+        ))
+    }
+
     /// `twinsan verify`: compares every region's SHA-256 with the peer's, online (each region
     /// is hashed under its range lock, so no write to it runs meanwhile). Differing regions are
     /// reported; with `repair` they are marked dirty and copied by a resync (the peer is
@@ -66,6 +97,25 @@ impl Replication {
         let Some(reg) = self.registry() else {
             return Err("shutting down".into());
         };
+        let total: u64 = self
+            .luns
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !self.removed(i))
+            .map(|(_, l)| l.size_bytes())
+            .sum();
+        let run = Arc::new(VerifyRun {
+            job: crate::progress::Job::new(total),
+            differing: AtomicU64::new(0),
+        });
+        {
+            let mut slot = self.verify_run.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_some() {
+                return Err("a verify is running already (see `twinsan status`)".into());
+            }
+            *slot = Some(Arc::clone(&run));
+        }
+        let _running = Running(&self.verify_run);
         let (mut s, mut rbuf, _) = self
             .connect(LINK_NONE)
             .map_err(|e| format!("peer unreachable: {e}"))?;
@@ -103,9 +153,13 @@ impl Replication {
                     &mut wbuf,
                 )
                 .map_err(|e| e.to_string())?;
+                run.job.advance(end - start);
                 match recv(&mut s, &mut rbuf).map_err(|e| e.to_string())?.0 {
                     Message::VerifyDigest { digest, .. } if digest == local => {}
-                    Message::VerifyDigest { .. } => differing.push(region),
+                    Message::VerifyDigest { .. } => {
+                        differing.push(region);
+                        run.differing.fetch_add(1, Ordering::Relaxed);
+                    }
                     other => {
                         return Err(format!("peer could not digest region {region}: {other:?}"))
                     }

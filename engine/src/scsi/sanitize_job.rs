@@ -58,6 +58,8 @@ pub struct Sanitize {
     progress: AtomicU32,
     /// The errno of the last failed sanitize, if it failed.
     failed: Mutex<Option<i32>>,
+    /// Bytes done of the running sanitize, for `status` (rate and time left).
+    job: Mutex<Option<Arc<crate::progress::Job>>>,
 }
 
 impl Sanitize {
@@ -71,6 +73,28 @@ impl Sanitize {
 
     pub fn failed(&self) -> Option<i32> {
         *self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// "42.0% 120.0 MiB/s eta 8s" while a sanitize runs.
+    pub fn summary(&self) -> Option<String> {
+        if !self.active() {
+            return None;
+        }
+        let job = self.job.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(job.map_or_else(|| "starting".to_string(), |j| j.summary()))
+    }
+
+    fn start_job(&self, total_bytes: u64) -> Arc<crate::progress::Job> {
+        let job = Arc::new(crate::progress::Job::new(total_bytes));
+        *self.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&job));
+        job
+    }
+
+    /// The sense-key-specific progress (1/65536ths) from the job's counts.
+    fn note(&self, job: &crate::progress::Job) {
+        let (done, total) = job.counts();
+        let p = (u128::from(done) * 65536 / u128::from(total.max(1))).min(65535) as u32;
+        self.progress.store(p, Ordering::Relaxed);
     }
 }
 
@@ -132,8 +156,11 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
     let size = lun.size_bytes();
     match kind {
         Kind::BlockErase => {
+            let job = lun.sanitize.start_job(size);
             punch(&f, 0, size)?;
             lun.alloc.mark_hole(0, size);
+            job.advance(size);
+            lun.sanitize.note(&job);
         }
         Kind::Overwrite {
             pattern,
@@ -141,6 +168,21 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
             count,
         } => {
             let passes = (*count).max(1) as usize;
+            // A pass of zeros overwrites only the allocated extents, any other the whole
+            // LUN (as below): the job's total, for the rate and the time left.
+            let allocated: u64 = lun.data_extents().map(|e| e.1).sum();
+            let total: u64 = (0..passes)
+                .map(|pass| {
+                    let flip = *invert && pass % 2 == 1;
+                    let zeros = pattern.iter().all(|&b| (if flip { !b } else { b }) == 0);
+                    if zeros {
+                        allocated
+                    } else {
+                        size
+                    }
+                })
+                .sum();
+            let job = lun.sanitize.start_job(total);
             let mut pacer = Pacer {
                 started: Instant::now(),
                 written: 0,
@@ -167,7 +209,6 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                 for &(start, len) in &extents {
                     lun.alloc.mark_data(start, len);
                 }
-                let total: u64 = extents.iter().map(|e| e.1).sum::<u64>() * (passes - pass) as u64;
                 for &(start, len) in &extents {
                     let mut off = start;
                     while off < start + len {
@@ -175,11 +216,8 @@ fn erase(lun: &Lun, kind: &Kind) -> std::io::Result<()> {
                         crate::disk::inline_write::write_all_chunked(&f, &chunk[..n], off)?;
                         off += n as u64;
                         pacer.wrote(n as u64);
-                        let done = off - start;
-                        lun.sanitize.progress.store(
-                            (done * 65536 / total.max(1)).min(65535) as u32,
-                            Ordering::Relaxed,
-                        );
+                        job.advance(n as u64);
+                        lun.sanitize.note(&job);
                     }
                 }
                 if zeros {

@@ -124,6 +124,7 @@ fn report() -> StatusReport {
                     newest: "hourly-2026-12-07T20:00:00Z".into(),
                     newest_age_seconds: 750,
                 }),
+                sanitize: None,
                 replica: Some(ReplicaStatus {
                     key: "00000000000000aa".into(),
                     state: "SyncSource".into(),
@@ -144,6 +145,7 @@ fn report() -> StatusReport {
                 allocated_bytes: 0,
                 path: "x.img".into(),
                 snapshots: None,
+                sanitize: None,
                 replica: Some(ReplicaStatus {
                     key: "00000000000000bb".into(),
                     state: "UpToDate".into(),
