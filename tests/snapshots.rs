@@ -909,3 +909,29 @@ fn a_failover_in_the_middle_of_a_cut_leaves_the_snapshot_whole_on_both_nodes_or_
         }
     }
 }
+
+/// What makes a diff read only the change: the extent maps of a file and its reflink clone
+/// (FIEMAP) say they share every block, until one is written, and then all but that block.
+#[test]
+fn a_clone_shares_every_block_with_its_file_until_one_is_written() {
+    use engine::disk::fiemap::{extents, shared};
+    let dir = scratch("fiemap");
+    let _fs = Xfs::mount(&dir, 320);
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::write(&a, vec![7u8; 8 << 20]).unwrap();
+    let fa = std::fs::File::open(&a).unwrap();
+    let fb = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&b)
+        .unwrap();
+    engine::snapshot::reflink::clone_file(&fa, &fb).expect("XFS clones");
+    let size = 8 << 20;
+    let both = || shared(&extents(&fa, size).unwrap(), &extents(&fb, size).unwrap());
+    assert_eq!(both(), vec![(0, size)]);
+    fb.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+    fb.sync_all().unwrap();
+    assert_eq!(both(), vec![(0, 1 << 20), ((1 << 20) + 4096, size)]);
+}

@@ -6,6 +6,7 @@ pub mod alloc_map;
 pub mod allocation;
 pub mod bufpool;
 pub mod durable;
+pub mod fiemap;
 pub mod inline_write;
 pub mod range_lock;
 pub mod spill;
