@@ -97,6 +97,15 @@ fn engine_request(socket: &Path, cmd: &str) -> String {
 const BLOCK_BYTES: usize = 4096;
 /// 4 KiB blocks each writer owns.
 const BLOCKS_PER_WRITER: u64 = 2048;
+/// Writers whose blocks interleave.
+const WRITERS: u64 = 3;
+
+/// Block `i` of writer `w`: the writers' blocks interleave, 32 KiB apart, over the first
+/// 192 MiB, so that a clone made in pieces (snapshot/staging.rs, 16 MiB each) splits every
+/// writer's blocks: a piece not cloned again where they went on breaks the writer's order.
+fn block_of(w: u64, i: u64) -> u64 {
+    (i * WRITERS + w) * 8
+}
 
 /// A block as the writers stamp it: writer, sequence number, block, then filler from them.
 fn stamped(writer: u32, seq: u64, block: u64) -> Vec<u8> {
@@ -150,7 +159,7 @@ fn writer(addr: String, w: u32, stop: Arc<AtomicBool>) -> Vec<Done> {
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
-        let block = u64::from(w) * BLOCKS_PER_WRITER + (seq * 7919) % BLOCKS_PER_WRITER;
+        let block = block_of(u64::from(w), (seq * 7919) % BLOCKS_PER_WRITER);
         let data = stamped(w, seq, block);
         let cdb = benches::conn::rw16(true, block * 8, 8);
         let sent = Instant::now();
@@ -180,7 +189,9 @@ fn a_snapshot_under_load_holds_the_writes_acknowledged_before_its_cut() {
             std::thread::spawn(move || writer(addr, w, stop))
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(400));
+    // Long enough for tens of thousands of scattered 4 KiB writes: a file of that many
+    // extents takes a while to clone, and the writers go on meanwhile.
+    std::thread::sleep(Duration::from_secs(3));
     let mut cuts = Vec::new();
     for i in 0..4 {
         let name = format!("load-{i}");
@@ -200,7 +211,7 @@ fn a_snapshot_under_load_holds_the_writes_acknowledged_before_its_cut() {
         let (mut inside, mut overwritten_later) = (0, 0);
         for (w, log) in logs.iter().enumerate() {
             for b in 0..BLOCKS_PER_WRITER {
-                let block = w as u64 * BLOCKS_PER_WRITER + b;
+                let block = block_of(w as u64, b);
                 let mut buf = vec![0u8; BLOCK_BYTES];
                 clone
                     .read_exact_at(&mut buf, block * BLOCK_BYTES as u64)
@@ -247,6 +258,33 @@ fn a_snapshot_under_load_holds_the_writes_acknowledged_before_its_cut() {
             inside > 100 && overwritten_later > 100,
             "{name}: the check saw the load ({inside} blocks, {overwritten_later} rewritten after the cut)"
         );
+        // One point in each writer's stream: a writer at queue depth 1 sends a write only
+        // after the one before it was acknowledged, so a snapshot that holds its write M
+        // holds, in every block of its, the last write up to M (a clone staged before the
+        // cut and not cloned again where the writers went on fails here).
+        for (w, log) in logs.iter().enumerate() {
+            let held = |block: u64| {
+                let mut buf = vec![0u8; BLOCK_BYTES];
+                clone
+                    .read_exact_at(&mut buf, block * BLOCK_BYTES as u64)
+                    .unwrap();
+                stamp_of(&buf).map(|(_, seq, _)| seq)
+            };
+            let blocks = || (0..BLOCKS_PER_WRITER).map(|b| block_of(w as u64, b));
+            let m = blocks().filter_map(held).max().unwrap_or(0);
+            for block in blocks() {
+                let expected = log
+                    .iter()
+                    .filter(|x| x.block == block && x.seq <= m)
+                    .map(|x| x.seq)
+                    .max();
+                assert_eq!(
+                    held(block),
+                    expected,
+                    "{name}: writer {w}'s block {block} is not at the snapshot's point (write {m})"
+                );
+            }
+        }
     }
 }
 

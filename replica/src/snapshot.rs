@@ -82,6 +82,10 @@ pub enum SnapOp {
     Delete,
     /// Replace the LUN's data by the snapshot's (the primary drained, and rolled back first).
     Rollback,
+    /// Before a cut, while writes go on: clone the LUN into a staging file and track what
+    /// is written meanwhile, so that `Prepare` under the hold only clones that again. A
+    /// peer that does not know it refuses it, and its `Prepare` clones the whole file.
+    Stage,
 }
 
 impl SnapOp {
@@ -93,6 +97,7 @@ impl SnapOp {
             SnapOp::Abort => 3,
             SnapOp::Delete => 4,
             SnapOp::Rollback => 5,
+            SnapOp::Stage => 6,
         }
     }
 
@@ -104,6 +109,7 @@ impl SnapOp {
             3 => SnapOp::Abort,
             4 => SnapOp::Delete,
             5 => SnapOp::Rollback,
+            6 => SnapOp::Stage,
             _ => return None,
         })
     }

@@ -130,7 +130,10 @@ fn spawn(dir: &Path, listen: &str, stderr: Stdio) -> (Child, String) {
         .arg(dir.join("twinsan.toml"))
         .args(["--listen", listen, "--data-dir"])
         .arg(dir)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("TWINSAN_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()

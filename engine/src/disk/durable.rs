@@ -19,7 +19,12 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
+        sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Makes the names in `dir` durable (after a rename or a creation in it).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }

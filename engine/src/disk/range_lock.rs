@@ -48,6 +48,24 @@ pub struct RangeLock {
     /// Drains waiting for the whole LUN ([`RangeLock::drain`]): while any does, no new range
     /// is granted, so the writes already running are the last before it.
     draining: AtomicU32,
+    /// Ranges released since [`RangeLock::track_writes`] (a snapshot staged while writes go
+    /// on, snapshot/staging.rs).
+    track: WriteTrack,
+}
+
+/// Ranges tracked at most: beyond, the staging is given up (the cut clones the whole
+/// file under its hold, as without staging). 16 MiB of memory per LUN at most.
+const TRACKED_MAX: usize = 1 << 20;
+
+/// The block ranges written since tracking started. Why a range is noted when its guard
+/// is released, and the flag read after: a write released before tracking started was
+/// complete before the staging clone began (so the clone has it), and one released after
+/// is noted; no barrier is needed for writes in flight when tracking starts.
+#[derive(Debug, Default)]
+struct WriteTrack {
+    on: std::sync::atomic::AtomicBool,
+    overflowed: std::sync::atomic::AtomicBool,
+    ranges: Mutex<Vec<(u64, u64)>>,
 }
 
 /// A held range `[start, end)` in blocks; released when dropped.
@@ -61,10 +79,15 @@ pub struct RangeGuard {
 impl Drop for RangeGuard {
     fn drop(&mut self) {
         let mut h = self.lock.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pos) = h.iter().position(|r| r.id == self.id) {
-            h.swap_remove(pos);
-        }
+        let released = h.iter().position(|r| r.id == self.id).map(|pos| {
+            let r = h.swap_remove(pos);
+            (r.start, r.end)
+        });
         drop(h);
+        // After the write it guarded is complete (see WriteTrack).
+        if let Some((start, end)) = released {
+            self.lock.note_written(start, end);
+        }
         if self.atomic {
             let mut a = self.lock.atomic.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(pos) = a.iter().position(|&(_, _, id)| id == self.id) {
@@ -200,6 +223,74 @@ impl RangeLock {
         got
     }
 
+    /// Starts (or restarts, forgetting what was noted) tracking the ranges written from
+    /// now on: every guard released from here is noted (reads under a range too: that only
+    /// clones a range again), and [`note_written`](Self::note_written) adds writes made
+    /// without a guard (the secondary's applies).
+    pub fn track_writes(&self) {
+        let mut r = self.track.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        r.clear();
+        self.track.overflowed.store(false, Ordering::SeqCst);
+        self.track.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops tracking and forgets what was noted.
+    pub fn stop_tracking(&self) {
+        self.track.on.store(false, Ordering::SeqCst);
+        self.track
+            .ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Whether writes are being tracked.
+    pub fn tracking(&self) -> bool {
+        self.track.on.load(Ordering::SeqCst)
+    }
+
+    /// Notes `[start, end)` (blocks) written, once the write is complete, if tracking.
+    pub fn note_written(&self, start: u64, end: u64) {
+        if !self.track.on.load(Ordering::SeqCst) || self.track.overflowed.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut r = self.track.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= TRACKED_MAX {
+            self.track.overflowed.store(true, Ordering::Relaxed);
+            r.clear();
+            return;
+        }
+        r.push((start, end));
+    }
+
+    /// How many ranges were noted (before merging).
+    pub fn written_count(&self) -> usize {
+        self.track
+            .ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Takes the ranges noted so far, sorted and merged, and goes on tracking; `None` if
+    /// more than the bound were written (what was written is unknown).
+    pub fn take_written(&self) -> Option<Vec<(u64, u64)>> {
+        let mut v =
+            std::mem::take(&mut *self.track.ranges.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.track.overflowed.load(Ordering::Relaxed) {
+            return None;
+        }
+        v.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (s, e) in v {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Some(merged)
+    }
+
     /// Like [`try_lock`](Self::try_lock), and readers of the range wait until it is released.
     pub fn try_lock_atomic(self: &Arc<Self>, start: u64, end: u64) -> Option<RangeGuard> {
         let mut g = self.try_lock(start, end)?;
@@ -235,6 +326,30 @@ impl RangeLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_released_while_tracking_are_noted_merged_and_the_rest_not() {
+        let l = Arc::new(RangeLock::default());
+        let before = l.try_lock(100, 108).unwrap();
+        drop(l.try_lock(0, 8).unwrap());
+        l.track_writes();
+        // In flight when tracking started, released after: noted.
+        drop(before);
+        drop(l.try_lock(8, 16).unwrap());
+        drop(l.try_lock(4, 10).unwrap());
+        l.note_written(200, 201);
+        assert_eq!(l.written_count(), 4);
+        assert_eq!(
+            l.take_written(),
+            Some(vec![(4, 16), (100, 108), (200, 201)])
+        );
+        // Taking goes on tracking, from nothing.
+        drop(l.try_lock(50, 51).unwrap());
+        assert_eq!(l.take_written(), Some(vec![(50, 51)]));
+        l.stop_tracking();
+        drop(l.try_lock(60, 61).unwrap());
+        assert_eq!(l.take_written(), Some(vec![]));
+    }
 
     #[test]
     fn overlapping_ranges_exclude_and_disjoint_ones_do_not() {

@@ -415,6 +415,14 @@ impl Replication {
         }
         match f(file) {
             Ok(()) => {
+                // Done: a clone staged meanwhile clones it again (snapshot/staging.rs).
+                let l = &self.luns[i];
+                if effect != Allocates::Nothing && len > 0 {
+                    l.ranges.note_written(
+                        offset / l.block_bytes,
+                        offset.saturating_add(len).div_ceil(l.block_bytes),
+                    );
+                }
                 if effect == Allocates::Hole {
                     // Done, and the primary sends nothing that overlaps an operation
                     // it has not had acknowledged: no write to these chunks runs now.

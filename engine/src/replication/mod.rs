@@ -217,6 +217,10 @@ pub struct RepLun {
     /// Bytes of data resyncs copied to the peer from this node, ever (holes count nothing):
     /// `twinsan_pair_resync_copied_bytes_total`, whose rate is the resync's.
     resync_copied_bytes: AtomicU64,
+    /// The LUN's range lock: what the apply side writes is noted there while a snapshot's
+    /// clone is staged (snapshot/staging.rs), as the primary's writes are by their guards.
+    ranges: Arc<crate::disk::range_lock::RangeLock>,
+    block_bytes: u64,
 }
 
 /// The replicated LUNs, at their registry slots (a LUN's index here is its slot there):
@@ -383,6 +387,8 @@ impl RepLun {
             intent_failing_since_ms: AtomicU64::new(0),
             intent_errno: std::sync::atomic::AtomicI32::new(0),
             resync_copied_bytes: AtomicU64::new(0),
+            ranges: Arc::clone(&lun.ranges),
+            block_bytes: u64::from(lun.block_size).max(1),
             key: lun.naa_id,
             pair: Mutex::new(pair),
             meta_path,

@@ -11,7 +11,10 @@ pub mod diff;
 pub mod reflink;
 pub mod schedule;
 pub mod ship;
+pub mod staging;
 pub mod store;
+
+use store::CloneFrom;
 
 use std::fs::{File, OpenOptions};
 use std::sync::Mutex;
@@ -178,6 +181,10 @@ pub fn create(reg: &Registry, luns: &[usize], name: &SnapshotName) -> Result<Str
         cut.done(ok);
     };
     drop(guards);
+    // A staging the cut did not use (it failed before this node's clone) goes.
+    for &i in luns {
+        staging::drop_staging(&reg.luns[i]);
+    }
     let names: Vec<String> = luns
         .iter()
         .map(|&i| format!("{}/{}", reg.luns[i].target_name, reg.luns[i].id))
@@ -246,20 +253,34 @@ fn flush_ahead(
 ) {
     for &i in luns {
         let lun = &reg.luns[i];
-        if let Err(e) = File::open(&lun.path).and_then(|f| f.sync_data()) {
-            tracing::warn!(lun = %lun.path.display(), error = %e, "writing back before a snapshot failed");
+        if let Err(e) = stage_after_writeback(lun) {
+            tracing::warn!(lun = %lun.path.display(), error = %e, "staging a snapshot's clone failed: the cut clones the whole file");
         }
         let Some(rep) = reg.replication.get().filter(|_| with_peer) else {
             continue;
         };
-        let r = rep
-            .snapshot_link_in(peer)
-            .and_then(|link| rep.snapshot_flush(link, i));
+        let stage = SnapshotName::parse("staging").map_err(|e| e.to_string());
+        let r = rep.snapshot_link_in(peer).and_then(|link| {
+            let Ok(name) = &stage else {
+                return rep.snapshot_flush(link, i);
+            };
+            // A peer that does not know Stage refuses it: it is written back instead.
+            rep.snapshot_request(link, i, SnapOp::Stage, 0, name)
+                .or_else(|_| rep.snapshot_flush(link, i))
+        });
         if let Err(e) = r {
             *peer = None;
             tracing::warn!(error = %e, "the peer's write-back before a snapshot failed");
         }
     }
+}
+
+/// Writes back what the page cache holds for `lun`, then stages its clone (staging.rs).
+fn stage_after_writeback(lun: &Lun) -> Result<(), String> {
+    File::open(&lun.path)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| format!("writing back: {e}"))?;
+    staging::stage(lun)
 }
 
 /// One local step of a cut, delete or rollback.
@@ -273,12 +294,29 @@ fn local_step(
 ) -> Result<(), String> {
     let mut st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
     let r = match op {
-        SnapOp::Prepare => {
-            let live = File::open(&lun.path).map_err(|e| e.to_string())?;
-            st.prepare(&live, guid, name, group, created_unix_ms)
+        SnapOp::Prepare => match staging::finish(lun) {
+            Some(staged) => st.prepare(
+                CloneFrom::Staged(&staged),
+                guid,
+                name,
+                group,
+                created_unix_ms,
+            ),
+            None => {
+                let live = File::open(&lun.path).map_err(|e| e.to_string())?;
+                st.prepare(CloneFrom::Live(&live), guid, name, group, created_unix_ms)
+            }
+        },
+        SnapOp::Stage => {
+            drop(st);
+            return stage_after_writeback(lun);
         }
         SnapOp::Commit => st.commit(guid),
-        SnapOp::Abort | SnapOp::Delete => st.remove(guid),
+        SnapOp::Abort => {
+            staging::drop_staging(lun);
+            st.remove(guid)
+        }
+        SnapOp::Delete => st.remove(guid),
         SnapOp::Rollback => {
             let live = OpenOptions::new()
                 .write(true)
@@ -581,9 +619,15 @@ pub fn apply(
         }
     };
     let mut st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
-    st.prepare(&live, h.to_guid, &h.to_name, h.to_guid, h.created_unix_ms)
-        .and_then(|()| st.commit(h.to_guid))
-        .map_err(|e| at(e.to_string()))?;
+    st.prepare(
+        CloneFrom::Live(&live),
+        h.to_guid,
+        &h.to_name,
+        h.to_guid,
+        h.created_unix_ms,
+    )
+    .and_then(|()| st.commit(h.to_guid))
+    .map_err(|e| at(e.to_string()))?;
     Ok(format!(
         "applied {}: {} data bytes, {} zeroed bytes; {}/{} holds snapshot {} ({:016x})\n",
         path.display(),

@@ -38,6 +38,40 @@ pub fn clone_file(src: &File, dest: &File) -> Result<(), CloneError> {
     })
 }
 
+/// `_IOW(0x94, 13, struct file_clone_range)` from linux/fs.h.
+const FICLONERANGE: libc::c_ulong = 0x4020_940D;
+
+#[repr(C)]
+struct FileCloneRange {
+    src_fd: i64,
+    src_offset: u64,
+    src_length: u64,
+    dest_offset: u64,
+}
+
+/// Makes `[offset, offset + len)` of `dest` share the blocks of the same range of `src`
+/// (holes included). `offset` and `len` must be multiples of the file system's block size,
+/// except a `len` of 0, which means "to the end of `src`".
+pub fn clone_range(src: &File, dest: &File, offset: u64, len: u64) -> Result<(), CloneError> {
+    let arg = FileCloneRange {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset: offset,
+        src_length: len,
+        dest_offset: offset,
+    };
+    // SAFETY: FICLONERANGE reads one `struct file_clone_range` (our repr(C) copy of it)
+    // and writes no memory of ours; both fds are open for the duration of the call.
+    let r = unsafe { libc::ioctl(dest.as_raw_fd(), FICLONERANGE as _, &arg) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    Err(match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EXDEV) => CloneError::Unsupported(e),
+        _ => CloneError::Io(e),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

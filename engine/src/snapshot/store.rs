@@ -88,13 +88,26 @@ fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> StoreEr
     move |source| StoreError::Io { path, what, source }
 }
 
+/// Where a pending snapshot's image comes from ([`Store::prepare`]).
+pub enum CloneFrom<'a> {
+    /// Cloned from the LUN's file now.
+    Live(&'a File),
+    /// A clone staged before the cut and made equal to the LUN's file under the hold.
+    Staged(&'a Path),
+}
+
+/// The directory of the snapshots of the LUN backed by `lun_path`: `<lun_path>.snapshots`.
+pub fn snapshot_dir(lun_path: &Path) -> PathBuf {
+    let mut dir = lun_path.as_os_str().to_owned();
+    dir.push(".snapshots");
+    PathBuf::from(dir)
+}
+
 impl Store {
     /// The store of the LUN backed by `lun_path`; its catalogue is read if it exists (the
     /// directory is made at the first snapshot). Clones no entry names are deleted.
     pub fn open(lun_path: &Path) -> Result<Store, StoreError> {
-        let mut dir = lun_path.as_os_str().to_owned();
-        dir.push(".snapshots");
-        let dir = PathBuf::from(dir);
+        let dir = snapshot_dir(lun_path);
         let path = dir.join(CATALOG);
         let entries = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -129,6 +142,11 @@ impl Store {
         };
         for f in rd.flatten() {
             let name = f.file_name();
+            if name == "staging.img" {
+                // A clone staged for a cut that never came (snapshot/staging.rs).
+                let _ = std::fs::remove_file(f.path());
+                continue;
+            }
             let Some(guid) = name
                 .to_str()
                 .and_then(|n| n.strip_suffix(".img"))
@@ -180,24 +198,27 @@ impl Store {
         self.dir.join(format!("{guid:016x}.img"))
     }
 
-    /// Clones the LUN's file `live` into a pending snapshot `guid` called `name`. The
+    /// Makes pending snapshot `guid` called `name` from `from`: a clone of the LUN's file
+    /// made now, or a clone staged before the cut (snapshot/staging.rs) and finished. The
     /// caller holds every write of the LUN out. Durable before it returns.
     pub fn prepare(
         &mut self,
-        live: &File,
+        from: CloneFrom<'_>,
         guid: u64,
         name: &SnapshotName,
         group: u64,
         created_unix_ms: u64,
     ) -> Result<(), StoreError> {
-        if self.committed().any(|e| e.name == name.as_str()) {
-            return Err(StoreError::NameTaken(name.to_string()));
+        self.admit(guid, name)?;
+        match from {
+            CloneFrom::Live(live) => self.clone_live(live, guid)?,
+            CloneFrom::Staged(staged) => self.name_staged(staged, guid)?,
         }
-        if self.entries.len() >= SNAPSHOTS_PER_LUN_MAX {
-            return Err(StoreError::Full);
-        }
-        // A retried cut may reuse an id of a pending clone that was never dropped.
-        self.entries.retain(|e| !(e.pending && e.guid == guid));
+        self.record_pending(guid, name, group, created_unix_ms)
+    }
+
+    /// Clones `live` into snapshot `guid`'s image, durably.
+    fn clone_live(&self, live: &File, guid: u64) -> Result<(), StoreError> {
         std::fs::create_dir_all(&self.dir)
             .map_err(io(&self.dir, "creating the snapshot directory"))?;
         let path = self.image_path(guid);
@@ -217,6 +238,40 @@ impl Store {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// Names the staged clone `staged` (equal to the LUN's file, and durable) as snapshot
+    /// `guid`'s image.
+    fn name_staged(&self, staged: &Path, guid: u64) -> Result<(), StoreError> {
+        let path = self.image_path(guid);
+        std::fs::rename(staged, &path).map_err(io(&path, "naming the staged clone"))?;
+        crate::disk::durable::sync_dir(&self.dir)
+            .map_err(io(&self.dir, "syncing the snapshot directory"))?;
+        Ok(())
+    }
+
+    /// Whether a new snapshot `guid` called `name` may be added; forgets a pending entry
+    /// of the same id (a retried cut may reuse the id of a pending clone never dropped).
+    fn admit(&mut self, guid: u64, name: &SnapshotName) -> Result<(), StoreError> {
+        if self.committed().any(|e| e.name == name.as_str()) {
+            return Err(StoreError::NameTaken(name.to_string()));
+        }
+        if self.entries.len() >= SNAPSHOTS_PER_LUN_MAX {
+            return Err(StoreError::Full);
+        }
+        self.entries.retain(|e| !(e.pending && e.guid == guid));
+        Ok(())
+    }
+
+    /// Records pending snapshot `guid` (its clone made and durable) in the catalogue.
+    fn record_pending(
+        &mut self,
+        guid: u64,
+        name: &SnapshotName,
+        group: u64,
+        created_unix_ms: u64,
+    ) -> Result<(), StoreError> {
         self.entries.push(Entry {
             guid,
             name: name.to_string(),

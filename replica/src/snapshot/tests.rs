@@ -37,7 +37,9 @@ impl World {
                 *h = Held::Committed;
             }
             SnapOp::Abort => *h = Held::None,
-            SnapOp::Delete | SnapOp::Rollback => panic!("a cut never deletes or rolls back"),
+            SnapOp::Delete | SnapOp::Rollback | SnapOp::Stage => {
+                panic!("a cut's steps never delete, roll back or stage (staging precedes it)")
+            }
         };
         match step {
             CutStep::Drain => self.writes_held = ok,

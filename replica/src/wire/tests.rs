@@ -127,7 +127,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         ),
         (
             any::<u64>(),
-            1u8..=5,
+            1u8..=6,
             any::<u64>(),
             "[A-Za-z0-9_][A-Za-z0-9._:-]{0,63}"
         )
