@@ -101,7 +101,7 @@ const BLOCKS_PER_WRITER: u64 = 2048;
 const WRITERS: u64 = 3;
 
 /// Block `i` of writer `w`: the writers' blocks interleave, 32 KiB apart, over the first
-/// 192 MiB, so that a clone made in pieces (snapshot/staging.rs, 16 MiB each) splits every
+/// 192 MiB, so that a clone made in pieces (snapshot/staging.rs, 8 MiB each) splits every
 /// writer's blocks: a piece not cloned again where they went on breaks the writer's order.
 fn block_of(w: u64, i: u64) -> u64 {
     (i * WRITERS + w) * 8

@@ -19,9 +19,9 @@ use crate::lun::Lun;
 use crate::snapshot::reflink::clone_range;
 
 /// Bytes cloned per call while staging: each call locks the file (reads and writes wait
-/// in the kernel) for as long as cloning its extents takes, so pieces are small (16 MiB of
-/// a file fragmented to 87,580 extents per GiB: about 1,400 extents, milliseconds).
-const PIECE_BYTES: u64 = 16 << 20;
+/// in the kernel) for as long as cloning its extents takes, so pieces are small (8 MiB of
+/// a file fragmented to 87,580 extents per GiB: about 700 extents, milliseconds).
+const PIECE_BYTES: u64 = 8 << 20;
 /// Passes over what was written during the previous one, at most.
 const CATCH_UP_PASSES: usize = 4;
 /// Stop catching up once no more ranges than this were written during a pass: the hold
@@ -171,8 +171,32 @@ fn clone_ranges(
 }
 
 /// Clones `[off, off + len)`; a piece that ends at the file's end is asked "to the end"
-/// (FICLONERANGE wants block-aligned lengths otherwise).
+/// (FICLONERANGE wants block-aligned lengths otherwise). The piece's dirty pages are
+/// written back first, without the file's lock: the clone writes back what is still dirty
+/// while it holds the lock, and under random writes that was most of the pause it caused
+/// (a 307 ms stall at 16 MiB pieces without this step, 2026-12-08).
 fn clone_piece(live: &File, dest: &File, off: u64, len: u64, size: u64) -> Result<(), String> {
+    write_back(live, off, if off + len >= size { 0 } else { len });
     let len = if off + len >= size { 0 } else { len };
     clone_range(live, dest, off, len).map_err(|e| format!("cloning bytes at {off}: {e}"))
+}
+
+/// Writes back the dirty pages of `[off, off + len)` (`len` 0: to the end) and waits for
+/// them. Not a durability step (the clone's own sync is): only a shorter clone. A failure
+/// only leaves the clone more to write back.
+fn write_back(f: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: sync_file_range reads and writes no memory of ours; the fd is open for the
+    // duration of the call.
+    let _ = unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            flags,
+        )
+    };
 }
