@@ -337,6 +337,9 @@ fn local_step(
         }
         SnapOp::Delete => st.remove(guid),
         SnapOp::Rollback => {
+            // The file's content is replaced by no noted write: a clone staged before
+            // would be finished from stale pieces.
+            staging::drop_staging(lun);
             let live = OpenOptions::new()
                 .write(true)
                 .open(&lun.path)
@@ -601,6 +604,8 @@ pub fn apply(
         .write(true)
         .open(&lun.path)
         .map_err(|e| at(e.to_string()))?;
+    // The reset below replaces the file's content by no noted write (see local_step).
+    staging::drop_staging(lun);
     let reset = |live: &File| -> Result<(), String> {
         let st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
         let r = match base {
