@@ -259,8 +259,7 @@ impl RepLuns {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &RepLun> {
-        let len = self.len();
-        self.slots[..len].iter().filter_map(|s| s.get())
+        self.into_iter()
     }
 
     /// Fills slot `index`, which must be the next one (the registry's slot of the same LUN).
@@ -297,9 +296,16 @@ impl std::ops::Index<usize> for RepLuns {
 
 impl<'a> IntoIterator for &'a RepLuns {
     type Item = &'a RepLun;
-    type IntoIter = Box<dyn Iterator<Item = &'a RepLun> + 'a>;
+    type IntoIter = std::iter::FilterMap<
+        std::slice::Iter<'a, std::sync::OnceLock<RepLun>>,
+        fn(&'a std::sync::OnceLock<RepLun>) -> Option<&'a RepLun>,
+    >;
+    /// The filled slots, without an allocation (the intent keeper walks them every poll).
     fn into_iter(self) -> Self::IntoIter {
-        Box::new(self.iter())
+        let len = self.len();
+        self.slots[..len]
+            .iter()
+            .filter_map(std::sync::OnceLock::get)
     }
 }
 
