@@ -56,9 +56,15 @@ pub enum Decision {
     SyncSourceFull,
     /// The peer is ahead by more than its bitmap covers.
     SyncTargetFull,
-    /// Both moved on from a common ancestor (or both claim to be primary). Never resolved silently: an
-    /// operator must choose the victim.
+    /// Both moved on from a common ancestor. Never resolved silently: an operator must choose the
+    /// victim.
     SplitBrain,
+    /// Both claim to be primary, but the ids show no divergence: at most one side wrote since they
+    /// parted (a primary answers a write alone only under a new generation). A role conflict, not
+    /// a verdict on the data: nothing is copied until one side steps down, and the ids are
+    /// compared afresh then. Typically an old primary that was frozen (SIGSTOP, a hang) while
+    /// its peer took over, and that answers a connection before it notices and demotes.
+    BothPrimary,
     /// No common history, or no side holds usable (consistent) data to copy from: refuse.
     Unrelated,
     /// A brand-new pair (both blank). The configured primary is the source; only allocated regions
@@ -133,6 +139,19 @@ impl GenIds {
     }
 }
 
+/// Whether both sides moved on from a common ancestor: neither `current` is the other's
+/// ancestor (nor equal to it), yet they share one.
+fn diverged(local: &GenIds, peer: &GenIds) -> bool {
+    let local_current = normalized(local.current);
+    let peer_current = normalized(peer.current);
+    local_current != peer_current
+        && !local.ancestors().any(|id| id == peer_current)
+        && !peer.ancestors().any(|id| id == local_current)
+        && local
+            .ancestors()
+            .any(|id| peer.ancestors().any(|other| other == id))
+}
+
 /// A `current` of 0 (blank) is the same content as the [`JUST_CREATED`] ancestor.
 fn normalized(current: u64) -> u64 {
     if current == 0 {
@@ -145,7 +164,7 @@ fn normalized(current: u64) -> u64 {
 /// Compares our LUN's ids with the peer's and decides the direction of resync (if any).
 ///
 /// The table, first match wins:
-/// 1. both primary → `SplitBrain` (two writers);
+/// 1. both primary → `SplitBrain` if the ids diverged (rule 6 below), else `BothPrimary`;
 /// 2. both blank → `InitialSync { source_is_local: local.primary }`;
 /// 3. same `current` → `InSync`, unless exactly one side is inconsistent (it becomes the bitmap
 ///    target) or both are (`Unrelated`: nothing to copy from);
@@ -164,7 +183,15 @@ pub fn decide(
     peer_flags: GenFlags,
 ) -> Decision {
     if local_flags.primary && peer_flags.primary {
-        return Decision::SplitBrain;
+        // Deciding the split brain from roles alone turned a stopped old primary's first
+        // answer after SIGCONT (before it demoted) into a permanent split brain on the new
+        // primary, which then gave its role up: nobody served (the failover rig's sigstop
+        // scenario). The ids alone say whether both wrote.
+        return if diverged(local, peer) {
+            Decision::SplitBrain
+        } else {
+            Decision::BothPrimary
+        };
     }
     if local.current == 0 && peer.current == 0 {
         return Decision::InitialSync {
@@ -199,10 +226,7 @@ pub fn decide(
         Decision::SyncSourceFull
     } else if peer.ancestors().any(|id| id == local_current) {
         Decision::SyncTargetFull
-    } else if local
-        .ancestors()
-        .any(|id| peer.ancestors().any(|other| other == id))
-    {
+    } else if diverged(local, peer) {
         Decision::SplitBrain
     } else {
         Decision::Unrelated
@@ -300,11 +324,36 @@ mod tests {
     }
 
     #[test]
-    fn both_primary_is_split_brain() {
+    fn both_primary_without_divergence_waits_for_one_to_step_down() {
         check(
             ids(5, 0, [0, 0]),
             PRI,
             ids(5, 0, [0, 0]),
+            PRI,
+            Decision::BothPrimary,
+        );
+        // The new primary wrote after the takeover; the frozen old one did not (it would
+        // have drawn a new id first): whoever steps down becomes the bitmap target.
+        let old = ids(77, 0, [33, 0]);
+        let mut new = old;
+        new.bump([4; 8]);
+        check(new, PRI, old, PRI, Decision::BothPrimary);
+        check(new, PRI, old, SEC, Decision::SyncSourceBitmap);
+    }
+
+    #[test]
+    fn both_primary_after_both_wrote_is_split_brain() {
+        let base = ids(77, 0, [33, 0]);
+        let mut a = base;
+        let mut b = base;
+        a.bump([1; 8]);
+        b.bump([2; 8]);
+        check(a, PRI, b, PRI, Decision::SplitBrain);
+        let through_history = (ids(300, 0, [200, 100]), ids(400, 100, [0, 0]));
+        check(
+            through_history.0,
+            PRI,
+            through_history.1,
             PRI,
             Decision::SplitBrain,
         );

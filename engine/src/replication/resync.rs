@@ -106,6 +106,14 @@ impl Replication {
                     tracing::error!(lun = l.key, ?local, peer = ?h.gen, "SPLIT BRAIN: both nodes changed the data; not resolved automatically");
                     return Err(std::io::Error::other("split brain"));
                 }
+                Err(PlanRefusal::PeerAlsoPrimary) => {
+                    tracing::warn!(
+                        lun = l.key,
+                        "the peer still says it is primary (an old primary that was frozen or \
+                         cut off and has not stepped down yet): not syncing it until it does"
+                    );
+                    return Err(std::io::Error::other("the peer is primary too"));
+                }
                 Err(PlanRefusal::Refused(decision)) => {
                     let local = l.pair().meta().gen;
                     tracing::error!(lun = l.key, ?decision, ?local, peer = ?h.gen, "peer has newer or unrelated data: refusing to sync from here");

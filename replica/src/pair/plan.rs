@@ -36,6 +36,9 @@ pub enum PlanRefusal {
     },
     /// Both nodes changed the data: never resolved silently.
     SplitBrain,
+    /// The peer says it is primary too, with no divergence: retried until it steps down
+    /// ([`Decision::BothPrimary`]); the LUN's state is not touched.
+    PeerAlsoPrimary,
     /// The peer has newer or unrelated data.
     Refused(Decision),
 }
@@ -86,6 +89,7 @@ pub fn plan_resync(
         }
         | Decision::SyncSourceFull => every_region.clone(),
         Decision::SplitBrain => return Err(PlanRefusal::SplitBrain),
+        Decision::BothPrimary => return Err(PlanRefusal::PeerAlsoPrimary),
         other => return Err(PlanRefusal::Refused(other)),
     };
     // A peer that crashed as primary since its last resync may hold writes nobody
@@ -107,7 +111,7 @@ pub fn plan_resync(
 
 /// Why the peer that sent `peer` must stay the source, seen from a node configured primary
 /// at its start: the peer holds newer data for this LUN (it was promoted while we were away
-/// and restarted since as secondary), or the two split.
+/// and restarted since as secondary), the two split, or it is primary itself.
 pub fn peer_is_ahead_at_start(meta: &Meta, peer: &LunHello) -> Option<Decision> {
     let ours = GenFlags {
         outdated: meta.flags.outdated,
@@ -118,7 +122,10 @@ pub fn peer_is_ahead_at_start(meta: &Meta, peer: &LunHello) -> Option<Decision> 
     let d = decide(&meta.gen, ours, &peer.gen, peer.flags);
     matches!(
         d,
-        Decision::SyncTargetBitmap | Decision::SyncTargetFull | Decision::SplitBrain
+        Decision::SyncTargetBitmap
+            | Decision::SyncTargetFull
+            | Decision::SplitBrain
+            | Decision::BothPrimary
     )
     .then_some(d)
 }
@@ -227,6 +234,28 @@ mod tests {
         assert_eq!(plan_resync(&m, false, &peer), Err(PlanRefusal::SplitBrain));
         peer.flags.primary = true;
         assert_eq!(plan_resync(&m, false, &peer), Err(PlanRefusal::SplitBrain));
+    }
+
+    #[test]
+    fn an_old_primary_that_has_not_stepped_down_is_retried_not_split() {
+        // This node took over and wrote; the old primary, frozen meanwhile, still says
+        // primary at the first connection after it woke up.
+        let mut m = meta();
+        let mut old = hello(&m, SECONDARY);
+        old.flags.primary = true;
+        m.gen.bump([5; 8]);
+        assert_eq!(
+            plan_resync(&m, false, &old),
+            Err(PlanRefusal::PeerAlsoPrimary)
+        );
+        assert_eq!(
+            peer_is_ahead_at_start(&m, &old),
+            Some(Decision::BothPrimary)
+        );
+        // Once it has demoted, it is the bitmap target.
+        old.flags.primary = false;
+        let plan = plan_resync(&m, false, &old).unwrap();
+        assert_eq!(plan.decision, Decision::SyncSourceBitmap);
     }
 
     #[test]
