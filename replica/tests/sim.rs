@@ -35,6 +35,10 @@
 //!   may undo it), the power failing in the middle of a metadata write (the step unwinds
 //!   there, `PowerCut`: nothing after it runs); a record failing its checksum cannot come
 //!   from the engine's write order and is not modelled;
+//! - the failover controller's takeover of a paused primary under the witness's lease (the
+//!   rig's sigstop): the old primary, which can answer nothing alone any more, runs again
+//!   still saying primary until its controller demotes it, and answers hellos meanwhile
+//!   (an acceptor that is primary sends its hello before it refuses the connection);
 //! - the operator: switchover, a switchover called off (demote then promote),
 //!   `outdate-peer`, `verify` and `verify --repair`, `resolve --discard-local`;
 //! - quiet spells: the faults stop for a while and the pair resyncs while writes go on.
@@ -216,6 +220,15 @@ struct Parts {
     answers: Vec<(usize, u64, bool)>,
 }
 
+impl Parts {
+    /// The LUN's hello as this node, in role `primary`, announces it (engine:
+    /// `Replication::hello`, which asks the links for unanswered writes).
+    fn hello(&self, primary: bool) -> replica::wire::LunHello {
+        let unanswered = self.shards.iter().any(|s| s.holds_lun(0));
+        self.lun.hello(primary, unanswered)
+    }
+}
+
 /// A machine.
 struct Node {
     disk: Disk,
@@ -229,6 +242,10 @@ struct Node {
     /// role, and whether it recorded the peer outdated (it changed data alone).
     seen_primary: bool,
     seen_peer_outdated: bool,
+    /// Primary while paused when its peer took over under the witness's lease
+    /// ([`Sim::lease_takeover`]): it answers nothing alone any more (the witness refuses it
+    /// the lease), and its controller demotes it soon after it runs again.
+    lease_lost: bool,
 }
 
 #[derive(Default, Debug, Clone, Copy)]
@@ -259,6 +276,10 @@ struct Stats {
     /// `resolve --discard-local` done, and split brains it resolved.
     discards: u64,
     resolved: u64,
+    /// Takeovers from a paused primary under the lease, and connections that met the old
+    /// primary still saying primary after one (refused until it stepped down).
+    lease_takeovers: u64,
+    both_primary: u64,
 }
 
 impl Stats {
@@ -282,6 +303,8 @@ impl Stats {
         self.verified_in_sync += s.verified_in_sync;
         self.discards += s.discards;
         self.resolved += s.resolved;
+        self.lease_takeovers += s.lease_takeovers;
+        self.both_primary += s.both_primary;
     }
 
     /// Whether every fault and check a long run claims happened at least once.
@@ -302,6 +325,8 @@ impl Stats {
             self.verified_in_sync,
             self.discards,
             self.resolved,
+            self.lease_takeovers,
+            self.both_primary,
         ]
         .iter()
         .all(|&x| x > 0)
@@ -421,6 +446,7 @@ impl Sim {
             diverged: false,
             seen_primary: id == 0,
             seen_peer_outdated: false,
+            lease_lost: false,
         };
         let mut sim = Sim {
             seed,

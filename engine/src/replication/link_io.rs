@@ -166,13 +166,31 @@ pub(super) fn expect_ok(m: Message, what: &str) -> std::io::Result<()> {
 impl Replication {
     pub(super) fn hello(&self, link: u16) -> Message {
         let primary = self.is_primary();
+        // Read under the mirror lock: a peer loss takes the unanswered writes off the links
+        // and records them in their LUNs under it too, so no hello falls between the two.
+        let unanswered: Vec<bool> = if primary {
+            vec![false; self.luns.len()]
+        } else {
+            self.with_mirror(|_, _| {
+                (0..self.luns.len())
+                    .map(|i| {
+                        self.links.iter().any(|l| {
+                            l.pending
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .holds_lun(i)
+                        })
+                    })
+                    .collect()
+            })
+        };
         // A LUN a reload removed is not announced: the peer may remove it too.
         let luns = self
             .luns
             .iter()
             .enumerate()
             .filter(|&(i, _)| !self.removed(i))
-            .map(|(_, l)| l.pair().hello(primary))
+            .map(|(i, l)| l.pair().hello(primary, unanswered[i]))
             .collect();
         Message::Hello {
             node_id: self.node_id.clone(),

@@ -221,8 +221,19 @@ impl PairLun {
         self.meta.bitmap.region_bytes()
     }
 
-    /// Our hello entry for this LUN, as a node in role `primary`.
-    pub fn hello(&self, primary: bool) -> LunHello {
+    /// Our hello entry for this LUN, as a node in role `primary`. `writes_unanswered`:
+    /// mirrored writes of this node's last term to this LUN still wait for the peer's
+    /// answer (see [`LinkShard::holds_lun`](super::LinkShard::holds_lun)).
+    ///
+    /// A node that is no longer primary with such writes was demoted without draining
+    /// them: the old primary frozen (SIGSTOP, a hang) while its peer took over, and
+    /// demoted by its controller once it ran again. They may have landed here only, and
+    /// nothing names their regions to the peer yet (the peer loss that records them comes
+    /// later): the hello says crashed, so the new primary's resync compares every region.
+    /// Found by the simulation (seed 39167 of the lease takeover): the new primary planned
+    /// from its own bitmap, and an unanswered write of the old one stayed on it alone while
+    /// both said UpToDate.
+    pub fn hello(&self, primary: bool, writes_unanswered: bool) -> LunHello {
         LunHello {
             lun_key: self.meta.lun_key,
             size_bytes: self.meta.size_bytes,
@@ -232,7 +243,7 @@ impl PairLun {
                 outdated: self.meta.flags.outdated,
                 inconsistent: self.meta.flags.inconsistent,
                 primary,
-                crashed: self.meta.flags.crashed,
+                crashed: self.meta.flags.crashed || (writes_unanswered && !primary),
             },
         }
     }

@@ -53,6 +53,11 @@ impl LinkShard {
         self.pending.is_empty()
     }
 
+    /// Whether an operation on LUN `lun` (its index) waits for the peer on this link.
+    pub fn holds_lun(&self, lun: usize) -> bool {
+        self.pending.values().any(|p| p.lun == lun)
+    }
+
     /// Operations waiting for the peer.
     pub fn len(&self) -> usize {
         self.pending.len()

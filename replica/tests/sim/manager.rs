@@ -84,21 +84,29 @@ impl Sim {
     }
 
     pub(super) fn manager_connect(&mut self, n: NodeId) {
-        let Some(conn) = self.connect(n, ConnKind::Control) else {
-            if let Some(p) = self.nodes[n].proc_.as_mut() {
-                p.manager = Manager::Idle {
-                    next_try_ms: self.now + RECONNECT_MS,
-                };
-            }
-            return;
-        };
         let o = Self::other(n);
+        // The engine's handshake exchanges the hellos before an acceptor that is primary
+        // refuses the connection: the connector plans with that hello all the same (the
+        // failover rig's sigstop met it: a frozen old primary's first answer after SIGCONT).
+        let acceptor_primary = self.reachable(o) && self.is_primary(o);
+        let conn = match self.connect(n, ConnKind::Control) {
+            Some(conn) => Some(conn),
+            None if acceptor_primary => None,
+            None => {
+                if let Some(p) = self.nodes[n].proc_.as_mut() {
+                    p.manager = Manager::Idle {
+                        next_try_ms: self.now + RECONNECT_MS,
+                    };
+                }
+                return;
+            }
+        };
         let hello = {
             let q = self.nodes[o].proc_.as_ref().expect("connected");
-            q.parts.lun.hello(q.primary)
+            q.parts.hello(q.primary)
         };
         let p = self.nodes[n].proc_.as_mut().expect("up");
-        let local = p.parts.lun.hello(true);
+        let local = p.parts.hello(true);
         let planned = p.parts.lun.plan_resync(&hello);
         trace!(
             self,
@@ -107,6 +115,9 @@ impl Sim {
         let plan = match planned {
             Ok(plan) => plan,
             Err(refusal) => {
+                if refusal == PlanRefusal::PeerAlsoPrimary {
+                    self.stats.both_primary += 1;
+                }
                 if refusal == PlanRefusal::SplitBrain {
                     self.stats.split_brains += 1;
                     if !self.forced {
@@ -117,7 +128,9 @@ impl Sim {
                 }
                 trace!(self, "node {n}: resync refused: {refusal:?}");
                 let now = self.now;
-                close_end(&mut self.conns, conn, true, now);
+                if let Some(conn) = conn {
+                    close_end(&mut self.conns, conn, true, now);
+                }
                 self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Idle {
                     next_try_ms: self.now + 4 * RECONNECT_MS,
                 };
@@ -133,6 +146,11 @@ impl Sim {
                 "both nodes wrote as primaries (split brain), yet a resync was planned: {plan:?}"
             ));
         }
+        let Some(conn) = conn else {
+            self.fail(&format!(
+                "a resync was planned to a peer that is primary too: {plan:?}"
+            ));
+        };
         let run = Box::new(SourceRun::new(vec![(0, plan)], SOURCE_TIMERS, self.now));
         self.nodes[n].proc_.as_mut().expect("up").manager = Manager::Running {
             conn,

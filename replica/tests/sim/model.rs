@@ -30,6 +30,19 @@ impl Model {
     }
 
     pub(super) fn good(&mut self, s: usize, id: u32, fua: bool) {
+        if id < self.acked[s] {
+            // A write issued after this one was answered first: the two were outstanding
+            // together, which one node's range lock never allows, but a takeover does (the
+            // old primary's write, mirrored before it froze, is answered by the ack it
+            // finds when it runs again; the new primary took a later one meanwhile). SCSI
+            // orders no overlapping commands in flight together: either may be what the
+            // sector holds.
+            self.maybe[s].insert(id);
+            if fua && id > self.durable[s] {
+                self.durable[s] = id;
+            }
+            return;
+        }
         self.acked[s] = id;
         self.maybe[s].retain(|&x| x > id);
         if fua {

@@ -96,7 +96,7 @@ impl Sim {
             return None;
         }
         if kind == ConnKind::Control {
-            let h = self.nodes[n].proc_.as_ref()?.parts.lun.hello(true);
+            let h = self.nodes[n].proc_.as_ref()?.parts.hello(true);
             let node = &mut self.nodes[o];
             let q = node.proc_.as_mut().expect("reachable");
             if q.parts.lun.primary_connected(&h).needed() {

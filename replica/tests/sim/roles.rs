@@ -73,7 +73,7 @@ impl Sim {
             && self.reachable(o)
             && self.nodes[o].proc_.as_ref().is_some_and(|q| {
                 q.primary || {
-                    let h = q.parts.lun.hello(q.primary);
+                    let h = q.parts.hello(q.primary);
                     p.parts.lun.peer_is_ahead_at_start(&h).is_some()
                 }
             });
@@ -96,6 +96,7 @@ impl Sim {
         p.primary = primary;
         if !primary {
             p.fenced = false;
+            node.lease_lost = false;
         }
         let persist_needed = p.parts.lun.set_role(primary);
         if persist_needed.needed() {
@@ -133,6 +134,50 @@ impl Sim {
             p.demoted_at = Some(self.now);
         }
         self.drain_done(n);
+    }
+
+    /// The failover controller's takeover from a paused primary, guarded by the witness
+    /// (engine: `Action::Promote` with `Guard::Witness`, then `Action::OutdatePeer`): node
+    /// `n`, secondary and UpToDate, is promoted without asking the peer (it is silent) and
+    /// records it outdated. Only under the Suspend policy (the witness's: a primary that
+    /// loses its peer holds writes until its lease lets it go on alone) and only before the
+    /// paused primary recorded its peer outdated (then its peer is the one behind, and the
+    /// witness's record says so). From here on the old primary can answer nothing alone,
+    /// and when it runs again it still says primary until its controller demotes it: what
+    /// the failover rig's sigstop scenario does, and where a connection answered in that
+    /// window once made a false split brain.
+    pub(super) fn lease_takeover(&mut self, n: NodeId) {
+        let o = Self::other(n);
+        let ready = self.policy == PeerLossPolicy::Suspend
+            && !self.forced
+            && self.up(n)
+            && !self.nodes[n].paused
+            && !self.is_primary(n)
+            && self.nodes[n]
+                .proc_
+                .as_ref()
+                .is_some_and(|p| !p.parts.lun.blocks_promotion())
+            && self.up(o)
+            && self.nodes[o].paused
+            && self.is_primary(o)
+            && !self.nodes[o].seen_peer_outdated;
+        if !ready {
+            return;
+        }
+        trace!(
+            self,
+            "node {n}: takes over from the paused node {o} (lease)"
+        );
+        self.nodes[o].lease_lost = true;
+        self.stats.lease_takeovers += 1;
+        if let Some(p) = self.nodes[n].proc_.as_mut() {
+            p.fenced = true;
+            p.gate.close_all_accepted();
+        }
+        self.set_role(n, true);
+        self.stats.promotions += 1;
+        self.now_serving(n);
+        self.outdate_peer(n);
     }
 
     /// `twinsan promote` (engine: admin `promote` → `promote_refusal`, `fence_for_promotion`,
@@ -194,6 +239,7 @@ impl Sim {
             if power_loss { "power loss" } else { "crash" }
         );
         self.nodes[n].proc_ = None;
+        self.nodes[n].lease_lost = false;
         self.nodes[n].paused = false;
         let now = self.now;
         for c in &mut self.conns {

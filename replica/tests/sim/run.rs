@@ -9,6 +9,14 @@ impl Sim {
         if !self.up(n) || self.nodes[n].paused {
             return;
         }
+        if self.nodes[n].lease_lost {
+            // Its controller sees the peer's heartbeats again and gives the role up, some
+            // time after the process runs again: meanwhile it still says primary.
+            if self.rng.gen_bool(0.3) {
+                trace!(self, "node {n}: its controller demotes it (lease lost)");
+                self.demote(n);
+            }
+        }
         let now = self.now;
         let p = self.nodes[n].proc_.as_ref().expect("up");
         if p.mirror.mirroring() && p.parts.shards.iter().any(|s| s.overdue(now, TIMEOUT_MS)) {
@@ -89,7 +97,8 @@ impl Sim {
     pub(super) fn fault(&mut self) {
         let n = self.rng.gen_range(0..2);
         // An admin command to a paused daemon waits for it: not issued meanwhile.
-        let admin = !self.nodes[n].paused;
+        // A primary that lost its lease is demoted by its controller, not by an operator.
+        let admin = !self.nodes[n].paused && !self.nodes[n].lease_lost;
         match self.rng.gen_range(0..125) {
             0..=14 => {
                 self.partitioned = !self.partitioned;
@@ -104,6 +113,11 @@ impl Sim {
                     "resumed"
                 };
                 trace!(self, "node {n}: {what}");
+                // Half the time a paused primary's peer takes over (the deadtime passes
+                // while it is paused; it can do nothing meanwhile anyway).
+                if self.nodes[n].paused && self.rng.gen_bool(0.5) {
+                    self.lease_takeover(Self::other(n));
+                }
             }
             28..=37 => self.crash(n, false),
             38..=42 => self.crash(n, true),
@@ -192,8 +206,14 @@ impl Sim {
         for n in 0..2 {
             self.note_status(n);
         }
-        let writers = self.writers();
-        if writers.len() > 1 && !self.forced {
+        // A primary that lost its lease takes writes it can never answer GOOD: it holds
+        // them (its peer refuses them) until its demotion fails them.
+        let answering = self
+            .writers()
+            .into_iter()
+            .filter(|&n| !self.nodes[n].lease_lost)
+            .count();
+        if answering > 1 && !self.forced {
             self.fail("two nodes take writes");
         }
         self.check_equal_when_quiet();
@@ -278,6 +298,18 @@ impl Sim {
                 if let (Some(&n), true) = (self.writers().first(), self.rng.gen_bool(0.2)) {
                     let repair = self.rng.gen_bool(0.5);
                     self.verify(n, repair);
+                }
+                // The failover rig's sigstop: the primary of a pair in sync stops for longer
+                // than the deadtime, its peer takes over, and it runs again still saying
+                // primary until its controller demotes it.
+                let writers = self.writers();
+                if let ([o], true) = (writers.as_slice(), self.rng.gen_bool(0.01)) {
+                    let o = *o;
+                    self.nodes[o].paused = true;
+                    trace!(self, "node {o}: paused");
+                    self.lease_takeover(Self::other(o));
+                    self.nodes[o].paused = false;
+                    trace!(self, "node {o}: resumed");
                 }
             }
             _ => {

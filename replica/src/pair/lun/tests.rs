@@ -102,7 +102,7 @@ fn a_power_loss_is_remembered_across_a_later_process_crash() {
     let disk = lun.meta_for_disk(&[]);
     let (lun, _, _) = open(disk, Marker::SameBoot, true);
     let peer = {
-        let mut h = lun.hello(false);
+        let mut h = lun.hello(false, false);
         h.flags = Default::default();
         h
     };
@@ -123,12 +123,25 @@ fn a_node_demoted_with_writes_running_that_crashed_asks_for_every_region() {
     m.bitmap.set(8);
     let (lun, _, _) = open(m, Marker::SameBoot, false);
     assert!(
-        lun.hello(false).flags.crashed,
+        lun.hello(false, false).flags.crashed,
         "the new primary must compare every region"
     );
     // A secondary that crashed with nothing of its own in flight does not.
     let (lun, _, _) = open(blank(), Marker::SameBoot, false);
-    assert!(!lun.hello(false).flags.crashed);
+    assert!(!lun.hello(false, false).flags.crashed);
+}
+
+#[test]
+fn a_demoted_node_with_writes_still_unanswered_asks_for_every_region() {
+    // Running, not crashed: the old primary frozen while its peer took over, demoted once
+    // it ran again, its last writes still waiting for the peer's answer.
+    let (lun, _, _) = open(blank(), Marker::Absent, false);
+    assert!(lun.hello(false, true).flags.crashed);
+    // Once they are answered (they are on the peer) or recorded by the peer loss, the
+    // hello says what the record says.
+    assert!(!lun.hello(false, false).flags.crashed);
+    // A primary's own unanswered writes are in its bitmap: it is the sync source.
+    assert!(!lun.hello(true, true).flags.crashed);
 }
 
 #[test]
@@ -182,7 +195,7 @@ fn a_suspended_loss_keeps_the_generation_until_something_is_answered_alone() {
     );
     assert!(lun.meta().bitmap.is_dirty(3));
     assert!(
-        lun.hello(true).flags.crashed,
+        lun.hello(true, false).flags.crashed,
         "the peer must compare every region"
     );
     lun.mark_persisted();
@@ -217,14 +230,14 @@ fn a_write_alone_needs_a_record_unless_one_covers_it() {
 fn a_resync_completes_only_when_nothing_is_dirty_and_both_sides_agree_after() {
     let (mut primary, _, _) = open(blank(), Marker::Absent, true);
     let (mut secondary, _, _) = open(blank(), Marker::Absent, false);
-    let plan = primary.plan_resync(&secondary.hello(false)).unwrap();
+    let plan = primary.plan_resync(&secondary.hello(false, false)).unwrap();
     assert!(plan.initial);
     let (regions, persist) = primary.begin_resync(&plan, 1000);
     assert_eq!(persist, Persist::Needed, "the plan is durable first");
     assert_eq!(regions.len(), 16);
     assert_eq!(primary.state(), SyncState::SyncSource);
     assert_eq!(
-        secondary.primary_connected(&primary.hello(true)),
+        secondary.primary_connected(&primary.hello(true, false)),
         Persist::Needed
     );
     assert!(secondary.blocks_promotion());
@@ -262,7 +275,7 @@ fn a_resync_completes_only_when_nothing_is_dirty_and_both_sides_agree_after() {
     assert_eq!(primary.completion_acknowledged(), Persist::Needed);
     assert_eq!(secondary.state(), SyncState::UpToDate);
     assert!(!secondary.blocks_promotion());
-    let (p, s) = (primary.hello(true), secondary.hello(false));
+    let (p, s) = (primary.hello(true, false), secondary.hello(false, false));
     assert_eq!(decide(&p.gen, p.flags, &s.gen, s.flags), Decision::InSync);
     assert_eq!(
         primary.source_progress(2000).0,
@@ -310,7 +323,7 @@ fn the_peer_is_in_sync_on_record_only_once_it_took_the_ids() {
     assert!(lun.meta().flags.peer_outdated);
     assert_eq!(lun.meta().gen.bitmap, gen.current);
     let decide_with = |target: GenIds| {
-        let h = lun.hello(true);
+        let h = lun.hello(true, false);
         crate::genid::decide(&h.gen, h.flags, &target, GenFlags::default())
     };
     assert_eq!(decide_with(gen), crate::genid::Decision::SyncSourceBitmap);
@@ -411,7 +424,7 @@ fn a_discarded_secondary_cannot_be_promoted_and_is_overwritten() {
     let (mut lun, _, _) = open(blank(), Marker::Absent, false);
     assert_eq!(lun.discard_local(), Persist::Needed);
     assert!(lun.blocks_promotion());
-    let h = lun.hello(false);
+    let h = lun.hello(false, false);
     assert!(h.flags.outdated && h.flags.inconsistent && h.flags.crashed);
 }
 
