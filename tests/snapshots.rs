@@ -471,24 +471,32 @@ fn a_file_system_without_reflink_refuses_snapshots_with_the_reason() {
 /// although a load ran), a rollback reaches the secondary, the promoted secondary lists and
 /// serves the same snapshots after the primary is killed, and the old primary, rejoining,
 /// follows the new primary's list.
-#[test]
-fn a_pair_cuts_at_the_same_write_on_both_nodes_and_keeps_it_through_a_failover() {
-    let _g = serial();
+const PAIR_PSK: &str = "pair-test-psk-0123456789";
+
+/// A pair (`NAME-a` primary, `NAME-b` secondary), each on its own XFS with one 64 MiB LUN,
+/// in sync; and a's iSCSI port and both replica ports (to write a's config again).
+fn xfs_pair(name: &str) -> (Node, Node, [u16; 3]) {
     let [ia, ib, ra, rb] = common::free_ports();
-    let psk = "pair-test-psk-0123456789";
-    let mut b = Node::on_xfs(
-        "snap-pair-b",
-        node_toml(ib, rb, ra, "secondary", psk, "64MiB"),
+    let b = Node::on_xfs(
+        &format!("{name}-b"),
+        node_toml(ib, rb, ra, "secondary", PAIR_PSK, "64MiB"),
         ib,
         512,
     );
-    let mut a = Node::on_xfs(
-        "snap-pair-a",
-        node_toml(ia, ra, rb, "primary", psk, "64MiB"),
+    let a = Node::on_xfs(
+        &format!("{name}-a"),
+        node_toml(ia, ra, rb, "primary", PAIR_PSK, "64MiB"),
         ia,
         512,
     );
     wait_in_sync(&a, Duration::from_secs(20));
+    (a, b, [ia, ra, rb])
+}
+
+#[test]
+fn a_pair_cuts_at_the_same_write_on_both_nodes_and_keeps_it_through_a_failover() {
+    let _g = serial();
+    let (mut a, mut b, [ia, ra, rb]) = xfs_pair("snap-pair");
     let lun = format!("{}/0", common::pair::TARGET);
     let load_url = a.url();
     let load = std::thread::spawn(move || {
@@ -544,7 +552,11 @@ fn a_pair_cuts_at_the_same_write_on_both_nodes_and_keeps_it_through_a_failover()
     // secondary and follows.
     let out = b.admin(&format!("snapshot delete {lun} quiet"));
     assert!(out.starts_with("ok"), "{out}");
-    std::fs::write(&a.config, node_toml(ia, ra, rb, "secondary", psk, "64MiB")).unwrap();
+    std::fs::write(
+        &a.config,
+        node_toml(ia, ra, rb, "secondary", PAIR_PSK, "64MiB"),
+    )
+    .unwrap();
     a.start();
     wait_in_sync(&b, Duration::from_secs(30));
     let t = Instant::now();
@@ -561,6 +573,76 @@ fn a_pair_cuts_at_the_same_write_on_both_nodes_and_keeps_it_through_a_failover()
         std::thread::sleep(Duration::from_millis(200));
     }
     b.kill9();
+}
+
+/// A stream applied to a pair's primary reaches the secondary: both nodes go back to the
+/// base, hold the stream's data and its snapshot, and keep it through a failover (the DR
+/// site of a ship is often a pair itself).
+#[test]
+fn a_stream_applied_on_a_pair_reaches_both_nodes_and_survives_a_failover() {
+    let _g = serial();
+    let src = XfsDaemon::start("snap-pair-apply-src", "64MiB");
+    let src_lun = format!("{TARGET}/0");
+    src.fill_and_snapshot("40m", "s1");
+    let o = bench(
+        &src.d.url(0),
+        &["--rw", "randwrite", "--size", "48m", "--runtime", "1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(src.snap(&["create", &src_lun, "s2"]).0);
+    let dir = scratch("snap-pair-apply-streams");
+    let (full, inc) = (dir.join("full.tsd"), dir.join("inc.tsd"));
+    for (from, to, path) in [(None, "s1", &full), (Some("s1"), "s2", &inc)] {
+        let mut args = vec!["diff", &src_lun];
+        if let Some(f) = from {
+            args.extend(["--from", f]);
+        }
+        args.extend(["--to", to, "--output", path.to_str().unwrap()]);
+        let (ok, out) = src.snap(&args);
+        assert!(ok, "{out}");
+    }
+    let src_clone = |name: &str| clone_path(&src.d.dir.join("twinsan.sock"), &src_lun, name);
+
+    let (mut a, mut b, _) = xfs_pair("snap-pair-apply");
+    let lun = format!("{}/0", common::pair::TARGET);
+    // Something the full stream must replace on both nodes.
+    let o = bench(&a.url(), &["--rw", "write", "--size", "8m", "--once"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The secondary refuses: streams are applied where the writes are ordered.
+    let out = b.admin(&format!("snapshot apply {lun} {}", full.display()));
+    assert!(!out.starts_with("ok") && out.contains("primary"), "{out}");
+    let clones = |n: &Node, name: &str| clone_path(&n.dir.join("data/twinsan.sock"), &lun, name);
+    for (path, name) in [(&full, "s1"), (&inc, "s2")] {
+        let out = a.admin(&format!("snapshot apply {lun} {}", path.display()));
+        assert!(
+            out.starts_with("ok") && out.contains("the peer holds it too"),
+            "{out}"
+        );
+        for (n, node) in [("primary", &a), ("secondary", &b)] {
+            assert!(
+                same_bytes(&node.lun(), &src_clone(name)),
+                "after applying {name}: the {n}'s LUN differs from the source's snapshot"
+            );
+            assert!(
+                same_bytes(&clones(node, name), &src_clone(name)),
+                "the {n}'s snapshot {name} differs from the source's"
+            );
+        }
+    }
+    // The pair is still mirroring: a write now reaches the secondary.
+    let o = bench(&a.url(), &["--rw", "write", "--size", "1m", "--once"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_in_sync(&a, Duration::from_secs(20));
+    // Failover: the secondary serves with both snapshots, and the next stream of the chain
+    // would find its base there.
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = b.admin("promote");
+    assert!(out.starts_with("ok"), "{out}");
+    let listed = b.admin("snapshot list");
+    assert!(listed.contains("s1") && listed.contains("s2"), "{listed}");
+    b.kill9();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// VPD page 0x83's NAA designator (raw bytes, as `iscsi-inq` prints them: the last
@@ -866,8 +948,8 @@ fn under_load(n: &Node) -> std::thread::JoinHandle<std::process::Output> {
 fn a_failover_in_the_middle_of_a_cut_leaves_the_snapshot_whole_on_both_nodes_or_on_neither() {
     let _g = serial();
     let [ia, ib, ra, rb] = common::free_ports();
-    let psk = "pair-test-psk-0123456789";
-    let toml = |i: u16, me: u16, peer: u16, role: &str| node_toml(i, me, peer, role, psk, "64MiB");
+    let toml =
+        |i: u16, me: u16, peer: u16, role: &str| node_toml(i, me, peer, role, PAIR_PSK, "64MiB");
     let mut b = Node::on_xfs("snap-cutfail-b", toml(ib, rb, ra, "secondary"), ib, 512);
     let mut a = Node::on_xfs("snap-cutfail-a", toml(ia, ra, rb, "primary"), ia, 512);
     wait_in_sync(&a, Duration::from_secs(20));
@@ -952,7 +1034,7 @@ fn a_failover_in_the_middle_of_a_cut_leaves_the_snapshot_whole_on_both_nodes_or_
 /// (FIEMAP) say they share every block, until one is written, and then all but that block.
 #[test]
 fn a_clone_shares_every_block_with_its_file_until_one_is_written() {
-    use engine::disk::fiemap::{extents, shared};
+    use engine::disk::fiemap::{extents, mapped_alike, shared};
     let dir = scratch("fiemap");
     let _fs = Xfs::mount(&dir, 320);
     let (a, b) = (dir.join("a"), dir.join("b"));
@@ -969,7 +1051,14 @@ fn a_clone_shares_every_block_with_its_file_until_one_is_written() {
     let size = 8 << 20;
     let both = || shared(&extents(&fa, size).unwrap(), &extents(&fb, size).unwrap());
     assert_eq!(both(), vec![(0, size)]);
-    fb.write_all_at(&[1u8; 4096], 1 << 20).unwrap();
+    assert!(
+        mapped_alike(&fa, &fb, size),
+        "a fresh clone maps as its file"
+    );
+    // The same bytes written again still break it: the block is no longer shared (what
+    // tells an applied stream's LUN written since from one that was not).
+    fb.write_all_at(&[7u8; 4096], 1 << 20).unwrap();
     fb.sync_all().unwrap();
     assert_eq!(both(), vec![(0, 1 << 20), ((1 << 20) + 4096, size)]);
+    assert!(!mapped_alike(&fa, &fb, size));
 }

@@ -57,6 +57,29 @@ pub struct Extent {
 /// The extents of `f` in `[0, size)`, in logical order, leaving out those whose address
 /// is unreliable. An error (FIEMAP unsupported, more than [`EXTENTS_MAX`]) means: compare.
 pub fn extents(f: &File, size: u64) -> std::io::Result<Vec<Extent>> {
+    extents_noting_unreliable(f, size).map(|(out, _)| out)
+}
+
+/// Whether `a` and `b` are known to hold the same bytes in `[0, size)` because the file
+/// system maps them alike: every extent of either is shared by both (the same physical
+/// bytes in the same written state), so holes are holes in both. True right after one was
+/// cloned from the other; a write to either since (even of the same bytes) makes it false.
+/// False too when it cannot tell (FIEMAP unsupported, an extent of unreliable address).
+pub fn mapped_alike(a: &File, b: &File, size: u64) -> bool {
+    let (Ok((ea, false)), Ok((eb, false))) = (
+        extents_noting_unreliable(a, size),
+        extents_noting_unreliable(b, size),
+    ) else {
+        return false;
+    };
+    let bytes = |e: &[Extent]| e.iter().map(|x| x.len).sum::<u64>();
+    let both: u64 = shared(&ea, &eb).iter().map(|(s, e)| e - s).sum();
+    both == bytes(&ea) && both == bytes(&eb)
+}
+
+/// [`extents`], and whether any extent was left out for its unreliable address.
+fn extents_noting_unreliable(f: &File, size: u64) -> std::io::Result<(Vec<Extent>, bool)> {
+    let mut unreliable = false;
     let mut out = Vec::new();
     let mut start = 0u64;
     while start < size {
@@ -84,6 +107,7 @@ pub fn extents(f: &File, size: u64) -> std::io::Result<Vec<Extent>> {
         for e in &req.extents[..mapped] {
             last |= e.flags & FIEMAP_EXTENT_LAST != 0;
             start = start.max(e.logical.saturating_add(e.length));
+            unreliable |= e.flags & FIEMAP_EXTENT_ADDRESS_UNRELIABLE != 0;
             if e.flags & FIEMAP_EXTENT_ADDRESS_UNRELIABLE == 0 && e.length > 0 {
                 out.push(Extent {
                     logical: e.logical,
@@ -102,7 +126,7 @@ pub fn extents(f: &File, size: u64) -> std::io::Result<Vec<Extent>> {
             break;
         }
     }
-    Ok(out)
+    Ok((out, unreliable))
 }
 
 /// The byte ranges `[start, end)` where `a` and `b` (each in logical order) map the same

@@ -180,9 +180,32 @@ impl Replication {
         let Some(l) = self.luns.get(lun) else {
             return;
         };
-        if let Err(e) = l.mark_out_of_sync(0..l.size_bytes().div_ceil(l.region_bytes())) {
+        let _ = self.resync_ranges(lun, [(0, l.size_bytes())], why);
+    }
+
+    /// Marks the regions under `ranges` (offset, length in bytes) of LUN `lun` out of sync
+    /// and drops the peer, so that the resync that follows copies them from this node: they
+    /// changed outside the mirrored write path (a stream applied, a rollback). Err if the
+    /// record could not be persisted (the peer is dropped all the same).
+    pub fn resync_ranges(
+        &self,
+        lun: usize,
+        ranges: impl IntoIterator<Item = (u64, u64)>,
+        why: &str,
+    ) -> std::io::Result<()> {
+        let Some(l) = self.luns.get(lun) else {
+            return Ok(());
+        };
+        let region = l.region_bytes();
+        let regions = ranges
+            .into_iter()
+            .filter(|&(_, len)| len > 0)
+            .flat_map(|(off, len)| off / region..(off + len).div_ceil(region));
+        let r = l.mark_out_of_sync(regions);
+        if let Err(e) = &r {
             tracing::error!(lun = l.key, error = %e, "cannot record the LUN out of sync");
         }
         self.peer_lost(why);
+        r
     }
 }

@@ -557,8 +557,17 @@ pub fn apply(
             "a stream is applied on the primary (this node is secondary)".into(),
         ));
     }
-    if reg.replication.get().is_some() {
-        return Err(at("applying a stream to a replicated LUN is not supported yet (docs/limitations.md): apply it on a standalone node".into()));
+    let rep = reg.replication.get();
+    if rep.is_some() {
+        // Both nodes must start from the same base and end with the same snapshot.
+        if let PeerView::Apart(why) = peer_view(reg, &[lun_index]) {
+            return Err(ApplyRefused::Later(store_err(
+                lun,
+                format!(
+                    "the peer cannot follow a stream now ({why}); retry once the pair is UpToDate"
+                ),
+            )));
+        }
     }
     refuse_with_sessions(reg, lun, force).map_err(ApplyRefused::Later)?;
     let mut f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -598,7 +607,21 @@ pub fn apply(
             ),
         }
     };
-    let _guard = drain(lun).map_err(ApplyRefused::Later)?;
+    let guard = drain(lun).map_err(ApplyRefused::Later)?;
+    if let (Some(rep), Some(g)) = (rep, base) {
+        // The peer goes back to the same base on its own clone (snapshots are cut at one
+        // write on both nodes, so the two clones hold the same bytes): what the stream
+        // changes is then all the two nodes differ by, and the resync below copies only it.
+        rep.snapshot_request_once(lun_index, SnapOp::Rollback, g, &h.to_name)
+            .map_err(|e| {
+                ApplyRefused::Later(store_err(
+                    lun,
+                    format!(
+                        "the peer could not go back to the stream's base ({e}); nothing changed"
+                    ),
+                ))
+            })?;
+    }
     let live = OpenOptions::new()
         .read(true)
         .write(true)
@@ -617,12 +640,30 @@ pub fn apply(
         refresh_allocation(lun, live);
         r
     };
-    reset(&live).map_err(at)?;
+    // On a pair, every range the stream writes (all of them for a full stream, which
+    // empties the LUN first) is resynced to the peer from here, even if this fails half
+    // way: the peer must end up with what this node holds.
+    let mut changed: Vec<(u64, u64)> = match base {
+        Some(_) => Vec::new(),
+        None => vec![(0, lun.size_bytes())],
+    };
+    let resync_changed = |changed: &[(u64, u64)]| -> Result<(), String> {
+        let Some(rep) = rep else { return Ok(()) };
+        rep.resync_ranges(lun_index, changed.iter().copied(), "a snapshot stream was applied")
+            .map_err(|e| format!("the changed ranges could not be recorded for the peer ({e}); run `twinsan verify --repair`"))
+    };
+    if let Err(e) = reset(&live) {
+        resync_changed(&changed).map_err(at)?;
+        return Err(at(e));
+    }
     let t = diff::apply_records(reader, rest, &mut f, &live, |off, len, data| {
         if data {
             lun.alloc.mark_data(off, len);
         } else {
             lun.alloc.mark_hole(off, len);
+        }
+        if rep.is_some() && base.is_some() {
+            changed.push((off, len));
         }
     });
     let t = match t.and_then(|t| live.sync_all().map(|()| t).map_err(diff::ApplyError::Write)) {
@@ -630,6 +671,7 @@ pub fn apply(
         Err(e) => {
             // Half applied is neither the base nor the new snapshot: back to the base.
             let undo = reset(&live);
+            resync_changed(&changed).map_err(at)?;
             return Err(at(format!(
                 "{}: {e}; the LUN {}",
                 path.display(),
@@ -650,10 +692,23 @@ pub fn apply(
         h.to_guid,
         h.created_unix_ms,
     )
-    .and_then(|()| st.commit(h.to_guid))
     .map_err(|e| at(e.to_string()))?;
+    let clone_path = st.image_path(h.to_guid);
+    drop(st);
+    let mut note = String::new();
+    if let Some(rep) = rep {
+        resync_changed(&changed).map_err(at)?;
+        // The resync copies under the range locks: the writes must flow again meanwhile.
+        drop(guard);
+        note = match peer_takes_applied(rep, reg, lun, lun_index, &clone_path, &h) {
+            Ok(()) => "; the peer holds it too".into(),
+            Err(e) => format!("; the peer does not hold it ({e}): a failover would lose it"),
+        };
+    }
+    let mut st = lun.snaps.lock().unwrap_or_else(|p| p.into_inner());
+    st.commit(h.to_guid).map_err(|e| at(e.to_string()))?;
     Ok(format!(
-        "applied {}: {} data bytes, {} zeroed bytes; {}/{} holds snapshot {} ({:016x})\n",
+        "applied {}: {} data bytes, {} zeroed bytes; {}/{} holds snapshot {} ({:016x}){note}\n",
         path.display(),
         t.data_bytes,
         t.zero_bytes,
@@ -662,4 +717,68 @@ pub fn apply(
         h.to_name,
         h.to_guid
     ))
+}
+
+/// How long an applied stream waits for the resync of what it changed. Why this bound: the
+/// LUN's writes are held meanwhile (the snapshot must be cut on the peer at the applied
+/// data, nothing later), and a resync this slow means the link or the peer is failing.
+const APPLY_PEER_SYNC_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// On a pair, after a stream was applied here and this node cloned the result into the
+/// stream's snapshot (`clone`, pending): waits until the resync has copied what it changed
+/// (the peer UpToDate again), holds the writes, and, if none came since the apply (the LUN
+/// still maps every block as its clone does), has the peer clone its LUN, now the same
+/// bytes, into the same snapshot (`Prepare`, `Commit`), as a cut would.
+fn peer_takes_applied(
+    rep: &crate::replication::Replication,
+    reg: &Registry,
+    lun: &Lun,
+    lun_index: usize,
+    clone: &std::path::Path,
+    h: &replica::snapshot::stream::Header,
+) -> Result<(), String> {
+    let (guid, name) = (h.to_guid, &h.to_name);
+    let start = std::time::Instant::now();
+    // The peer loss that starts the resync is immediate, but the view may still show the
+    // connection it ends: look for the resync's end only after a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    loop {
+        match peer_view(reg, &[lun_index]) {
+            PeerView::InSync => break,
+            PeerView::Apart(why) if start.elapsed() >= APPLY_PEER_SYNC_TIMEOUT => {
+                return Err(format!(
+                    "the resync did not finish within {} s: {why}",
+                    APPLY_PEER_SYNC_TIMEOUT.as_secs()
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let _held = drain(lun)?;
+    let unchanged = File::open(&lun.path)
+        .and_then(|live| File::open(clone).map(|c| (live, c)))
+        .map(|(live, c)| crate::disk::fiemap::mapped_alike(&live, &c, lun.size_bytes()))
+        .unwrap_or(false);
+    if !unchanged {
+        return Err(
+            "the LUN was written while the peer resynced, so its data is no longer the stream's"
+                .into(),
+        );
+    }
+    if let PeerView::Apart(why) = peer_view(reg, &[lun_index]) {
+        return Err(format!("the peer is apart again: {why}"));
+    }
+    let mut link = None;
+    for op in [SnapOp::Prepare, SnapOp::Commit] {
+        let r = rep
+            .snapshot_link_in(&mut link)
+            .and_then(|l| rep.snapshot_request(l, lun_index, op, guid, name));
+        if let Err(e) = r {
+            if op == SnapOp::Commit {
+                let _ = rep.snapshot_request_once(lun_index, SnapOp::Abort, guid, name);
+            }
+            return Err(format!("peer: {op:?}: {e}"));
+        }
+    }
+    Ok(())
 }
