@@ -648,12 +648,13 @@ fn a_stream_applied_on_a_pair_reaches_both_nodes_and_survives_a_failover() {
 /// VPD page 0x83's NAA designator (raw bytes, as `iscsi-inq` prints them: the last
 /// designator) and page 0x80's serial.
 fn identity(url: &str) -> (Vec<u8>, String) {
-    let page83 = common::tool("iscsi-inq", &["-e", "1", "-c", "131", url]).stdout;
+    let o = common::tool("iscsi-inq", &["-e", "1", "-c", "131", url]);
+    let page83 = &o.stdout;
     let marker = b"Designator Type:(3) NAA\nDesignator:[";
     let at = page83
         .windows(marker.len())
         .position(|w| w == marker)
-        .unwrap_or_else(|| panic!("no NAA designator: {}", String::from_utf8_lossy(&page83)));
+        .unwrap_or_else(|| panic!("no NAA designator from {url}: {}", text(&o)));
     let naa = page83[at + marker.len()..].to_vec();
     let serial = text(&common::tool("iscsi-inq", &["-e", "1", "-c", "128", url]));
     let serial = serial
@@ -731,6 +732,78 @@ fn an_exported_snapshot_is_a_read_only_copy_with_its_own_identity() {
         .command_sync(&benches::conn::rw16(false, 0, 8), 4096)
         .unwrap();
     assert_eq!(r.data, vec![0x33; 4096]);
+}
+
+/// On a pair each node exports its own clone of the snapshot (the same bytes: the cut was
+/// at one write on both), under the same identity, without asking the peer and without
+/// becoming part of the pair; after a failover the survivor serves it.
+#[test]
+fn each_node_of_a_pair_exports_its_clone_and_the_survivor_serves_it() {
+    let _g = serial();
+    let (mut a, mut b, _) = xfs_pair("snap-pair-export");
+    let lun = format!("{}/0", common::pair::TARGET);
+    let addr = |n: &Node| format!("127.0.0.1:{}", n.iscsi_port);
+    let mut c = session_at(&addr(&a), common::pair::TARGET, "iqn.2026-12.test:pex", 1);
+    let w = c
+        .command_sync_data(&benches::conn::rw16(true, 0, 8), 0, &[0x5A; 4096])
+        .unwrap();
+    assert_eq!(w.status, 0);
+    let out = a.admin(&format!("snapshot create {lun} for-dr"));
+    assert!(out.starts_with("ok"), "{out}");
+    let w = c
+        .command_sync_data(&benches::conn::rw16(true, 0, 8), 0, &[0x33; 4096])
+        .unwrap();
+    assert_eq!(w.status, 0);
+    drop(c);
+    let export = "iqn.2026-12.io.twinsan:pair-dr-copy";
+    for n in [&b, &a] {
+        let out = n.admin(&format!("snapshot export {lun} for-dr --as {export}/0"));
+        assert!(!out.contains("rror") && !out.contains("refused"), "{out}");
+    }
+    // Not the pair's: the pair stays in sync, status shows no state for the export, and
+    // no replication record is written beside the clone it serves.
+    wait_in_sync(&a, Duration::from_secs(20));
+    let status = a.admin("status");
+    assert_eq!(status.matches("replica lun ").count(), 1, "{status}");
+    for n in [&a, &b] {
+        let clone = clone_path(&n.dir.join("data/twinsan.sock"), &lun, "for-dr");
+        for sidecar in [".meta", ".running"] {
+            let mut p = clone.clone().into_os_string();
+            p.push(sidecar);
+            assert!(!PathBuf::from(&p).exists(), "{p:?} written");
+        }
+    }
+    // Served by the primary only (the secondary's LUNs are in standby, as ALUA says).
+    let url = |n: &Node| format!("iscsi://{}/{export}/0", addr(n));
+    let served_by_a = identity(&url(&a));
+    let read_export = |n: &Node| {
+        let mut e = session_at(&addr(n), export, "iqn.2026-12.test:pex", 2);
+        let r = e
+            .command_sync(&benches::conn::rw16(false, 0, 8), 4096)
+            .unwrap();
+        r.data
+    };
+    assert_eq!(read_export(&a), vec![0x5A; 4096]);
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = b.admin("promote");
+    assert!(out.starts_with("ok"), "{out}");
+    assert_eq!(
+        read_export(&b),
+        vec![0x5A; 4096],
+        "the survivor's export does not hold the snapshot's bytes"
+    );
+    assert_eq!(
+        identity(&url(&b)),
+        served_by_a,
+        "the nodes export the snapshot under different identities"
+    );
+    let mut c = session_at(&addr(&b), common::pair::TARGET, "iqn.2026-12.test:pex", 3);
+    let r = c
+        .command_sync(&benches::conn::rw16(false, 0, 8), 4096)
+        .unwrap();
+    assert_eq!(r.data, vec![0x33; 4096], "the LUN itself lost a write");
+    b.kill9();
 }
 
 /// Names of the LUN's snapshots, from `snapshot list`.

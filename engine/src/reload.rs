@@ -466,8 +466,8 @@ pub fn reload(reg: &Registry, force: bool) -> Result<Diff, ReloadError> {
 
 /// On a pair: refuses what would make the two nodes differ (`replica::pair::reconfig`
 /// decides from the peer's LUNs), naming the first LUN that must wait and why. A read-only
-/// LUN (a snapshot export) is refused outright: its file is a snapshot clone, which a
-/// resync would overwrite on the peer.
+/// LUN (a snapshot export) is each node's own (its file is a snapshot clone, which a
+/// resync would overwrite on the peer): added and removed without asking the peer.
 fn pair_may_change(
     reg: &Registry,
     rep: &crate::replication::Replication,
@@ -483,22 +483,15 @@ fn pair_may_change(
         key: lun_key(cfg, t, id),
         what,
     };
+    let replicated: Vec<_> = created.iter().filter(|(_, _, l)| !l.read_only).collect();
     let mut metas = Vec::new();
-    for (t, id, lun) in created {
-        if lun.read_only {
-            return Err(refused(
-                new,
-                t,
-                *id,
-                format!("LUN {t}/{id} is read-only: snapshot exports and other read-only LUNs are not served on a pair yet"),
-            ));
-        }
+    for (_, _, lun) in &replicated {
         metas.push(rep.lun_meta(lun)?);
     }
     // (target, LUN id, config it is in, verb) of each change, in the order of `changes`.
     let mut named: Vec<(&str, u64, &Config, &str)> = Vec::new();
     let mut changes = Vec::new();
-    for ((t, id, _), m) in created.iter().zip(&metas) {
+    for ((t, id, _), m) in replicated.iter().zip(&metas) {
         named.push((t, *id, new, "added"));
         changes.push(LunChange::Add(m));
     }
@@ -513,7 +506,7 @@ fn pair_may_change(
         }
     }
     for (t, id) in &d.luns_removed {
-        if let Some(i) = index(t, *id) {
+        if let Some(i) = index(t, *id).filter(|&i| !reg.luns[i].read_only) {
             named.push((t, *id, &view.config, "removed"));
             changes.push(LunChange::Remove {
                 key: reg.luns[i].naa_id,

@@ -189,7 +189,7 @@ impl Replication {
             .luns
             .iter()
             .enumerate()
-            .filter(|&(i, _)| !self.removed(i))
+            .filter(|&(i, _)| !self.unreplicated(i))
             .map(|(i, l)| l.pair().hello(primary, unanswered[i]))
             .collect();
         Message::Hello {

@@ -200,6 +200,8 @@ pub struct RepLun {
     /// `replica::pair`'s; this driver persists what it says and carries out the I/O.
     pub pair: Mutex<PairLun>,
     meta_path: PathBuf,
+    /// Read-only (a snapshot export): never persisted, never replicated.
+    local_only: bool,
     backing: PathBuf,
     /// Regions writes may be issued to (`replica::intent`); persisted with every metadata
     /// write. Replaced by a larger one when the LUN grows ([`Replication::grow_lun`]), with
@@ -375,10 +377,13 @@ impl RepLun {
                 tracing::warn!(path = %path, regions, "unclean shutdown without a write-intent log: allocated regions marked for resync");
             }
         }
-        if persist.needed() || grown {
+        // A read-only LUN (a snapshot export) is not replicated (`Replication::unreplicated`):
+        // its record stays in memory, and nothing is written beside the clone it serves.
+        let local_only = lun.read_only;
+        if (persist.needed() || grown) && !local_only {
             write_meta(&meta_path, pair.meta())?;
         }
-        {
+        if !local_only {
             let mut f = File::create(&marker)?;
             f.write_all(boot_id().as_bytes())?;
             f.sync_all()?;
@@ -399,6 +404,7 @@ impl RepLun {
             pair: Mutex::new(pair),
             meta_path,
             backing: lun.path.clone(),
+            local_only,
         })
     }
 
@@ -429,7 +435,9 @@ impl RepLun {
     /// Persists the record with `regions` also set in the bitmap on disk (the memory copy
     /// keeps only what is really out of sync).
     fn persist_with(&self, p: &mut PairLun, regions: &[u64]) -> std::io::Result<()> {
-        write_meta(&self.meta_path, &p.meta_for_disk(regions))?;
+        if !self.local_only {
+            write_meta(&self.meta_path, &p.meta_for_disk(regions))?;
+        }
         p.mark_persisted();
         Ok(())
     }

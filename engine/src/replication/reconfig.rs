@@ -61,7 +61,7 @@ impl Replication {
         let never_synced = l.pair().meta().gen.current == 0;
         let regions = l.size_bytes().div_ceil(l.region_bytes());
         self.luns.install(index, l)?;
-        if self.is_primary() {
+        if self.is_primary() && !self.unreplicated(index) {
             if never_synced {
                 self.luns[index].mark_out_of_sync(0..regions)?;
             }
@@ -107,20 +107,25 @@ impl Replication {
         Ok(())
     }
 
-    /// Whether registry slot `index` holds a LUN a reload removed (it is neither announced
-    /// nor resynced any more: the peer may remove it too).
-    pub(super) fn removed(&self, index: usize) -> bool {
-        self.registry()
-            .is_some_and(|r| r.luns.get(index).is_some_and(|l| l.is_removed()))
+    /// Whether registry slot `index` holds a LUN the pair does not replicate: one a reload
+    /// removed (the peer may remove it too), or a read-only one (a snapshot export: each
+    /// node serves its own clone of the same snapshot, and a resync would overwrite the
+    /// peer's). Such a LUN is neither announced nor resynced, and counts for no promotion.
+    pub(super) fn unreplicated(&self, index: usize) -> bool {
+        self.registry().is_some_and(|r| {
+            r.luns
+                .get(index)
+                .is_some_and(|l| l.is_removed() || l.read_only)
+        })
     }
 
-    /// The LUNs no reload removed: what promotion checks and the failover controller look
+    /// The LUNs the pair replicates: what promotion checks and the failover controller look
     /// at (a removed LUN's record is never resynced again, whatever its state says).
     pub(super) fn live_luns(&self) -> impl Iterator<Item = &RepLun> {
         self.luns
             .iter()
             .enumerate()
-            .filter(|&(i, _)| !self.removed(i))
+            .filter(|&(i, _)| !self.unreplicated(i))
             .map(|(_, l)| l)
     }
 }

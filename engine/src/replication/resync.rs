@@ -73,7 +73,7 @@ impl Replication {
     fn plan_all(&self, hellos: &[LunHello]) -> std::io::Result<Vec<(usize, ResyncPlan)>> {
         let mut plans = Vec::new();
         for (i, l) in self.luns.iter().enumerate() {
-            if self.removed(i) {
+            if self.unreplicated(i) {
                 continue;
             }
             let Some(h) = hellos.iter().find(|h| h.lun_key == l.key) else {

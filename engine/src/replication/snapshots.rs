@@ -116,6 +116,9 @@ impl Replication {
     ) -> std::io::Result<()> {
         let mut wbuf = Vec::new();
         for (i, l) in self.luns.iter().enumerate() {
+            if self.unreplicated(i) {
+                continue;
+            }
             let guids: Vec<u64> = {
                 let st = reg.luns[i].snaps.lock().unwrap_or_else(|p| p.into_inner());
                 st.committed().map(|e| e.guid).collect()

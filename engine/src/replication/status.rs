@@ -59,8 +59,11 @@ impl Replication {
             let _ = writeln!(s, "{v}");
         }
         let now = now_ms(&self.epoch);
-        for l in &self.luns {
-            let _ = writeln!(s, "{}", l.pair().status_line(now, primary_connected));
+        // A removed or read-only LUN is not the pair's: no state to show.
+        for (i, l) in self.luns.iter().enumerate() {
+            if !self.unreplicated(i) {
+                let _ = writeln!(s, "{}", l.pair().status_line(now, primary_connected));
+            }
         }
         s
     }

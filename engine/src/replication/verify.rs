@@ -101,7 +101,7 @@ impl Replication {
             .luns
             .iter()
             .enumerate()
-            .filter(|&(i, _)| !self.removed(i))
+            .filter(|&(i, _)| !self.unreplicated(i))
             .map(|(_, l)| l.size_bytes())
             .sum();
         let run = Arc::new(VerifyRun {
@@ -123,7 +123,7 @@ impl Replication {
         let mut report = String::new();
         let mut differing_total = 0u64;
         for (i, l) in self.luns.iter().enumerate() {
-            if self.removed(i) {
+            if self.unreplicated(i) {
                 continue;
             }
             let lun = &reg.luns[i];
