@@ -81,12 +81,47 @@ pub fn mapped_alike(a: &File, b: &File, size: u64) -> bool {
 fn extents_noting_unreliable(f: &File, size: u64) -> std::io::Result<(Vec<Extent>, bool)> {
     let mut unreliable = false;
     let mut out = Vec::new();
+    walk(f, size, FIEMAP_FLAG_SYNC, |e| {
+        unreliable |= e.flags & FIEMAP_EXTENT_ADDRESS_UNRELIABLE != 0;
+        if e.flags & FIEMAP_EXTENT_ADDRESS_UNRELIABLE == 0 && e.length > 0 {
+            out.push(Extent {
+                logical: e.logical,
+                physical: e.physical,
+                len: e.length,
+                unwritten: e.flags & FIEMAP_EXTENT_UNWRITTEN != 0,
+            });
+        }
+        out.len() <= EXTENTS_MAX
+    })?;
+    Ok((out, unreliable))
+}
+
+/// Where `f`'s extents start in `[0, size)` (every extent, whatever its address says: the
+/// count is what matters), without writing the file back first (so, unlike [`extents`],
+/// it costs no I/O). Err beyond [`EXTENTS_MAX`].
+pub fn extent_starts(f: &File, size: u64) -> std::io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    walk(f, size, 0, |e| {
+        out.push(e.logical);
+        out.len() <= EXTENTS_MAX
+    })?;
+    Ok(out)
+}
+
+/// Calls `each` for every extent of `f` in `[0, size)`, in logical order, asking FIEMAP
+/// with `flags`, until `each` says stop (then Err: too many extents).
+fn walk(
+    f: &File,
+    size: u64,
+    flags: u32,
+    mut each: impl FnMut(&RawExtent) -> bool,
+) -> std::io::Result<()> {
     let mut start = 0u64;
     while start < size {
         let mut req = Request {
             start,
             length: size - start,
-            flags: FIEMAP_FLAG_SYNC,
+            flags,
             mapped_extents: 0,
             extent_count: BATCH as u32,
             reserved: 0,
@@ -107,26 +142,17 @@ fn extents_noting_unreliable(f: &File, size: u64) -> std::io::Result<(Vec<Extent
         for e in &req.extents[..mapped] {
             last |= e.flags & FIEMAP_EXTENT_LAST != 0;
             start = start.max(e.logical.saturating_add(e.length));
-            unreliable |= e.flags & FIEMAP_EXTENT_ADDRESS_UNRELIABLE != 0;
-            if e.flags & FIEMAP_EXTENT_ADDRESS_UNRELIABLE == 0 && e.length > 0 {
-                out.push(Extent {
-                    logical: e.logical,
-                    physical: e.physical,
-                    len: e.length,
-                    unwritten: e.flags & FIEMAP_EXTENT_UNWRITTEN != 0,
-                });
+            if !each(e) {
+                return Err(std::io::Error::other(format!(
+                    "more than {EXTENTS_MAX} extents"
+                )));
             }
-        }
-        if out.len() > EXTENTS_MAX {
-            return Err(std::io::Error::other(format!(
-                "more than {EXTENTS_MAX} extents"
-            )));
         }
         if last {
             break;
         }
     }
-    Ok((out, unreliable))
+    Ok(())
 }
 
 /// The byte ranges `[start, end)` where `a` and `b` (each in logical order) map the same
