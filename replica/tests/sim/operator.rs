@@ -65,7 +65,11 @@ impl Sim {
             if self.split_visible() {
                 self.resolve_split_brain(n);
             }
-        } else if self.is_primary(n) || (self.is_primary(o) && !self.nodes[o].paused) {
+        } else if self.is_primary(n)
+            || (self.is_primary(o) && !self.nodes[o].paused && !self.nodes[o].lease_lost)
+        {
+            // A primary that lost its lease does not serve (the witness names the node
+            // that does): its peer's data is not given up for it.
             self.discard_local(n);
         }
     }

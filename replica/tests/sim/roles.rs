@@ -153,10 +153,10 @@ impl Sim {
             && self.up(n)
             && !self.nodes[n].paused
             && !self.is_primary(n)
-            && self.nodes[n]
-                .proc_
-                .as_ref()
-                .is_some_and(|p| !p.parts.lun.blocks_promotion())
+            // The controller's `promotable`: usable and known current (UpToDate).
+            && self.nodes[n].proc_.as_ref().is_some_and(|p| {
+                !p.parts.lun.blocks_promotion() && p.parts.lun.state() == SyncState::UpToDate
+            })
             && self.up(o)
             && self.nodes[o].paused
             && self.is_primary(o)

@@ -303,7 +303,7 @@ impl Sim {
                 // than the deadtime, its peer takes over, and it runs again still saying
                 // primary until its controller demotes it.
                 let writers = self.writers();
-                if let ([o], true) = (writers.as_slice(), self.rng.gen_bool(0.01)) {
+                if let ([o], true) = (writers.as_slice(), self.rng.gen_bool(0.05)) {
                     let o = *o;
                     self.nodes[o].paused = true;
                     trace!(self, "node {o}: paused");
