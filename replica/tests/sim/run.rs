@@ -228,7 +228,10 @@ impl Sim {
         };
         let (p, s) = if pa.primary { (a, b) } else { (b, a) };
         let (pp, ps) = if pa.primary { (pa, pb) } else { (pb, pa) };
+        // A primary that lost its lease still believes it mirrors (it was paused when its
+        // peer took over): its copy is the old one, and not the pair's any more.
         let quiet = pp.primary
+            && !self.nodes[p].lease_lost
             && !ps.primary
             && pp.mirror.mirroring()
             && matches!(&pp.manager, Manager::Running { run, .. } if run.watching())
