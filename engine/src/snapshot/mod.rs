@@ -652,8 +652,10 @@ pub fn apply(
         rep.resync_ranges(lun_index, changed.iter().copied(), "a snapshot stream was applied")
             .map_err(|e| format!("the changed ranges could not be recorded for the peer ({e}); run `twinsan verify --repair`"))
     };
+    // A reset that failed may have left any part of the file changed: all of it goes.
+    let whole = [(0, lun.size_bytes())];
     if let Err(e) = reset(&live) {
-        resync_changed(&changed).map_err(at)?;
+        resync_changed(&whole).map_err(at)?;
         return Err(at(e));
     }
     let t = diff::apply_records(reader, rest, &mut f, &live, |off, len, data| {
@@ -671,7 +673,7 @@ pub fn apply(
         Err(e) => {
             // Half applied is neither the base nor the new snapshot: back to the base.
             let undo = reset(&live);
-            resync_changed(&changed).map_err(at)?;
+            resync_changed(if undo.is_ok() { &changed } else { &whole }).map_err(at)?;
             return Err(at(format!(
                 "{}: {e}; the LUN {}",
                 path.display(),
