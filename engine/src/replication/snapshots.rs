@@ -186,6 +186,14 @@ impl Replication {
         let _ = self.resync_ranges(lun, [(0, l.size_bytes())], why);
     }
 
+    /// Bytes of LUN `lun` this node holds out of sync with the peer (its dirty regions):
+    /// what a resync still has to copy.
+    pub fn out_of_sync_bytes(&self, lun: usize) -> u64 {
+        self.luns
+            .get(lun)
+            .map_or(0, |l| l.pair().meta().bitmap.dirty_bytes())
+    }
+
     /// Marks the regions under `ranges` (offset, length in bytes) of LUN `lun` out of sync
     /// and drops the peer, so that the resync that follows copies them from this node: they
     /// changed outside the mirrored write path (a stream applied, a rollback). Err if the

@@ -746,7 +746,9 @@ fn peer_takes_applied(
     std::thread::sleep(Duration::from_millis(200));
     loop {
         match peer_view(reg, &[lun_index]) {
-            PeerView::InSync => break,
+            // Not the state alone: a resync opens its round (the peer connected again)
+            // before it marks the LUN SyncSource, and the LUN may still say UpToDate then.
+            PeerView::InSync if rep.out_of_sync_bytes(lun_index) == 0 => break,
             PeerView::Apart(why) if start.elapsed() >= APPLY_PEER_SYNC_TIMEOUT => {
                 return Err(format!(
                     "the resync did not finish within {} s: {why}",
