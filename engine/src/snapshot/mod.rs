@@ -702,7 +702,7 @@ pub fn apply(
         resync_changed(&changed).map_err(at)?;
         // The resync copies under the range locks: the writes must flow again meanwhile.
         drop(guard);
-        note = match peer_takes_applied(rep, reg, lun, lun_index, &clone_path, &h) {
+        note = match peer_takes_applied(rep, reg, lun_index, &clone_path, &h) {
             Ok(()) => "; the peer holds it too".into(),
             Err(e) => format!("; the peer does not hold it ({e}): a failover would lose it"),
         };
@@ -722,8 +722,8 @@ pub fn apply(
 }
 
 /// How long an applied stream waits for the resync of what it changed. Why this bound: the
-/// LUN's writes are held meanwhile (the snapshot must be cut on the peer at the applied
-/// data, nothing later), and a resync this slow means the link or the peer is failing.
+/// operator's command waits meanwhile, and a resync this slow means the link or the peer
+/// is failing (the snapshot then stays on this node only).
 const APPLY_PEER_SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// On a pair, after a stream was applied here and this node cloned the result into the
@@ -734,16 +734,13 @@ const APPLY_PEER_SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 fn peer_takes_applied(
     rep: &crate::replication::Replication,
     reg: &Registry,
-    lun: &Lun,
     lun_index: usize,
     clone: &std::path::Path,
     h: &replica::snapshot::stream::Header,
 ) -> Result<(), String> {
+    let lun = &reg.luns[lun_index];
     let (guid, name) = (h.to_guid, &h.to_name);
     let start = std::time::Instant::now();
-    // The peer loss that starts the resync is immediate, but the view may still show the
-    // connection it ends: look for the resync's end only after a moment.
-    std::thread::sleep(Duration::from_millis(200));
     loop {
         match peer_view(reg, &[lun_index]) {
             // Not the state alone: a resync opens its round (the peer connected again)
